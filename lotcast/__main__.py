@@ -1,0 +1,3 @@
+from lotcast.cli import main
+
+main()

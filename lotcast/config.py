@@ -1,0 +1,72 @@
+"""Service configuration from flags and environment variables (LOTCAST_*)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+DEV_JWT_SECRET = "lotcast-dev-secret-change-me-0123456789"
+
+
+@dataclass
+class Settings:
+    """Everything a broadcaster or relay process needs to know.
+
+    Each field can be set with the environment variable ``LOTCAST_<FIELD>`` or the CLI flag
+    ``--<field-with-dashes>``; flags win over the environment.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # Public base URL of this node (what browsers and other nodes use to reach it).
+    public_url: str = ""
+    # The only IP address used for ICE host candidates (the node's reachable address).
+    ice_ip: str = "127.0.0.1"
+    # STUN/TURN URLs advertised in the WHIP/WHEP `Link: rel="ice-server"` header.
+    ice_servers: list[str] = field(default_factory=list)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    jwt_secret: str = DEV_JWT_SECRET
+    # Relay: where to pull streams from (origin or parent relay base URL).
+    origin_url: str = "http://127.0.0.1:8080"
+    # Relay: the most viewers this node accepts before answering 503.
+    max_viewers: int = 500
+    # Seconds a WHEP/WHIP session may go without RTCP from its peer before it is reaped.
+    session_timeout: float = 15.0
+    # Seconds the origin keeps a stream (and its viewers) after the publisher leaves.
+    stream_grace: float = 60.0
+    # Largest accepted SDP body, bytes.
+    max_sdp_bytes: int = 64 * 1024
+    # WHEP viewers need a token (any role) when true.
+    private_streams: bool = False
+    # Relay: seconds to wait for viewers to move away after SIGTERM before exiting.
+    drain_timeout: float = 30.0
+    node_id: str = ""
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        settings = cls()
+        for f in fields(cls):
+            raw = os.environ.get(f"LOTCAST_{f.name.upper()}")
+            if raw is not None:
+                setattr(settings, f.name, _coerce(f.type, raw))
+        for name, value in overrides.items():
+            if value is not None:
+                setattr(settings, name, value)
+        if not settings.public_url:
+            settings.public_url = f"http://{settings.host}:{settings.port}"
+        return settings
+
+
+def _coerce(type_name: Any, raw: str) -> Any:
+    t = str(type_name)
+    if t == "int":
+        return int(raw)
+    if t == "float":
+        return float(raw)
+    if t == "bool":
+        return raw.lower() in ("1", "true", "yes", "on")
+    if t.startswith("list"):
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    return raw
