@@ -1,0 +1,421 @@
+"""Every message of the interactive WebSocket protocol (see docs/protocol.md), sans-IO.
+
+Client frames: one binary WebSocket frame holds exactly one msgpack map.
+Server frames: one binary frame holds one or more msgpack maps back to back (batched sends).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 8 * 1024
+MAX_AMOUNT = 10**12  # minor units; keeps every amount exact in Lua doubles and JS numbers
+MAX_DURATION_MS = 24 * 3600 * 1000
+MAX_EXTEND_MS = 3600 * 1000
+
+
+class CloseCode(enum.IntEnum):
+    """4000-4499: reconnect allowed (with backoff). 4500-4999: terminal, do not retry as is."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # node shutting down; reconnect (any node)
+    INTERNAL_ERROR = 1011
+    HELLO_TIMEOUT = 4003  # no hello within the hello timeout
+    SLOW_CONSUMER = 4008  # outbox overflowed: the client did not read fast enough
+    RESYNC = 4010  # room epoch changed under a live socket; reconnect and resume
+    FLOOD = 4029  # sustained flood of messages / rate-limit violations; back off >= 5 s
+    AUTH_FAILED = 4501  # token invalid or expired; get a new token before reconnecting
+
+
+class ErrorCode(enum.StrEnum):
+    BAD_FRAME = "bad_frame"
+    TOO_LARGE = "too_large"
+    BAD_MSGPACK = "bad_msgpack"
+    NOT_A_MAP = "not_a_map"
+    UNKNOWN_TYPE = "unknown_type"
+    MISSING_FIELD = "missing_field"
+    UNKNOWN_FIELD = "unknown_field"
+    WRONG_TYPE = "wrong_type"
+    INVALID_FIELD = "invalid_field"
+    AMOUNT_NOT_INTEGER = "amount_not_integer"
+    AMOUNT_NOT_POSITIVE = "amount_not_positive"
+    AMOUNT_TOO_LARGE = "amount_too_large"
+    HELLO_REQUIRED = "hello_required"
+    DUPLICATE_HELLO = "duplicate_hello"
+    AUTH_FAILED = "auth_failed"
+    FORBIDDEN = "forbidden"
+    RATE_LIMITED = "rate_limited"
+    UNKNOWN_LOT = "unknown_lot"
+    LOT_NOT_OPEN = "lot_not_open"
+    LOT_CLOSED = "lot_closed"
+    LOT_ENDED = "lot_ended"
+    BID_TOO_LOW = "bid_too_low"
+    MAX_BELOW_AMOUNT = "max_below_amount"
+    INVALID_STATE = "invalid_state"
+    UNKNOWN_POLL = "unknown_poll"
+    POLL_CLOSED = "poll_closed"
+    BAD_OPTION = "bad_option"
+    DUPLICATE_VOTE = "duplicate_vote"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class ProtocolError(Exception):
+    """A client message was refused; becomes one `error` message to that client."""
+
+    def __init__(self, code: ErrorCode, message: str, *, cid: Any = None, field: str | None = None,
+                 **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.cid = cid
+        self.field = field
+        self.extra = extra
+
+
+# --- Client -> server ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hello:
+    cid: str | int
+    token: str | None = None
+    epoch: str | None = None
+    offset: int | None = None
+
+
+@dataclass(frozen=True)
+class PlaceBid:
+    cid: str | int
+    lot: str
+    amount: int
+    max: int | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Vote:
+    cid: str | int
+    poll: str
+    option: int
+
+
+@dataclass(frozen=True)
+class CreateLot:
+    cid: str | int
+    title: str
+    start_price: int
+    increments: tuple[tuple[int, int], ...]
+    duration_ms: int
+    soft_close_ms: int
+    reserve: int | None = None
+    buy_now: int | None = None
+
+
+@dataclass(frozen=True)
+class OpenLot:
+    cid: str | int
+    lot: str
+
+
+@dataclass(frozen=True)
+class ExtendLot:
+    cid: str | int
+    lot: str
+    by_ms: int
+
+
+@dataclass(frozen=True)
+class CloseLot:
+    cid: str | int
+    lot: str
+
+
+@dataclass(frozen=True)
+class OpenPoll:
+    cid: str | int
+    question: str
+    options: tuple[str, ...]
+    duration_ms: int
+
+
+@dataclass(frozen=True)
+class ClosePoll:
+    cid: str | int
+    poll: str
+
+
+@dataclass(frozen=True)
+class Ping:
+    cid: str | int
+    ts: int | float | None = None
+
+
+ClientMessage = (Hello | PlaceBid | Vote | CreateLot | OpenLot | ExtendLot | CloseLot | OpenPoll
+                 | ClosePoll | Ping)
+HOST_ONLY: frozenset[type] = frozenset({CreateLot, OpenLot, ExtendLot, CloseLot, OpenPoll, ClosePoll})
+BIDDER_ONLY: frozenset[type] = frozenset({PlaceBid, Vote})
+
+Check = Callable[[str, Any], Any]
+
+
+def _text(lo: int, hi: int) -> Check:
+    def check(name: str, v: Any) -> str:
+        if not isinstance(v, str):
+            raise ProtocolError(ErrorCode.WRONG_TYPE, f"{name} must be a string", field=name)
+        if not lo <= len(v) <= hi:
+            raise ProtocolError(ErrorCode.INVALID_FIELD,
+                                f"{name} must be {lo}..{hi} characters", field=name)
+        return v
+    return check
+
+
+def _int(lo: int, hi: int) -> Check:
+    def check(name: str, v: Any) -> int:
+        if type(v) is not int:
+            raise ProtocolError(ErrorCode.WRONG_TYPE, f"{name} must be an integer", field=name)
+        if not lo <= v <= hi:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"{name} must be in {lo}..{hi}", field=name)
+        return v
+    return check
+
+
+def check_amount(name: str, v: Any, *, allow_zero: bool = False) -> int:
+    """Amounts are integers in minor units: no floats, NaN, bools, strings or huge values."""
+    if isinstance(v, float) and (math.isnan(v) or math.isinf(v)):
+        raise ProtocolError(ErrorCode.AMOUNT_NOT_INTEGER,
+                            f"{name} must be an integer number of minor units, got {v!r}", field=name)
+    if type(v) is not int:
+        raise ProtocolError(ErrorCode.AMOUNT_NOT_INTEGER,
+                            f"{name} must be an integer number of minor units, got "
+                            f"{type(v).__name__}", field=name)
+    if v < 0 or (v == 0 and not allow_zero):
+        raise ProtocolError(ErrorCode.AMOUNT_NOT_POSITIVE,
+                            f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}", field=name)
+    if v > MAX_AMOUNT:
+        raise ProtocolError(ErrorCode.AMOUNT_TOO_LARGE,
+                            f"{name} must be <= {MAX_AMOUNT}, got {v}", field=name)
+    return v
+
+
+def _amount(name: str, v: Any) -> int:
+    return check_amount(name, v)
+
+
+def _cid(name: str, v: Any) -> str | int:
+    if isinstance(v, str) and 1 <= len(v) <= 64:
+        return v
+    if type(v) is int and 0 <= v < 2**53:
+        return v
+    raise ProtocolError(ErrorCode.WRONG_TYPE,
+                        "cid must be a string of 1..64 characters or an integer in 0..2^53-1",
+                        field=name)
+
+
+def _ts(name: str, v: Any) -> int | float:
+    if type(v) is int or (isinstance(v, float) and math.isfinite(v)):
+        return v  # type: ignore[no-any-return]
+    raise ProtocolError(ErrorCode.WRONG_TYPE, f"{name} must be a number", field=name)
+
+
+def _increments(name: str, v: Any) -> tuple[tuple[int, int], ...]:
+    if not isinstance(v, list) or not 1 <= len(v) <= 20:
+        raise ProtocolError(ErrorCode.WRONG_TYPE,
+                            f"{name} must be a list of 1..20 [threshold, increment] pairs", field=name)
+    rows: list[tuple[int, int]] = []
+    for i, row in enumerate(v):
+        if not isinstance(row, list) or len(row) != 2:
+            raise ProtocolError(ErrorCode.WRONG_TYPE,
+                                f"{name}[{i}] must be a [threshold, increment] pair", field=name)
+        threshold = check_amount(f"{name}[{i}][0]", row[0], allow_zero=True)
+        step = check_amount(f"{name}[{i}][1]", row[1])
+        if i == 0 and threshold != 0:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, f"{name}[0] threshold must be 0", field=name)
+        if rows and threshold <= rows[-1][0]:
+            raise ProtocolError(ErrorCode.INVALID_FIELD,
+                                f"{name} thresholds must strictly increase", field=name)
+        rows.append((threshold, step))
+    return tuple(rows)
+
+
+def _options(name: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list):
+        raise ProtocolError(ErrorCode.WRONG_TYPE, f"{name} must be a list of strings", field=name)
+    if not 2 <= len(v) <= 6:
+        raise ProtocolError(ErrorCode.INVALID_FIELD, f"{name} must have 2..6 entries", field=name)
+    return tuple(_text(1, 100)(f"{name}[{i}]", o) for i, o in enumerate(v))
+
+
+_ID = _text(1, 64)
+_DURATION = _int(1000, MAX_DURATION_MS)
+
+# type name -> (message class, {field: (check, required)})
+SCHEMAS: dict[str, tuple[type, dict[str, tuple[Check, bool]]]] = {
+    "hello": (Hello, {"token": (_text(1, 4096), False), "epoch": (_text(1, 64), False),
+                      "offset": (_int(0, 2**53 - 1), False)}),
+    "bid": (PlaceBid, {"lot": (_ID, True), "amount": (_amount, True), "max": (_amount, False),
+                       "key": (_ID, False)}),
+    "vote": (Vote, {"poll": (_ID, True), "option": (_int(0, 5), True)}),
+    "lot_create": (CreateLot, {
+        "title": (_text(1, 200), True), "start_price": (_amount, True),
+        "increments": (_increments, True), "duration_ms": (_DURATION, True),
+        "soft_close_ms": (_int(0, MAX_EXTEND_MS), True), "reserve": (_amount, False),
+        "buy_now": (_amount, False)}),
+    "lot_open": (OpenLot, {"lot": (_ID, True)}),
+    "lot_extend": (ExtendLot, {"lot": (_ID, True), "by_ms": (_int(1, MAX_EXTEND_MS), True)}),
+    "lot_close": (CloseLot, {"lot": (_ID, True)}),
+    "poll_open": (OpenPoll, {"question": (_text(1, 300), True), "options": (_options, True),
+                             "duration_ms": (_DURATION, True)}),
+    "poll_close": (ClosePoll, {"poll": (_ID, True)}),
+    "ping": (Ping, {"ts": (_ts, False)}),
+}
+
+
+def parse_client_frame(frame: bytes) -> ClientMessage:
+    """Decode and validate one client frame, or raise ProtocolError saying exactly what is wrong."""
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"frame is {len(frame)} bytes; limit {MAX_FRAME_BYTES}")
+    try:
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=False, max_buffer_size=MAX_FRAME_BYTES)
+    except Exception as exc:
+        raise ProtocolError(ErrorCode.BAD_MSGPACK, f"frame is not one valid msgpack value: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ProtocolError(ErrorCode.NOT_A_MAP, f"frame must be a msgpack map, got {type(raw).__name__}")
+    cid = raw.get("cid")
+    try:
+        return _parse_map(raw)
+    except ProtocolError as err:
+        if err.cid is None and cid is not None:
+            err.cid = cid if isinstance(cid, (str, int)) and not isinstance(cid, bool) else None
+        raise
+
+
+def _parse_map(raw: dict[Any, Any]) -> ClientMessage:
+    if "type" not in raw:
+        raise ProtocolError(ErrorCode.MISSING_FIELD, "missing field 'type'", field="type")
+    kind = raw["type"]
+    if not isinstance(kind, str):
+        raise ProtocolError(ErrorCode.WRONG_TYPE, "type must be a string", field="type")
+    if kind not in SCHEMAS:
+        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}", field="type")
+    cls, schema = SCHEMAS[kind]
+    for name in raw:
+        if name not in schema and name not in ("type", "cid"):
+            raise ProtocolError(ErrorCode.UNKNOWN_FIELD, f"unknown field {name!r} in {kind!r}",
+                                field=str(name))
+    if "cid" not in raw:
+        raise ProtocolError(ErrorCode.MISSING_FIELD, "missing field 'cid'", field="cid")
+    values: dict[str, Any] = {"cid": _cid("cid", raw["cid"])}
+    for name, (check, required) in schema.items():
+        if name not in raw or raw[name] is None:
+            if required:
+                raise ProtocolError(ErrorCode.MISSING_FIELD, f"missing field {name!r} in {kind!r}",
+                                    field=name)
+            continue
+        values[name] = check(name, raw[name])
+    msg: ClientMessage = cls(**values)
+    _check_cross_fields(msg)
+    return msg
+
+
+def _check_cross_fields(msg: ClientMessage) -> None:
+    if isinstance(msg, Hello) and (msg.epoch is None) != (msg.offset is None):
+        raise ProtocolError(ErrorCode.MISSING_FIELD, "epoch and offset must be sent together",
+                            field="offset" if msg.offset is None else "epoch")
+    if isinstance(msg, PlaceBid) and msg.max is not None and msg.max < msg.amount:
+        raise ProtocolError(ErrorCode.MAX_BELOW_AMOUNT,
+                            f"max ({msg.max}) must be >= amount ({msg.amount})", field="max")
+    if isinstance(msg, CreateLot):
+        if msg.buy_now is not None and msg.buy_now <= msg.start_price:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "buy_now must be > start_price",
+                                field="buy_now")
+        if msg.soft_close_ms > msg.duration_ms:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "soft_close_ms must be <= duration_ms",
+                                field="soft_close_ms")
+
+
+def message_type(msg: ClientMessage) -> str:
+    for name, (cls, _) in SCHEMAS.items():
+        if type(msg) is cls:
+            return name
+    raise KeyError(type(msg).__name__)
+
+
+def encode_client(kind: str, **fields: Any) -> bytes:
+    """Build a client frame (tests and Python clients)."""
+    return msgpack.packb({"type": kind, **fields}, use_bin_type=True)
+
+
+# --- Server -> client ------------------------------------------------------------------------
+
+def _pack(msg: dict[str, Any]) -> bytes:
+    return msgpack.packb({k: v for k, v in msg.items() if v is not None}, use_bin_type=True)
+
+
+def encode_welcome(*, cid: Any, room: str, role: str, user: str | None, name: str | None,
+                   node: str, epoch: str, offset: int, server_ts: int,
+                   limits: dict[str, float]) -> bytes:
+    return _pack({"type": "welcome", "cid": cid, "version": PROTOCOL_VERSION, "room": room,
+                  "role": role, "user": user, "name": name, "node": node, "epoch": epoch,
+                  "offset": offset, "server_ts": server_ts, "limits": limits})
+
+
+def encode_ack(*, cid: Any, request: str, epoch: str, offset: int, **fields: Any) -> bytes:
+    return _pack({"type": "ack", "cid": cid, "for": request, "epoch": epoch, "offset": offset,
+                  **fields})
+
+
+def encode_error(err: ProtocolError, *, epoch: str | None, offset: int | None,
+                 request: str | None = None) -> bytes:
+    msg: dict[str, Any] = {"type": "error", "cid": err.cid, "for": request, "code": str(err.code),
+                           "message": err.message, "field": err.field, "epoch": epoch,
+                           "offset": offset}
+    msg.update(err.extra)
+    return msgpack.packb({k: v for k, v in msg.items() if v is not None or k == "cid"},
+                         use_bin_type=True)
+
+
+def encode_pong(*, cid: Any, ts: Any, server_ts: int, epoch: str, offset: int) -> bytes:
+    return _pack({"type": "pong", "cid": cid, "ts": ts, "server_ts": server_ts, "epoch": epoch,
+                  "offset": offset})
+
+
+def encode_snapshot(*, epoch: str, offset: int, lots: list[dict[str, Any]],
+                    polls: list[dict[str, Any]], viewers: int, server_ts: int) -> bytes:
+    return msgpack.packb({"type": "snapshot", "epoch": epoch, "offset": offset, "lots": lots,
+                          "polls": polls, "viewers": viewers, "server_ts": server_ts},
+                         use_bin_type=True)
+
+
+def encode_tally(*, epoch: str, offset: int, poll: str, counts: list[int]) -> bytes:
+    return _pack({"type": "tally", "epoch": epoch, "offset": offset, "poll": poll,
+                  "counts": counts, "total": sum(counts)})
+
+
+def encode_viewers(*, epoch: str, offset: int, count: int) -> bytes:
+    return _pack({"type": "viewers", "epoch": epoch, "offset": offset, "count": count})
+
+
+def encode_events(*, epoch: str, offset: int, raw_events: Iterable[bytes], count: int,
+                  replay: bool = False) -> bytes:
+    """An `events` batch built from already-encoded log events, without re-encoding them."""
+    packer = msgpack.Packer(use_bin_type=True)
+    head = (packer.pack_map_header(5 if replay else 4) + packer.pack("type") + packer.pack("events")
+            + packer.pack("epoch") + packer.pack(epoch) + packer.pack("offset") + packer.pack(offset))
+    if replay:
+        head += packer.pack("replay") + packer.pack(True)
+    head += packer.pack("events") + packer.pack_array_header(count)
+    return head + b"".join(raw_events)
+
+
+def decode_server_frame(frame: bytes) -> list[dict[str, Any]]:
+    """Split one server frame into its messages (tests and Python clients)."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(frame)
+    return list(unpacker)
