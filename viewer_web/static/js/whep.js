@@ -1,0 +1,332 @@
+// WHEP player with a reconnect ladder.
+//
+// start(): POST a recvonly audio+video offer to <node>/whep/<stream>; fetch follows 307s, and the
+// URL that finally answered names the relay we were placed on (`relayOrigin`). 409/503/5xx and
+// network errors are retried, honouring Retry-After.
+//
+// When the connection breaks the ladder climbs one rung at a time:
+//   1. ICE restart over PATCH (RFC 9725 §4.3.2), if the server supports it;
+//   2. a new WHEP session on the same relay;
+//   3. re-placement: /api/streams/<id>/edge or a WHEP POST on any known node (which may 307),
+//      skipping the relay that failed.
+// `replace(reason)` jumps straight to rung 3 (used for a server drain/reconnect event).
+//
+// States: idle, connecting, waiting (stream not live / overloaded, will retry), connected,
+// reconnecting, failed, stopped. Events: "statechange" {state, detail}, "relaychange" {origin}.
+
+import {
+  SignalingError, deleteSession, postOffer, preferCodecs, sleep, waitForIceGathering,
+} from "./signaling.js";
+
+const DEFAULT_RETRY_S = 2;
+const MAX_RETRY_S = 30;
+const DISCONNECT_GRACE_MS = 1500;
+
+function originOf(url) {
+  return new URL(url, location.href).origin;
+}
+
+export class WhepPlayer extends EventTarget {
+  /**
+   * @param {{stream: string, nodes?: string[], token?: string|null, video: HTMLVideoElement,
+   *          videoCodecs?: string[], gatherTimeoutMs?: number}} opts
+   * `nodes` are base URLs (origins) of nodes that can place us; the page's origin is always one.
+   */
+  constructor(opts) {
+    super();
+    this.stream = opts.stream;
+    this.token = opts.token || null;
+    this.video = opts.video;
+    this.videoCodecs = opts.videoCodecs || ["video/VP8", "video/H264"];
+    this.gatherTimeoutMs = opts.gatherTimeoutMs ?? 1000;
+    this.nodes = [...new Set([location.origin, ...(opts.nodes || []).map(originOf)])];
+    this.pc = null;
+    this.session = null; // {location, etag, endpoint}
+    this.relayOrigin = null;
+    this.state = "idle";
+    this.detail = "";
+    this.lastStatus = null; // last HTTP status seen from a WHEP endpoint
+    this.lastError = null;
+    this.reconnects = 0;
+    this.sessionsStarted = 0;
+    this._run = 0; // generation counter: bumping it cancels older loops
+    this._abort = null;
+    this._disconnectTimer = null;
+  }
+
+  get endpointPath() {
+    return `/whep/${encodeURIComponent(this.stream)}`;
+  }
+
+  _setState(state, detail = "") {
+    if (state === this.state && detail === this.detail) return;
+    this.state = state;
+    this.detail = detail;
+    this.dispatchEvent(new CustomEvent("statechange", { detail: { state, detail } }));
+  }
+
+  _setRelay(origin) {
+    if (origin === this.relayOrigin) return;
+    this.relayOrigin = origin;
+    if (!this.nodes.includes(origin)) this.nodes.push(origin);
+    this.dispatchEvent(new CustomEvent("relaychange", { detail: { origin } }));
+  }
+
+  /** Begin playing; resolves once the first session is up (or the player is stopped). */
+  async start() {
+    const run = ++this._run;
+    this._setState("connecting");
+    await this._connectLoop(run, { endpoints: () => this.nodes.map((n) => n + this.endpointPath) });
+  }
+
+  /** Jump to re-placement (server asked us to move, or the relay is gone). */
+  async replace(reason = "re-placement") {
+    const run = ++this._run;
+    const avoid = this.relayOrigin;
+    this.reconnects += 1;
+    this._setState("reconnecting", reason);
+    await this._closeSession();
+    await this._connectLoop(run, { endpoints: () => this._placementEndpoints(avoid), avoid });
+  }
+
+  async stop() {
+    this._run++;
+    this._abort?.abort();
+    await this._closeSession();
+    this._setState("stopped");
+  }
+
+  // --- connection establishment -------------------------------------------------------------
+
+  async _placementEndpoints(avoid) {
+    const out = [];
+    const others = this.nodes.filter((n) => n !== avoid);
+    for (const node of [...others, ...(avoid ? [avoid] : [])]) {
+      const edge = await this._askEdge(node);
+      if (edge && originOf(edge) !== avoid) out.push(edge);
+    }
+    for (const node of others) out.push(node + this.endpointPath);
+    if (avoid) out.push(avoid + this.endpointPath); // last resort: it may have recovered
+    return [...new Set(out)];
+  }
+
+  /** GET /api/streams/<id>/edge: JSON {url|whep_url|location} or a 307 we can read back. */
+  async _askEdge(node) {
+    const url = `${node}/api/streams/${encodeURIComponent(this.stream)}/edge`;
+    try {
+      const ctrl = new AbortController();
+      const timer = setTimeout(() => ctrl.abort(), 2000);
+      const res = await fetch(url, {
+        headers: { Accept: "application/json" }, cache: "no-store", signal: ctrl.signal,
+      });
+      clearTimeout(timer);
+      const type = res.headers.get("Content-Type") || "";
+      if (res.ok && type.includes("json")) {
+        const body = await res.json();
+        const target = body.whep_url || body.url || body.location || body.whep;
+        if (target) return new URL(target, url).href;
+      }
+      if (res.redirected && /\/whep\//.test(res.url)) return res.url;
+    } catch {
+      // no placement API here, or the node is down
+    }
+    return null;
+  }
+
+  async _connectLoop(run, { endpoints, avoid = null }) {
+    let attempt = 0;
+    while (run === this._run) {
+      const list = await endpoints();
+      let wait = null;
+      for (const endpoint of list) {
+        if (run !== this._run) return;
+        try {
+          await this._openSession(run, endpoint);
+          return;
+        } catch (err) {
+          if (err.name === "AbortError" || run !== this._run) return;
+          this.lastError = err.message || String(err);
+          if (err instanceof SignalingError) {
+            this.lastStatus = err.status;
+            if (!err.retryable) {
+              this._setState("failed", this.lastError);
+              return;
+            }
+            if (err.status === 409 || err.status === 503 || err.status === 429) {
+              const s = err.retryAfter ?? DEFAULT_RETRY_S;
+              wait = wait === null ? s : Math.min(wait, s);
+            }
+          }
+          console.warn("WHEP", endpoint, this.lastError);
+        }
+      }
+      attempt += 1;
+      const backoff = wait ?? Math.min(MAX_RETRY_S, DEFAULT_RETRY_S * 2 ** Math.min(attempt - 1, 4) / 2);
+      const seconds = Math.min(MAX_RETRY_S, Math.max(0.25, backoff));
+      const why = this.lastStatus === 409 ? "stream not live yet" :
+        this.lastStatus === 503 ? "relay at capacity" : this.lastError || "unreachable";
+      this._setState("waiting", `${why}; retrying in ${seconds.toFixed(1)} s`);
+      try {
+        this._abort = new AbortController();
+        await sleep(seconds * 1000, this._abort.signal);
+      } catch {
+        return;
+      }
+      void avoid;
+    }
+  }
+
+  async _openSession(run, endpoint) {
+    const pc = new RTCPeerConnection({ iceServers: [], bundlePolicy: "max-bundle" });
+    const audioTx = pc.addTransceiver("audio", { direction: "recvonly" });
+    const videoTx = pc.addTransceiver("video", { direction: "recvonly" });
+    preferCodecs(audioTx, "audio", ["audio/opus"]);
+    preferCodecs(videoTx, "video", this.videoCodecs);
+    const media = new MediaStream();
+    pc.addEventListener("track", (ev) => {
+      media.addTrack(ev.track);
+      if (this.video.srcObject !== media) this.video.srcObject = media;
+      this.video.play().catch(() => { /* autoplay policy: muted play normally succeeds */ });
+    });
+    try {
+      await pc.setLocalDescription(await pc.createOffer());
+      await waitForIceGathering(pc, this.gatherTimeoutMs);
+      this._abort = new AbortController();
+      const result = await postOffer(endpoint, pc.localDescription.sdp, {
+        token: this.token, signal: this._abort.signal,
+      });
+      this.lastStatus = 201;
+      if (run !== this._run) {
+        pc.close();
+        await deleteSession(result.location, this.token);
+        return;
+      }
+      await pc.setRemoteDescription({ type: "answer", sdp: result.answer });
+      await this._closeSession(); // an older session, if any
+      this.pc = pc;
+      this.session = { location: result.location, etag: result.etag, endpoint: result.url };
+      this.sessionsStarted += 1;
+      this._setRelay(originOf(result.url));
+      this._watch(run, pc);
+      this._setState("connecting", `session on ${originOf(result.url)}`);
+      this.dispatchEvent(new CustomEvent("session", { detail: { ...this.session } }));
+    } catch (err) {
+      pc.close();
+      throw err;
+    }
+  }
+
+  _watch(run, pc) {
+    const onChange = () => {
+      if (run !== this._run || pc !== this.pc) return;
+      const s = pc.connectionState;
+      if (s === "connected") {
+        clearTimeout(this._disconnectTimer);
+        this._disconnectTimer = null;
+        this._setState("connected", originOf(this.session.endpoint));
+      } else if (s === "failed") {
+        this._climb(run, "connection failed");
+      } else if (s === "disconnected" && !this._disconnectTimer) {
+        this._setState("reconnecting", "connection interrupted");
+        this._disconnectTimer = setTimeout(() => {
+          this._disconnectTimer = null;
+          if (run === this._run && pc === this.pc && pc.connectionState !== "connected") {
+            this._climb(run, "connection lost");
+          }
+        }, DISCONNECT_GRACE_MS);
+      }
+    };
+    pc.addEventListener("connectionstatechange", onChange);
+    pc.addEventListener("iceconnectionstatechange", onChange);
+  }
+
+  // --- reconnect ladder ---------------------------------------------------------------------
+
+  async _climb(run, reason) {
+    if (run !== this._run) return;
+    const next = ++this._run;
+    this.reconnects += 1;
+    this._setState("reconnecting", reason);
+    const failed = this.session;
+    // Rung 1: ICE restart on the same session.
+    if (failed && (await this._iceRestart(next))) return;
+    if (next !== this._run) return;
+    // Rung 2: a fresh session on the same relay (one quick try).
+    await this._closeSession();
+    if (failed) {
+      try {
+        await this._openSession(next, failed.endpoint);
+        return;
+      } catch (err) {
+        if (next !== this._run) return;
+        this.lastError = err.message || String(err);
+        if (err instanceof SignalingError) this.lastStatus = err.status;
+      }
+    }
+    // Rung 3: re-placement, avoiding the relay that failed.
+    const avoid = failed ? originOf(failed.endpoint) : null;
+    await this._connectLoop(next, { endpoints: () => this._placementEndpoints(avoid), avoid });
+  }
+
+  /** ICE restart via PATCH with If-Match; true if the server took it and ICE came back. */
+  async _iceRestart(run) {
+    const pc = this.pc;
+    const session = this.session;
+    if (!pc || !session?.etag || pc.signalingState === "closed") return false;
+    try {
+      const offer = await pc.createOffer({ iceRestart: true });
+      await pc.setLocalDescription(offer);
+      const ufrag = offer.sdp.match(/a=ice-ufrag:(\S+)/)[1];
+      const pwd = offer.sdp.match(/a=ice-pwd:(\S+)/)[1];
+      const body = `a=ice-ufrag:${ufrag}\r\na=ice-pwd:${pwd}\r\n`;
+      const headers = { "Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*" };
+      if (this.token) headers.Authorization = `Bearer ${this.token}`;
+      const res = await fetch(session.location, { method: "PATCH", headers, body });
+      if (res.status !== 200 || run !== this._run) {
+        await pc.setLocalDescription({ type: "rollback" }).catch(() => {});
+        return false;
+      }
+      const frag = await res.text();
+      const rUfrag = frag.match(/a=ice-ufrag:(\S+)/);
+      const rPwd = frag.match(/a=ice-pwd:(\S+)/);
+      if (!rUfrag || !rPwd) return false;
+      let sdp = pc.remoteDescription.sdp
+        .replace(/a=ice-ufrag:\S+/g, `a=ice-ufrag:${rUfrag[1]}`)
+        .replace(/a=ice-pwd:\S+/g, `a=ice-pwd:${rPwd[1]}`);
+      const cands = frag.match(/a=candidate:[^\r\n]+/g) || [];
+      if (cands.length) {
+        sdp = sdp.replace(/a=candidate:[^\r\n]+\r\n/g, "");
+        sdp = sdp.replace(/(m=[^\r\n]+\r\n)/, `$1${cands.join("\r\n")}\r\n`);
+      }
+      await pc.setRemoteDescription({ type: "answer", sdp });
+      session.etag = res.headers.get("ETag") || session.etag;
+      const ok = await new Promise((resolve) => {
+        const timer = setTimeout(() => resolve(false), 3000);
+        const check = () => {
+          if (pc.connectionState === "connected") { clearTimeout(timer); resolve(true); }
+        };
+        pc.addEventListener("connectionstatechange", check);
+        check();
+      });
+      if (ok && run === this._run) {
+        this._watch(run, pc);
+        this._setState("connected", originOf(session.endpoint));
+        return true;
+      }
+    } catch (err) {
+      console.warn("ICE restart not possible", err);
+    }
+    return false;
+  }
+
+  async _closeSession() {
+    clearTimeout(this._disconnectTimer);
+    this._disconnectTimer = null;
+    const pc = this.pc;
+    const session = this.session;
+    this.pc = null;
+    this.session = null;
+    if (pc) pc.close();
+    if (session) await deleteSession(session.location, this.token);
+  }
+}
