@@ -1,0 +1,252 @@
+"""NodeRegistry: each node heartbeats its state and load into Redis; anyone can list the live nodes.
+
+Layout (names in `lotcast.keys`):
+- `node(node_id)`: a hash with the fields of `NodeInfo.to_fields()`, expiring after `ttl`
+  (about 3x the heartbeat interval). A node that dies stops refreshing it, and Redis deletes it
+  within the TTL: that is the liveness signal, no clocks compared.
+- `NODES_INDEX`: a sorted set of node ids scored by last heartbeat (ms), so listing needs no SCAN.
+  Readers drop ids whose hash has expired; writers trim ids not seen for 10 TTLs.
+
+One heartbeat is one MULTI/EXEC (HSET + PEXPIRE + ZADD + ZREMRANGEBYSCORE), so a reader never sees
+a hash without its TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, cast
+
+import psutil  # type: ignore[import-untyped,unused-ignore]
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from lotcast import keys
+from lotcast.ops.node import (
+    InvalidStateError,
+    NodeInfo,
+    NodeKind,
+    NodeLoad,
+    NodeState,
+)
+
+log = logging.getLogger(__name__)
+
+LoadProbe = Callable[[], NodeLoad]
+CpuProbe = Callable[[], float]
+
+# Allowed transitions of the local state machine.
+_TRANSITIONS: dict[NodeState, frozenset[NodeState]] = {
+    NodeState.STARTING: frozenset({NodeState.SERVING, NodeState.STOPPED}),
+    NodeState.SERVING: frozenset({NodeState.DRAINING, NodeState.STOPPED}),
+    NodeState.DRAINING: frozenset({NodeState.STOPPED}),
+    NodeState.STOPPED: frozenset(),
+}
+
+
+def process_cpu_probe() -> CpuProbe:
+    """CPU used by this process since the previous call, as a fraction of one core."""
+    proc = psutil.Process()
+    proc.cpu_percent(interval=None)  # the first call only sets the baseline
+
+    def probe() -> float:
+        return float(proc.cpu_percent(interval=None)) / 100.0
+
+    return probe
+
+
+async def read_live_nodes(redis: aioredis.Redis) -> list[NodeInfo]:
+    """Every node whose heartbeat has not expired, in node-id order."""
+    members = cast("list[bytes | str]", await redis.zrange(keys.NODES_INDEX, 0, -1))
+    ids = [_text(m) for m in members]
+    if not ids:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for node_id in ids:
+            pipe.hgetall(keys.node(node_id))
+        hashes = await pipe.execute()
+    nodes: list[NodeInfo] = []
+    expired: list[str] = []
+    for node_id, raw in zip(ids, hashes, strict=True):
+        if not raw:
+            expired.append(node_id)
+            continue
+        try:
+            nodes.append(NodeInfo.from_fields(raw))
+        except ValueError as exc:
+            log.warning("ignoring malformed heartbeat of node %s: %s", node_id, exc)
+    if expired:
+        await redis.zrem(keys.NODES_INDEX, *expired)
+    return sorted(nodes, key=lambda n: n.node_id)
+
+
+class NodeRegistry:
+    """Owns this node's heartbeat: `start()` registers it as SERVING and heartbeats every
+    `heartbeat_interval` seconds; `drain()` publishes DRAINING at once; `close()` stops the
+    heartbeat task and (by default) removes the node from the registry.
+
+    `load_probe` is called at every heartbeat for the node's current viewers, egress and streams;
+    `cpu_probe` for its CPU load (default: this process's CPU, fraction of one core).
+    """
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        node_id: str,
+        url: str,
+        kind: NodeKind = "relay",
+        capacity: int = 0,
+        heartbeat_interval: float = 1.0,
+        ttl: float | None = None,
+        load_probe: LoadProbe | None = None,
+        cpu_probe: CpuProbe | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if heartbeat_interval <= 0:
+            raise ValueError("heartbeat_interval must be positive")
+        self.redis = redis
+        self.node_id = node_id
+        self.url = url
+        self.kind: NodeKind = kind
+        self.capacity = capacity
+        self.heartbeat_interval = heartbeat_interval
+        self.ttl = ttl if ttl is not None else 3 * heartbeat_interval
+        if self.ttl <= heartbeat_interval:
+            raise ValueError("ttl must be longer than the heartbeat interval")
+        self._load_probe = load_probe or NodeLoad
+        self._cpu_probe = cpu_probe or process_cpu_probe()
+        self._clock = clock
+        self._state = NodeState.STARTING
+        self._started_ms = self._now_ms()
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+        self.last_published: NodeInfo | None = None
+
+    @property
+    def state(self) -> NodeState:
+        return self._state
+
+    @property
+    def key(self) -> str:
+        return keys.node(self.node_id)
+
+    def _set_state(self, new: NodeState) -> None:
+        old = self._state
+        if new is old:
+            return
+        if new not in _TRANSITIONS[old]:
+            raise InvalidStateError(f'Cannot go to "{new.value}" in node state "{old.value}"')
+        log.info("node %s: %s -> %s", self.node_id, old.value, new.value)
+        self._state = new
+
+    async def start(self) -> None:
+        """Publish the first heartbeat (so the node is placeable on return) and keep beating."""
+        if self._state is not NodeState.STARTING:
+            raise InvalidStateError(f'Cannot start in node state "{self._state.value}"')
+        self._set_state(NodeState.SERVING)
+        await self.beat()
+        self._task = asyncio.create_task(self._run(), name=f"registry-heartbeat-{self.node_id}")
+
+    async def drain(self) -> None:
+        """Mark the node DRAINING in Redis now: placement stops sending viewers here."""
+        if self._state is NodeState.DRAINING:
+            return
+        self._set_state(NodeState.DRAINING)
+        await self.beat()
+
+    async def close(self, deregister: bool = True) -> None:
+        """Stop heartbeating. With `deregister`, delete the node's entry at once; without it the
+        entry expires after the TTL, as if the process had died."""
+        if self._state is NodeState.STOPPED:
+            return
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._set_state(NodeState.STOPPED)
+        if deregister:
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.delete(self.key)
+                    pipe.zrem(keys.NODES_INDEX, self.node_id)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("node %s: could not deregister (expires by TTL): %s", self.node_id, exc)
+
+    def snapshot(self) -> NodeInfo:
+        """The heartbeat this node would publish now."""
+        load = self._load_probe()
+        return NodeInfo(
+            node_id=self.node_id,
+            url=self.url,
+            kind=self.kind,
+            state=self._state,
+            viewers=load.viewers,
+            capacity=self.capacity,
+            cpu=self._cpu_probe(),
+            egress_bps=load.egress_bps,
+            streams=dict(load.streams),
+            sockets=load.sockets,
+            heartbeat_ms=self._now_ms(),
+            started_ms=self._started_ms,
+        )
+
+    async def beat(self) -> NodeInfo:
+        """Publish one heartbeat now (also useful right after a large load change)."""
+        if self._state not in (NodeState.SERVING, NodeState.DRAINING):
+            raise InvalidStateError(f'Cannot heartbeat in node state "{self._state.value}"')
+        info = self.snapshot()
+        fields: dict[Any, Any] = info.to_fields()
+        ttl_ms = int(self.ttl * 1000)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.key, mapping=fields)
+            pipe.pexpire(self.key, ttl_ms)
+            pipe.zadd(keys.NODES_INDEX, {self.node_id: info.heartbeat_ms})
+            pipe.zremrangebyscore(keys.NODES_INDEX, "-inf", info.heartbeat_ms - 10 * ttl_ms)
+            await pipe.execute()
+        self.last_published = info
+        return info
+
+    async def live_nodes(self) -> list[NodeInfo]:
+        return await read_live_nodes(self.redis)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                await self.beat()
+                if self._failing:
+                    log.info("node %s: heartbeat recovered", self.node_id)
+                    self._failing = False
+            except (RedisError, OSError) as exc:
+                # Keep trying: the node drops out of placement by TTL meanwhile.
+                if not self._failing:
+                    log.warning("node %s: heartbeat failed: %s", self.node_id, exc)
+                    self._failing = True
+            except Exception:
+                log.exception("node %s: heartbeat error", self.node_id)
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    async def __aenter__(self) -> NodeRegistry:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
