@@ -43,6 +43,27 @@ class Settings:
     drain_timeout: float = 30.0
     node_id: str = ""
     log_level: str = "info"
+    # --- Interactive layer (lotcast/interactive) ---
+    # Per user per room token buckets, enforced in Redis across nodes (rate <= 0 disables).
+    bid_rate: float = 5.0
+    bid_burst: int = 10
+    vote_rate: float = 2.0
+    vote_burst: int = 4
+    # Per connection: any client messages beyond this are refused; sustained floods close 4029.
+    ws_msg_rate: float = 30.0
+    ws_msg_burst: int = 60
+    # Bytes queued for one socket before it is disconnected as a slow consumer (close 4008).
+    ws_outbox_bytes: int = 1024 * 1024
+    # Room log batches to watchers are sent at most once per this interval.
+    ws_flush_interval_ms: int = 100
+    # Poll tallies are sent at most once per this interval per poll.
+    tally_interval_ms: int = 200
+    # Seconds a new socket may take to send `hello`.
+    hello_timeout: float = 10.0
+    # Room log length kept in Redis for resume (older gaps get a snapshot).
+    room_history: int = 10000
+    # How often each node runs the settle pass (ends lots/polls whose time is up).
+    settle_interval_ms: int = 200
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

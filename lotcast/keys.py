@@ -20,3 +20,90 @@ NODES_INDEX = f"{PREFIX}:nodes"
 
 # --- Interactive layer: auction, polls, room events (lotcast/interactive) ------------------
 # (owned by the interactive layer; add keys below as functions of the room id)
+
+# Every room key starts with room_prefix(room); the Lua library (lotcast/interactive/lua) derives
+# the same names from that prefix, so keep the suffixes below and the Lua in step.
+
+
+def room_prefix(room: str) -> str:
+    return f"{PREFIX}:{{{room}}}:"
+
+
+def room_seq(room: str) -> str:
+    """INCR counter: the offset of the room's newest log event."""
+    return room_prefix(room) + "seq"
+
+
+def room_epoch(room: str) -> str:
+    """Opaque string naming this incarnation of the room log."""
+    return room_prefix(room) + "epoch"
+
+
+def room_log(room: str) -> str:
+    """Redis Stream of log events; entry id ``0-<offset>``, field ``e`` = msgpack event."""
+    return room_prefix(room) + "log"
+
+
+def room_channel(room: str) -> str:
+    """Pub/sub channel: ``<epoch>|<msgpack>`` for log events and ephemeral tallies."""
+    return room_prefix(room) + "ch"
+
+
+def room_ids(room: str) -> str:
+    """Hash of id counters (fields ``lot``, ``poll``)."""
+    return room_prefix(room) + "ids"
+
+
+def room_lots(room: str) -> str:
+    """List of lot ids in creation order."""
+    return room_prefix(room) + "lots"
+
+
+def room_open_lots(room: str) -> str:
+    """Sorted set: open lot id scored by its end time (ms)."""
+    return room_prefix(room) + "open_lots"
+
+
+def lot(room: str, lot_id: str) -> str:
+    return room_prefix(room) + f"lot:{lot_id}"
+
+
+def lot_idempotency(room: str, lot_id: str) -> str:
+    """Hash ``<user>|<key>`` -> stored bid result."""
+    return room_prefix(room) + f"idem:{lot_id}"
+
+
+def room_polls(room: str) -> str:
+    return room_prefix(room) + "polls"
+
+
+def room_open_polls(room: str) -> str:
+    return room_prefix(room) + "open_polls"
+
+
+def poll(room: str, poll_id: str) -> str:
+    """Hash with the poll definition and counts ``c0``..``c5``."""
+    return room_prefix(room) + f"poll:{poll_id}"
+
+
+def poll_voters(room: str, poll_id: str) -> str:
+    """Hash user id -> option: one vote per user."""
+    return poll(room, poll_id) + ":voters"
+
+
+def rate_bucket(room: str, action: str, user_id: str) -> str:
+    """Token bucket of one user's ``bid`` / ``vote`` actions in a room."""
+    return room_prefix(room) + f"rl:{action}:{user_id}"
+
+
+def room_viewers(room: str) -> str:
+    """Hash node id -> ``<sockets>:<updated ms>``; summed over fresh entries."""
+    return room_prefix(room) + "viewers"
+
+
+# Sorted set of rooms with open lots/polls, scored by their next deadline (ms): the settle loop's
+# work list. Not room-tagged: it is touched only outside the room's scripts.
+ACTIVE_ROOMS = f"{PREFIX}:interactive:active_rooms"
+
+# Name of the Redis Function library (bump the version when the Lua changes incompatibly).
+FUNCTION_LIBRARY = "lotcast_v1"

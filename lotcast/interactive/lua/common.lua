@@ -1,0 +1,70 @@
+-- Shared helpers for the lotcast Redis Function library (concatenated before the other files).
+-- Every function receives keys[1] = the room's seq key (routes the call to the room's slot) and
+-- args[1] = room key prefix "lotcast:{room}:", args[2] = pub/sub channel, args[3] = log MAXLEN.
+-- All other keys are derived from the prefix exactly as lotcast/keys.py spells them.
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function hash(key)
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then return nil end
+  local h = {}
+  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  return h
+end
+
+local function room_ctx(args)
+  return {prefix = args[1], channel = args[2], maxlen = args[3]}
+end
+
+local function ensure_epoch(R)
+  local ep = redis.call('GET', R.prefix .. 'epoch')
+  if not ep then
+    local t = redis.call('TIME')
+    ep = t[1] .. string.format('%06d', tonumber(t[2]))
+    redis.call('SET', R.prefix .. 'epoch', ep)
+  end
+  return ep
+end
+
+-- Append one event to the room log and publish it. The log is the source of truth; pub/sub only
+-- wakes the nodes (they fill gaps from the log).
+local function emit(R, ev, now)
+  local ep = ensure_epoch(R)
+  local o = redis.call('INCR', R.prefix .. 'seq')
+  ev.offset = o
+  ev.ts = now
+  local payload = cmsgpack.pack(ev)
+  redis.call('XADD', R.prefix .. 'log', 'MAXLEN', '~', R.maxlen, '0-' .. o, 'e', payload)
+  redis.call('PUBLISH', R.channel, ep .. '|' .. payload)
+  return o
+end
+
+local function publish_ephemeral(R, msg)
+  local ep = ensure_epoch(R)
+  redis.call('PUBLISH', R.channel, ep .. '|' .. cmsgpack.pack(msg))
+end
+
+-- Token bucket per user; rate <= 0 disables it.
+local function take_token(key, rate, burst, now)
+  if rate <= 0 then return true, 0 end
+  local b = redis.call('HMGET', key, 'tokens', 'ts')
+  local tokens = tonumber(b[1]) or burst
+  local ts = tonumber(b[2]) or now
+  tokens = math.min(burst, tokens + (now - ts) * rate / 1000)
+  if tokens < 1 then
+    return false, math.ceil((1 - tokens) * 1000 / rate)
+  end
+  redis.call('HSET', key, 'tokens', tokens - 1, 'ts', now)
+  redis.call('PEXPIRE', key, math.ceil(burst * 1000 / rate) + 1000)
+  return true, 0
+end
+
+local function err(code, extra)
+  local r = extra or {}
+  r.err = code
+  return cmsgpack.pack(r)
+end

@@ -1,0 +1,66 @@
+-- Room-wide reads and the settle pass, then the library's registrations.
+
+local function settle(keys, args)
+  local R = room_ctx(args)
+  local now = now_ms()
+  local settled = 0
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', R.prefix .. 'open_lots', '-inf', now)) do
+    local L = load_lot(R, id)
+    if L and L.status == 'open' then
+      settle_lot(R, L, 'time', now)
+      settled = settled + 1
+    else
+      redis.call('ZREM', R.prefix .. 'open_lots', id)
+    end
+  end
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', R.prefix .. 'open_polls', '-inf', now)) do
+    local P = load_poll(R, id)
+    if P and P.status == 'open' then
+      close_poll(R, P, 'time', now)
+      settled = settled + 1
+    else
+      redis.call('ZREM', R.prefix .. 'open_polls', id)
+    end
+  end
+  local next_due = -1
+  for _, z in ipairs({'open_lots', 'open_polls'}) do
+    local first = redis.call('ZRANGE', R.prefix .. z, 0, 0, 'WITHSCORES')
+    if #first == 2 and (next_due < 0 or tonumber(first[2]) < next_due) then
+      next_due = tonumber(first[2])
+    end
+  end
+  return {settled, next_due}
+end
+
+local function head(keys, args)
+  local R = room_ctx(args)
+  local ep = ensure_epoch(R)
+  return {ep, tonumber(redis.call('GET', R.prefix .. 'seq') or '0'), now_ms()}
+end
+
+-- args: prefix, channel, maxlen, max lots, max polls
+local function snapshot(keys, args)
+  local R = room_ctx(args)
+  local lots, polls = {}, {}
+  for _, id in ipairs(redis.call('LRANGE', R.prefix .. 'lots', -tonumber(args[4]), -1)) do
+    lots[#lots + 1] = public_lot(load_lot(R, id))
+  end
+  for _, id in ipairs(redis.call('LRANGE', R.prefix .. 'polls', -tonumber(args[5]), -1)) do
+    polls[#polls + 1] = public_poll(load_poll(R, id))
+  end
+  return cmsgpack.pack({epoch = ensure_epoch(R),
+                        offset = tonumber(redis.call('GET', R.prefix .. 'seq') or '0'),
+                        lots = lots, polls = polls, server_ts = now_ms()})
+end
+
+redis.register_function('lotcast_bid', bid)
+redis.register_function('lotcast_lot_create', lot_create)
+redis.register_function('lotcast_lot_open', lot_open)
+redis.register_function('lotcast_lot_extend', lot_extend)
+redis.register_function('lotcast_lot_close', lot_close)
+redis.register_function('lotcast_poll_open', poll_open)
+redis.register_function('lotcast_vote', vote)
+redis.register_function('lotcast_poll_close', poll_close)
+redis.register_function('lotcast_settle', settle)
+redis.register_function('lotcast_head', head)
+redis.register_function('lotcast_snapshot', snapshot)
