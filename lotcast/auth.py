@@ -103,5 +103,7 @@ class TokenAuthority:
             raise AuthError(401, "Authorization header must be 'Bearer <token>'")
         identity = self.verify(token.strip())
         if required is not None and identity.role is not required:
-            raise AuthError(403, f"token role {identity.role.value!r} may not do this; needs {required.value!r}")
+            raise AuthError(
+                403, f"token role {identity.role.value!r} may not do this; needs {required.value!r}"
+            )
         return identity

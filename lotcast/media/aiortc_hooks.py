@@ -1,0 +1,229 @@
+"""Every place lotcast reaches into aiortc/aioice private internals, and nowhere else.
+
+aiortc decodes what it receives and encodes what it sends; a relay must do neither. These hooks
+tap RTP after SRTP decryption (at the receiver's jitter buffer, after RTX unwrap and NACK
+generation), send pre-built RTP through a peer's SRTP context and UDP socket directly, and catch
+RTCP feedback (NACK, PLI/FIR, SR) that aiortc would otherwise route to its encoder.
+
+The versions are pinned in pyproject.toml. `check_hooks()` fails loudly if a name moved; it runs at
+service start and in tests/test_aiortc_hooks.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aioice.ice
+from aiortc import (
+    MediaStreamTrack,
+    RTCRtpCodecParameters,
+    RTCRtpReceiver,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+)
+from aiortc.mediastreams import MediaStreamError
+from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtp import (
+    RTCP_PSFB_FIR,
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    RtcpPsfbPacket,
+    RtcpRtpfbPacket,
+    RtcpSrPacket,
+    RtpPacket,
+)
+
+_JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
+_SR_FIELDS = (
+    "_RTCRtpSender__ntp_timestamp",
+    "_RTCRtpSender__rtp_timestamp",
+    "_RTCRtpSender__packet_count",
+    "_RTCRtpSender__octet_count",
+)
+
+RtpTap = Callable[[RtpPacket], None]
+SenderReportTap = Callable[[int, int, int], None]  # ssrc, ntp timestamp, rtp timestamp
+
+
+class HookError(RuntimeError):
+    """aiortc/aioice no longer look the way these hooks expect: re-check after an upgrade."""
+
+
+def check_hooks() -> None:
+    """Raise HookError if any private name these hooks use is missing."""
+    problems: list[str] = []
+    if not callable(getattr(aioice.ice, "get_host_addresses", None)):
+        problems.append("aioice.ice.get_host_addresses")
+    if not hasattr(aioice.ice.Connection, "sendto"):
+        problems.append("aioice.ice.Connection.sendto")
+    for cls, names in (
+        (RTCRtpReceiver, ("_handle_rtp_packet", "_handle_rtcp_packet", "_send_rtcp_pli")),
+        (RTCRtpSender, ("_handle_rtcp_packet", "_run_rtcp")),
+        (RTCDtlsTransport, ("_send_rtp",)),
+    ):
+        for name in names:
+            if not hasattr(cls, name):
+                problems.append(f"{cls.__name__}.{name}")
+    import inspect
+
+    receiver_src = inspect.getsource(RTCRtpReceiver.__init__)
+    if "self.__jitter_buffer" not in receiver_src:
+        problems.append("RTCRtpReceiver.__jitter_buffer")
+    sender_src = inspect.getsource(RTCRtpSender.__init__)
+    for field in (*_SR_FIELDS, "_RTCRtpSender__rtp_history"):
+        if "self.__" + field.split("__", 1)[1] not in sender_src:
+            problems.append(field)
+    if "self._ssrc" not in sender_src:
+        problems.append("RTCRtpSender._ssrc")
+    dtls_src = inspect.getsource(RTCDtlsTransport)
+    if "self._tx_srtp" not in dtls_src:
+        problems.append("RTCDtlsTransport._tx_srtp")
+    ice_src = inspect.getsource(aioice.ice.Connection)
+    if "self._nominated" not in ice_src:
+        problems.append("aioice.ice.Connection._nominated")
+    if problems:
+        raise HookError("aiortc/aioice internals changed: " + ", ".join(problems))
+
+
+def negotiated_codecs(transceiver: RTCRtpTransceiver) -> list[RTCRtpCodecParameters]:
+    """The media codecs (no RTX) a transceiver settled on, in preference order."""
+    return [c for c in transceiver._codecs if not c.mimeType.lower().endswith("/rtx")]
+
+
+def restrict_host_addresses(addresses: list[str]) -> None:
+    """Gather ICE host candidates only on these addresses (aioice otherwise uses every
+    interface and skips loopback)."""
+    fixed = list(addresses)
+
+    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [a for a in fixed if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+
+    aioice.ice.get_host_addresses = get_host_addresses  # type: ignore[assignment]
+
+
+class _ForwardingTap:
+    """Stands in for the receiver's jitter buffer: hands every (RTX-unwrapped, in-order or not)
+    packet to the forwarder and never releases a frame, so nothing is decoded."""
+
+    def __init__(self, on_packet: RtpTap) -> None:
+        self._on_packet = on_packet
+
+    def add(self, packet: RtpPacket) -> tuple[bool, None]:
+        self._on_packet(packet)
+        return False, None
+
+
+def tap_receiver(receiver: RTCRtpReceiver, on_packet: RtpTap, on_sr: SenderReportTap) -> None:
+    """Route a receiver's packets to ``on_packet`` instead of its decoder."""
+    if not hasattr(receiver, _JITTER_ATTR):
+        raise HookError("RTCRtpReceiver has no jitter buffer attribute")
+    setattr(receiver, _JITTER_ATTR, _ForwardingTap(on_packet))
+    original = receiver._handle_rtcp_packet
+
+    async def handle_rtcp(packet: Any) -> None:
+        if isinstance(packet, RtcpSrPacket):
+            info = packet.sender_info
+            on_sr(packet.ssrc, info.ntp_timestamp, info.rtp_timestamp)
+        await original(packet)
+
+    receiver._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+
+
+def request_keyframe(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
+    """Send a PLI for ``media_ssrc`` to whoever sends us this stream."""
+    task = asyncio.ensure_future(receiver._send_rtcp_pli(media_ssrc))
+    _in_flight.add(task)
+    task.add_done_callback(_in_flight.discard)
+
+
+_in_flight: set[asyncio.Future[None]] = set()
+
+
+class SenderFeedback:
+    """Callbacks for RTCP a viewer sends back about one of our forwarded streams."""
+
+    def __init__(self, on_nack: Callable[[list[int]], None],
+                 on_keyframe_request: Callable[[], None], on_alive: Callable[[], None]) -> None:
+        self.on_nack = on_nack
+        self.on_keyframe_request = on_keyframe_request
+        self.on_alive = on_alive
+
+
+def hook_sender(sender: RTCRtpSender, ssrc: int, feedback: SenderFeedback) -> None:
+    """Make ``sender`` announce ``ssrc`` (set before createAnswer) and route NACK/PLI/FIR to the
+    forwarder instead of aiortc's (empty) history and (absent) encoder."""
+    sender._ssrc = ssrc
+    original = sender._handle_rtcp_packet
+
+    async def handle_rtcp(packet: Any) -> None:
+        feedback.on_alive()
+        if isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
+            feedback.on_nack(list(packet.lost))
+        elif isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
+            feedback.on_keyframe_request()
+        else:
+            await original(packet)
+
+    sender._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+
+
+def set_sender_report(sender: RTCRtpSender, ntp: int, rtp_timestamp: int, packets: int,
+                      octets: int) -> None:
+    """The values aiortc's RTCP loop puts in this sender's next Sender Report."""
+    for name, value in zip(_SR_FIELDS, (ntp, rtp_timestamp, packets, octets), strict=True):
+        setattr(sender, name, value)
+
+
+class PacketSender:
+    """Sends already-built RTP on one peer connection: SRTP protect, then UDP sendto.
+
+    Resolved once the DTLS transport is connected; `send` is the per-packet hot path.
+    """
+
+    __slots__ = ("_dtls", "addr", "protect", "transport")
+
+    def __init__(self, dtls: RTCDtlsTransport) -> None:
+        self._dtls = dtls
+        self.protect: Callable[[bytes], bytes] | None = None
+        self.transport: Any = None
+        self.addr: tuple[str, int] | None = None
+
+    def resolve(self) -> bool:
+        """Bind to the current SRTP context and selected ICE pair; False if not connected."""
+        dtls = self._dtls
+        srtp = getattr(dtls, "_tx_srtp", None)
+        if dtls.state != "connected" or srtp is None:
+            return False
+        pair = dtls.transport._connection._nominated.get(1)
+        if pair is None or pair.protocol.transport is None:
+            return False
+        self.protect = srtp.protect
+        self.transport = pair.protocol.transport
+        self.addr = pair.remote_addr
+        return True
+
+    def send(self, packet: bytes) -> None:
+        assert self.protect is not None
+        self.transport.sendto(self.protect(packet), self.addr)
+
+
+class SilentTrack(MediaStreamTrack):
+    """A track whose recv never yields: keeps a sendonly transceiver (and its RTCP/DTLS) alive
+    while RTP is forwarded around aiortc's encoder."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self._never: asyncio.Future[None] | None = None
+
+    async def recv(self) -> Any:
+        self._never = asyncio.get_running_loop().create_future()
+        await self._never
+        raise MediaStreamError
+
+    def stop(self) -> None:
+        super().stop()
+        if self._never is not None and not self._never.done():
+            self._never.cancel()

@@ -1,0 +1,305 @@
+"""WHIP (RFC 9725) and WHEP HTTP endpoints, shared by the broadcaster and the relay.
+
+    POST    /whip/{stream}            publish (host token)      201 + SDP answer, Location, ETag
+    POST    /whep/{stream}            play                      201 | 409/503 + Retry-After
+    HEAD    /whep/{stream}            is it playable here?      200 | 409/503 + Retry-After
+    PATCH   /whi[pe]/{stream}/{id}    trickle ICE (sdpfrag)     204 | 412/428/422
+    DELETE  /whi[pe]/{stream}/{id}    end the session           200 | 404
+    OPTIONS (any of the above)        CORS + Accept-Post        204
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from lotcast.auth import AuthError, Identity, Role, TokenAuthority
+from lotcast.config import Settings
+from lotcast.media.peer import EgressSession, IngestSession, PeerSession
+from lotcast.media.sdp import SdpError, check_offer
+from lotcast.media.stream import MediaStream, StreamRouter, StreamState
+from lotcast.media.upstream import NotLiveError
+
+logger = logging.getLogger(__name__)
+
+SDP = "application/sdp"
+SDPFRAG = "application/trickle-ice-sdpfrag"
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+    "Access-Control-Expose-Headers": "Location, ETag, Link, Retry-After, Accept-Post, Accept-Patch",
+}
+NOT_LIVE_RETRY = 2
+
+StreamProvider = Callable[[str], Awaitable[MediaStream]]
+Kind = Literal["whip", "whep"]
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+
+def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(reason + "\n", status_code=status, media_type="text/plain",
+                    headers={**CORS, **(headers or {})})
+
+
+class SessionTable:
+    """Every live WHIP/WHEP session of this node, and the reaper that times them out."""
+
+    def __init__(self, session_timeout: float, connect_timeout: float = 15.0,
+                 on_closed: Callable[[PeerSession], None] | None = None) -> None:
+        self._sessions: dict[str, PeerSession] = {}
+        self._on_closed = on_closed
+        self.session_timeout = session_timeout
+        self.connect_timeout = connect_timeout
+        self._reaper: asyncio.Task[None] | None = None
+
+    def add(self, session: PeerSession) -> None:
+        self._sessions[session.id] = session
+        session.on_close(self._forget)
+
+    def _forget(self, session: PeerSession) -> None:
+        self._sessions.pop(session.id, None)
+        if self._on_closed is not None:
+            self._on_closed(session)
+
+    def get(self, session_id: str) -> PeerSession | None:
+        return self._sessions.get(session_id)
+
+    def sessions(self, kind: type[PeerSession] = PeerSession) -> list[PeerSession]:
+        return [s for s in self._sessions.values() if isinstance(s, kind)]
+
+    def count(self, kind: type[PeerSession] = PeerSession) -> int:
+        return sum(1 for s in self._sessions.values() if isinstance(s, kind))
+
+    def start(self) -> None:
+        self._reaper = asyncio.ensure_future(self._reap_forever())
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.reap(time.monotonic())
+
+    def reap(self, now: float) -> None:
+        for session in list(self._sessions.values()):
+            if session.connected_at is None:
+                if now - session.created > self.connect_timeout:
+                    session.close_soon("ICE/DTLS did not connect in time")
+                continue
+            last = session.last_alive
+            if isinstance(session, IngestSession):
+                last = max(last, session.last_media)
+            if now - last > self.session_timeout:
+                session.close_soon(f"no RTCP or media for {self.session_timeout:.0f}s")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            try:
+                await self._reaper
+            except asyncio.CancelledError:
+                pass
+        await asyncio.gather(*(s.close() for s in list(self._sessions.values())))
+
+
+class WebRtcEndpoints:
+    """The HTTP side of WHIP/WHEP for one node."""
+
+    def __init__(self, settings: Settings, authority: TokenAuthority, router: StreamRouter,
+                 sessions: SessionTable, provide_stream: StreamProvider, accept_publish: bool,
+                 accepting_viewers: Callable[[], str | None] | None = None,
+                 on_first_frame: Callable[[float], None] | None = None) -> None:
+        self.settings = settings
+        self.authority = authority
+        self.router = router
+        self.sessions = sessions
+        self.provide_stream = provide_stream
+        self.accept_publish = accept_publish
+        self.accepting_viewers = accepting_viewers or (lambda: None)
+        self.on_first_frame = on_first_frame
+
+    @property
+    def routes(self) -> list[BaseRoute]:
+        routes: list[BaseRoute] = [
+            Route("/whep/{stream}", self.play, methods=["POST"]),
+            Route("/whep/{stream}", self.probe, methods=["HEAD", "GET"]),
+            Route("/whep/{stream}", self.options, methods=["OPTIONS"]),
+            Route("/whep/{stream}/{session}", self.session_resource,
+                  methods=["PATCH", "DELETE", "OPTIONS", "GET", "POST", "PUT"]),
+        ]
+        if self.accept_publish:
+            routes += [
+                Route("/whip/{stream}", self.publish, methods=["POST"]),
+                Route("/whip/{stream}", self.options, methods=["OPTIONS"]),
+                Route("/whip/{stream}/{session}", self.session_resource,
+                      methods=["PATCH", "DELETE", "OPTIONS", "GET", "POST", "PUT"]),
+            ]
+        return routes
+
+    def _link_headers(self) -> dict[str, str]:
+        if not self.settings.ice_servers:
+            return {}
+        return {"Link": ", ".join(f'<{url}>; rel="ice-server"' for url in self.settings.ice_servers)}
+
+    async def options(self, request: Request) -> Response:
+        return Response(status_code=204, headers={
+            **CORS, **self._link_headers(),
+            "Accept-Post": SDP,
+            "Access-Control-Allow-Methods": "POST, OPTIONS"
+            + (", HEAD" if "whep" in request.url.path else ""),
+        })
+
+    async def _read_offer(self, request: Request) -> str:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != SDP:
+            raise HttpError(415, f"Content-Type must be {SDP}, got {content_type or 'nothing'!r}",
+                            {"Accept-Post": SDP})
+        body = await _read_limited(request, self.settings.max_sdp_bytes)
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise HttpError(400, "malformed SDP: body is not UTF-8") from exc
+
+    def _identity(self, request: Request, required: Role | None) -> Identity:
+        return self.authority.from_authorization(request.headers.get("authorization"), required)
+
+    async def publish(self, request: Request) -> Response:
+        return await self._guard(self._publish(request))
+
+    async def _publish(self, request: Request) -> Response:
+        self._identity(request, Role.HOST)
+        offer = await self._read_offer(request)
+        summary = check_offer(offer, "publish")
+        stream_id = _stream_id(request)
+        stream = self.router.get_or_create(stream_id)
+        if stream.state is StreamState.LIVE:
+            raise HttpError(409, f"stream {stream_id!r} already has a publisher")
+        session = IngestSession(stream, summary)
+        answer = await session.answer(offer)
+        return self._created(request, "whip", session, answer)
+
+    async def play(self, request: Request) -> Response:
+        return await self._guard(self._play(request))
+
+    async def _play(self, request: Request) -> Response:
+        self._identity(request, Role.VIEWER if self.settings.private_streams else None)
+        refusal = self.accepting_viewers()
+        if refusal is not None:
+            raise HttpError(503, refusal, {"Retry-After": "2"})
+        offer = await self._read_offer(request)
+        summary = check_offer(offer, "play")
+        stream = await self._playable(_stream_id(request))
+        session = EgressSession(stream, summary, self.on_first_frame)
+        answer = await session.answer(offer)
+        return self._created(request, "whep", session, answer)
+
+    async def _playable(self, stream_id: str) -> MediaStream:
+        try:
+            return await self.provide_stream(stream_id)
+        except NotLiveError as exc:
+            raise HttpError(409, f"stream {stream_id!r} is not live: {exc.reason}",
+                            {"Retry-After": str(exc.retry_after)}) from exc
+
+    async def probe(self, request: Request) -> Response:
+        async def check() -> Response:
+            self._identity(request, Role.VIEWER if self.settings.private_streams else None)
+            refusal = self.accepting_viewers()
+            if refusal is not None:
+                raise HttpError(503, refusal, {"Retry-After": "2"})
+            await self._playable(_stream_id(request))
+            return Response(status_code=200, headers={**CORS, "Accept-Post": SDP})
+
+        return await self._guard(check())
+
+    def _created(self, request: Request, kind: Kind, session: PeerSession, answer: str) -> Response:
+        self.sessions.add(session)
+        location = f"/{kind}/{session.stream.id}/{session.id}"
+        return Response(answer, status_code=201, media_type=SDP, headers={
+            **CORS, **self._link_headers(),
+            "Location": location, "ETag": session.etag, "Accept-Patch": SDPFRAG,
+        })
+
+    async def session_resource(self, request: Request) -> Response:
+        return await self._guard(self._session_resource(request))
+
+    async def _session_resource(self, request: Request) -> Response:
+        method = request.method
+        if method == "OPTIONS":
+            return Response(status_code=204, headers={
+                **CORS, "Access-Control-Allow-Methods": "PATCH, DELETE, OPTIONS",
+                "Accept-Patch": SDPFRAG})
+        if method not in ("PATCH", "DELETE"):
+            raise HttpError(405, f"{method} is not supported on a session; use PATCH or DELETE",
+                            {"Allow": "PATCH, DELETE, OPTIONS"})
+        kind = request.url.path.split("/")[1]
+        if kind == "whip":
+            self._identity(request, Role.HOST)
+        session = self.sessions.get(request.path_params["session"])
+        if session is None or session.stream.id != _stream_id(request):
+            raise HttpError(404, "no such session (ended, timed out or never existed)")
+        if method == "DELETE":
+            await session.close()
+            return Response(status_code=200, headers=CORS)
+        return await self._patch(request, session)
+
+    async def _patch(self, request: Request, session: PeerSession) -> Response:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != SDPFRAG:
+            raise HttpError(415, f"PATCH needs Content-Type {SDPFRAG}", {"Accept-Patch": SDPFRAG})
+        if_match = request.headers.get("if-match")
+        if if_match is None:
+            raise HttpError(428, "PATCH needs If-Match with the session's ETag (or *)")
+        if if_match.strip() not in ("*", session.etag):
+            raise HttpError(412, "If-Match does not match the session's ETag")
+        fragment = (await _read_limited(request, self.settings.max_sdp_bytes)).decode("utf-8", "replace")
+        if "a=ice-ufrag:" in fragment or "a=ice-pwd:" in fragment:
+            raise HttpError(422, "ICE restart is not supported; DELETE this session and POST a new offer")
+        try:
+            await session.add_trickle(fragment)
+        except Exception as exc:
+            raise HttpError(400, f"bad trickle candidate: {exc or type(exc).__name__}") from exc
+        return Response(status_code=204, headers=CORS)
+
+    async def _guard(self, work: Awaitable[Response]) -> Response:
+        try:
+            return await work
+        except HttpError as exc:
+            return error_response(exc.status, exc.reason, exc.headers)
+        except SdpError as exc:
+            return error_response(exc.status, exc.reason)
+        except AuthError as exc:
+            headers = {"WWW-Authenticate": 'Bearer realm="lotcast"'} if exc.status == 401 else {}
+            return error_response(exc.status, exc.reason, headers)
+
+
+def _stream_id(request: Request) -> str:
+    stream_id = str(request.path_params["stream"])
+    if not stream_id or len(stream_id) > 64 or not all(c.isalnum() or c in "-_." for c in stream_id):
+        raise HttpError(400, "stream id must be 1-64 characters of [A-Za-z0-9-_.]")
+    return stream_id
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HttpError(413, f"body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HttpError(413, f"body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)

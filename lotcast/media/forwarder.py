@@ -1,0 +1,263 @@
+"""Packet-level fan-out of one track (audio or video) of one stream.
+
+One source (a publisher's or an upstream's receiver) feeds a TrackForwarder; every viewer is a
+ForwardSink on it. Each source packet is rewritten once (output SSRC, continuous seq/timestamp,
+payload type, no header extensions) and then only SRTP-protected and sent per viewer. Joining
+video viewers wait for the next key frame; NACKs are answered from a shared history; PLI/FIR
+from any number of viewers collapse into one throttled upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from aiortc import RTCRtpCodecParameters, RTCRtpSender
+from aiortc.rtp import RtpPacket
+
+from lotcast.media.aiortc_hooks import PacketSender, set_sender_report
+from lotcast.media.rtp import SequenceMapper, build_packet, keyframe_detector, with_payload_type
+
+logger = logging.getLogger(__name__)
+
+HISTORY_SIZE = 1024  # packets kept for NACK answers: ~5 s of 1.5 Mbps video
+KEYFRAME_REQUEST_INTERVAL = 0.5  # seconds between upstream PLIs
+SEND_BUDGET = 2000  # packet-copies sent before yielding to the event loop
+
+SendEntry = tuple[Callable[[bytes], bytes], Callable[[bytes, Any], None], Any]
+
+
+class ForwardSink:
+    """One viewer's copy of one track."""
+
+    __slots__ = ("base_octets", "base_packets", "closed", "last_alive", "on_first_packet",
+                 "packet_sender", "payload_type", "rtp_sender", "waiting_keyframe")
+
+    def __init__(self, packet_sender: PacketSender, rtp_sender: RTCRtpSender, payload_type: int,
+                 on_first_packet: Callable[[], None] | None = None) -> None:
+        self.packet_sender = packet_sender
+        self.rtp_sender = rtp_sender
+        self.payload_type = payload_type
+        self.waiting_keyframe = False
+        self.closed = False
+        self.base_packets = 0
+        self.base_octets = 0
+        self.last_alive = time.monotonic()
+        self.on_first_packet = on_first_packet
+
+    def entry(self) -> SendEntry:
+        ps = self.packet_sender
+        assert ps.protect is not None
+        return (ps.protect, ps.transport.sendto, ps.addr)
+
+
+class TrackForwarder:
+    """Source packets in, per-viewer SRTP out, for one kind of one stream."""
+
+    def __init__(self, kind: str, codec: RTCRtpCodecParameters, output_ssrc: int) -> None:
+        self.kind = kind
+        self.codec = codec
+        self.output_ssrc = output_ssrc
+        self.mapper = SequenceMapper(clock_rate=codec.clockRate)
+        self._is_keyframe_start = keyframe_detector(codec.mimeType)
+        assert codec.payloadType is not None
+        self._base_pt: int = codec.payloadType
+        self._sinks: list[ForwardSink] = []
+        self._waiting: list[ForwardSink] = []
+        self._groups: tuple[tuple[int, tuple[SendEntry, ...], tuple[ForwardSink, ...]], ...] = ()
+        self._history: list[bytes | None] = [None] * HISTORY_SIZE
+        self._history_seq: list[int] = [-1] * HISTORY_SIZE
+        self._pending: deque[tuple[bytes, bool]] = deque()
+        self._drain_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.keyframe_requester: Callable[[], None] | None = None
+        self._last_keyframe_request = 0.0
+        self._deferred_request: asyncio.TimerHandle | None = None
+        self._sender_report: tuple[int, int] | None = None
+        # counters (read by metrics and benchmarks)
+        self.packets_in = 0
+        self.octets_in = 0
+        self.packets_sent = 0
+        self.nack_packets_served = 0
+        self.keyframe_requests_sent = 0
+        self.last_packet_time = 0.0
+
+    # --- viewers ------------------------------------------------------------------------
+
+    @property
+    def sink_count(self) -> int:
+        return len(self._sinks)
+
+    def add_sink(self, sink: ForwardSink) -> None:
+        sink.base_packets = self.packets_in
+        sink.base_octets = self.octets_in
+        self._sinks.append(sink)
+        if self.kind == "video":
+            sink.waiting_keyframe = True
+            self._waiting.append(sink)
+            self.request_keyframe()
+        else:
+            self._rebuild()
+        if self._sender_report is not None:
+            self._apply_sender_report(sink)
+
+    def remove_sink(self, sink: ForwardSink) -> None:
+        sink.closed = True
+        if sink in self._sinks:
+            self._sinks.remove(sink)
+        if sink in self._waiting:
+            self._waiting.remove(sink)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        by_pt: dict[int, list[ForwardSink]] = {}
+        for sink in self._sinks:
+            if not sink.waiting_keyframe and not sink.closed:
+                by_pt.setdefault(sink.payload_type, []).append(sink)
+        self._groups = tuple(
+            (pt, tuple(s.entry() for s in sinks), tuple(sinks)) for pt, sinks in by_pt.items()
+        )
+
+    def _admit_waiting(self) -> None:
+        for sink in self._waiting:
+            sink.waiting_keyframe = False
+            if sink.on_first_packet is not None:
+                sink.on_first_packet()
+                sink.on_first_packet = None
+        self._waiting.clear()
+        self._rebuild()
+
+    def resync_all(self) -> None:
+        """Make every video viewer wait for a key frame again (the source changed)."""
+        if self.kind != "video":
+            return
+        for sink in self._sinks:
+            if not sink.waiting_keyframe:
+                sink.waiting_keyframe = True
+                self._waiting.append(sink)
+        self._rebuild()
+        self.request_keyframe()
+
+    # --- source side --------------------------------------------------------------------
+
+    def on_source_packet(self, packet: RtpPacket) -> None:
+        out_seq, out_ts, switched = self.mapper.map(
+            packet.ssrc, packet.sequence_number, packet.timestamp
+        )
+        if switched and self.packets_in:
+            self.resync_all()
+        payload = packet.payload
+        data = build_packet(packet.marker, self._base_pt, out_seq, out_ts, self.output_ssrc,
+                            payload)
+        slot = out_seq % HISTORY_SIZE
+        self._history[slot] = data
+        self._history_seq[slot] = out_seq
+        self.packets_in += 1
+        self.octets_in += len(payload)
+        self.last_packet_time = time.monotonic()
+        keyframe = self.kind == "video" and self._is_keyframe_start(payload)
+        self._pending.append((data, keyframe))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        budget = SEND_BUDGET
+        pending = self._pending
+        while pending and budget > 0:
+            data, keyframe = pending.popleft()
+            if keyframe and self._waiting:
+                self._admit_waiting()
+            for pt, entries, sinks in self._groups:
+                out = data if pt == self._base_pt else with_payload_type(data, pt)
+                for index, (protect, sendto, addr) in enumerate(entries):
+                    try:
+                        sendto(protect(out), addr)
+                    except Exception as exc:  # a dying peer must not stop the others
+                        self._drop_broken(sinks[index], exc)
+                budget -= len(entries)
+                self.packets_sent += len(entries)
+        if pending:
+            self._drain_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._drain)
+
+    def _drop_broken(self, sink: ForwardSink, exc: Exception) -> None:
+        if not sink.closed:
+            logger.info("dropping %s sink after send error: %r", self.kind, exc)
+            sink.closed = True
+            assert self._loop is not None
+            self._loop.call_soon(self.remove_sink, sink)
+
+    def on_source_sender_report(self, ssrc: int, ntp: int, rtp_timestamp: int) -> None:
+        if ssrc != self.mapper.source_ssrc:
+            return
+        self._sender_report = (ntp, self.mapper.map_timestamp(rtp_timestamp))
+        for sink in self._sinks:
+            self._apply_sender_report(sink)
+
+    def _apply_sender_report(self, sink: ForwardSink) -> None:
+        assert self._sender_report is not None
+        ntp, rtp_ts = self._sender_report
+        set_sender_report(sink.rtp_sender, ntp, rtp_ts, self.packets_in - sink.base_packets,
+                          self.octets_in - sink.base_octets)
+
+    # --- feedback from viewers ----------------------------------------------------------
+
+    def retransmit(self, sink: ForwardSink, sequence_numbers: list[int]) -> None:
+        if sink.closed or sink.packet_sender.protect is None:
+            return
+        for seq in sequence_numbers:
+            slot = seq % HISTORY_SIZE
+            data = self._history[slot]
+            if data is None or self._history_seq[slot] != seq:
+                continue
+            if sink.payload_type != self._base_pt:
+                data = with_payload_type(data, sink.payload_type)
+            try:
+                sink.packet_sender.send(data)
+            except Exception as exc:
+                self._drop_broken(sink, exc)
+                return
+            self.nack_packets_served += 1
+
+    def request_keyframe(self) -> None:
+        """Ask the source for a key frame, at most once per KEYFRAME_REQUEST_INTERVAL."""
+        if self.kind != "video":
+            return
+        now = time.monotonic()
+        wait = self._last_keyframe_request + KEYFRAME_REQUEST_INTERVAL - now
+        if wait <= 0:
+            self._send_keyframe_request(now)
+        elif self._deferred_request is None:
+            loop = asyncio.get_running_loop()
+            self._deferred_request = loop.call_later(wait, self._deferred_keyframe_request)
+
+    def _deferred_keyframe_request(self) -> None:
+        self._deferred_request = None
+        if self._waiting:
+            self._send_keyframe_request(time.monotonic())
+
+    def _send_keyframe_request(self, now: float) -> None:
+        self._last_keyframe_request = now
+        if self.keyframe_requester is not None:
+            self.keyframe_requester()
+            self.keyframe_requests_sent += 1
+
+    def close(self) -> None:
+        if self._deferred_request is not None:
+            self._deferred_request.cancel()
+            self._deferred_request = None
+        self._pending.clear()
+        for sink in self._sinks:
+            sink.closed = True
+        self._sinks.clear()
+        self._waiting.clear()
+        self._groups = ()

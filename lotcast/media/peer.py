@@ -1,0 +1,274 @@
+"""WebRTC peer sessions: a publisher feeding a stream (ingest) or a viewer fed by one (egress).
+
+Each session owns its RTCPeerConnection. A session is created whole or not at all: any failure
+while negotiating closes the peer connection before the error reaches the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+import time
+from collections.abc import Callable
+
+from aiortc import (
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpCodecCapability,
+    RTCRtpCodecParameters,
+    RTCRtpReceiver,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+    RTCSessionDescription,
+)
+from aiortc.sdp import candidate_from_sdp
+
+from lotcast.media.aiortc_hooks import (
+    PacketSender,
+    SenderFeedback,
+    SilentTrack,
+    hook_sender,
+    negotiated_codecs,
+)
+from lotcast.media.forwarder import ForwardSink, TrackForwarder
+from lotcast.media.sdp import OfferSummary, SdpError
+from lotcast.media.stream import MediaStream
+
+logger = logging.getLogger(__name__)
+
+
+class SessionState(enum.Enum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+class PeerSession:
+    """Base: one peer connection, its HTTP resource identity and its lifecycle."""
+
+    kind = "peer"
+
+    def __init__(self, stream: MediaStream) -> None:
+        self.id = secrets.token_urlsafe(12)
+        self.etag = '"' + secrets.token_hex(8) + '"'
+        self.stream = stream
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.state = SessionState.CONNECTING
+        self.created = time.monotonic()
+        self.last_alive = self.created
+        self.connected_at: float | None = None
+        self.closed = asyncio.Event()
+        self._on_close: list[Callable[[PeerSession], None]] = []
+        self._closing: asyncio.Task[None] | None = None
+
+        @self.pc.on("connectionstatechange")
+        def _on_state() -> None:
+            state = self.pc.connectionState
+            if state == "connected":
+                self._on_connected()
+            elif state in ("failed", "closed"):
+                self.close_soon(f"peer connection {state}")
+
+    def _set_state(self, new: SessionState) -> None:
+        if new is self.state:
+            return
+        if self.state is SessionState.CLOSED:
+            raise RuntimeError(f"{self.kind} session {self.id} is closed")
+        logger.info("%s %s/%s: %s -> %s", self.kind, self.stream.id, self.id, self.state.value,
+                    new.value)
+        self.state = new
+
+    def _on_connected(self) -> None:
+        if self.state is SessionState.CONNECTING:
+            self.connected_at = time.monotonic()
+            self.touch()
+            self._set_state(SessionState.CONNECTED)
+            self.started()
+
+    def started(self) -> None:
+        """Called once the peer is connected."""
+
+    def touch(self) -> None:
+        self.last_alive = time.monotonic()
+
+    def on_close(self, callback: Callable[[PeerSession], None]) -> None:
+        self._on_close.append(callback)
+
+    def close_soon(self, reason: str) -> None:
+        if self._closing is None and self.state is not SessionState.CLOSED:
+            logger.info("%s %s/%s closing: %s", self.kind, self.stream.id, self.id, reason)
+            self._closing = asyncio.ensure_future(self.close())
+
+    async def close(self) -> None:
+        if self.state is SessionState.CLOSED:
+            return
+        self._set_state(SessionState.CLOSED)
+        self.stopped()
+        for callback in self._on_close:
+            callback(self)
+        self._on_close.clear()
+        await self.pc.close()
+        self.closed.set()
+
+    def stopped(self) -> None:
+        """Called once when the session closes, before the peer connection is torn down."""
+
+    async def answer(self, offer_sdp: str) -> str:
+        """Apply the remote offer; returns our answer SDP. Closes the session on failure."""
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            self.prepare()
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
+        except SdpError:
+            await self.close()
+            raise
+        except Exception as exc:
+            await self.close()
+            raise SdpError(422, f"cannot negotiate this offer: {exc or type(exc).__name__}") from exc
+        return str(self.pc.localDescription.sdp)
+
+    def prepare(self) -> None:
+        """Hook between setRemoteDescription and createAnswer."""
+
+    async def add_trickle(self, fragment: str) -> None:
+        """Apply an application/trickle-ice-sdpfrag body (RFC 8840)."""
+        mid: str | None = None
+        for raw in fragment.splitlines():
+            line = raw.strip()
+            if line.startswith("a=mid:"):
+                mid = line[len("a=mid:"):]
+            elif line.startswith("a=candidate:"):
+                candidate = candidate_from_sdp(line[len("a=candidate:"):])
+                candidate.sdpMid = mid
+                candidate.sdpMLineIndex = None if mid is not None else 0
+                await self.pc.addIceCandidate(candidate)
+
+
+def codec_capability(codec: RTCRtpCodecParameters) -> RTCRtpCodecCapability:
+    return RTCRtpCodecCapability(mimeType=codec.mimeType, clockRate=codec.clockRate,
+                                 channels=codec.channels, parameters=dict(codec.parameters))
+
+
+def preferred_capabilities(kind: str, mime_type: str) -> list[RTCRtpCodecCapability]:
+    """aiortc's capabilities for one codec (every profile of it) plus RTX."""
+    capabilities = RTCRtpReceiver.getCapabilities(kind)
+    assert capabilities is not None
+    caps = capabilities.codecs
+    chosen = [c for c in caps if c.mimeType.lower() == mime_type]
+    rtx = [c for c in caps if c.mimeType.lower() == f"{kind}/rtx"]
+    return chosen + rtx
+
+
+class IngestSession(PeerSession):
+    """A publisher (WHIP) or an upstream pull (relay WHEP client) feeding a stream."""
+
+    kind = "ingest"
+
+    def __init__(self, stream: MediaStream, summary: OfferSummary) -> None:
+        carried = stream.codecs()
+        chosen: dict[str, str] = {}
+        for kind, offered in summary.kinds.items():
+            if kind in carried:
+                mime = carried[kind].mimeType.lower()
+                if mime not in offered:
+                    raise SdpError(422, f"this stream carries {mime}; the offer's {kind} lacks it")
+            else:
+                mime = offered[0] if kind == "audio" else _pick_video(offered)
+            chosen[kind] = mime
+        super().__init__(stream)
+        self._generation: int | None = None
+        for kind, mime in chosen.items():
+            transceiver = self.pc.addTransceiver(kind, direction="recvonly")
+            transceiver.setCodecPreferences(preferred_capabilities(kind, mime))
+
+    def prepare(self) -> None:
+        receivers: dict[str, tuple[RTCRtpReceiver, RTCRtpCodecParameters]] = {}
+        for transceiver in self.pc.getTransceivers():
+            codecs = negotiated_codecs(transceiver)
+            if codecs and transceiver.kind not in receivers:
+                receivers[transceiver.kind] = (transceiver.receiver, codecs[0])
+        self._generation = self.stream.attach_source(receivers)
+
+    def stopped(self) -> None:
+        if self._generation is not None:
+            self.stream.detach_source(self._generation)
+
+    @property
+    def last_media(self) -> float:
+        return max((t.last_packet_time for t in self.stream.tracks.values()), default=0.0)
+
+
+def _pick_video(offered: list[str]) -> str:
+    return "video/vp8" if "video/vp8" in offered else offered[0]
+
+
+class EgressSession(PeerSession):
+    """A viewer (or a downstream relay) receiving a stream's packets, forwarded as they are."""
+
+    kind = "egress"
+
+    def __init__(self, stream: MediaStream, summary: OfferSummary,
+                 on_first_frame: Callable[[float], None] | None = None) -> None:
+        served = [
+            forwarder for kind, forwarder in stream.tracks.items()
+            if forwarder.codec.mimeType.lower() in summary.kinds.get(kind, [])
+        ]
+        if not served:
+            carried = ", ".join(f.codec.mimeType for f in stream.tracks.values()) or "nothing yet"
+            raise SdpError(422, f"the offer accepts none of what this stream carries ({carried})")
+        super().__init__(stream)
+        self._wiring: list[tuple[TrackForwarder, RTCRtpTransceiver]] = []
+        self._sinks: list[tuple[TrackForwarder, ForwardSink]] = []
+        self._on_first_frame = on_first_frame
+        self.first_frame_delay: float | None = None
+        self._cancel_end_watch = stream.on_end(lambda: self.close_soon("stream ended"))
+        for forwarder in served:
+            transceiver = self.pc.addTransceiver(SilentTrack(forwarder.kind), direction="sendonly")
+            transceiver.setCodecPreferences([codec_capability(forwarder.codec)])
+            self._hook(forwarder, transceiver.sender)
+            self._wiring.append((forwarder, transceiver))
+
+    def _hook(self, forwarder: TrackForwarder, sender: RTCRtpSender) -> None:
+        session = self
+
+        def sink() -> ForwardSink | None:
+            for fwd, s in session._sinks:
+                if fwd is forwarder:
+                    return s
+            return None
+
+        def on_nack(seqs: list[int]) -> None:
+            s = sink()
+            if s is not None:
+                forwarder.retransmit(s, seqs)
+
+        hook_sender(sender, forwarder.output_ssrc,
+                    SenderFeedback(on_nack=on_nack, on_keyframe_request=forwarder.request_keyframe,
+                                   on_alive=self.touch))
+
+    def started(self) -> None:
+        for forwarder, transceiver in self._wiring:
+            packet_sender = PacketSender(transceiver.sender.transport)
+            if not packet_sender.resolve():
+                self.close_soon("transport not ready after connect")
+                return
+            negotiated = negotiated_codecs(transceiver)
+            first = self._first_packet if forwarder.kind == "video" else None
+            pt = negotiated[0].payloadType
+            assert pt is not None
+            sink = ForwardSink(packet_sender, transceiver.sender, pt, first)
+            self._sinks.append((forwarder, sink))
+            forwarder.add_sink(sink)
+
+    def _first_packet(self) -> None:
+        self.first_frame_delay = time.monotonic() - self.created
+        if self._on_first_frame is not None:
+            self._on_first_frame(self.first_frame_delay)
+
+    def stopped(self) -> None:
+        self._cancel_end_watch()
+        for forwarder, sink in self._sinks:
+            forwarder.remove_sink(sink)
+        self._sinks.clear()

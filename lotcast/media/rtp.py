@@ -1,0 +1,146 @@
+"""Pure RTP helpers for packet-level forwarding: header building, keyframe detection, sequence
+and timestamp continuity across upstream changes. No I/O, no aiortc objects."""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+KeyframeTest = Callable[[bytes], bool]
+
+RTP_HEADER = struct.Struct("!BBHII")
+SEQ_MOD = 1 << 16
+TS_MOD = 1 << 32
+
+
+def seq_newer(a: int, b: int) -> bool:
+    """True when 16-bit sequence number ``a`` comes after ``b`` (RFC 1982 arithmetic)."""
+    return a != b and ((a - b) & 0xFFFF) < 0x8000
+
+
+def build_packet(marker: int, payload_type: int, seq: int, timestamp: int, ssrc: int,
+                 payload: bytes) -> bytes:
+    """A plain RTP packet with no CSRCs, header extensions or padding."""
+    return RTP_HEADER.pack(0x80, (marker << 7) | payload_type, seq, timestamp, ssrc) + payload
+
+
+def with_payload_type(packet: bytes, payload_type: int) -> bytes:
+    """The same packet with its payload type replaced (marker bit kept)."""
+    return packet[:1] + bytes([(packet[1] & 0x80) | payload_type]) + packet[2:]
+
+
+def vp8_is_keyframe_start(payload: bytes) -> bool:
+    """First packet of a VP8 key frame (RFC 7741 payload descriptor + payload header)."""
+    if not payload:
+        return False
+    first = payload[0]
+    start_of_partition = first & 0x10
+    partition_index = first & 0x07
+    if not start_of_partition or partition_index != 0:
+        return False
+    pos = 1
+    if first & 0x80:  # X: extension byte present
+        if len(payload) < 2:
+            return False
+        ext = payload[1]
+        pos = 2
+        if ext & 0x80:  # I: picture id, 7 or 15 bits
+            if len(payload) <= pos:
+                return False
+            pos += 2 if payload[pos] & 0x80 else 1
+        if ext & 0x40:  # L: TL0PICIDX
+            pos += 1
+        if ext & 0x30:  # T or K: TID/KEYIDX byte
+            pos += 1
+    if len(payload) <= pos:
+        return False
+    return (payload[pos] & 0x01) == 0  # P bit 0 means key frame
+
+
+H264_IDR = 5
+H264_SPS = 7
+H264_STAP_A = 24
+H264_FU_A = 28
+
+
+def h264_is_keyframe_start(payload: bytes) -> bool:
+    """A packet that starts an H.264 IDR access unit (SPS, IDR, or a STAP-A/FU-A holding one)."""
+    if not payload:
+        return False
+    nal_type = payload[0] & 0x1F
+    if nal_type in (H264_SPS, H264_IDR):
+        return True
+    if nal_type == H264_STAP_A:
+        pos = 1
+        while pos + 2 < len(payload):
+            size = (payload[pos] << 8) | payload[pos + 1]
+            if pos + 2 >= len(payload):
+                break
+            if payload[pos + 2] & 0x1F in (H264_SPS, H264_IDR):
+                return True
+            pos += 2 + size
+        return False
+    if nal_type == H264_FU_A and len(payload) > 1:
+        fu_header = payload[1]
+        return bool(fu_header & 0x80) and (fu_header & 0x1F) == H264_IDR
+    return False
+
+
+def keyframe_detector(mime_type: str) -> KeyframeTest:
+    mime = mime_type.lower()
+    if mime == "video/vp8":
+        return vp8_is_keyframe_start
+    if mime == "video/h264":
+        return h264_is_keyframe_start
+    return _never
+
+
+def _never(payload: bytes) -> bool:
+    return False
+
+
+
+@dataclass
+class SequenceMapper:
+    """Maps each upstream source's (seq, timestamp) into one continuous output numbering.
+
+    When the source SSRC changes (publisher reconnected, relay re-pulled) the output keeps
+    counting from where it was, and the timestamp advances by the wall-clock gap, so viewers'
+    decoders see one uninterrupted stream with the same SSRC.
+    """
+
+    clock_rate: int
+    source_ssrc: int | None = None
+    seq_offset: int = 0
+    ts_offset: int = 0
+    last_out_seq: int = 0
+    last_out_ts: int = 0
+    last_wall: float = 0.0
+    started: bool = False
+
+    def map(self, ssrc: int, seq: int, timestamp: int) -> tuple[int, int, bool]:
+        """(output seq, output timestamp, whether this packet began a new source)."""
+        switched = ssrc != self.source_ssrc
+        now = time.monotonic()
+        if switched:
+            self.source_ssrc = ssrc
+            if self.started:
+                gap = max(1, int((now - self.last_wall) * self.clock_rate))
+                self.seq_offset = (self.last_out_seq + 1 - seq) % SEQ_MOD
+                self.ts_offset = (self.last_out_ts + gap - timestamp) % TS_MOD
+            else:
+                self.seq_offset = 0
+                self.ts_offset = 0
+        out_seq = (seq + self.seq_offset) % SEQ_MOD
+        out_ts = (timestamp + self.ts_offset) % TS_MOD
+        if not self.started or seq_newer(out_seq, self.last_out_seq):
+            self.last_out_seq = out_seq
+            self.last_out_ts = out_ts
+            self.last_wall = now
+        self.started = True
+        return out_seq, out_ts, switched
+
+    def map_timestamp(self, timestamp: int) -> int:
+        return (timestamp + self.ts_offset) % TS_MOD

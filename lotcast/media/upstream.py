@@ -1,0 +1,155 @@
+"""A relay's pull of a stream from its origin (or a parent relay) over WHEP.
+
+The relay is an ordinary WHEP client of its upstream. One UpstreamPull per stream; it stays while
+the stream has viewers, reconnects if the upstream connection drops, and lets go (DELETE) when the
+last viewer has been gone for the linger period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from urllib.parse import urljoin
+
+import httpx
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpCodecParameters, RTCRtpReceiver
+from aiortc import RTCSessionDescription as SessionDescription
+
+from lotcast.media.aiortc_hooks import negotiated_codecs
+from lotcast.media.stream import MediaStream
+
+logger = logging.getLogger(__name__)
+
+
+class NotLiveError(Exception):
+    """The stream isn't live upstream; retry after ``retry_after`` seconds."""
+
+    def __init__(self, reason: str, retry_after: int = 2) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class PullState(enum.Enum):
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+class UpstreamPull:
+    """Owns the peer connection that feeds one stream on this relay."""
+
+    def __init__(self, stream: MediaStream, upstream_url: str, http: httpx.AsyncClient,
+                 retry_window: float) -> None:
+        self.stream = stream
+        self.upstream_url = upstream_url.rstrip("/")
+        self._http = http
+        self._retry_window = retry_window
+        self.state = PullState.IDLE
+        self._pc: RTCPeerConnection | None = None
+        self._resource: str | None = None
+        self._generation: int | None = None
+        self._lock = asyncio.Lock()
+        self._retry_task: asyncio.Task[None] | None = None
+
+    def _set_state(self, new: PullState) -> None:
+        if new is not self.state:
+            logger.info("upstream %s: %s -> %s", self.stream.id, self.state.value, new.value)
+            self.state = new
+
+    async def ensure(self) -> None:
+        """Connected on return, or raises NotLiveError."""
+        async with self._lock:
+            if self.state is PullState.CONNECTED:
+                return
+            if self.state is PullState.CLOSED:
+                raise NotLiveError("stream ended")
+            await self._connect()
+
+    async def _connect(self) -> None:
+        self._set_state(PullState.CONNECTING)
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("audio", direction="recvonly")
+        pc.addTransceiver("video", direction="recvonly")
+        try:
+            await pc.setLocalDescription(await pc.createOffer())
+            url = f"{self.upstream_url}/whep/{self.stream.id}"
+            response = await self._http.post(
+                url, content=pc.localDescription.sdp.encode(),
+                headers={"Content-Type": "application/sdp"}, follow_redirects=True,
+            )
+            if response.status_code in (409, 503):
+                retry = int(response.headers.get("Retry-After", "2"))
+                raise NotLiveError(f"upstream says {response.status_code}: {response.text}", retry)
+            if response.status_code != 201:
+                raise NotLiveError(f"upstream answered {response.status_code}: {response.text}")
+            self._resource = urljoin(str(response.url), response.headers["Location"])
+            await pc.setRemoteDescription(SessionDescription(sdp=response.text, type="answer"))
+            receivers: dict[str, tuple[RTCRtpReceiver, RTCRtpCodecParameters]] = {}
+            for transceiver in pc.getTransceivers():
+                codecs = negotiated_codecs(transceiver)
+                if codecs and transceiver.currentDirection in ("recvonly", "sendrecv"):
+                    receivers[transceiver.kind] = (transceiver.receiver, codecs[0])
+            if not receivers:
+                raise NotLiveError("upstream offered no media")
+        except BaseException:
+            await pc.close()
+            self._set_state(PullState.IDLE)
+            raise
+        self._pc = pc
+        self._generation = self.stream.attach_source(receivers)
+        self._set_state(PullState.CONNECTED)
+
+        @pc.on("connectionstatechange")
+        def _changed() -> None:
+            if pc.connectionState in ("failed", "closed") and self._pc is pc:
+                self._lost()
+
+    def _lost(self) -> None:
+        logger.warning("upstream %s lost; reconnecting", self.stream.id)
+        if self._generation is not None:
+            self.stream.detach_source(self._generation)
+        pc, self._pc = self._pc, None
+        self._set_state(PullState.IDLE)
+        if self._retry_task is None or self._retry_task.done():
+            self._retry_task = asyncio.ensure_future(self._reconnect(pc))
+
+    async def _reconnect(self, old: RTCPeerConnection | None) -> None:
+        if old is not None:
+            await old.close()
+        deadline = time.monotonic() + self._retry_window
+        delay = 0.25
+        while time.monotonic() < deadline and self.state is PullState.IDLE:
+            try:
+                await self.ensure()
+                return
+            except NotLiveError as exc:
+                logger.info("upstream %s not back yet: %s", self.stream.id, exc.reason)
+            except httpx.HTTPError as exc:
+                logger.info("upstream %s unreachable: %r", self.stream.id, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        if self.state is not PullState.CONNECTED:
+            self.stream.end()
+
+    async def close(self) -> None:
+        if self.state is PullState.CLOSED:
+            return
+        self._set_state(PullState.CLOSED)
+        if self._retry_task is not None and self._retry_task is not asyncio.current_task():
+            self._retry_task.cancel()
+            try:
+                await self._retry_task
+            except asyncio.CancelledError:
+                pass
+        pc, self._pc = self._pc, None
+        if pc is not None:
+            await pc.close()
+        if self._resource is not None:
+            try:
+                await self._http.delete(self._resource)
+            except httpx.HTTPError:
+                pass
