@@ -67,8 +67,12 @@ function authHeaders(token) {
 
 async function reasonOf(response) {
   try {
-    const text = (await response.text()).trim();
-    return text.slice(0, 300);
+    let text = (await response.text()).trim();
+    if (/^<!doctype|^<html/i.test(text)) {
+      const title = text.match(/<title>([^<]*)<\/title>/i);
+      text = title ? title[1] : "";
+    }
+    return text.replace(/\s+/g, " ").slice(0, 200);
   } catch {
     return "";
   }

@@ -1,0 +1,252 @@
+// Host page: pick sources, preview, publish over WHIP, live stats; the console lives in
+// host_console.js. Element ids: see host.html.
+
+import { mountHostConsole } from "./host_console.js";
+import { $, pageParams, setText, tokenClaims } from "./params.js";
+import { RoomClient } from "./room.js";
+import { PublisherStats, formatBitrate, formatMs } from "./stats.js";
+import { WhipPublisher } from "./whip.js";
+
+const TOKEN_KEY = "lotcast.host.token";
+const params = pageParams();
+let token = params.token || sessionStorage.getItem(TOKEN_KEY) || null;
+if (params.token) sessionStorage.setItem(TOKEN_KEY, params.token);
+
+setText("stream-name", `stream ${params.stream}`);
+const preview = $("preview");
+
+let media = null; // the MediaStream being previewed / published
+let publisher = null;
+let publishState = "idle";
+let lastStats = null;
+const publisherStats = new PublisherStats();
+
+function setPublishState(state, detail = "") {
+  publishState = state;
+  const badge = $("publish-state");
+  badge.dataset.state = state;
+  badge.textContent = {
+    idle: "offline", previewing: "preview", connecting: "going live…", live: "LIVE",
+    failed: "failed", stopped: "stopped",
+  }[state] || state;
+  setText("publish-detail", detail);
+  $("go-live").disabled = state === "connecting" || state === "live";
+  $("stop").disabled = !(state === "connecting" || state === "live");
+}
+
+function showError(text) {
+  setText("publish-error", text || "");
+}
+
+function showIdentity() {
+  const claims = tokenClaims(token);
+  if (!claims) setText("identity", "no token: paste a host token to go live");
+  else setText("identity", `${claims.name || claims.sub} (${claims.role})`);
+}
+
+// --- capture -----------------------------------------------------------------------------------
+
+async function listDevices() {
+  if (!navigator.mediaDevices?.enumerateDevices) return;
+  const devices = await navigator.mediaDevices.enumerateDevices();
+  const fill = (select, kind, extra) => {
+    const current = select.value;
+    const options = [["", "default"], ...extra];
+    devices.filter((d) => d.kind === kind).forEach((d, i) => {
+      if (d.deviceId && d.deviceId !== "default") options.push([d.deviceId, d.label || `${kind} ${i + 1}`]);
+    });
+    select.replaceChildren(...options.map(([value, label]) => {
+      const o = document.createElement("option");
+      o.value = value;
+      o.textContent = label;
+      return o;
+    }));
+    if (options.some(([v]) => v === current)) select.value = current;
+  };
+  fill($("camera-select"), "videoinput", []);
+  fill($("mic-select"), "audioinput", [["none", "none"]]);
+}
+
+async function capture() {
+  const source = $("source-select").value;
+  const cam = $("camera-select").value;
+  const mic = $("mic-select").value;
+  const audio = mic === "none" ? false : (mic ? { deviceId: { exact: mic } } : true);
+  let stream;
+  if (source === "screen") {
+    if (!navigator.mediaDevices.getDisplayMedia) throw new Error("screen capture is not supported here");
+    stream = await navigator.mediaDevices.getDisplayMedia({ video: { frameRate: 30 }, audio: true });
+    if (audio && stream.getAudioTracks().length === 0) {
+      const micStream = await navigator.mediaDevices.getUserMedia({ audio });
+      micStream.getAudioTracks().forEach((t) => stream.addTrack(t));
+    }
+  } else {
+    stream = await navigator.mediaDevices.getUserMedia({
+      video: { ...(cam ? { deviceId: { exact: cam } } : {}), width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } },
+      audio,
+    });
+  }
+  return stream;
+}
+
+async function startPreview() {
+  showError("");
+  try {
+    const next = await capture();
+    const old = media;
+    media = next;
+    preview.srcObject = media;
+    $("preview-note").classList.add("hidden");
+    if (publisher?.pc) {
+      await publisher.replaceTrack("video", media.getVideoTracks()[0] || null);
+      await publisher.replaceTrack("audio", media.getAudioTracks()[0] || null);
+    }
+    if (old) old.getTracks().forEach((t) => t.stop());
+    media.getVideoTracks()[0]?.addEventListener("ended", () => {
+      if (publishState === "live") showError("the video source ended (screen share stopped?)");
+    });
+    if (publishState === "idle" || publishState === "stopped" || publishState === "failed") {
+      setPublishState("previewing", "preview running");
+    }
+    await listDevices();
+  } catch (err) {
+    showError(`cannot capture: ${err.message || err}`);
+    throw err;
+  }
+}
+
+// --- publishing ----------------------------------------------------------------------------------
+
+async function goLive() {
+  showError("");
+  if (!token) {
+    showError("a host token is needed to go live: open the URL printed by `lotcast up` or paste one");
+    return;
+  }
+  try {
+    if (!media) await startPreview();
+  } catch {
+    return;
+  }
+  const pub = new WhipPublisher(`/whip/${encodeURIComponent(params.stream)}`, { token });
+  publisher = pub;
+  pub.addEventListener("statechange", (ev) => {
+    if (publisher !== pub) return;
+    const { state, error } = ev.detail;
+    if (state === "live") setPublishState("live", `publishing ${params.stream}`);
+    else if (state === "failed") {
+      setPublishState("failed", "");
+      showError(`publishing failed: ${error}`);
+    } else if (state === "connecting") setPublishState("connecting", "sending offer…");
+  });
+  pub.addEventListener("connectionstatechange", (ev) => setText("connection-state", ev.detail));
+  setPublishState("connecting", "sending offer…");
+  try {
+    await pub.publish(media);
+    if (publisher === pub && pub.state === "connecting") setPublishState("connecting", "connecting media…");
+  } catch (err) {
+    if (publisher === pub) {
+      setPublishState("failed", "");
+      showError(`publishing failed: ${err.message || err}`);
+    }
+  }
+}
+
+async function stop() {
+  const pub = publisher;
+  publisher = null;
+  if (pub) await pub.stop();
+  setText("connection-state", "–");
+  setPublishState(media ? "stopped" : "idle", "session ended");
+}
+
+$("preview-start").addEventListener("click", () => startPreview().catch(() => {}));
+$("go-live").addEventListener("click", goLive);
+$("stop").addEventListener("click", stop);
+for (const id of ["camera-select", "mic-select", "source-select"]) {
+  $(id).addEventListener("change", () => { if (media) startPreview().catch(() => {}); });
+}
+window.addEventListener("pagehide", () => { publisher?.stop(); });
+
+async function statsTick() {
+  try {
+    const s = await publisherStats.sample(publisher?.pc);
+    lastStats = s;
+    if (!s) return;
+    setText("stat-bitrate", formatBitrate(s.videoBitrate));
+    setText("stat-audio-bitrate", formatBitrate(s.audioBitrate));
+    setText("stat-rtt", s.rtt === null ? "–" : formatMs(s.rtt * 1000));
+    setText("stat-lost", s.packetsLost);
+    setText("stat-frames", s.framesEncoded ?? 0);
+    setText("stat-fps", s.framesPerSecond === null ? "–" : Math.round(s.framesPerSecond));
+    setText("stat-resolution", s.frameWidth ? `${s.frameWidth}×${s.frameHeight}` : "–");
+    setText("stat-codec", s.codec ? s.codec.split("/")[1] : "–");
+  } catch (err) {
+    console.warn("stats", err);
+  }
+}
+setInterval(statsTick, 1000);
+
+// --- console -------------------------------------------------------------------------------------
+
+const room = new RoomClient({ room: params.stream, token });
+room.addEventListener("status", (ev) => {
+  const badge = $("room-state");
+  badge.dataset.state = ev.detail.status;
+  badge.textContent = {
+    connecting: "console connecting", open: "console live", reconnecting: "console reconnecting",
+    closed: "console closed", failed: "console: sign-in failed",
+  }[ev.detail.status] || ev.detail.status;
+  badge.title = ev.detail.detail || "";
+});
+room.addEventListener("change", () => setText("viewer-count", room.viewers ?? "–"));
+const hostConsole = mountHostConsole(room);
+
+$("token-apply").addEventListener("click", () => {
+  const value = $("token-input").value.trim();
+  token = value || null;
+  if (token) sessionStorage.setItem(TOKEN_KEY, token);
+  else sessionStorage.removeItem(TOKEN_KEY);
+  $("token-input").value = "";
+  showIdentity();
+  room.setToken(token);
+});
+
+// --- test hook -----------------------------------------------------------------------------------
+
+window.lotcast = {
+  get publisher() { return publisher; },
+  room,
+  console: hostConsole,
+  get pc() { return publisher?.pc ?? null; },
+  get lastStatus() { return publisher?.error ?? null; },
+  state() {
+    return {
+      publish: publishState, detail: $("publish-detail").textContent,
+      error: $("publish-error").textContent, session: publisher?.location ?? null,
+      connection: publisher?.pc?.connectionState ?? null,
+      room: room.status, viewers: room.viewers, identity: room.identity,
+    };
+  },
+  stats() { return lastStats; },
+  async rawStats() {
+    const pc = publisher?.pc;
+    if (!pc) return null;
+    const out = {};
+    (await pc.getStats()).forEach((s) => {
+      if (s.type === "outbound-rtp") {
+        out[s.kind] = { packetsSent: s.packetsSent, bytesSent: s.bytesSent, framesEncoded: s.framesEncoded };
+      }
+    });
+    return out;
+  },
+  roomState() { return room.snapshot(); },
+  startPreview,
+  goLive,
+  stop,
+};
+
+showIdentity();
+setPublishState("idle");
+listDevices().catch(() => {});
+room.start();
