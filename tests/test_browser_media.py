@@ -1,0 +1,123 @@
+"""Real browser, real services: the host page publishes Chromium's fake camera + mic over WHIP to
+the broadcaster; the viewer page plays it through a relay over WHEP (issue 2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lotcast.redis_server import RedisServer
+from tests.browser_support import PageLog, chromium, cluster, open_page, wait_for
+
+
+async def _state(page: Any) -> dict[str, Any]:
+    return await page.evaluate("window.lotcast ? window.lotcast.state() : {}")  # type: ignore[no-any-return]
+
+
+async def _raw(page: Any) -> dict[str, Any]:
+    return await page.evaluate("window.lotcast.rawStats()") or {}  # type: ignore[no-any-return]
+
+
+@pytest.mark.timeout(150)
+async def test_host_page_publishes_and_viewer_page_plays_through_relay(
+    redis_server: RedisServer,
+) -> None:
+    stream = "browser-media"
+    log = PageLog()
+    with cluster(redis_server.url) as c:
+        async with chromium() as browser:
+            try:
+                # The viewer comes first: the stream is not live, so WHEP answers 409 and the page
+                # waits and retries instead of failing.
+                viewer = await open_page(browser, f"{c.relay.url}/watch?stream={stream}", log, "viewer")
+                await wait_for(lambda: _waiting(viewer), 30, "viewer waiting on 409", log)
+
+                host = await open_page(
+                    browser, f"{c.origin.url}/host?stream={stream}#token={c.host_token()}", log, "host"
+                )
+                await host.click("#go-live")
+                await wait_for(lambda: _published(host), 30, "host page live with frames encoded", log)
+                assert await host.get_attribute("#publish-state", "data-state") == "live"
+
+                await wait_for(lambda: _media_state(viewer, "connected"), 45, "viewer connected", log)
+                first = await wait_for(lambda: _decoded(viewer, 10), 30, "10 frames decoded", log)
+                t0 = (await _state(viewer))["currentTime"]
+                # framesDecoded keeps growing, the element's clock advances, audio keeps arriving.
+                await wait_for(
+                    lambda: _decoded(viewer, first["video"]["framesDecoded"] + 15), 30,
+                    "framesDecoded to keep growing", log,
+                )
+                await wait_for(lambda: _time_after(viewer, t0), 30, "video.currentTime to advance", log)
+                audio0 = first["audio"]["packetsReceived"]
+                later = await wait_for(
+                    lambda: _audio_after(viewer, audio0), 30, "audio packets to keep arriving", log
+                )
+                assert later["audio"]["totalSamplesReceived"] > 0
+
+                state = await _state(viewer)
+                assert state["videoWidth"] > 0 and state["videoHeight"] > 0
+                assert state["relay"] == c.relay.url.rstrip("/")
+                # The page's own stats readout reflects getStats().
+                await wait_for(lambda: _text_int(viewer, "#stat-frames"), 10, "#stat-frames > 0", log)
+                summary = await viewer.evaluate("window.lotcast.stats()")
+                assert summary and summary["framesDecoded"] > 0
+                assert summary["codec"] in ("video/VP8", "video/H264")
+                assert summary["audioCodec"] == "audio/opus"
+
+                # Host stats: RTT from remote-inbound-rtp shows up once RTCP flows.
+                host_stats = await host.evaluate("window.lotcast.stats()")
+                assert host_stats["framesEncoded"] > 0 and host_stats["packetsSent"] > 0
+
+                # Stop DELETEs the WHIP session.
+                await host.click("#stop")
+                await wait_for(
+                    lambda: _host_stopped(host), 15, "host page stopped with its session deleted", log
+                )
+            except BaseException:
+                print(log.tail(120))
+                print(c.logs())
+                raise
+
+
+async def _waiting(page: Any) -> bool:
+    s = await _state(page)
+    return s.get("media") == "waiting" and s.get("lastStatus") == 409
+
+
+async def _published(page: Any) -> bool:
+    s = await _state(page)
+    if s.get("publish") != "live":
+        return False
+    raw = await _raw(page)
+    return bool(raw.get("video", {}).get("framesEncoded")) and bool(raw.get("audio", {}).get("packetsSent"))
+
+
+async def _media_state(page: Any, want: str) -> bool:
+    return (await _state(page)).get("media") == want
+
+
+async def _decoded(page: Any, n: int) -> dict[str, Any] | None:
+    raw = await _raw(page)
+    if raw.get("video", {}).get("framesDecoded", 0) >= n and raw.get("audio", {}).get("packetsReceived"):
+        return raw
+    return None
+
+
+async def _time_after(page: Any, t0: float) -> bool:
+    return bool((await _state(page))["currentTime"] > t0 + 0.5)
+
+
+async def _audio_after(page: Any, n: int) -> dict[str, Any] | None:
+    raw = await _raw(page)
+    return raw if raw.get("audio", {}).get("packetsReceived", 0) > n + 20 else None
+
+
+async def _text_int(page: Any, selector: str) -> bool:
+    text = (await page.text_content(selector)) or "0"
+    return text.isdigit() and int(text) > 0
+
+
+async def _host_stopped(page: Any) -> bool:
+    s = await _state(page)
+    return s.get("publish") == "stopped" and s.get("session") is None
