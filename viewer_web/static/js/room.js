@@ -113,6 +113,23 @@ export class RoomClient extends EventTarget {
     this._connect();
   }
 
+  /** Simulate a network drop (tests, demos): close the socket, stay away `ms`, then resume. */
+  dropFor(ms) {
+    if (this._stopped) return;
+    clearTimeout(this._timer);
+    const ws = this.ws;
+    this.ws = null;
+    if (ws) {
+      ws.onclose = null;
+      ws.onmessage = null;
+      ws.close(4000, "simulated drop");
+    }
+    clearInterval(this._pingTimer);
+    this._failPending(false);
+    this._setStatus("reconnecting", `offline for ${ms} ms`);
+    this._timer = setTimeout(() => this._connect(), ms);
+  }
+
   _setStatus(status, detail = "") {
     if (status === this.status && detail === this.statusDetail) return;
     this.status = status;
@@ -275,8 +292,11 @@ export class RoomClient extends EventTarget {
   bid(lot, amount, max = null) {
     const fields = { lot, amount };
     if (max !== null && max !== undefined) fields.max = max;
-    this.myBidLots.add(lot);
-    return this.request("bid", fields);
+    return this.request("bid", fields).then((ack) => {
+      this.myBidLots.add(lot);
+      this._changed();
+      return ack;
+    });
   }
 
   vote(poll, option) {

@@ -129,9 +129,9 @@ room.addEventListener("logevent", (ev) => {
 });
 
 // "My status" bookkeeping: an ack is the truth until the log catches up to its offset; a rejection
-// is shown until the next action or until the derived status changes.
+// is shown until the next action or until the lot changes (a new bid, a status change).
 let ackOverride = null; // {lot, status, offset}
-let rejection = null; // {lot, reason, derivedAtTime}
+let rejection = null; // {lot, reason, derived, bids, status}
 let pending = null; // lot id of an in-flight bid
 
 function derivedStatus(lot) {
@@ -146,7 +146,8 @@ function derivedStatus(lot) {
 function statusView(lot) {
   const derived = derivedStatus(lot);
   if (pending === lot.lot) return { status: "pending", text: "Placing your bid…", reason: "" };
-  if (rejection && rejection.lot === lot.lot && rejection.derived === derived) {
+  if (rejection && rejection.lot === lot.lot && rejection.derived === derived &&
+      rejection.bids === (lot.bids ?? 0) && rejection.status === lot.status) {
     return { status: "rejected", text: "Bid rejected", reason: rejection.reason };
   }
   const price = formatMoney(lot.price);
@@ -163,6 +164,10 @@ function statusView(lot) {
   }
 }
 
+function rejectionOf(lot, reason) {
+  return { lot: lot.lot, reason, derived: derivedStatus(lot), bids: lot.bids ?? 0, status: lot.status };
+}
+
 function canBid() {
   return room.status === "open" && room.identity?.role === "bidder";
 }
@@ -172,7 +177,7 @@ async function placeBid(amount, max = null) {
   if (!lot) return;
   rejection = null;
   if (amount === null) {
-    rejection = { lot: lot.lot, reason: "Enter an amount like 12.50.", derived: derivedStatus(lot) };
+    rejection = rejectionOf(lot, "Enter an amount like 12.50.");
     render();
     return;
   }
@@ -184,7 +189,7 @@ async function placeBid(amount, max = null) {
     window.lotcast.lastBidResult = { ok: true, ...ack };
   } catch (err) {
     pending = null;
-    rejection = { lot: lot.lot, reason: reasonText(err), derived: derivedStatus(lot) };
+    rejection = rejectionOf(room.lots.get(lot.lot) || lot, reasonText(err));
     window.lotcast.lastBidResult = { ok: false, code: err.code, message: err.message };
   } finally {
     pending = null;
