@@ -102,7 +102,8 @@ def room_viewers(room: str) -> str:
 
 
 # Sorted set of rooms with open lots/polls, scored by their next deadline (ms): the settle loop's
-# work list. Not room-tagged: it is touched only outside the room's scripts.
+# work list. The room Functions keep it exact atomically, which needs a non-cluster Redis
+# (standalone or Sentinel); on Redis Cluster it would have to move into the room's slot.
 ACTIVE_ROOMS = f"{PREFIX}:interactive:active_rooms"
 
 # Name of the Redis Function library (bump the version when the Lua changes incompatibly).

@@ -31,16 +31,17 @@ class RoomFunctions:
         self._source = library_source()
 
     async def load(self) -> None:
-        await self.redis.execute_command("FUNCTION", "LOAD", "REPLACE", self._source)
+        await self.redis.function_load(self._source, replace=True)
 
     async def call(self, name: str, room: str, *args: str | int | bytes) -> Any:
-        argv = (keys.room_prefix(room), keys.room_channel(room), self.history, *args)
+        argv = (keys.room_prefix(room), keys.room_channel(room), self.history, room, *args)
+        room_keys = (keys.room_seq(room), keys.ACTIVE_ROOMS)
         try:
-            return await self.redis.fcall(f"lotcast_{name}", 1, keys.room_seq(room), *argv)
+            return await self.redis.fcall(f"lotcast_{name}", 2, *room_keys, *argv)
         except ResponseError as exc:
             if "not found" not in str(exc).lower():
                 raise
             # A fresh or flushed Redis lost the library: load it again and retry once.
             log.warning("Redis Function library missing (%s); reloading", exc)
             await self.load()
-            return await self.redis.fcall(f"lotcast_{name}", 1, keys.room_seq(room), *argv)
+            return await self.redis.fcall(f"lotcast_{name}", 2, *room_keys, *argv)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 8 * 1024
@@ -349,13 +349,16 @@ def message_type(msg: ClientMessage) -> str:
 
 def encode_client(kind: str, **fields: Any) -> bytes:
     """Build a client frame (tests and Python clients)."""
-    return msgpack.packb({"type": kind, **fields}, use_bin_type=True)
+    frame: bytes = msgpack.packb({"type": kind, **fields}, use_bin_type=True)
+    return frame
 
 
 # --- Server -> client ------------------------------------------------------------------------
 
 def _pack(msg: dict[str, Any]) -> bytes:
-    return msgpack.packb({k: v for k, v in msg.items() if v is not None}, use_bin_type=True)
+    frame: bytes = msgpack.packb({k: v for k, v in msg.items() if v is not None},
+                                 use_bin_type=True)
+    return frame
 
 
 def encode_welcome(*, cid: Any, room: str, role: str, user: str | None, name: str | None,
@@ -377,8 +380,13 @@ def encode_error(err: ProtocolError, *, epoch: str | None, offset: int | None,
                            "message": err.message, "field": err.field, "epoch": epoch,
                            "offset": offset}
     msg.update(err.extra)
-    return msgpack.packb({k: v for k, v in msg.items() if v is not None or k == "cid"},
-                         use_bin_type=True)
+    return _pack_keep_cid(msg)
+
+
+def _pack_keep_cid(msg: dict[str, Any]) -> bytes:
+    frame: bytes = msgpack.packb({k: v for k, v in msg.items() if v is not None or k == "cid"},
+                                 use_bin_type=True)
+    return frame
 
 
 def encode_pong(*, cid: Any, ts: Any, server_ts: int, epoch: str, offset: int) -> bytes:
@@ -388,9 +396,8 @@ def encode_pong(*, cid: Any, ts: Any, server_ts: int, epoch: str, offset: int) -
 
 def encode_snapshot(*, epoch: str, offset: int, lots: list[dict[str, Any]],
                     polls: list[dict[str, Any]], viewers: int, server_ts: int) -> bytes:
-    return msgpack.packb({"type": "snapshot", "epoch": epoch, "offset": offset, "lots": lots,
-                          "polls": polls, "viewers": viewers, "server_ts": server_ts},
-                         use_bin_type=True)
+    return _pack({"type": "snapshot", "epoch": epoch, "offset": offset, "lots": lots,
+                   "polls": polls, "viewers": viewers, "server_ts": server_ts})
 
 
 def encode_tally(*, epoch: str, offset: int, poll: str, counts: list[int]) -> bytes:
@@ -406,7 +413,7 @@ def encode_events(*, epoch: str, offset: int, raw_events: Iterable[bytes], count
                   replay: bool = False) -> bytes:
     """An `events` batch built from already-encoded log events, without re-encoding them."""
     packer = msgpack.Packer(use_bin_type=True)
-    head = (packer.pack_map_header(5 if replay else 4) + packer.pack("type") + packer.pack("events")
+    head: bytes = (packer.pack_map_header(5 if replay else 4) + packer.pack("type") + packer.pack("events")
             + packer.pack("epoch") + packer.pack(epoch) + packer.pack("offset") + packer.pack(offset))
     if replay:
         head += packer.pack("replay") + packer.pack(True)

@@ -2,30 +2,234 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import asyncio
+import contextlib
+import enum
+import logging
+import re
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any, Literal
 
-from starlette.routing import BaseRoute
+import redis.asyncio as aioredis
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
+from lotcast import keys
 from lotcast.auth import TokenAuthority
 from lotcast.config import Settings
+from lotcast.interactive.functions import RoomFunctions
+from lotcast.interactive.hub import RoomHub, RoomSubscriptions
+from lotcast.interactive.polls import PollStore
+from lotcast.interactive.protocol import CloseCode
+from lotcast.interactive.roomlog import RoomLog
+from lotcast.interactive.session import ClientSession, InteractiveStats, SessionDeps
+from lotcast.interactive.store import AuctionStore, RateLimit
+
+log = logging.getLogger(__name__)
 
 NodeKind = Literal["broadcaster", "relay"]
+ROOM_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+VIEWERS_INTERVAL = 1.0
+VIEWERS_FRESH_MS = 5000
+
+
+class ServiceState(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSED = "closed"
 
 
 class InteractiveService:
-    """Owns the node's Redis connection for bids/polls, its RoomHub and the `/ws/{room}` route."""
+    """Owns the node's Redis connection for bids/polls, its RoomHubs and the `/ws/{room}` route."""
 
     def __init__(self, settings: Settings, authority: TokenAuthority, node_kind: NodeKind) -> None:
         self.settings = settings
         self.authority = authority
         self.node_kind = node_kind
+        self.node_id = settings.node_id or f"{node_kind}-{uuid.uuid4().hex[:8]}"
+        self.state = ServiceState.NEW
+        self.stats = InteractiveStats()
+        self.hubs: dict[str, RoomHub] = {}
+        self._hub_refs: dict[str, int] = {}
+        self._hub_lock = asyncio.Lock()
+        self._sessions: set[ClientSession] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._redis: aioredis.Redis | None = None
+        self._subscriptions: RoomSubscriptions | None = None
+        self._deps: SessionDeps | None = None
+
+    def _set_state(self, new: ServiceState) -> None:
+        log.debug("interactive service %s: %s -> %s", self.node_id, self.state.value, new.value)
+        self.state = new
 
     @property
     def routes(self) -> list[BaseRoute]:
-        return []
+        return [WebSocketRoute("/ws/{room}", self._ws_endpoint),
+                Route("/interactive/stats", self._stats_endpoint)]
 
     async def start(self) -> None:
-        pass
+        if self.state is not ServiceState.NEW:
+            raise RuntimeError(f"Cannot start interactive service in state {self.state.value!r}")
+        s = self.settings
+        self._redis = aioredis.Redis.from_url(s.redis_url, health_check_interval=10)
+        functions = RoomFunctions(self._redis, s.room_history)
+        await functions.load()
+        roomlog = RoomLog(self._redis, functions)
+        self._subscriptions = RoomSubscriptions(self._redis)
+        self._deps = SessionDeps(
+            settings=s, node_id=self.node_id, authority=self.authority,
+            auctions=AuctionStore(functions, RateLimit(s.bid_rate, s.bid_burst)),
+            polls=PollStore(functions, RateLimit(s.vote_rate, s.vote_burst)),
+            roomlog=roomlog, acquire_hub=self._acquire_hub, release_hub=self._release_hub,
+            stats=self.stats)
+        self._tasks = [asyncio.create_task(self._settle_loop(), name="interactive-settle"),
+                       asyncio.create_task(self._viewers_loop(), name="interactive-viewers")]
+        self._set_state(ServiceState.RUNNING)
 
     async def close(self) -> None:
-        pass
+        if self.state is ServiceState.CLOSED:
+            return
+        self._set_state(ServiceState.CLOSED)
+        for session in list(self._sessions):
+            session.close_soon(CloseCode.GOING_AWAY, "node shutting down")
+        for _ in range(150):  # up to ~3 s for sessions to send their close frames
+            if not self._sessions:
+                break
+            await asyncio.sleep(0.02)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for hub in list(self.hubs.values()):
+            await hub.close()
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for room in self.hubs:
+                        pipe.hdel(keys.room_viewers(room), self.node_id)
+                    await pipe.execute()
+        self.hubs.clear()
+        if self._subscriptions is not None:
+            await self._subscriptions.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    # --- WebSocket -----------------------------------------------------------------------------
+
+    async def _ws_endpoint(self, websocket: WebSocket) -> None:
+        room = str(websocket.path_params["room"])
+        if not ROOM_RE.match(room):
+            await websocket.close(code=1008, reason="room must match [A-Za-z0-9_-]{1,64}")
+            return
+        if self.state is not ServiceState.RUNNING or self._deps is None:
+            await websocket.close(code=int(CloseCode.GOING_AWAY), reason="not serving")
+            return
+        session = ClientSession(websocket, room, self._deps)
+        self._sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self._sessions.discard(session)
+
+    async def _stats_endpoint(self, request: Request) -> JSONResponse:
+        body = asdict(self.stats)
+        body["node"] = self.node_id
+        body["by_room"] = {room: len(hub.sockets) for room, hub in self.hubs.items()}
+        body["hubs"] = {room: asdict(hub.stats) for room, hub in self.hubs.items()}
+        return JSONResponse(body)
+
+    # --- hubs ------------------------------------------------------------------------------------
+
+    async def _acquire_hub(self, room: str) -> RoomHub:
+        async with self._hub_lock:
+            hub = self.hubs.get(room)
+            if hub is None:
+                assert self._deps is not None and self._subscriptions is not None
+                s = self.settings
+                hub = RoomHub(room, self._deps.roomlog, s.ws_flush_interval_ms / 1000,
+                              s.tally_interval_ms / 1000)
+                await self._subscriptions.subscribe(keys.room_channel(room), hub.feed)
+                await hub.start()
+                self.hubs[room] = hub
+            self._hub_refs[room] = self._hub_refs.get(room, 0) + 1
+            return hub
+
+    async def _release_hub(self, room: str) -> None:
+        async with self._hub_lock:
+            refs = self._hub_refs.get(room, 0) - 1
+            if refs > 0:
+                self._hub_refs[room] = refs
+                return
+            self._hub_refs.pop(room, None)
+            hub = self.hubs.pop(room, None)
+            if hub is None:
+                return
+            if self._subscriptions is not None:
+                await self._subscriptions.unsubscribe(keys.room_channel(room))
+            await hub.close()
+            if self._redis is not None:
+                with contextlib.suppress(Exception):
+                    await self._redis.hdel(keys.room_viewers(room), self.node_id)
+
+    # --- background loops ---------------------------------------------------------------------
+
+    async def _settle_loop(self) -> None:
+        """Any node may settle any room: the Function decides each lot's end exactly once."""
+        interval = self.settings.settle_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.settle_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("settle pass failed: %r", exc)
+
+    async def settle_due(self) -> int:
+        assert self._redis is not None and self._deps is not None
+        seconds, micros = await self._redis.time()
+        now_ms = seconds * 1000 + micros // 1000
+        rooms: Any = await self._redis.zrangebyscore(keys.ACTIVE_ROOMS, "-inf", now_ms, start=0,
+                                                num=200)
+        settled = 0
+        for raw in rooms:
+            count, _ = await self._deps.auctions.settle(raw.decode())
+            settled += count
+        return settled
+
+    async def _viewers_loop(self) -> None:
+        while True:
+            await asyncio.sleep(VIEWERS_INTERVAL)
+            try:
+                await self._update_viewers()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("viewer count update failed: %r", exc)
+
+    async def _update_viewers(self) -> None:
+        """Each node writes its socket count per room; everyone sums the fresh entries."""
+        assert self._redis is not None
+        rooms = list(self.hubs.items())
+        if not rooms:
+            return
+        now_ms = int(time.time() * 1000)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for room, hub in rooms:
+                pipe.hset(keys.room_viewers(room), self.node_id, f"{len(hub.sockets)}:{now_ms}")
+                pipe.pexpire(keys.room_viewers(room), VIEWERS_FRESH_MS * 12)
+                pipe.hgetall(keys.room_viewers(room))
+            results = await pipe.execute()
+        for i, (_room, hub) in enumerate(rooms):
+            total = 0
+            for value in results[i * 3 + 2].values():
+                count, _, stamp = value.decode().partition(":")
+                if now_ms - int(stamp) <= VIEWERS_FRESH_MS:
+                    total += int(count)
+            hub.set_viewers(total)

@@ -55,6 +55,7 @@ end
 -- Decides the lot's outcome once: callers only reach here while status == 'open'.
 local function settle_lot(R, L, by, now)
   redis.call('ZREM', R.prefix .. 'open_lots', L.id)
+  touch_active(R)
   if L.leader and (by == 'buy_now' or reserve_met(L)) then
     L.status = 'sold'
     L.winner = L.leader
@@ -107,6 +108,7 @@ local function place_bid(R, L, user, name, amount, maxb, now)
     L.ends_at = now + L.soft_close_ms
     extended = true
     redis.call('ZADD', R.prefix .. 'open_lots', L.ends_at, L.id)
+    touch_active(R)
   end
   redis.call('HSET', lot_key(R, L.id), 'price', L.price, 'leader', L.leader,
              'leader_name', L.leader_name, 'lmax', L.lmax, 'bids', L.bids, 'ends_at', L.ends_at)
@@ -122,12 +124,12 @@ local function place_bid(R, L, user, name, amount, maxb, now)
                         next_min = next_min(L), offset = o})
 end
 
--- args: prefix, channel, maxlen, lot, user, name, amount, max, key, rate, burst
+-- args: prefix, channel, maxlen, room, lot, user, name, amount, max, key, rate, burst
 -- Returns 'N'..result or 'D'..result (duplicate idempotency key: the stored original result).
 local function bid(keys, args)
-  local R = room_ctx(args)
-  local id, user, name = args[4], args[5], args[6]
-  local amount, maxb, key = tonumber(args[7]), tonumber(args[8]), args[9]
+  local R = room_ctx(keys, args)
+  local id, user, name = args[5], args[6], args[7]
+  local amount, maxb, key = tonumber(args[8]), tonumber(args[9]), args[10]
   local L = load_lot(R, id)
   if not L then return 'N' .. err('unknown_lot') end
   local idem = R.prefix .. 'idem:' .. id
@@ -137,8 +139,8 @@ local function bid(keys, args)
     if prev then return 'D' .. prev end
   end
   local now = now_ms()
-  local ok, retry = take_token(R.prefix .. 'rl:bid:' .. user, tonumber(args[10]),
-                               tonumber(args[11]), now)
+  local ok, retry = take_token(R.prefix .. 'rl:bid:' .. user, tonumber(args[11]),
+                               tonumber(args[12]), now)
   if not ok then return 'N' .. err('rate_limited', {retry_ms = retry}) end
   local result = place_bid(R, L, user, name, amount, maxb, now)
   if key ~= '' then
@@ -148,15 +150,15 @@ local function bid(keys, args)
   return 'N' .. result
 end
 
--- args: prefix, channel, maxlen, title, start_price, increments (msgpack), reserve, buy_now,
+-- args: prefix, channel, maxlen, room, title, start_price, increments (msgpack), reserve, buy_now,
 --       duration_ms, soft_close_ms   (0 = no reserve / no buy-it-now)
 local function lot_create(keys, args)
-  local R = room_ctx(args)
+  local R = room_ctx(keys, args)
   local now = now_ms()
   local id = 'L' .. redis.call('HINCRBY', R.prefix .. 'ids', 'lot', 1)
-  redis.call('HSET', lot_key(R, id), 'id', id, 'title', args[4], 'status', 'draft',
-             'start_price', args[5], 'increments', args[6], 'reserve', args[7],
-             'buy_now', args[8], 'duration_ms', args[9], 'soft_close_ms', args[10], 'bids', 0,
+  redis.call('HSET', lot_key(R, id), 'id', id, 'title', args[5], 'status', 'draft',
+             'start_price', args[6], 'increments', args[7], 'reserve', args[8],
+             'buy_now', args[9], 'duration_ms', args[10], 'soft_close_ms', args[11], 'bids', 0,
              'created', now)
   redis.call('RPUSH', R.prefix .. 'lots', id)
   local ev = public_lot(load_lot(R, id))
@@ -176,36 +178,38 @@ local function host_lot(R, id, now)
 end
 
 local function lot_open(keys, args)
-  local R = room_ctx(args)
+  local R = room_ctx(keys, args)
   local now = now_ms()
-  local L, e = host_lot(R, args[4], now)
+  local L, e = host_lot(R, args[5], now)
   if not L then return e end
   if L.status ~= 'draft' then return err('invalid_state', {state = L.status}) end
   L.ends_at = now + L.duration_ms
   redis.call('HSET', lot_key(R, L.id), 'status', 'open', 'ends_at', L.ends_at)
   redis.call('ZADD', R.prefix .. 'open_lots', L.ends_at, L.id)
+  touch_active(R)
   local o = emit(R, {type = 'lot_opened', lot = L.id, ends_at = L.ends_at,
                      next_min = next_min(L)}, now)
   return cmsgpack.pack({lot = L.id, ends_at = L.ends_at, offset = o})
 end
 
 local function lot_extend(keys, args)
-  local R = room_ctx(args)
+  local R = room_ctx(keys, args)
   local now = now_ms()
-  local L, e = host_lot(R, args[4], now)
+  local L, e = host_lot(R, args[5], now)
   if not L then return e end
   if L.status ~= 'open' then return err('invalid_state', {state = L.status}) end
-  L.ends_at = L.ends_at + tonumber(args[5])
+  L.ends_at = L.ends_at + tonumber(args[6])
   redis.call('HSET', lot_key(R, L.id), 'ends_at', L.ends_at)
   redis.call('ZADD', R.prefix .. 'open_lots', L.ends_at, L.id)
+  touch_active(R)
   local o = emit(R, {type = 'lot_extended', lot = L.id, ends_at = L.ends_at, by = 'host'}, now)
   return cmsgpack.pack({lot = L.id, ends_at = L.ends_at, offset = o})
 end
 
 local function lot_close(keys, args)
-  local R = room_ctx(args)
+  local R = room_ctx(keys, args)
   local now = now_ms()
-  local L, e = host_lot(R, args[4], now)
+  local L, e = host_lot(R, args[5], now)
   if not L then return e end
   if L.status ~= 'open' then return err('invalid_state', {state = L.status}) end
   local o = settle_lot(R, L, 'host', now)

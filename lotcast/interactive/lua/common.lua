@@ -1,6 +1,7 @@
 -- Shared helpers for the lotcast Redis Function library (concatenated before the other files).
--- Every function receives keys[1] = the room's seq key (routes the call to the room's slot) and
--- args[1] = room key prefix "lotcast:{room}:", args[2] = pub/sub channel, args[3] = log MAXLEN.
+-- Every function receives keys[1] = the room's seq key (routes the call to the room's slot),
+-- keys[2] = the global active-rooms sorted set, and args[1] = room key prefix "lotcast:{room}:",
+-- args[2] = pub/sub channel, args[3] = log MAXLEN, args[4] = room id.
 -- All other keys are derived from the prefix exactly as lotcast/keys.py spells them.
 
 local function now_ms()
@@ -16,8 +17,26 @@ local function hash(key)
   return h
 end
 
-local function room_ctx(args)
-  return {prefix = args[1], channel = args[2], maxlen = args[3]}
+local function room_ctx(keys, args)
+  return {prefix = args[1], channel = args[2], maxlen = args[3], room = args[4], active = keys[2]}
+end
+
+-- Keep the room's entry in the active-rooms set at its next lot/poll deadline (the settle loop's
+-- work list). Called whenever a deadline appears, moves or goes away.
+local function touch_active(R)
+  local next_due = -1
+  for _, z in ipairs({'open_lots', 'open_polls'}) do
+    local first = redis.call('ZRANGE', R.prefix .. z, 0, 0, 'WITHSCORES')
+    if #first == 2 and (next_due < 0 or tonumber(first[2]) < next_due) then
+      next_due = tonumber(first[2])
+    end
+  end
+  if next_due < 0 then
+    redis.call('ZREM', R.active, R.room)
+  else
+    redis.call('ZADD', R.active, next_due, R.room)
+  end
+  return next_due
 end
 
 local function ensure_epoch(R)

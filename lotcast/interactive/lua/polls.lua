@@ -27,41 +27,43 @@ local function close_poll(R, P, by, now)
   P.status = 'closed'
   redis.call('HSET', poll_key(R, P.id), 'status', 'closed')
   redis.call('ZREM', R.prefix .. 'open_polls', P.id)
+  touch_active(R)
   return emit(R, {type = 'poll_closed', poll = P.id, counts = P.counts, total = P.total,
                   by = by}, now)
 end
 
--- args: prefix, channel, maxlen, question, options (msgpack), duration_ms
+-- args: prefix, channel, maxlen, room, question, options (msgpack), duration_ms
 local function poll_open(keys, args)
-  local R = room_ctx(args)
+  local R = room_ctx(keys, args)
   local now = now_ms()
   local id = 'P' .. redis.call('HINCRBY', R.prefix .. 'ids', 'poll', 1)
-  local ends_at = now + tonumber(args[6])
-  redis.call('HSET', poll_key(R, id), 'id', id, 'question', args[4], 'options', args[5],
+  local ends_at = now + tonumber(args[7])
+  redis.call('HSET', poll_key(R, id), 'id', id, 'question', args[5], 'options', args[6],
              'status', 'open', 'ends_at', ends_at)
   redis.call('RPUSH', R.prefix .. 'polls', id)
   redis.call('ZADD', R.prefix .. 'open_polls', ends_at, id)
+  touch_active(R)
   local P = load_poll(R, id)
   local o = emit(R, {type = 'poll_opened', poll = id, question = P.question, options = P.opts,
                      ends_at = ends_at}, now)
   return cmsgpack.pack({poll = id, ends_at = ends_at, offset = o})
 end
 
--- args: prefix, channel, maxlen, poll, user, option, rate, burst
+-- args: prefix, channel, maxlen, room, poll, user, option, rate, burst
 local function vote(keys, args)
-  local R = room_ctx(args)
+  local R = room_ctx(keys, args)
   local now = now_ms()
-  local P = load_poll(R, args[4])
+  local P = load_poll(R, args[5])
   if not P then return err('unknown_poll') end
   if P.status ~= 'open' then return err('poll_closed') end
   if now >= P.ends_at then
     close_poll(R, P, 'time', now)
     return err('poll_closed')
   end
-  local user, option = args[5], tonumber(args[6])
+  local user, option = args[6], tonumber(args[7])
   if option >= #P.opts then return err('bad_option', {options = #P.opts}) end
-  local ok, retry = take_token(R.prefix .. 'rl:vote:' .. user, tonumber(args[7]),
-                               tonumber(args[8]), now)
+  local ok, retry = take_token(R.prefix .. 'rl:vote:' .. user, tonumber(args[8]),
+                               tonumber(args[9]), now)
   if not ok then return err('rate_limited', {retry_ms = retry}) end
   local voters = poll_key(R, P.id) .. ':voters'
   if redis.call('HSETNX', voters, user, option) == 0 then
@@ -73,9 +75,9 @@ local function vote(keys, args)
 end
 
 local function poll_close(keys, args)
-  local R = room_ctx(args)
+  local R = room_ctx(keys, args)
   local now = now_ms()
-  local P = load_poll(R, args[4])
+  local P = load_poll(R, args[5])
   if not P then return err('unknown_poll') end
   if P.status ~= 'open' then return err('invalid_state', {state = P.status}) end
   local o = close_poll(R, P, now >= P.ends_at and 'time' or 'host', now)

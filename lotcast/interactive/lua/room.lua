@@ -1,7 +1,7 @@
 -- Room-wide reads and the settle pass, then the library's registrations.
 
 local function settle(keys, args)
-  local R = room_ctx(args)
+  local R = room_ctx(keys, args)
   local now = now_ms()
   local settled = 0
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', R.prefix .. 'open_lots', '-inf', now)) do
@@ -22,30 +22,23 @@ local function settle(keys, args)
       redis.call('ZREM', R.prefix .. 'open_polls', id)
     end
   end
-  local next_due = -1
-  for _, z in ipairs({'open_lots', 'open_polls'}) do
-    local first = redis.call('ZRANGE', R.prefix .. z, 0, 0, 'WITHSCORES')
-    if #first == 2 and (next_due < 0 or tonumber(first[2]) < next_due) then
-      next_due = tonumber(first[2])
-    end
-  end
-  return {settled, next_due}
+  return {settled, touch_active(R)}
 end
 
 local function head(keys, args)
-  local R = room_ctx(args)
+  local R = room_ctx(keys, args)
   local ep = ensure_epoch(R)
   return {ep, tonumber(redis.call('GET', R.prefix .. 'seq') or '0'), now_ms()}
 end
 
--- args: prefix, channel, maxlen, max lots, max polls
+-- args: prefix, channel, maxlen, room, max lots, max polls
 local function snapshot(keys, args)
-  local R = room_ctx(args)
+  local R = room_ctx(keys, args)
   local lots, polls = {}, {}
-  for _, id in ipairs(redis.call('LRANGE', R.prefix .. 'lots', -tonumber(args[4]), -1)) do
+  for _, id in ipairs(redis.call('LRANGE', R.prefix .. 'lots', -tonumber(args[5]), -1)) do
     lots[#lots + 1] = public_lot(load_lot(R, id))
   end
-  for _, id in ipairs(redis.call('LRANGE', R.prefix .. 'polls', -tonumber(args[5]), -1)) do
+  for _, id in ipairs(redis.call('LRANGE', R.prefix .. 'polls', -tonumber(args[6]), -1)) do
     polls[#polls + 1] = public_poll(load_poll(R, id))
   end
   return cmsgpack.pack({epoch = ensure_epoch(R),

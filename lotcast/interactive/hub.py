@@ -1,0 +1,262 @@
+"""RoomHub: one room's fan-out on this node. RoomSubscriptions: the node's one pub/sub connection.
+
+Delivery guarantee: Redis pub/sub is at-most-once, so the hub uses it only as a doorbell with the
+event attached. Offsets are contiguous per room; a hub that sees a gap (or reconnects) reads the
+missing events from the room log (Redis Stream) before delivering anything newer. Each batch is
+encoded once and the same bytes go to every socket of the room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgpack  # type: ignore[import-untyped]
+import redis.asyncio as aioredis
+
+from lotcast.interactive.protocol import CloseCode, encode_events, encode_tally, encode_viewers
+from lotcast.interactive.roomlog import HistoryGone, RoomLog
+
+log = logging.getLogger(__name__)
+
+CATCH_UP = b""  # inbox marker: read the log after our offset (pub/sub may have dropped messages)
+
+
+class Subscriber(Protocol):
+    def push(self, frame: bytes) -> None: ...
+
+    def close_soon(self, code: CloseCode, reason: str) -> None: ...
+
+
+@dataclass
+class HubStats:
+    batches: int = 0
+    events: int = 0
+    gap_fills: int = 0
+    tallies: int = 0
+
+
+class RoomHub:
+    def __init__(self, room: str, roomlog: RoomLog, flush_interval: float,
+                 tally_interval: float) -> None:
+        self.room = room
+        self.roomlog = roomlog
+        self.flush_interval = flush_interval
+        self.tally_interval = tally_interval
+        self.epoch = ""
+        self.offset = 0
+        self.viewers = 0
+        self.stats = HubStats()
+        self.sockets: set[Subscriber] = set()
+        self._inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._pending: list[bytes] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._last_flush = 0.0
+        self._tallies: dict[str, list[int]] = {}
+        self._tally_handles: dict[str, asyncio.TimerHandle] = {}
+        self._tally_last: dict[str, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Call after subscribing: messages queued meanwhile at or below the head are dropped."""
+        head = await self.roomlog.head(self.room)
+        self.epoch, self.offset = head.epoch, head.offset
+        self._task = asyncio.create_task(self._run(), name=f"hub-{self.room}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for handle in [self._flush_handle, *self._tally_handles.values()]:
+            if handle is not None:
+                handle.cancel()
+        self._flush_handle = None
+        self._tally_handles.clear()
+
+    def feed(self, data: bytes) -> None:
+        """A pub/sub message for this room (`<epoch>|<msgpack>`), or CATCH_UP."""
+        self._inbox.put_nowait(data)
+
+    def attach(self, sub: Subscriber) -> None:
+        self.sockets.add(sub)
+
+    def detach(self, sub: Subscriber) -> None:
+        self.sockets.discard(sub)
+
+    def set_viewers(self, count: int) -> None:
+        if count != self.viewers:
+            self.viewers = count
+            self._broadcast(encode_viewers(epoch=self.epoch, offset=self.offset, count=count))
+
+    async def _run(self) -> None:
+        while True:
+            data = await self._inbox.get()
+            try:
+                await self._handle(data)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("room %s: failed to handle a pub/sub message", self.room)
+
+    async def _handle(self, data: bytes) -> None:
+        if data == CATCH_UP:
+            await self._fill(None)
+            return
+        epoch_raw, _, payload = data.partition(b"|")
+        epoch = epoch_raw.decode()
+        if epoch != self.epoch:
+            self._reset(epoch)
+        event = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        if event.get("type") == "tally":
+            self._on_tally(str(event["poll"]), list(event["counts"]))
+            return
+        offset = int(event["offset"])
+        if offset <= self.offset:
+            return
+        if offset > self.offset + 1:
+            await self._fill(offset - 1)
+        self._append(offset, payload)
+
+    def _reset(self, epoch: str) -> None:
+        """The room log was replaced (Redis lost data): every socket must resync."""
+        log.warning("room %s: epoch %s -> %s; resyncing %d sockets", self.room, self.epoch, epoch,
+                    len(self.sockets))
+        self.epoch, self.offset = epoch, 0
+        self._pending.clear()
+        self._drop_all(CloseCode.RESYNC, "room log epoch changed")
+
+    def _drop_all(self, code: CloseCode, reason: str) -> None:
+        for sub in list(self.sockets):
+            sub.close_soon(code, reason)
+        self.sockets.clear()
+
+    async def _fill(self, upto: int | None) -> None:
+        self.stats.gap_fills += 1
+        while True:
+            try:
+                events = await self.roomlog.read_after(self.room, self.offset, upto)
+            except HistoryGone as exc:
+                log.warning("room %s: %s; resyncing sockets", self.room, exc)
+                self._drop_all(CloseCode.RESYNC, "node fell behind the room log")
+                head = await self.roomlog.head(self.room)
+                self.offset = head.offset if upto is None else upto
+                return
+            for offset, payload in events:
+                self._append(offset, payload)
+            if not events or (upto is not None and self.offset >= upto):
+                return
+
+    def _append(self, offset: int, payload: bytes) -> None:
+        self._pending.append(payload)
+        self.offset = offset
+        self.stats.events += 1
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._last_flush + self.flush_interval - loop.time())
+            self._flush_handle = loop.call_later(delay, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        self._last_flush = asyncio.get_running_loop().time()
+        if not self._pending:
+            return
+        frame = encode_events(epoch=self.epoch, offset=self.offset, raw_events=self._pending,
+                              count=len(self._pending))
+        self._pending = []
+        self.stats.batches += 1
+        self._broadcast(frame)
+
+    def _on_tally(self, poll: str, counts: list[int]) -> None:
+        old = self._tallies.get(poll)
+        if old is not None and sum(old) >= sum(counts):
+            return  # counts only grow; an older publish arrived late
+        self._tallies[poll] = counts
+        if poll not in self._tally_handles:
+            loop = asyncio.get_running_loop()
+            due = self._tally_last.get(poll, 0.0) + self.tally_interval
+            self._tally_handles[poll] = loop.call_later(max(0.0, due - loop.time()),
+                                                        self._flush_tally, poll)
+
+    def _flush_tally(self, poll: str) -> None:
+        self._tally_handles.pop(poll, None)
+        self._tally_last[poll] = asyncio.get_running_loop().time()
+        if self._pending:
+            self._flush()  # the poll_opened event must reach clients before its first tally
+        self.stats.tallies += 1
+        self._broadcast(encode_tally(epoch=self.epoch, offset=self.offset, poll=poll,
+                                     counts=self._tallies[poll]))
+
+    def _broadcast(self, frame: bytes) -> None:
+        for sub in list(self.sockets):
+            sub.push(frame)
+
+
+class RoomSubscriptions:
+    """One Redis pub/sub connection per node, one SUBSCRIBE per room, routed to its RoomHub."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._routes: dict[bytes, Callable[[bytes], None]] = {}
+        self._pubsub = redis.pubsub()
+        self._task: asyncio.Task[None] | None = None
+        self.reconnects = 0
+
+    async def subscribe(self, channel: str, deliver: Callable[[bytes], None]) -> None:
+        self._routes[channel.encode()] = deliver
+        await self._pubsub.subscribe(channel)
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="room-subscriptions")
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._routes.pop(channel.encode(), None)
+        with contextlib.suppress(Exception):
+            await self._pubsub.unsubscribe(channel)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("pub/sub connection lost (%r); reconnecting", exc)
+                await self._reconnect()
+                continue
+            if msg is None or msg.get("type") != "message":
+                continue
+            deliver = self._routes.get(msg["channel"])
+            if deliver is not None:
+                deliver(msg["data"])
+
+    async def _reconnect(self) -> None:
+        self.reconnects += 1
+        with contextlib.suppress(Exception):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        while True:
+            await asyncio.sleep(0.2)
+            try:
+                self._pubsub = self.redis.pubsub()
+                if self._routes:
+                    await self._pubsub.subscribe(*[c.decode() for c in self._routes])
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("pub/sub resubscribe failed: %r", exc)
+        for deliver in self._routes.values():
+            deliver(CATCH_UP)  # anything published while we were away is in the log
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]

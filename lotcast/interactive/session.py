@@ -1,0 +1,334 @@
+"""ClientSession: one viewer's WebSocket, from hello to close. Explicit state machine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from lotcast.auth import ANONYMOUS, AuthError, Identity, Role, TokenAuthority
+from lotcast.config import Settings
+from lotcast.interactive import protocol as p
+from lotcast.interactive.hub import RoomHub
+from lotcast.interactive.outbox import Outbox, abort_transport
+from lotcast.interactive.polls import PollStore
+from lotcast.interactive.ratelimit import FloodGuard
+from lotcast.interactive.roomlog import HistoryGone, RoomLog
+from lotcast.interactive.store import AuctionStore
+
+log = logging.getLogger(__name__)
+
+REPLAY_CHUNK = 500
+
+
+class SessionState(enum.Enum):
+    AWAITING_HELLO = "awaiting_hello"
+    SYNCING = "syncing"  # attached to the hub; live batches are held until replay/snapshot is out
+    LIVE = "live"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+_TRANSITIONS = {
+    SessionState.AWAITING_HELLO: {SessionState.SYNCING, SessionState.CLOSING},
+    SessionState.SYNCING: {SessionState.LIVE, SessionState.CLOSING},
+    SessionState.LIVE: {SessionState.CLOSING},
+    SessionState.CLOSING: {SessionState.CLOSED},
+    SessionState.CLOSED: set(),
+}
+
+
+@dataclass
+class InteractiveStats:
+    sockets: int = 0
+    slow_disconnects: int = 0
+    flood_disconnects: int = 0
+    auth_failures: int = 0
+    acks: int = 0
+    errors: int = 0
+    snapshots: int = 0
+    replays: int = 0
+    by_room: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class SessionDeps:
+    settings: Settings
+    node_id: str
+    authority: TokenAuthority
+    auctions: AuctionStore
+    polls: PollStore
+    roomlog: RoomLog
+    acquire_hub: Callable[[str], Awaitable[RoomHub]]
+    release_hub: Callable[[str], Awaitable[None]]
+    stats: InteractiveStats
+
+
+class ClientSession:
+    def __init__(self, websocket: WebSocket, room: str, deps: SessionDeps) -> None:
+        self.ws = websocket
+        self.room = room
+        self.deps = deps
+        self.state = SessionState.AWAITING_HELLO
+        self.identity: Identity = ANONYMOUS
+        self.hub: RoomHub | None = None
+        self.outbox = Outbox(websocket.send_bytes, deps.settings.ws_outbox_bytes)
+        self.flood = FloodGuard(deps.settings.ws_msg_rate, deps.settings.ws_msg_burst)
+        self._held: list[bytes] = []
+        self._held_bytes = 0
+        self._close_code: p.CloseCode | None = None
+        self._close_reason = ""
+        self._closing = asyncio.Event()
+
+    def _set_state(self, new: SessionState) -> None:
+        if new is self.state:
+            return
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"session cannot go from {self.state.value} to {new.value}")
+        log.debug("session %s: %s -> %s", self.room, self.state.value, new.value)
+        self.state = new
+
+    # --- called by the hub (sync, never blocks) ----------------------------------------------
+
+    def push(self, frame: bytes) -> None:
+        if self.state is SessionState.SYNCING:
+            self._held.append(frame)
+            self._held_bytes += len(frame)
+            if self._held_bytes > self.outbox.limit_bytes:
+                self.close_soon(p.CloseCode.SLOW_CONSUMER, "outbox overflow")
+        elif self.state is SessionState.LIVE and not self.outbox.push(frame):
+            self.deps.stats.slow_disconnects += 1
+            self.close_soon(p.CloseCode.SLOW_CONSUMER, "outbox overflow")
+
+    def close_soon(self, code: p.CloseCode, reason: str) -> None:
+        if self._close_code is None:
+            self._close_code, self._close_reason = code, reason
+        self._closing.set()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        self.deps.stats.sockets += 1
+        self.outbox.start()
+        receiver = asyncio.create_task(self._receive_loop(), name="ws-receive")
+        closer = asyncio.create_task(self._closing.wait(), name="ws-close-wait")
+        send_failed = asyncio.create_task(self.outbox.failed.wait(), name="ws-send-failed")
+        try:
+            await asyncio.wait({receiver, closer, send_failed},
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (receiver, closer, send_failed):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        if self.state is not SessionState.CLOSING:
+            self._set_state(SessionState.CLOSING)
+        if self.hub is not None:
+            self.hub.detach(self)
+            await self.deps.release_hub(self.room)
+            self.hub = None
+        code = self._close_code
+        if code is not None and code is not p.CloseCode.SLOW_CONSUMER:
+            await self.outbox.flush(within=1.0)  # let the error explaining the close go out
+        await self.outbox.close()
+        if code is not None:
+            try:
+                await asyncio.wait_for(self.ws.close(int(code), self._close_reason), timeout=1.0)
+            except (TimeoutError, Exception):
+                abort_transport(self.ws)  # the peer is not reading; its buffer would never drain
+        self.deps.stats.sockets -= 1
+        self._set_state(SessionState.CLOSED)
+
+    async def _receive_loop(self) -> None:
+        hello_deadline = asyncio.get_running_loop().time() + self.deps.settings.hello_timeout
+        while True:
+            try:
+                if self.state is SessionState.AWAITING_HELLO:
+                    remaining = hello_deadline - asyncio.get_running_loop().time()
+                    message = await asyncio.wait_for(self.ws.receive(), max(0.0, remaining))
+                else:
+                    message = await self.ws.receive()
+            except TimeoutError:
+                self.close_soon(p.CloseCode.HELLO_TIMEOUT, "no hello")
+                return
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            frame = message.get("bytes")
+            try:
+                if frame is None:
+                    raise p.ProtocolError(p.ErrorCode.BAD_FRAME,
+                                          "text frames are not accepted; send binary msgpack")
+                if not self.flood.admit():
+                    raise p.ProtocolError(p.ErrorCode.RATE_LIMITED, "too many messages",
+                                          retry_ms=self.flood.messages.retry_ms())
+                await self._handle(p.parse_client_frame(frame))
+            except (RedisError, OSError) as exc:
+                log.warning("room %s: storage failed during hello: %r", self.room, exc)
+                self.close_soon(p.CloseCode.INTERNAL_ERROR, "storage unavailable")
+                return
+            except p.ProtocolError as err:
+                self._send_error(err)
+                if err.code is p.ErrorCode.AUTH_FAILED:
+                    self.close_soon(p.CloseCode.AUTH_FAILED, "auth failed")
+                    return
+                if err.code is p.ErrorCode.RATE_LIMITED and not self.flood.record_violation():
+                    self.deps.stats.flood_disconnects += 1
+                    self.close_soon(p.CloseCode.FLOOD, "flood")
+                    return
+            if self._closing.is_set():
+                return
+
+    # --- messages ----------------------------------------------------------------------------
+
+    def _send(self, frame: bytes) -> None:
+        if not self.outbox.push(frame):
+            self.deps.stats.slow_disconnects += 1
+            self.close_soon(p.CloseCode.SLOW_CONSUMER, "outbox overflow")
+
+    def _position(self) -> tuple[str, int]:
+        return (self.hub.epoch, self.hub.offset) if self.hub is not None else ("", 0)
+
+    def _send_error(self, err: p.ProtocolError, request: str | None = None) -> None:
+        self.deps.stats.errors += 1
+        epoch, offset = self._position()
+        self._send(p.encode_error(err, epoch=epoch or None, offset=offset if epoch else None,
+                                  request=request))
+
+    def _ack(self, msg: p.ClientMessage, **fields: Any) -> None:
+        self.deps.stats.acks += 1
+        epoch, offset = self._position()
+        fields.setdefault("offset", offset)
+        self._send(p.encode_ack(cid=msg.cid, request=p.message_type(msg), epoch=epoch, **fields))
+
+    async def _handle(self, msg: p.ClientMessage) -> None:
+        if isinstance(msg, p.Hello):
+            if self.state is not SessionState.AWAITING_HELLO:
+                raise p.ProtocolError(p.ErrorCode.DUPLICATE_HELLO, "hello was already sent",
+                                      cid=msg.cid)
+            await self._hello(msg)
+            return
+        if self.state is SessionState.AWAITING_HELLO:
+            raise p.ProtocolError(p.ErrorCode.HELLO_REQUIRED,
+                                  "the first message must be 'hello'", cid=msg.cid)
+        kind = p.message_type(msg)
+        needed = (Role.HOST if type(msg) in p.HOST_ONLY
+                  else Role.BIDDER if type(msg) in p.BIDDER_ONLY else None)
+        if needed is not None and self.identity.role is not needed:
+            raise p.ProtocolError(p.ErrorCode.FORBIDDEN,
+                                  f"{kind!r} needs role {needed.value!r}; this connection is "
+                                  f"{self.identity.role.value!r}", cid=msg.cid)
+        try:
+            await self._dispatch(msg)
+        except p.ProtocolError as err:
+            err.cid = msg.cid
+            self._send_error(err, kind)
+        except RedisError as exc:
+            log.warning("redis error handling %s: %r", kind, exc)
+            self._send_error(p.ProtocolError(p.ErrorCode.UNAVAILABLE,
+                                             f"storage unavailable: {exc}", cid=msg.cid), kind)
+        except Exception:
+            log.exception("internal error handling %s", kind)
+            self._send_error(p.ProtocolError(p.ErrorCode.INTERNAL, "internal error",
+                                             cid=msg.cid), kind)
+
+    async def _dispatch(self, msg: p.ClientMessage) -> None:
+        room, d = self.room, self.deps
+        if isinstance(msg, p.Ping):
+            head = await d.roomlog.head(room)
+            epoch, offset = self._position()
+            self._send(p.encode_pong(cid=msg.cid, ts=msg.ts, server_ts=head.server_ts,
+                                     epoch=epoch, offset=offset))
+        elif isinstance(msg, p.PlaceBid):
+            out = await d.auctions.place_bid(room, self.identity, msg)
+            self._ack(msg, lot=out.lot, status=out.status, price=out.price, leader=out.leader,
+                      next_min=out.next_min, offset=out.offset, duplicate=out.duplicate)
+        elif isinstance(msg, p.Vote):
+            result = await d.polls.vote(room, self.identity, msg)
+            self._ack(msg, poll=result["poll"], option=result["option"])
+        elif isinstance(msg, p.CreateLot):
+            result = await d.auctions.create_lot(room, msg)
+            self._ack(msg, lot=result["lot"], offset=result["offset"])
+        elif isinstance(msg, p.OpenLot | p.ExtendLot):
+            result = await (d.auctions.open_lot(room, msg) if isinstance(msg, p.OpenLot)
+                            else d.auctions.extend_lot(room, msg))
+            self._ack(msg, lot=result["lot"], ends_at=result["ends_at"], offset=result["offset"])
+        elif isinstance(msg, p.CloseLot):
+            result = await d.auctions.close_lot(room, msg)
+            self._ack(msg, lot=result["lot"], status=result["status"], offset=result["offset"])
+        elif isinstance(msg, p.OpenPoll):
+            result = await d.polls.open_poll(room, msg)
+            self._ack(msg, poll=result["poll"], ends_at=result["ends_at"], offset=result["offset"])
+        elif isinstance(msg, p.ClosePoll):
+            result = await d.polls.close_poll(room, msg)
+            self._ack(msg, poll=result["poll"], offset=result["offset"])
+
+    async def _hello(self, msg: p.Hello) -> None:
+        token = msg.token or self.ws.query_params.get("token")
+        if token:
+            try:
+                self.identity = self.deps.authority.verify(token)
+            except AuthError as exc:
+                self.deps.stats.auth_failures += 1
+                raise p.ProtocolError(p.ErrorCode.AUTH_FAILED, exc.reason, cid=msg.cid,
+                                      field="token") from exc
+        self.hub = await self.deps.acquire_hub(self.room)
+        self._set_state(SessionState.SYNCING)
+        self.hub.attach(self)
+        head = await self.deps.roomlog.head(self.room)
+        s = self.deps.settings
+        limits = {"bids_per_s": s.bid_rate, "bid_burst": s.bid_burst, "votes_per_s": s.vote_rate,
+                  "vote_burst": s.vote_burst, "msgs_per_s": s.ws_msg_rate,
+                  "msg_burst": s.ws_msg_burst}
+        who = self.identity
+        self._send(p.encode_welcome(
+            cid=msg.cid, room=self.room, role=who.role.value, user=who.user_id or None,
+            name=who.display_name or None, node=self.deps.node_id, epoch=head.epoch,
+            offset=head.offset, server_ts=head.server_ts, limits=limits))
+        resumed = (msg.epoch == head.epoch and msg.offset is not None
+                   and head.offset - msg.offset <= s.room_history
+                   and await self._replay(msg.offset, head.epoch))
+        if not resumed:
+            await self._snapshot()
+        self._set_state(SessionState.LIVE)
+        held, self._held, self._held_bytes = self._held, [], 0
+        for frame in held:
+            self._send(frame)
+
+    async def _replay(self, after: int, epoch: str) -> bool:
+        """Send every event after `after` (live batches may overlap; clients skip old offsets)."""
+        try:
+            while True:
+                events = await self.deps.roomlog.read_after(self.room, after, None, REPLAY_CHUNK)
+                if not events:
+                    break
+                self._send(p.encode_events(epoch=epoch, offset=events[-1][0],
+                                           raw_events=[e for _, e in events], count=len(events),
+                                           replay=True))
+                after = events[-1][0]
+                if len(events) < REPLAY_CHUNK:
+                    break
+        except HistoryGone:
+            return False
+        self.deps.stats.replays += 1
+        return True
+
+    async def _snapshot(self) -> None:
+        snap = await self.deps.roomlog.snapshot(self.room)
+        self.deps.stats.snapshots += 1
+        self._send(p.encode_snapshot(
+            epoch=snap["epoch"], offset=snap["offset"], lots=snap["lots"], polls=snap["polls"],
+            viewers=self.hub.viewers if self.hub is not None else 0,
+            server_ts=snap["server_ts"]))
