@@ -10,6 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 
 import uvicorn
@@ -19,7 +26,7 @@ from lotcast.auth import TokenAuthority
 from lotcast.config import Settings
 from lotcast.interactive.service import InteractiveService
 from lotcast.netutil import bind_tcp
-from lotcast.supervisor import announce_ready
+from lotcast.supervisor import READY_PREFIX, announce_ready
 
 
 def build_app(settings: Settings) -> tuple[Starlette, InteractiveService]:
@@ -41,7 +48,7 @@ async def serve(settings: Settings) -> None:
     sock = bind_tcp(settings.host, settings.port)
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level=settings.log_level, lifespan="on",
-                            ws_max_size=64 * 1024)
+                            ws_max_size=64 * 1024, ws_per_message_deflate=False)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
@@ -68,6 +75,64 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings.from_env(**vars(args))
     asyncio.run(serve(settings))
+
+
+class DevServerProcess:
+    """Runs the devserver as a child process (tests): `with DevServerProcess(redis_url) as srv`."""
+
+    def __init__(self, redis_url: str, *args: str, jwt_secret: str | None = None) -> None:
+        self.redis_url = redis_url
+        self.args = list(args)
+        self.jwt_secret = jwt_secret
+        self.url = ""
+        self.output: list[str] = []
+        self._proc: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 20.0) -> DevServerProcess:
+        env = dict(os.environ)
+        if self.jwt_secret:
+            env["LOTCAST_JWT_SECRET"] = self.jwt_secret
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "lotcast.interactive.devserver", "--port", "0",
+             "--redis-url", self.redis_url, *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        assert self._proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        for line in self._proc.stdout:
+            self.output.append(line)
+            if line.startswith(READY_PREFIX):
+                self.url = json.loads(line[len(READY_PREFIX):])["url"]
+                break
+            if time.monotonic() > deadline:
+                break
+        if not self.url:
+            self.stop()
+            raise RuntimeError("devserver did not start:\n" + "".join(self.output[-40:]))
+        threading.Thread(target=self._drain, daemon=True).start()
+        return self
+
+    def _drain(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self.output.append(line)
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGINT)
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def __enter__(self) -> DevServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ def parse_client_frame(frame: bytes) -> ClientMessage:
     if len(frame) > MAX_FRAME_BYTES:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"frame is {len(frame)} bytes; limit {MAX_FRAME_BYTES}")
     try:
-        raw = msgpack.unpackb(frame, raw=False, strict_map_key=False, max_buffer_size=MAX_FRAME_BYTES)
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except Exception as exc:
         raise ProtocolError(ErrorCode.BAD_MSGPACK, f"frame is not one valid msgpack value: {exc}") from exc
     if not isinstance(raw, dict):

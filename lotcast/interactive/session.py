@@ -226,11 +226,11 @@ class ClientSession:
         kind = p.message_type(msg)
         needed = (Role.HOST if type(msg) in p.HOST_ONLY
                   else Role.BIDDER if type(msg) in p.BIDDER_ONLY else None)
-        if needed is not None and self.identity.role is not needed:
-            raise p.ProtocolError(p.ErrorCode.FORBIDDEN,
-                                  f"{kind!r} needs role {needed.value!r}; this connection is "
-                                  f"{self.identity.role.value!r}", cid=msg.cid)
         try:
+            if needed is not None and self.identity.role is not needed:
+                raise p.ProtocolError(p.ErrorCode.FORBIDDEN,
+                                      f"{kind!r} needs role {needed.value!r}; this connection "
+                                      f"is {self.identity.role.value!r}")
             await self._dispatch(msg)
         except p.ProtocolError as err:
             err.cid = msg.cid

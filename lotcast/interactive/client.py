@@ -1,0 +1,185 @@
+"""A Python reference client of docs/protocol.md: RoomState (pure reducer) and RoomClient (I/O).
+
+Used by the tests and load tools; a browser client follows the same rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import websockets
+
+from lotcast.interactive.protocol import decode_server_frame, encode_client
+
+LOG_EVENT_LOT_FIELDS = ("price", "leader", "leader_name", "next_min", "bids", "reserve_met",
+                        "ends_at")
+
+
+@dataclass
+class RoomState:
+    """The room as a client sees it, rebuilt from snapshot + log events (the client rules)."""
+
+    epoch: str = ""
+    offset: int = 0
+    lots: dict[str, dict[str, Any]] = field(default_factory=dict)
+    polls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    viewers: int = 0
+    applied: list[dict[str, Any]] = field(default_factory=list)
+    snapshots: int = 0
+    replayed: int = 0
+
+    def apply(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "snapshot":
+            self.epoch, self.offset = msg["epoch"], msg["offset"]
+            self.lots = {lot["lot"]: dict(lot) for lot in msg["lots"]}
+            self.polls = {poll["poll"]: dict(poll) for poll in msg["polls"]}
+            self.viewers = msg["viewers"]
+            self.snapshots += 1
+        elif kind == "events":
+            if msg["epoch"] != self.epoch:
+                return  # wait for the snapshot
+            for event in msg["events"]:
+                if event["offset"] == self.offset + 1:
+                    self._apply_event(event)
+                    self.offset = event["offset"]
+                    if msg.get("replay"):
+                        self.replayed += 1
+                elif event["offset"] > self.offset + 1:
+                    raise AssertionError(f"gap: have {self.offset}, got {event['offset']}")
+        elif kind == "tally":
+            poll = self.polls.get(msg["poll"])
+            if poll is not None and poll["status"] == "open" and msg["total"] >= poll["total"]:
+                poll["counts"], poll["total"] = list(msg["counts"]), msg["total"]
+        elif kind == "viewers":
+            self.viewers = msg["count"]
+
+    def _apply_event(self, ev: dict[str, Any]) -> None:
+        self.applied.append(ev)
+        kind = ev["type"]
+        if kind == "lot_created":
+            self.lots[ev["lot"]] = {k: v for k, v in ev.items() if k not in ("type", "offset", "ts")}
+            return
+        if kind == "poll_opened":
+            self.polls[ev["poll"]] = {
+                "poll": ev["poll"], "question": ev["question"], "options": list(ev["options"]),
+                "status": "open", "ends_at": ev["ends_at"], "counts": [0] * len(ev["options"]),
+                "total": 0}
+            return
+        if kind == "poll_closed":
+            poll = self.polls[ev["poll"]]
+            poll.update(status="closed", counts=list(ev["counts"]), total=ev["total"])
+            return
+        lot = self.lots[ev["lot"]]
+        if kind == "lot_opened":
+            lot.update(status="open", ends_at=ev["ends_at"], next_min=ev["next_min"])
+        elif kind == "bid":
+            lot.update({k: ev[k] for k in LOG_EVENT_LOT_FIELDS})
+        elif kind == "lot_extended":
+            lot["ends_at"] = ev["ends_at"]
+        elif kind == "lot_sold":
+            lot.update(status="sold", winner=ev["winner"], winner_name=ev["winner_name"],
+                       price=ev["price"])
+        elif kind == "lot_unsold":
+            lot.update(status="unsold", reason=ev["reason"])
+
+
+class RoomClient:
+    """One WebSocket connection speaking the protocol; replies are matched by `cid`."""
+
+    def __init__(self, base_url: str, room: str, token: str | None = None) -> None:
+        self.url = base_url.replace("http://", "ws://").replace("https://", "wss://") + f"/ws/{room}"
+        self.room = room
+        self.token = token
+        self.state = RoomState()
+        self.welcome: dict[str, Any] = {}
+        self.received: list[tuple[float, dict[str, Any]]] = []
+        self.close_code: int | None = None
+        self._ws: Any = None
+        self._cids = itertools.count(1)
+        self._waiting: dict[Any, asyncio.Future[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    async def connect(self, resume: tuple[str, int] | None = None, **hello: Any) -> dict[str, Any]:
+        self._ws = await websockets.connect(self.url, max_size=None)
+        self._reader = asyncio.create_task(self._read())
+        fields: dict[str, Any] = dict(hello)
+        if self.token:
+            fields.setdefault("token", self.token)
+        if resume is not None:
+            self.state.epoch, self.state.offset = resume
+            fields["epoch"], fields["offset"] = resume
+        self.welcome = await self.request("hello", **fields)
+        return self.welcome
+
+    async def send_raw(self, frame: bytes | str) -> None:
+        await self._ws.send(frame)
+
+    async def request(self, kind: str, within: float = 10.0, **fields: Any) -> dict[str, Any]:
+        cid = f"c{next(self._cids)}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[cid] = future
+        await self._ws.send(encode_client(kind, cid=cid, **fields))
+        try:
+            return await asyncio.wait_for(future, within)
+        finally:
+            self._waiting.pop(cid, None)
+
+    async def next_reply(self, within: float = 10.0) -> dict[str, Any]:
+        """The next ack/error whose cid we did not ask for (for raw frames)."""
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[None] = future
+        try:
+            return await asyncio.wait_for(future, within)
+        finally:
+            self._waiting.pop(None, None)
+
+    async def wait_for(self, predicate: Any, within: float = 10.0) -> None:
+        async with asyncio.timeout(within):
+            while not predicate(self.state):
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def _read(self) -> None:
+        try:
+            async for frame in self._ws:
+                now = time.time()
+                for msg in decode_server_frame(frame):
+                    self.received.append((now, msg))
+                    if msg["type"] in ("ack", "error", "pong", "welcome"):
+                        cid = msg.get("cid")
+                        future = self._waiting.get(cid) or self._waiting.get(None)
+                        if future is not None and not future.done():
+                            future.set_result(msg)
+                        if msg["type"] != "welcome":
+                            continue
+                    self.state.apply(msg)
+                self._changed.set()
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.close_code = self._ws.close_code
+            self._changed.set()
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(ConnectionError(f"closed with {self.close_code}"))
+
+    async def wait_closed(self, within: float = 10.0) -> int | None:
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._reader), within)
+        return self.close_code
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
