@@ -335,6 +335,9 @@ def _check_cross_fields(msg: ClientMessage) -> None:
         if msg.buy_now is not None and msg.buy_now <= msg.start_price:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "buy_now must be > start_price",
                                 field="buy_now")
+        if msg.reserve is not None and msg.buy_now is not None and msg.reserve > msg.buy_now:
+            raise ProtocolError(ErrorCode.INVALID_FIELD, "reserve must be <= buy_now",
+                                field="reserve")
         if msg.soft_close_ms > msg.duration_ms:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "soft_close_ms must be <= duration_ms",
                                 field="soft_close_ms")

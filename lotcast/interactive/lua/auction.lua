@@ -72,13 +72,16 @@ local function settle_lot(R, L, by, now)
   return emit(R, {type = 'lot_unsold', lot = L.id, reason = reason, by = by}, now)
 end
 
-local function place_bid(R, L, user, name, amount, maxb, now)
+local function place_bid(R, L, user, name, amount, maxb, now, rate, burst)
   if L.status == 'draft' then return err('lot_not_open', {state = 'draft'}) end
   if L.status ~= 'open' then return err('lot_closed', {state = L.status}) end
   if now >= L.ends_at then
     settle_lot(R, L, 'time', now)
     return err('lot_ended', {ends_at = L.ends_at})
   end
+  -- Only bids on an open lot count against the user's rate limit.
+  local ok, retry = take_token(R.prefix .. 'rl:bid:' .. user, rate, burst, now)
+  if not ok then return nil, err('rate_limited', {retry_ms = retry}) end
   local minimum = next_min(L)
   if amount < minimum then return err('bid_too_low', {min = minimum}) end
   if maxb < amount then maxb = amount end
@@ -139,10 +142,9 @@ local function bid(keys, args)
     if prev then return 'D' .. prev end
   end
   local now = now_ms()
-  local ok, retry = take_token(R.prefix .. 'rl:bid:' .. user, tonumber(args[11]),
-                               tonumber(args[12]), now)
-  if not ok then return 'N' .. err('rate_limited', {retry_ms = retry}) end
-  local result = place_bid(R, L, user, name, amount, maxb, now)
+  local result, limited = place_bid(R, L, user, name, amount, maxb, now, tonumber(args[11]),
+                                    tonumber(args[12]))
+  if limited then return 'N' .. limited end  -- not remembered: a retry may succeed
   if key ~= '' then
     redis.call('HSET', idem, field, result)
     redis.call('PEXPIRE', idem, 86400000)
