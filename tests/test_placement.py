@@ -163,3 +163,18 @@ def test_load_ratio_and_room() -> None:
     assert relay("a", 5, 10).load_ratio == 0.5
     assert relay("a", 0, 0).load_ratio == float("inf")
     assert not relay("a", 10, 10).has_room
+
+
+def test_ops_package_imports_no_media_or_interactive_layer() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lotcast.ops, lotcast.ops.hpa_sim\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('aiortc', 'aioice', 'av')"
+        " or m.startswith(('lotcast.media', 'lotcast.interactive'))]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr
