@@ -68,10 +68,19 @@ class PageLog:
     """Console messages and page errors of one page, for failure messages."""
 
     lines: list[str] = field(default_factory=list)
+    repeats: dict[str, int] = field(default_factory=dict)
+
+    def add(self, line: str) -> None:
+        # Retry loops repeat the same message; keep the first and count the rest.
+        if line in self.repeats:
+            self.repeats[line] += 1
+            return
+        self.repeats[line] = 0
+        self.lines.append(line)
 
     def attach(self, page: Any, name: str) -> None:
-        page.on("console", lambda m: self.lines.append(f"[{name} console.{m.type}] {m.text}"))
-        page.on("pageerror", lambda e: self.lines.append(f"[{name} pageerror] {e}"))
+        page.on("console", lambda m: self.add(f"[{name} console.{m.type}] {m.text}"))
+        page.on("pageerror", lambda e: self.add(f"[{name} pageerror] {e}"))
 
     def tail(self, n: int = 60) -> str:
         return "\n".join(self.lines[-n:])

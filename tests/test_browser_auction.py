@@ -118,21 +118,31 @@ async def test_bidding_outbid_and_poll_bars_across_relays(redis_server: RedisSer
                 assert "bid_too_low" in reason and "12.00" in reason, reason
 
                 # --- a dropped socket resumes to exactly the state it would have had -------------
-                await alice.evaluate("window.lotcast.room.dropFor(3000)")
+                # While Alice is offline: Bob (the leader) raises his proxy ceiling twice (bid events;
+                # the price stays) and the host extends the lot (a lot_extended event).
+                ends_before = (await _room(bob))["lots"][-1]["ends_at"]
+                await alice.evaluate("window.lotcast.room.dropFor(4000)")
+                await wait_for(attr_is(alice, "#room-state", "data-state", "reconnecting"), 10,
+                               "alice offline", log)
                 await bob.fill("#bid-amount", "20.00")
                 await bob.click("#bid-submit")
-                await wait_for(text_matches(bob, "#lot-price", r"^20\.00$"), 20, "bob raised to 20", log)
+                await wait_for(text_matches(bob, "#lot-bids", r"^3$"), 20, "bob's second bid logged", log)
                 await bob.fill("#bid-amount", "25.00")
                 await bob.click("#bid-submit")
-                await wait_for(text_matches(bob, "#lot-price", r"^25\.00$"), 20, "bob raised to 25", log)
+                await wait_for(text_matches(bob, "#lot-bids", r"^4$"), 20, "bob's third bid logged", log)
+                await host.fill("#lot-extend-by", "60")
+                await host.click(f"#lot-extend-{lot_id}")
+                await wait_for(lambda: _ends_after(bob, ends_before), 20, "bob sees the extension", log)
+                assert await _text(alice, "#lot-bids") == "2"  # offline: still the old state
                 await wait_for(lambda: _resumed(alice), 20, "alice resumed from her offset", log)
-                await wait_for(text_matches(alice, "#lot-price", r"^25\.00$"), 20,
-                               "alice caught up to 25.00", log)
+                await wait_for(text_matches(alice, "#lot-bids", r"^4$"), 20, "alice caught up", log)
                 a_state, b_state = await _room(alice), await _room(bob)
                 assert a_state["epoch"] == b_state["epoch"]
                 assert a_state["offset"] == b_state["offset"]
                 assert _lot_view(a_state) == _lot_view(b_state)
+                assert a_state["snapshots"] == 1  # the first connect; the reconnect replayed the gap
                 assert await _attr(alice, "#my-status", "data-status") == "outbid"
+                assert await _text(alice, "#lot-price") == "11.00"
 
                 # --- poll: one vote each, bars move on every page ------------------------------
                 await host.fill("#poll-question-input", "Next lot?")
@@ -166,11 +176,11 @@ async def test_bidding_outbid_and_poll_bars_across_relays(redis_server: RedisSer
 
                 # --- the host closes the lot early: sold to Bob ----------------------------------
                 await host.click(f"#lot-close-{lot_id}")
-                await wait_for(text_matches(host, f"#lot-result-{lot_id}", r"Sold to Bob at 25\.00"), 20,
+                await wait_for(text_matches(host, f"#lot-result-{lot_id}", r"Sold to Bob at 11\.00"), 20,
                                "host sees sold to Bob", log)
                 await wait_for(attr_is(bob, "#my-status", "data-status", "won"), 20, "bob won", log)
                 await wait_for(attr_is(alice, "#my-status", "data-status", "lost"), 20, "alice lost", log)
-                assert "Sold to Bob at 25.00" in await _text(anon, "#lot-result")
+                assert "Sold to Bob at 11.00" in await _text(anon, "#lot-result")
 
                 # The viewer count covers sockets on every node (host + 3 viewers).
                 await wait_for(text_matches(anon, "#viewer-count", r"^[4-9]$"), 20, "viewer count", log)
@@ -185,6 +195,10 @@ async def _draft_lot(page: Any) -> str | None:
         "(() => { const el = document.querySelector('#lots .item[data-status=\"draft\"]');"
         " return el ? el.dataset.lot : null; })()"
     )
+
+
+async def _ends_after(page: Any, ends_at: int) -> bool:
+    return bool((await _room(page))["lots"][-1]["ends_at"] > ends_at)
 
 
 async def _resumed(page: Any) -> bool:

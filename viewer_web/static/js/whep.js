@@ -21,6 +21,10 @@ import {
 const DEFAULT_RETRY_S = 2;
 const MAX_RETRY_S = 30;
 const DISCONNECT_GRACE_MS = 1500;
+// No media bytes for this long makes the watchdog probe the relay (HEAD on the WHEP endpoint);
+// only an unreachable relay triggers the ladder (a paused publisher is not a relay failure).
+const STALL_MS = 1000;
+const PROBE_TIMEOUT_MS = 1000;
 
 function originOf(url) {
   return new URL(url, location.href).origin;
@@ -223,7 +227,7 @@ export class WhepPlayer extends EventTarget {
       if (s === "connected") {
         clearTimeout(this._disconnectTimer);
         this._disconnectTimer = null;
-        this._setState("connected", originOf(this.session.endpoint));
+        this._setState("connected", "");
       } else if (s === "failed") {
         this._climb(run, "connection failed");
       } else if (s === "disconnected" && !this._disconnectTimer) {
@@ -238,22 +242,75 @@ export class WhepPlayer extends EventTarget {
     };
     pc.addEventListener("connectionstatechange", onChange);
     pc.addEventListener("iceconnectionstatechange", onChange);
+    this._startWatchdog(run, pc);
+  }
+
+  /** Detect a dead relay faster than ICE consent does (which takes several seconds). */
+  _startWatchdog(run, pc) {
+    let lastBytes = -1;
+    let lastChange = performance.now();
+    let probing = false;
+    let quietUntil = 0;
+    const timer = setInterval(async () => {
+      if (run !== this._run || pc !== this.pc || pc.connectionState === "closed") {
+        clearInterval(timer);
+        return;
+      }
+      let bytes = 0;
+      try {
+        (await pc.getStats()).forEach((s) => { if (s.type === "inbound-rtp") bytes += s.bytesReceived || 0; });
+      } catch {
+        return;
+      }
+      const now = performance.now();
+      if (bytes !== lastBytes) {
+        lastBytes = bytes;
+        lastChange = now;
+        return;
+      }
+      if (probing || now - lastChange < STALL_MS || now < quietUntil || bytes === 0) return;
+      probing = true;
+      const reachable = await this._probe(this.session?.endpoint);
+      probing = false;
+      if (run !== this._run || pc !== this.pc) return;
+      if (reachable) {
+        quietUntil = now + 3000; // relay is fine: the stream itself paused
+      } else {
+        clearInterval(timer);
+        this._climb(run, "relay unreachable", { unreachable: true });
+      }
+    }, 250);
+  }
+
+  /** HEAD the WHEP endpoint: false only when the relay cannot be reached at all. */
+  async _probe(endpoint) {
+    if (!endpoint) return true;
+    const ctrl = new AbortController();
+    const timer = setTimeout(() => ctrl.abort(), PROBE_TIMEOUT_MS);
+    try {
+      await fetch(endpoint, { method: "HEAD", cache: "no-store", signal: ctrl.signal });
+      return true;
+    } catch {
+      return false;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   // --- reconnect ladder ---------------------------------------------------------------------
 
-  async _climb(run, reason) {
+  async _climb(run, reason, { unreachable = false } = {}) {
     if (run !== this._run) return;
     const next = ++this._run;
     this.reconnects += 1;
     this._setState("reconnecting", reason);
     const failed = this.session;
     // Rung 1: ICE restart on the same session.
-    if (failed && (await this._iceRestart(next))) return;
+    if (failed && !unreachable && (await this._iceRestart(next))) return;
     if (next !== this._run) return;
     // Rung 2: a fresh session on the same relay (one quick try).
     await this._closeSession();
-    if (failed) {
+    if (failed && !unreachable) {
       try {
         await this._openSession(next, failed.endpoint);
         return;
@@ -310,7 +367,7 @@ export class WhepPlayer extends EventTarget {
       });
       if (ok && run === this._run) {
         this._watch(run, pc);
-        this._setState("connected", originOf(session.endpoint));
+        this._setState("connected", "");
         return true;
       }
     } catch (err) {

@@ -1,0 +1,80 @@
+"""Real browser, real services: the viewer page's reconnect ladder moves the player to another relay
+when its relay dies (issue 4)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from lotcast.redis_server import RedisServer
+from tests.browser_support import PageLog, chromium, cluster, open_page, wait_for
+
+
+TRACE = """() => {
+    window.__trace = [[performance.now() | 0, 'kill']];
+    const p = window.lotcast.player;
+    p.addEventListener('statechange',
+        (e) => window.__trace.push([performance.now() | 0, e.detail.state, e.detail.detail]));
+    p.addEventListener('relaychange',
+        (e) => window.__trace.push([performance.now() | 0, 'relay', e.detail.origin]));
+}"""
+
+
+async def _state(page: Any) -> dict[str, Any]:
+    return await page.evaluate("window.lotcast.state()")  # type: ignore[no-any-return]
+
+
+def playing_on(page: Any, relay_url: str, frames: int) -> Any:
+    async def check() -> dict[str, Any] | None:
+        s = await _state(page)
+        if s["relay"] != relay_url.rstrip("/") or s["media"] != "connected":
+            return None
+        raw = await page.evaluate("window.lotcast.rawStats()") or {}
+        decoded = raw.get("video", {}).get("framesDecoded", 0)
+        return s if decoded >= frames and raw.get("audio", {}).get("packetsReceived") else None
+    return check
+
+
+@pytest.mark.timeout(180)
+async def test_viewer_moves_to_another_relay_when_its_relay_is_killed(
+    redis_server: RedisServer,
+) -> None:
+    stream = "browser-failover"
+    log = PageLog()
+    with cluster(redis_server.url, relays=2) as c:
+        relay_a, relay_b = c.relays
+        async with chromium() as browser:
+            try:
+                host = await open_page(
+                    browser, f"{c.origin.url}/host?stream={stream}#token={c.host_token()}", log, "host"
+                )
+                await host.click("#go-live")
+                # The viewer knows one more node to fall back on (?nodes=).
+                viewer = await open_page(
+                    browser, f"{relay_a.url}/watch?stream={stream}&nodes={relay_b.url}", log, "viewer"
+                )
+                await wait_for(playing_on(viewer, relay_a.url, 10), 60, "playing on relay A", log)
+                before = await _state(viewer)
+                await viewer.evaluate(TRACE)
+
+                relay_a.kill()
+                killed_at = time.monotonic()
+                after = await wait_for(playing_on(viewer, relay_b.url, 10), 60,
+                                       "playing again on relay B", log)
+                recovery = time.monotonic() - killed_at
+                print(f"viewer page played again on relay B {recovery:.2f} s after kill -9 of relay A")
+                print("player trace (ms since page load):", await viewer.evaluate("window.__trace"))
+                assert after["reconnects"] >= 1
+                assert after["sessions"] > before["sessions"]
+                t0 = after["currentTime"]
+                await wait_for(lambda: _advanced(viewer, t0), 20, "video time advancing on relay B", log)
+            except BaseException:
+                print(log.tail(150))
+                print(c.logs())
+                raise
+
+
+async def _advanced(page: Any, t0: float) -> bool:
+    return bool((await _state(page))["currentTime"] > t0 + 0.5)
