@@ -52,6 +52,10 @@ class RoomLog:
                 raise HistoryGone(f"log has no entries after {after} but seq is {seq}")
         return events
 
+    async def open_tallies(self, room: str) -> list[dict[str, Any]]:
+        tallies = msgpack.unpackb(await self.functions.call("tallies", room), raw=False)
+        return tallies if isinstance(tallies, list) else []
+
     async def snapshot(self, room: str) -> dict[str, Any]:
         raw = await self.functions.call("snapshot", room, SNAPSHOT_LOTS, SNAPSHOT_POLLS)
         snap: dict[str, Any] = msgpack.unpackb(raw, raw=False, strict_map_key=False)

@@ -322,6 +322,9 @@ class ClientSession:
                     break
         except HistoryGone:
             return False
+        for tally in await self.deps.roomlog.open_tallies(self.room):
+            self._send(p.encode_tally(epoch=epoch, offset=after, poll=tally["poll"],
+                                      counts=tally["counts"]))
         self.deps.stats.replays += 1
         return True
 

@@ -83,3 +83,14 @@ local function poll_close(keys, args)
   local o = close_poll(R, P, now >= P.ends_at and 'time' or 'host', now)
   return cmsgpack.pack({poll = P.id, offset = o})
 end
+
+-- Current counts of every open poll (sent after a resume replay: tallies are not in the log).
+local function tallies(keys, args)
+  local R = room_ctx(keys, args)
+  local out = {}
+  for _, id in ipairs(redis.call('ZRANGE', R.prefix .. 'open_polls', 0, -1)) do
+    local P = load_poll(R, id)
+    if P then out[#out + 1] = {poll = P.id, counts = P.counts} end
+  end
+  return cmsgpack.pack(out)
+end
