@@ -206,12 +206,13 @@ export class RoomClient extends EventTarget {
     if (code === 4010) {
       this._resetState();
     }
+    let minDelay = code === 4029 ? 5 : 0;
     if (code === 1001) {
-      // Node going away (drain/shutdown): let the page re-place media; we reconnect right away
-      // to whatever baseUrl() says by then (any node serves the room).
+      // Node going away (drain/shutdown): the page re-places the media and calls reconnectNow()
+      // once it knows the new relay; if that takes long we reconnect to baseUrl() anyway.
       this.dispatchEvent(new CustomEvent("moved", { detail: { code, reason } }));
+      minDelay = 2;
     }
-    const minDelay = code === 4029 ? 5 : 0;
     this._scheduleReconnect(minDelay, `closed ${code}${reason ? ` (${reason})` : ""}`);
   }
 

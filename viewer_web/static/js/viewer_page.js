@@ -18,7 +18,10 @@ setText("stream-name", `stream ${params.stream}`);
 
 // --- media -------------------------------------------------------------------------------------
 
-const player = new WhepPlayer({ stream: params.stream, nodes: params.nodes, token, video });
+const nodeIds = new Map(); // relay origin -> node id, learnt from the room's welcome
+const player = new WhepPlayer({
+  stream: params.stream, nodes: params.nodes, token, video, nodeIdOf: (origin) => nodeIds.get(origin) ?? null,
+});
 const playerStats = new PlayerStats();
 let lastStats = null;
 
@@ -111,6 +114,10 @@ room.addEventListener("status", (ev) => {
   render();
 });
 
+room.addEventListener("welcome", (ev) => {
+  if (room.url && ev.detail.message.node) nodeIds.set(new URL(room.url).origin.replace(/^ws/, "http"), ev.detail.message.node);
+});
+
 room.addEventListener("moved", () => {
   // The relay is draining or going away: re-run placement; the socket follows via relaychange.
   player.replace("relay draining");
@@ -159,7 +166,9 @@ function statusView(lot) {
     };
     case "won": return { status: "won", text: `You won at ${price}`, reason: "" };
     case "bought": return { status: "bought", text: `You bought it at ${price}`, reason: "" };
-    case "lost": return { status: "lost", text: "You did not win this lot", reason: lotResultText(lot) };
+    case "lost": return {
+      status: "lost", text: "You did not win this lot", reason: lot.status === "sold" ? lotResultText(lot) : "",
+    };
     default: return { status: "none", text: canBid() ? "You have not bid on this lot." : "Sign in with a bidder token to bid.", reason: "" };
   }
 }
@@ -257,7 +266,8 @@ function renderLot() {
   setText("lot-leader", lot.leader_name || lot.leader || "no bids yet");
   setText("lot-bids", lot.bids ?? 0);
   setText("lot-next-min", lot.status === "open" ? formatMoney(lot.next_min) : "–");
-  setText("lot-reserve", lot.has_reserve ? (lot.reserve_met ? "reserve met" : "reserve not met yet") : "");
+  setText("lot-reserve", !lot.has_reserve ? "" : lot.reserve_met ? "reserve met" :
+    lot.status === "open" || lot.status === "draft" ? "reserve not met yet" : "reserve not met");
   setText("lot-buy-now", lot.buy_now && !lot.bids && lot.status === "open" ? `buy now ${formatMoney(lot.buy_now)}` : "");
   const result = $("lot-result");
   const resultText = lotResultText(lot);

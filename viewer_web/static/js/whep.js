@@ -56,6 +56,9 @@ export class WhepPlayer extends EventTarget {
     this._run = 0; // generation counter: bumping it cancels older loops
     this._abort = null;
     this._disconnectTimer = null;
+    this._replacing = false;
+    // Optional: origin -> node id (from the room's welcome), sent as ?exclude= on re-placement.
+    this.nodeIdOf = opts.nodeIdOf || null;
   }
 
   get endpointPath() {
@@ -85,6 +88,16 @@ export class WhepPlayer extends EventTarget {
 
   /** Jump to re-placement (server asked us to move, or the relay is gone). */
   async replace(reason = "re-placement") {
+    if (this._replacing) return; // one re-placement at a time
+    this._replacing = true;
+    try {
+      await this._replace(reason);
+    } finally {
+      this._replacing = false;
+    }
+  }
+
+  async _replace(reason) {
     const run = ++this._run;
     const avoid = this.relayOrigin;
     this.reconnects += 1;
@@ -106,7 +119,7 @@ export class WhepPlayer extends EventTarget {
     const out = [];
     const others = this.nodes.filter((n) => n !== avoid);
     for (const node of [...others, ...(avoid ? [avoid] : [])]) {
-      const edge = await this._askEdge(node);
+      const edge = await this._askEdge(node, avoid);
       if (edge && originOf(edge) !== avoid) out.push(edge);
     }
     for (const node of others) out.push(node + this.endpointPath);
@@ -114,23 +127,42 @@ export class WhepPlayer extends EventTarget {
     return [...new Set(out)];
   }
 
-  /** GET /api/streams/<id>/edge: JSON {url|whep_url|location} or a 307 we can read back. */
-  async _askEdge(node) {
-    const url = `${node}/api/streams/${encodeURIComponent(this.stream)}/edge`;
-    try {
+  /**
+   * Ask a node's placement API (GET /api/streams/<id>/edge, which answers 307 to the chosen
+   * relay's WHEP URL). HEAD is used so that fetch follows the 307 with a HEAD to the WHEP
+   * endpoint, which answers with CORS headers, making the final URL readable cross-origin.
+   * A JSON body {whep_url|url|location} is accepted too. `exclude` names the node we leave.
+   */
+  async _askEdge(node, avoid) {
+    const url = new URL(`${node}/api/streams/${encodeURIComponent(this.stream)}/edge`);
+    const excluded = avoid && this.nodeIdOf ? this.nodeIdOf(avoid) : null;
+    if (excluded) url.searchParams.set("exclude", excluded);
+    const attempt = async (method) => {
       const ctrl = new AbortController();
       const timer = setTimeout(() => ctrl.abort(), 2000);
-      const res = await fetch(url, {
-        headers: { Accept: "application/json" }, cache: "no-store", signal: ctrl.signal,
-      });
-      clearTimeout(timer);
-      const type = res.headers.get("Content-Type") || "";
-      if (res.ok && type.includes("json")) {
-        const body = await res.json();
-        const target = body.whep_url || body.url || body.location || body.whep;
-        if (target) return new URL(target, url).href;
+      try {
+        const res = await fetch(url, {
+          method, headers: { Accept: "application/json" }, cache: "no-store", signal: ctrl.signal,
+        });
+        if (res.redirected && /\/whep\//.test(res.url)) return res.url;
+        const type = res.headers.get("Content-Type") || "";
+        if (method === "GET" && res.ok && type.includes("json")) {
+          const body = await res.json();
+          const target = body.whep_url || body.url || body.location || body.whep;
+          if (target) return new URL(target, url).href;
+        }
+        return res.ok ? "retry-get" : null;
+      } finally {
+        clearTimeout(timer);
       }
-      if (res.redirected && /\/whep\//.test(res.url)) return res.url;
+    };
+    try {
+      const viaHead = await attempt("HEAD");
+      if (viaHead && viaHead !== "retry-get") return viaHead;
+      if (viaHead === "retry-get") {
+        const viaGet = await attempt("GET");
+        if (viaGet && viaGet !== "retry-get") return viaGet;
+      }
     } catch {
       // no placement API here, or the node is down
     }
