@@ -23,4 +23,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[dev]"
+# kubectl, kubernetes-validate and checkov for the offline manifest tests (tests/test_k8s*.py)
+bash scripts/setup_k8s_tools.sh
 echo "setup: done"

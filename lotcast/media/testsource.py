@@ -30,22 +30,26 @@ def _cells() -> list[tuple[int, int]]:
 CELLS = _cells()
 
 
-def paint(counter: int, wall_ms: int) -> np.ndarray:
-    """A yuv420p frame with ``counter`` and ``wall_ms`` painted in its top rows."""
-    y = np.full((HEIGHT, WIDTH), 128, dtype=np.uint8)
-    value = (counter & ((1 << COUNTER_BITS) - 1)) | ((wall_ms & ((1 << CLOCK_BITS) - 1)) << COUNTER_BITS)
+def paint(counter: int, wall_ms: int, width: int = WIDTH, height: int = HEIGHT,
+          noise: np.ndarray | None = None) -> np.ndarray:
+    """A yuv420p frame with ``counter`` and ``wall_ms`` painted in its top rows.
+
+    ``noise`` (a uint8 luma plane) fills the rest of the picture so the encoder has to spend
+    real bits, as with a camera.
+    """
+    y = noise.copy() if noise is not None else np.full((height, width), 128, dtype=np.uint8)
+    value = (counter & ((1 << COUNTER_BITS) - 1)) | (
+        (wall_ms & ((1 << CLOCK_BITS) - 1)) << COUNTER_BITS
+    )
     for bit, (row, col) in enumerate(CELLS):
         y[row:row + CELL, col:col + CELL] = 235 if (value >> bit) & 1 else 16
-    uv = np.full((HEIGHT // 2, WIDTH), 128, dtype=np.uint8)
+    uv = np.full((height // 2, width), 128, dtype=np.uint8)
     return np.concatenate([y, uv])
 
 
 def read(frame: av.VideoFrame) -> tuple[int, int]:
     """(counter, wall_ms) painted by `paint`, from a decoded frame of any size."""
     gray = frame.to_ndarray(format="gray")
-    if gray.shape != (HEIGHT, WIDTH):
-        frame = frame.reformat(width=WIDTH, height=HEIGHT)
-        gray = frame.to_ndarray(format="gray")
     value = 0
     margin = CELL // 4
     for bit, (row, col) in enumerate(CELLS):
@@ -66,9 +70,18 @@ class CounterVideoTrack(MediaStreamTrack):
 
     kind = "video"
 
-    def __init__(self, fps: int = 30) -> None:
+    def __init__(self, fps: int = 30, width: int = WIDTH, height: int = HEIGHT,
+                 noisy: bool = False) -> None:
         super().__init__()
         self.fps = fps
+        self.width = width
+        self.height = height
+        rng = np.random.default_rng(7)
+        # a few pre-made noise planes, cycled: encoders see motion without per-frame RNG cost
+        # blocky texture that pans a few pixels per frame: camera-like motion the encoder can
+        # predict, so its rate control (not the content) decides the bitrate
+        texture = rng.integers(16, 236, (height // 8 + 1, width // 8 + 1), dtype=np.uint8)
+        self._texture = np.kron(texture, np.ones((8, 8), dtype=np.uint8)) if noisy else None
         self.counter = 0
         self._start: float | None = None
 
@@ -79,8 +92,12 @@ class CounterVideoTrack(MediaStreamTrack):
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        frame = av.VideoFrame.from_ndarray(paint(self.counter, int(time.time() * 1000)),
-                                           format="yuv420p")
+        noise = None
+        if self._texture is not None:
+            shift = (self.counter * 3) % 8
+            noise = self._texture[shift:shift + self.height, shift:shift + self.width]
+        picture = paint(self.counter, int(time.time() * 1000), self.width, self.height, noise)
+        frame = av.VideoFrame.from_ndarray(picture, format="yuv420p")
         frame.pts = int(self.counter * VIDEO_CLOCK / self.fps)
         frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
         self.counter += 1
