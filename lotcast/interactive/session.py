@@ -298,7 +298,7 @@ class ClientSession:
             name=who.display_name or None, node=self.deps.node_id, epoch=head.epoch,
             offset=head.offset, server_ts=head.server_ts, limits=limits))
         resumed = (msg.epoch == head.epoch and msg.offset is not None
-                   and head.offset - msg.offset <= s.room_history
+                   and 0 <= head.offset - msg.offset <= s.room_history
                    and await self._replay(msg.offset, head.epoch))
         if not resumed:
             await self._snapshot()
