@@ -95,11 +95,12 @@ async def open_page(browser: Any, url: str, log: PageLog, name: str) -> Any:
 
 
 async def wait_for(
-    check: Callable[[], Awaitable[Any]], timeout: float, what: str, log: PageLog | None = None,
+    check: Callable[[], Awaitable[Any]], within: float, what: str, log: PageLog | None = None,
     interval: float = 0.2,
 ) -> Any:
-    """Poll an async predicate until it returns a truthy value; fail with context otherwise."""
-    deadline = time.monotonic() + timeout
+    """Poll an async predicate until it returns a truthy value (for at most `within` seconds);
+    fail with the last value and the pages' console otherwise."""
+    deadline = time.monotonic() + within
     last: Any = None
     while True:
         last = await check()
@@ -109,7 +110,7 @@ async def wait_for(
             detail = f"\nlast value: {last!r}"
             if log is not None:
                 detail += f"\npage log:\n{log.tail()}"
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
+            raise AssertionError(f"timed out after {within}s waiting for {what}{detail}")
         await asyncio.sleep(interval)
 
 

@@ -7,9 +7,9 @@ import re
 from typing import Any
 
 import pytest
+from browser_support import PageLog, chromium, cluster, open_page, wait_for
 
 from lotcast.redis_server import RedisServer
-from tests.browser_support import PageLog, chromium, cluster, open_page, wait_for
 
 STREAM = "browser-auction"
 LOT_FIELDS = ("lot", "status", "price", "leader", "leader_name", "next_min", "bids", "ends_at",
@@ -170,7 +170,8 @@ async def test_bidding_outbid_and_poll_bars_across_relays(redis_server: RedisSer
                                "host tally bars", log)
                 # One vote per user: Alice's buttons are disabled now, her choice is marked.
                 assert await alice.is_disabled("#poll-vote-1")
-                assert await _attr(alice, '#poll-options .poll-option[data-option="0"]', "data-mine") == "true"
+                mine = '#poll-options .poll-option[data-option="0"]'
+                assert await _attr(alice, mine, "data-mine") == "true"
                 await host.click(f"#poll-close-{poll_id}")
                 await wait_for(attr_is(bob, "#poll", "data-status", "closed"), 20, "poll closed", log)
 

@@ -7,10 +7,9 @@ import time
 from typing import Any
 
 import pytest
+from browser_support import PageLog, chromium, cluster, open_page, wait_for
 
 from lotcast.redis_server import RedisServer
-from tests.browser_support import PageLog, chromium, cluster, open_page, wait_for
-
 
 TRACE = """() => {
     window.__trace = [[performance.now() | 0, 'kill']];

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from browser_support import PageLog, chromium, cluster, open_page, wait_for
 
 from lotcast.redis_server import RedisServer
-from tests.browser_support import PageLog, chromium, cluster, open_page, wait_for
 
 
 async def _state(page: Any) -> dict[str, Any]:

@@ -8,8 +8,7 @@ from typing import Any
 
 import msgpack
 import pytest
-
-from tests.browser_support import PageLog, chromium, open_page, static_server
+from browser_support import PageLog, chromium, open_page, static_server
 
 BOUNDARY_INTS = [
     0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**53 - 1,
@@ -107,7 +106,8 @@ async def test_msgpack_browser_decodes_python_frames() -> None:
                       return v;
                     };
                     const errors = [];
-                    for (const bad of [[0xc1], [0xa5, 0x61], [0x01, 0x02], [0xdc, 0x00], [0xa2, 0xc3, 0x28]]) {
+                    const bads = [[0xc1], [0xa5, 0x61], [0x01, 0x02], [0xdc, 0x00], [0xa2, 0xc3, 0x28]];
+                    for (const bad of bads) {
                       try { mp.decode(new Uint8Array(bad)); errors.push(null); }
                       catch (e) { errors.push(e instanceof mp.MsgpackError ? 'MsgpackError' : e.name); }
                     }
