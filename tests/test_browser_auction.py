@@ -144,6 +144,14 @@ async def test_bidding_outbid_and_poll_bars_across_relays(redis_server: RedisSer
                 assert await _attr(alice, "#my-status", "data-status") == "outbid"
                 assert await _text(alice, "#lot-price") == "11.00"
 
+                # A reload starts from a snapshot; the page still knows Alice bid (outbid, not none).
+                await alice.reload()
+                await wait_for(attr_is(alice, "#room-state", "data-state", "open"), 30,
+                               "alice's reloaded page connected", log)
+                await wait_for(attr_is(alice, "#my-status", "data-status", "outbid"), 20,
+                               "alice still outbid after reload", log)
+                assert _lot_view(await _room(alice)) == _lot_view(await _room(bob))
+
                 # --- poll: one vote each, bars move on every page ------------------------------
                 await host.fill("#poll-question-input", "Next lot?")
                 await host.fill("#poll-option-0", "Camera")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 from browser_support import PageLog, chromium, cluster, open_page, wait_for
 
@@ -69,15 +70,26 @@ async def test_host_page_publishes_and_viewer_page_plays_through_relay(
                 host_stats = await host.evaluate("window.lotcast.stats()")
                 assert host_stats["framesEncoded"] > 0 and host_stats["packetsSent"] > 0
 
-                # Stop DELETEs the WHIP session.
+                # Stop DELETEs the WHIP session: the origin has no publisher left.
+                assert (await _origin_stats(c.origin.url))["publishers"] == 1
                 await host.click("#stop")
                 await wait_for(
                     lambda: _host_stopped(host), 15, "host page stopped with its session deleted", log
                 )
+                await wait_for(lambda: _no_publisher(c.origin.url), 15, "origin publisher gone", log)
             except BaseException:
                 print(log.tail(120))
                 print(c.logs())
                 raise
+
+
+async def _origin_stats(url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient() as client:
+        return (await client.get(f"{url}/api/stats")).json()  # type: ignore[no-any-return]
+
+
+async def _no_publisher(url: str) -> bool:
+    return (await _origin_stats(url))["publishers"] == 0
 
 
 async def _waiting(page: Any) -> bool:

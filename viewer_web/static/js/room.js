@@ -295,6 +295,7 @@ export class RoomClient extends EventTarget {
     if (max !== null && max !== undefined) fields.max = max;
     return this.request("bid", fields).then((ack) => {
       this.myBidLots.add(lot);
+      this._saveMine();
       this._changed();
       return ack;
     });
@@ -303,10 +304,14 @@ export class RoomClient extends EventTarget {
   vote(poll, option) {
     return this.request("vote", { poll, option }).then((ack) => {
       this.myVotes.set(poll, option);
+      this._saveMine();
       this._changed();
       return ack;
     }, (err) => {
-      if (err.code === "duplicate_vote" && !this.myVotes.has(poll)) this.myVotes.set(poll, null);
+      if (err.code === "duplicate_vote" && !this.myVotes.has(poll)) {
+        this.myVotes.set(poll, null);
+        this._saveMine();
+      }
       this._changed();
       throw err;
     });
@@ -364,8 +369,46 @@ export class RoomClient extends EventTarget {
     }
   }
 
+  // "My" bids and votes survive a page reload (sessionStorage, per room, user and log epoch):
+  // a snapshot does not say who bid, and "outbid" needs to know that I did.
+  _mineKey() {
+    return this.identity?.user ? `lotcast.mine.${this.room}.${this.identity.user}` : null;
+  }
+
+  _loadMine(epoch) {
+    const key = this._mineKey();
+    if (!key) return;
+    try {
+      const saved = JSON.parse(sessionStorage.getItem(key) || "null");
+      if (!saved || saved.epoch !== epoch) return;
+      for (const lot of saved.bids || []) this.myBidLots.add(lot);
+      for (const [poll, option] of Object.entries(saved.votes || {})) {
+        if (!this.myVotes.has(poll)) this.myVotes.set(poll, option);
+      }
+    } catch {
+      // storage unavailable or corrupt: start empty
+    }
+  }
+
+  _saveMine() {
+    const key = this._mineKey();
+    if (!key || this.epoch === null) return;
+    try {
+      sessionStorage.setItem(key, JSON.stringify({
+        epoch: this.epoch, bids: [...this.myBidLots], votes: Object.fromEntries(this.myVotes),
+      }));
+    } catch {
+      // ignore
+    }
+  }
+
   _onWelcome(msg) {
+    if ((this.identity?.user ?? null) !== (msg.user ?? null)) {
+      this.myBidLots.clear(); // someone else signed in on this page
+      this.myVotes.clear();
+    }
     this.identity = { role: msg.role, user: msg.user ?? null, name: msg.name ?? null };
+    this._loadMine(msg.epoch);
     this.node = msg.node ?? null;
     if (typeof msg.server_ts === "number") this.clockOffsetMs = msg.server_ts - Date.now();
     if (this.epoch !== null && msg.epoch !== this.epoch) this._awaitingSnapshot = true;
@@ -437,7 +480,10 @@ export class RoomClient extends EventTarget {
           });
           lot.last_bid = { bidder: e.bidder, bidder_name: e.bidder_name, amount: e.amount, ts: e.ts };
         }
-        if (this.identity?.user && e.bidder === this.identity.user) this.myBidLots.add(e.lot);
+        if (this.identity?.user && e.bidder === this.identity.user && !this.myBidLots.has(e.lot)) {
+          this.myBidLots.add(e.lot);
+          this._saveMine();
+        }
         break;
       case "lot_extended":
         if (lot) lot.ends_at = e.ends_at;
