@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from lotcast import keys
 from lotcast.ops.node import InvalidStateError, NodeInfo, NodeLoad, NodeState
 from lotcast.ops.placement import PlacementDecision, RelaySelector
-from lotcast.ops.registry import NodeRegistry, read_live_nodes
+from lotcast.ops.registry import NodeRegistry, place_viewer, read_live_nodes
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -126,6 +126,8 @@ async def test_drain_is_published_immediately_and_placement_skips_it(
         placement = selector.place(nodes.values(), "s", int(time.time() * 1000))
         assert placement.decision is PlacementDecision.SERVE
         assert placement.relay is not None and placement.relay.node_id == "b"
+        via_redis = await place_viewer(redis_client, selector, "s", exclude=("b",))
+        assert via_redis.decision is PlacementDecision.FULL  # a drains, b is excluded
         await a.drain()  # idempotent
         # It keeps heartbeating as draining until closed.
         await asyncio.sleep(4 * INTERVAL)

@@ -12,7 +12,12 @@ from lotcast.ops.placement import (
     RelaySelector,
     SelectionPolicy,
 )
-from lotcast.ops.registry import NodeRegistry, process_cpu_probe, read_live_nodes
+from lotcast.ops.registry import (
+    NodeRegistry,
+    place_viewer,
+    process_cpu_probe,
+    read_live_nodes,
+)
 
 __all__ = [
     "LOAD_RATIO_METRIC",
@@ -28,6 +33,7 @@ __all__ = [
     "PlacementDecision",
     "RelaySelector",
     "SelectionPolicy",
+    "place_viewer",
     "process_cpu_probe",
     "read_live_nodes",
 ]

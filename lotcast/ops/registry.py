@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from types import TracebackType
 from typing import Any, cast
 
@@ -33,6 +34,7 @@ from lotcast.ops.node import (
     NodeLoad,
     NodeState,
 )
+from lotcast.ops.placement import Placement, RelaySelector
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,20 @@ async def read_live_nodes(redis: aioredis.Redis) -> list[NodeInfo]:
     if expired:
         await redis.zrem(keys.NODES_INDEX, *expired)
     return sorted(nodes, key=lambda n: n.node_id)
+
+
+async def place_viewer(
+    redis: aioredis.Redis,
+    selector: RelaySelector,
+    stream: str,
+    *,
+    exclude: Collection[str] = (),
+    rng: random.Random | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Placement:
+    """Read the live nodes and ask the selector where a viewer of `stream` goes."""
+    nodes = await read_live_nodes(redis)
+    return selector.place(nodes, stream, int(clock() * 1000), exclude=exclude, rng=rng)
 
 
 class NodeRegistry:
