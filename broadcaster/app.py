@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import redis.asyncio as aioredis
 from starlette.applications import Starlette
 
 from lotcast.auth import TokenAuthority
@@ -15,7 +16,10 @@ from lotcast.media.endpoints import SessionTable, WebRtcEndpoints
 from lotcast.media.peer import EgressSession, IngestSession
 from lotcast.media.stream import MediaStream, StreamRouter
 from lotcast.media.upstream import NotLiveError
-from lotcast.service import health_routes, page_routes, stats_route
+from lotcast.ops.metrics import NodeMetrics
+from lotcast.service import health_routes, page_routes, stats_route, udp_socket_count
+from relay.placement import Placer, selector_for
+from relay.telemetry import MediaTelemetry
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -29,9 +33,18 @@ def create_app(settings: Settings) -> Starlette:
             raise NotLiveError("no publisher yet", retry_after=2)
         return stream
 
+    metrics = NodeMetrics(settings.node_id, "broadcaster")
     endpoints = WebRtcEndpoints(settings, authority, router, sessions, live_stream,
-                                accept_publish=True)
+                                accept_publish=True,
+                                on_first_frame=metrics.first_frame_seconds.observe)
     interactive = InteractiveService(settings, authority, "broadcaster")
+    # Placement answers here too: a viewer may ask any node where to play.
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    placer = Placer(redis, selector_for(settings))
+    telemetry = MediaTelemetry(
+        router, sessions, metrics,
+        websockets=lambda: sum(len(hub.sockets) for hub in interactive.hubs.values()),
+        udp_sockets=udp_socket_count)
 
     def stats() -> dict[str, Any]:
         return {
@@ -57,10 +70,12 @@ def create_app(settings: Settings) -> Starlette:
             await interactive.close()
             await sessions.close()
             router.close()
+            await redis.aclose()
 
     app = Starlette(
         routes=[*endpoints.routes, *interactive.routes, *page_routes(),
-                *health_routes(lambda: None), stats_route(stats)],
+                *health_routes(lambda: None), stats_route(stats),
+                placer.route(), telemetry.route()],
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -64,6 +64,16 @@ class Settings:
     room_history: int = 10000
     # How often each node runs the settle pass (ends lots/polls whose time is up).
     settle_interval_ms: int = 200
+    # --- Scale-out (relay registry, placement, cascade) ---
+    # Seconds between registry heartbeats; an entry expires after 3 intervals without one.
+    heartbeat_interval: float = 1.0
+    # Placement skips relays at or above this CPU load (fraction of one core).
+    placement_cpu_limit: float = 0.9
+    # Deepest cascade level (0 = every relay pulls from the origin).
+    max_cascade_depth: int = 2
+    # Relays that may pull a stream straight from the origin before new ones cascade from a relay
+    # (0 = no limit: cascade only when every relay carrying the stream is full).
+    origin_fanout: int = 0
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:

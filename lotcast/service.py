@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+import signal
+from collections.abc import Awaitable, Callable
+from types import FrameType
 from typing import Any
 
 import psutil
@@ -95,8 +97,54 @@ def run_service(kind: str, settings: Settings) -> None:
         app = create_relay_app(settings)
     config = uvicorn.Config(app, log_level=settings.log_level.lower(), lifespan="on",
                             ws="websockets-sansio", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, getattr(app.state, "drain", None))
     asyncio.run(_serve(server, sock, kind, settings, app))
+
+
+Drain = Callable[[], Awaitable[None]]
+log = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM drains instead of shutting down at once.
+
+    uvicorn's `capture_signals()` routes SIGINT/SIGTERM to `handle_exit`, which normally sets
+    `should_exit`: the server stops accepting and closes. With a `drain` coroutine (the relay's), the
+    first SIGTERM keeps the server serving while `drain()` runs (the node turns DRAINING, its
+    viewers move away), then sets `should_exit` for the normal graceful shutdown and a clean exit
+    (status 0). A second SIGTERM, or SIGINT, shuts down at once as before.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Drain | None = None) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self.drain_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[Any] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if (sig == signal.SIGTERM and self.drain is not None and self.drain_task is None
+                and self._loop is not None and self.started and not self.should_exit):
+            # Runs in the main thread between bytecodes of the loop: hand over to the loop.
+            self._loop.call_soon_threadsafe(self._start_drain)
+            return
+        super().handle_exit(sig, frame)
+
+    def _start_drain(self) -> None:
+        if self.drain_task is not None or self.drain is None:
+            return
+        self.drain_task = asyncio.ensure_future(self._drain_then_exit(self.drain))
+
+    async def _drain_then_exit(self, drain: Drain) -> None:
+        try:
+            await drain()
+        except Exception:
+            log.exception("drain failed; shutting down")
+        finally:
+            self.should_exit = True
 
 
 async def _serve(server: uvicorn.Server, sock: Any, kind: str, settings: Settings,

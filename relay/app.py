@@ -1,26 +1,48 @@
-"""The relay node: pulls streams over WHEP and forwards them to WHEP viewers; viewer WebSocket."""
+"""The relay node: pulls streams over WHEP and forwards them to WHEP viewers; viewer WebSocket.
+
+Scale-out wiring (issue 4): the relay heartbeats into the Redis registry, answers placement
+(`/api/streams/{id}/edge`, and 307 instead of 503 when it is full or draining), drains on SIGTERM
+(`app.state.drain`, called by lotcast.service) and serves Prometheus `/metrics`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import quote
 
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from lotcast.auth import TokenAuthority
 from lotcast.config import Settings
 from lotcast.interactive.service import InteractiveService
-from lotcast.media.endpoints import SessionTable, WebRtcEndpoints
+from lotcast.media.endpoints import CORS, SessionTable, WebRtcEndpoints
 from lotcast.media.peer import EgressSession, PeerSession
 from lotcast.media.stream import StreamRouter
-from lotcast.service import health_routes, page_routes, stats_route
+from lotcast.ops.metrics import NodeMetrics
+from lotcast.ops.node import NodeLoad
+from lotcast.ops.registry import NodeRegistry
+from lotcast.service import health_routes, page_routes, stats_route, udp_socket_count
+from relay.drain import Drainer
+from relay.placement import Placer, selector_for, whep_url
+from relay.telemetry import MediaTelemetry
 from relay.upstreams import RelayUpstreams
+
+# A WHEP POST bounced between full relays stops after this many redirects.
+MAX_REDIRECT_HOPS = 2
 
 
 def create_app(settings: Settings) -> Starlette:
     authority = TokenAuthority(settings.jwt_secret)
     router = StreamRouter(grace=settings.stream_grace)
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    selector = selector_for(settings)
     upstreams: RelayUpstreams | None = None
 
     def session_closed(session: PeerSession) -> None:
@@ -30,23 +52,77 @@ def create_app(settings: Settings) -> Starlette:
     sessions = SessionTable(settings.session_timeout, on_closed=session_closed)
     upstreams = RelayUpstreams(router, sessions, settings.origin_url,
                                retry_window=settings.stream_grace)
+    metrics = NodeMetrics(settings.node_id, "relay")
+    interactive = InteractiveService(settings, authority, "relay")
+
+    def viewer_count() -> int:
+        return sessions.count(EgressSession)
+
+    def websocket_count() -> int:
+        return sum(len(hub.sockets) for hub in interactive.hubs.values())
+
+    registry: NodeRegistry | None = None
+    telemetry = MediaTelemetry(router, sessions, metrics, viewers=viewer_count,
+                               websockets=websocket_count, udp_sockets=udp_socket_count,
+                               node=lambda: registry.last_published if registry else None)
+
+    def load() -> NodeLoad:
+        return NodeLoad(viewers=viewer_count(), egress_bps=telemetry.egress_bps(),
+                        streams=upstreams.carried(), sockets=websocket_count())
+
+    registry = NodeRegistry(redis, node_id=settings.node_id, url=settings.public_url,
+                            kind="relay", capacity=settings.max_viewers,
+                            heartbeat_interval=settings.heartbeat_interval, load_probe=load)
+    placer = Placer(redis, selector)
+
+    async def tell_clients() -> None:
+        # Closes every room socket with 1001 (go away, reconnect anywhere) and refuses new ones.
+        await interactive.close()
+
+    drainer = Drainer(registry, viewer_count, tell_clients, settings.drain_timeout)
 
     def accepting_viewers() -> str | None:
-        if sessions.count(EgressSession) >= settings.max_viewers:
+        if drainer.draining:
+            return "relay is draining"
+        if viewer_count() >= settings.max_viewers:
             return f"relay at capacity ({settings.max_viewers} viewers)"
         return None
 
     endpoints = WebRtcEndpoints(settings, authority, router, sessions, upstreams.acquire,
-                                accept_publish=False, accepting_viewers=accepting_viewers)
-    interactive = InteractiveService(settings, authority, "relay")
+                                accept_publish=False, accepting_viewers=accepting_viewers,
+                                on_first_frame=metrics.first_frame_seconds.observe)
+
+    async def play(request: Request) -> Response:
+        """WHEP POST: when this relay cannot take the viewer, 307 to one that can."""
+        if accepting_viewers() is not None:
+            stream = str(request.path_params["stream"])
+            seen = [x for x in request.query_params.get("from", "").split(",") if x]
+            if len(seen) < MAX_REDIRECT_HOPS:
+                try:
+                    placement = await placer.place(stream, exclude={settings.node_id, *seen})
+                except (RedisError, OSError):
+                    placement = None
+                if placement is not None and placement.relay is not None:
+                    hops = quote(",".join([*seen, settings.node_id]), safe=",")
+                    return Response(status_code=307, headers={
+                        **CORS, "Location": f"{whep_url(placement.relay, stream)}?from={hops}",
+                        "Cache-Control": "no-store"})
+        return await endpoints.play(request)
 
     def stats() -> dict[str, Any]:
         return {
             "node_id": settings.node_id,
             "kind": "relay",
-            "viewers": sessions.count(EgressSession),
+            "state": registry.state.value,
+            "draining": drainer.draining,
+            "viewers": viewer_count(),
+            "capacity": settings.max_viewers,
             "sessions": sessions.count(),
-            "upstreams": [{"stream": p.stream.id, "state": p.state.value} for p in upstreams.pulls()],
+            "websockets": websocket_count(),
+            "upstreams": [{"stream": p.stream.id, "state": p.state.value,
+                           "url": p.upstream_url, "depth": upstreams.depth_of(p.stream.id)}
+                          for p in upstreams.pulls()],
+            "forwarded_packets": telemetry.forwarded_packets,
             "streams": [
                 {"id": s.id, "state": s.state.value,
                  **{f"{k}_packets_in": t.packets_in for k, t in s.tracks.items()},
@@ -61,20 +137,29 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         sessions.start()
         await interactive.start()
+        await registry.start()
+        telemetry.refresh_gauges(registry.last_published)
         try:
             yield
         finally:
+            await registry.close(deregister=True)
             await interactive.close()
             await sessions.close()
             router.close()
             await upstreams.close()
+            await redis.aclose()
 
     app = Starlette(
-        routes=[*endpoints.routes, *interactive.routes, *page_routes(),
-                *health_routes(lambda: None), stats_route(stats)],
+        routes=[Route("/whep/{stream}", play, methods=["POST"]),
+                *endpoints.routes, *interactive.routes, *page_routes(),
+                *health_routes(drainer.readiness), stats_route(stats),
+                placer.route(), telemetry.route()],
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.router = router
     app.state.sessions = sessions
+    app.state.registry = registry
+    app.state.drain = drainer.run
+    app.state.drainer = drainer
     return app

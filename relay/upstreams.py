@@ -10,7 +10,7 @@ import httpx
 from lotcast.media.endpoints import SessionTable
 from lotcast.media.peer import EgressSession, PeerSession
 from lotcast.media.stream import MediaStream, StreamRouter
-from lotcast.media.upstream import NotLiveError, UpstreamPull
+from lotcast.media.upstream import NotLiveError, PullState, UpstreamPull
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +26,22 @@ class RelayUpstreams:
         self._retry_window = retry_window
         self._linger = linger
         self._pulls: dict[str, UpstreamPull] = {}
+        self._depths: dict[str, int] = {}
         self._release_timers: dict[str, asyncio.TimerHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self.http = httpx.AsyncClient(timeout=10.0)
 
     def pulls(self) -> list[UpstreamPull]:
         return list(self._pulls.values())
+
+    def depth_of(self, stream_id: str) -> int:
+        """This relay's depth in the stream's tree (0 = pulls from the origin)."""
+        return self._depths.get(stream_id, 0)
+
+    def carried(self) -> dict[str, int]:
+        """Streams this relay carries (a live upstream pull), with their tree depth."""
+        return {sid: self.depth_of(sid) for sid, pull in self._pulls.items()
+                if pull.state is PullState.CONNECTED}
 
     async def acquire(self, stream_id: str) -> MediaStream:
         stream = self._router.get_or_create(stream_id)

@@ -1,0 +1,119 @@
+"""Media counters of one node copied into Prometheus and the registry heartbeat.
+
+The forwarding hot path keeps plain integer counters per TrackForwarder (packets_sent,
+nack_packets_served, keyframe_requests_sent, ...). `MediaTelemetry.sample()` (called at heartbeat
+time and on each /metrics scrape) adds what changed since the previous sample to the node's
+monotonic totals and to the `NodeMetrics` counters. Forwarders come and go with their streams,
+so deltas are kept per forwarder object.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import Gauge
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from lotcast.media.endpoints import SessionTable
+from lotcast.media.forwarder import TrackForwarder
+from lotcast.media.peer import EgressSession
+from lotcast.media.stream import StreamRouter
+from lotcast.ops.metrics import EgressRate, NodeMetrics
+from lotcast.ops.node import NodeInfo
+
+# Per forwarded packet on the wire besides the payload: RTP header (12) + SRTP auth tag (10).
+PACKET_OVERHEAD = 22
+
+
+@dataclass
+class _Seen:
+    sent: int = 0
+    nacks: int = 0
+    plis: int = 0
+
+
+class MediaTelemetry:
+    """Turns forwarder counters into node totals, egress bits/s and Prometheus metrics."""
+
+    def __init__(self, router: StreamRouter, sessions: SessionTable, metrics: NodeMetrics,
+                 viewers: Callable[[], int] | None = None,
+                 websockets: Callable[[], int] | None = None,
+                 udp_sockets: Callable[[], int] | None = None,
+                 node: Callable[[], NodeInfo | None] | None = None) -> None:
+        self.router = router
+        self.sessions = sessions
+        self.metrics = metrics
+        self._viewers = viewers or (lambda: sessions.count(EgressSession))
+        self._websockets = websockets or (lambda: 0)
+        self._udp_sockets = udp_sockets
+        self._seen: dict[TrackForwarder, _Seen] = {}
+        self.forwarded_packets = 0
+        self.egress_bytes = 0
+        self.nacks_served = 0
+        self.plis_sent = 0
+        self.rate = EgressRate()
+        self.udp_gauge = Gauge("lotcast_udp_sockets", "Open UDP sockets of this process.",
+                               registry=metrics.registry)
+        self.last_node: NodeInfo | None = None
+        self._node = node
+
+    def sample(self) -> None:
+        current: dict[TrackForwarder, _Seen] = {}
+        d_sent = d_bytes = d_nacks = d_plis = 0
+        for stream in self.router:
+            for forwarder in stream.tracks.values():
+                prev = self._seen.get(forwarder, _Seen())
+                sent = forwarder.packets_sent - prev.sent
+                nacks = forwarder.nack_packets_served - prev.nacks
+                plis = forwarder.keyframe_requests_sent - prev.plis
+                avg = forwarder.octets_in / forwarder.packets_in if forwarder.packets_in else 0.0
+                d_sent += sent
+                d_nacks += nacks
+                d_plis += plis
+                d_bytes += int((sent + nacks) * (avg + PACKET_OVERHEAD))
+                current[forwarder] = _Seen(forwarder.packets_sent, forwarder.nack_packets_served,
+                                           forwarder.keyframe_requests_sent)
+        self._seen = current
+        self.forwarded_packets += d_sent
+        self.egress_bytes += d_bytes
+        self.nacks_served += d_nacks
+        self.plis_sent += d_plis
+        m = self.metrics
+        if d_sent:
+            m.forwarded_packets.inc(d_sent)
+        if d_bytes:
+            m.egress_bytes.inc(d_bytes)
+        if d_nacks:
+            m.nacks_served.inc(d_nacks)
+        if d_plis:
+            m.plis_sent_upstream.inc(d_plis)
+
+    def egress_bps(self) -> float:
+        """Sample the counters and return the egress rate since the previous call."""
+        self.sample()
+        return self.rate.sample(self.egress_bytes, time.monotonic())
+
+    def refresh_gauges(self, node: NodeInfo | None = None) -> None:
+        if node is not None:
+            self.last_node = node
+            self.metrics.update_load(node)
+        m = self.metrics
+        m.viewers.set(self._viewers())
+        m.streams.set(len(self.router))
+        m.sockets.set(self._websockets())
+        if self.last_node is not None and self.last_node.capacity > 0:
+            m.relay_load_ratio.set(self._viewers() / self.last_node.capacity)
+        if self._udp_sockets is not None:
+            self.udp_gauge.set(self._udp_sockets())
+
+    async def endpoint(self, request: Request) -> Response:
+        self.sample()
+        self.refresh_gauges(self._node() if self._node is not None else None)
+        return await self.metrics.endpoint(request)
+
+    def route(self) -> Route:
+        return Route("/metrics", self.endpoint, methods=["GET"])

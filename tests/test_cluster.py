@@ -1,0 +1,192 @@
+"""Scale-out on one machine: real Redis, the broadcaster and 3 relays (capacity 5) as processes.
+
+Viewers are aiortc peers placed through `/api/streams/{id}/edge` (tests/cluster_support.py); they
+decode the publisher's painted frame counters, so "plays" means frames were decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+
+import httpx
+import pytest
+from cluster_support import (
+    LadderViewer,
+    ScaledCluster,
+    percentile,
+    relay_stats,
+    remember_node_ids,
+    scaled_cluster,
+)
+from media_support import Publisher, assert_in_order, host_token
+
+from lotcast.redis_server import RedisServer
+
+pytestmark = pytest.mark.timeout(150)
+
+FPS = 15
+
+
+async def start_viewers(cluster: ScaledCluster, stream: str, n: int,
+                        room: str | None = None) -> list[LadderViewer]:
+    group = [LadderViewer(cluster.entry_urls, stream, room=room, name=f"v{i}") for i in range(n)]
+    for viewer in group:  # one by one, as viewers arrive; placement sees each one
+        await viewer.start()
+    return group
+
+
+async def wait_all_frames(group: list[LadderViewer], since: float, count: int,
+                          within: float) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if all(v.frames_since(since) >= count for v in group):
+            return
+        await asyncio.sleep(0.1)
+    short = {v.name: v.frames_since(since) for v in group if v.frames_since(since) < count}
+    raise AssertionError(f"viewers without {count} frames since t: {short}")
+
+
+async def stop_all(group: list[LadderViewer]) -> None:
+    await asyncio.gather(*(v.stop() for v in group), return_exceptions=True)
+
+
+async def test_placement_spreads_viewers_within_capacity_and_all_decode(
+    redis_server: RedisServer,
+) -> None:
+    with scaled_cluster(redis_server, relays=3, capacity=5) as cluster:
+        await remember_node_ids(cluster)
+        publisher = Publisher(cluster.origin.url, "spread", host_token(), fps=FPS)
+        await publisher.start()
+        group: list[LadderViewer] = []
+        try:
+            t0 = time.monotonic()
+            group = await start_viewers(cluster, "spread", 12)
+            await wait_all_frames(group, t0, 20, within=40)
+            for viewer in group:
+                assert_in_order(viewer.current.counters if viewer.current else [])
+            per_relay = Counter(cluster.node_of(v.relay_url) for v in group)
+            assert sum(per_relay.values()) == 12
+            assert len(per_relay) == 3, per_relay
+            assert max(per_relay.values()) <= 5, per_relay
+            stats = await relay_stats(cluster)
+            assert {k: s["viewers"] for k, s in stats.items()} == dict(per_relay)
+
+            async with httpx.AsyncClient() as http:
+                # the registry agrees (heartbeat 0.5 s)
+                await asyncio.sleep(1.2)
+                nodes = await http.get(f"{cluster.origin.url}/api/streams/spread/edge",
+                                       headers={"Accept": "application/json"})
+                assert nodes.status_code == 200 and nodes.json()["decision"] == "serve"
+                # /metrics on every node
+                for proc in [cluster.origin, *cluster.relays.values()]:
+                    text = (await http.get(f"{proc.url}/metrics")).text
+                    assert "lotcast_forwarded_packets_total" in text
+                    assert "lotcast_first_frame_seconds_count" in text
+                relay_metrics = (await http.get(f"{cluster.relays['relay-0'].url}/metrics")).text
+                ratio = [line for line in relay_metrics.splitlines()
+                         if line.startswith("lotcast_relay_load_ratio ")]
+                assert ratio and float(ratio[0].split()[1]) == per_relay["relay-0"] / 5
+
+                # fill the last 3 seats, then nothing can take a viewer: 503 + Retry-After
+                more = await start_viewers(cluster, "spread", 3)
+                group += more
+                full = await http.get(f"{cluster.origin.url}/api/streams/spread/edge")
+                assert full.status_code == 503 and full.headers["retry-after"]
+                direct = await http.post(f"{cluster.relays['relay-0'].url}/whep/spread",
+                                         content=b"v=0\r\n",
+                                         headers={"Content-Type": "application/sdp"})
+                assert direct.status_code == 503 and direct.headers["retry-after"]
+        finally:
+            await stop_all(group)
+            await publisher.stop()
+
+
+async def test_killed_relay_viewers_re_place_and_others_play_on(redis_server: RedisServer) -> None:
+    with scaled_cluster(redis_server, relays=3, capacity=5) as cluster:
+        await remember_node_ids(cluster)
+        publisher = Publisher(cluster.origin.url, "kill", host_token(), fps=FPS)
+        await publisher.start()
+        group: list[LadderViewer] = []
+        try:
+            t0 = time.monotonic()
+            group = await start_viewers(cluster, "kill", 9)
+            await wait_all_frames(group, t0, 15, within=40)
+            per_relay = Counter(cluster.node_of(v.relay_url) for v in group)
+            victim = per_relay.most_common(1)[0][0]
+            assert victim is not None
+            victims = [v for v in group if cluster.node_of(v.relay_url) == victim]
+            others = [v for v in group if v not in victims]
+
+            killed_at = time.monotonic()
+            cluster.relays[victim].kill()  # SIGKILL: no goodbye
+            await wait_all_frames(group, killed_at + 0.01, 15, within=30)
+            settled = time.monotonic()
+
+            recovery = []
+            for viewer in victims:
+                assert viewer.relay_url != cluster.relays[victim].url
+                first_new = min(t for t in viewer.frame_times if t > killed_at)
+                recovery.append(first_new - killed_at)
+            print(f"killed {victim}: {len(victims)} viewers re-placed; recovery s "
+                  f"p50={percentile(recovery, 50):.2f} p95={percentile(recovery, 95):.2f} "
+                  f"max={max(recovery):.2f}")
+            assert max(recovery) < 6.0, recovery
+            for viewer in others:  # untouched: same session, no stall
+                assert len(viewer.history) == 1 and not viewer.moves, viewer.name
+                gap = viewer.max_gap(killed_at, settled)
+                assert gap < 1.0, (viewer.name, gap)
+            # the dead relay leaves the registry within its TTL (3 x 0.5 s)
+            await asyncio.sleep(1.6)
+            async with httpx.AsyncClient() as http:
+                edge = await http.get(f"{cluster.origin.url}/api/streams/kill/edge",
+                                      headers={"Accept": "application/json"})
+            assert edge.status_code == 200 and edge.json()["node_id"] != victim
+        finally:
+            await stop_all(group)
+            await publisher.stop()
+
+
+async def test_sigterm_drains_viewers_to_other_relays_without_a_gap(
+    redis_server: RedisServer,
+) -> None:
+    with scaled_cluster(redis_server, relays=3, capacity=5, drain_timeout=20) as cluster:
+        await remember_node_ids(cluster)
+        publisher = Publisher(cluster.origin.url, "drain", host_token(), fps=FPS)
+        await publisher.start()
+        group: list[LadderViewer] = []
+        try:
+            t0 = time.monotonic()
+            group = await start_viewers(cluster, "drain", 6, room="drainroom")
+            await wait_all_frames(group, t0, 15, within=40)
+            per_relay = Counter(cluster.node_of(v.relay_url) for v in group)
+            victim = per_relay.most_common(1)[0][0]
+            assert victim is not None
+            proc = cluster.relays[victim]
+            movers = [v for v in group if cluster.node_of(v.relay_url) == victim]
+
+            term_at = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            async with httpx.AsyncClient() as http:
+                await asyncio.sleep(0.3)
+                ready = await http.get(f"{proc.url}/readyz")
+                assert ready.status_code == 503 and "draining" in ready.text
+            code = await asyncio.to_thread(proc.wait, 25)
+            drained_in = time.monotonic() - term_at
+            assert code == 0, proc.output[-20:]
+            await wait_all_frames(group, time.monotonic(), 10, within=20)
+            end = time.monotonic()
+            print(f"drained {victim} ({len(movers)} viewers) in {drained_in:.2f}s")
+            assert drained_in < 15  # empty well before drain_timeout
+            for viewer in group:
+                gap = viewer.max_gap(term_at, end)
+                # make-before-break: the old session plays until the new one does
+                assert gap < 1.5, (viewer.name, gap, viewer.moves, viewer.failures)
+            for viewer in movers:
+                assert viewer.moves and viewer.moves[-1][0].startswith("relay draining")
+                assert cluster.node_of(viewer.relay_url) != victim
+        finally:
+            await stop_all(group)
+            await publisher.stop()
