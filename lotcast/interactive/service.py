@@ -35,6 +35,7 @@ NodeKind = Literal["broadcaster", "relay"]
 ROOM_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 VIEWERS_INTERVAL = 1.0
 VIEWERS_FRESH_MS = 5000
+REDIS_CONNECTIONS = 64
 
 
 class ServiceState(enum.Enum):
@@ -75,7 +76,11 @@ class InteractiveService:
         if self.state is not ServiceState.NEW:
             raise RuntimeError(f"Cannot start interactive service in state {self.state.value!r}")
         s = self.settings
-        self._redis = aioredis.Redis.from_url(s.redis_url, health_check_interval=10)
+        # A blocking pool queues commands when all connections are busy (a bid burst) instead of
+        # failing them with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
+            s.redis_url, max_connections=REDIS_CONNECTIONS, timeout=5, health_check_interval=10)
+        self._redis = aioredis.Redis(connection_pool=pool)
         functions = RoomFunctions(self._redis, s.room_history)
         await functions.load()
         roomlog = RoomLog(self._redis, functions)
@@ -118,7 +123,7 @@ class InteractiveService:
         if self._subscriptions is not None:
             await self._subscriptions.close()
         if self._redis is not None:
-            await self._redis.aclose()
+            await self._redis.aclose(close_connection_pool=True)
 
     # --- WebSocket -----------------------------------------------------------------------------
 
