@@ -114,6 +114,39 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+_TRACE_JS = """() => {
+    window.__trace = [[performance.now() | 0, 'trace start']];
+    const p = window.lotcast.player;
+    p.addEventListener('statechange',
+        (e) => window.__trace.push([performance.now() | 0, e.detail.state, e.detail.detail]));
+    p.addEventListener('relaychange',
+        (e) => window.__trace.push([performance.now() | 0, 'relay', e.detail.origin]));
+    let frames = 0;
+    let lastPc = null;
+    const timer = setInterval(async () => {
+        const pc = window.lotcast.pc;
+        if (!pc) return;
+        if (pc !== lastPc) { lastPc = pc; frames = 0; }
+        let decoded = 0;
+        (await pc.getStats()).forEach((s) => {
+            if (s.type === 'inbound-rtp' && s.kind === 'video') decoded = s.framesDecoded || 0;
+        });
+        if (decoded > 0 && frames === 0) window.__trace.push([performance.now() | 0, 'first frame']);
+        frames = decoded;
+    }, 50);
+    window.__traceStop = () => clearInterval(timer);
+}"""
+
+
+async def trace_player(page: Any) -> None:
+    """Record the viewer page's player state changes (and first frames) with page timestamps."""
+    await page.evaluate(_TRACE_JS)
+
+
+async def player_trace(page: Any) -> list[list[Any]]:
+    return await page.evaluate("window.__trace || []")  # type: ignore[no-any-return]
+
+
 # --- static pages without services (msgpack and rendering tests) ------------------------------
 
 class _StaticHandler(http.server.SimpleHTTPRequestHandler):

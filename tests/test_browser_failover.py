@@ -7,18 +7,17 @@ import time
 from typing import Any
 
 import pytest
-from browser_support import PageLog, chromium, cluster, open_page, wait_for
+from browser_support import (
+    PageLog,
+    chromium,
+    cluster,
+    open_page,
+    player_trace,
+    trace_player,
+    wait_for,
+)
 
 from lotcast.redis_server import RedisServer
-
-TRACE = """() => {
-    window.__trace = [[performance.now() | 0, 'kill']];
-    const p = window.lotcast.player;
-    p.addEventListener('statechange',
-        (e) => window.__trace.push([performance.now() | 0, e.detail.state, e.detail.detail]));
-    p.addEventListener('relaychange',
-        (e) => window.__trace.push([performance.now() | 0, 'relay', e.detail.origin]));
-}"""
 
 
 async def _state(page: Any) -> dict[str, Any]:
@@ -56,7 +55,7 @@ async def test_viewer_moves_to_another_relay_when_its_relay_is_killed(
                 )
                 await wait_for(playing_on(viewer, relay_a.url, 10), 60, "playing on relay A", log)
                 before = await _state(viewer)
-                await viewer.evaluate(TRACE)
+                await trace_player(viewer)
 
                 relay_a.kill()
                 killed_at = time.monotonic()
@@ -64,7 +63,7 @@ async def test_viewer_moves_to_another_relay_when_its_relay_is_killed(
                                        "playing again on relay B", log)
                 recovery = time.monotonic() - killed_at
                 print(f"viewer page played again on relay B {recovery:.2f} s after kill -9 of relay A")
-                print("player trace (ms since page load):", await viewer.evaluate("window.__trace"))
+                print("player trace (ms since page load):", await player_trace(viewer))
                 assert after["reconnects"] >= 1
                 assert after["sessions"] > before["sessions"]
                 t0 = after["currentTime"]

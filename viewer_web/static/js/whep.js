@@ -57,6 +57,7 @@ export class WhepPlayer extends EventTarget {
     this._abort = null;
     this._disconnectTimer = null;
     this._replacing = false;
+    this._previous = null; // {pc, session} kept playing during a make-before-break move
     // Optional: origin -> node id (from the room's welcome), sent as ?exclude= on re-placement.
     this.nodeIdOf = opts.nodeIdOf || null;
   }
@@ -102,15 +103,61 @@ export class WhepPlayer extends EventTarget {
     const avoid = this.relayOrigin;
     this.reconnects += 1;
     this._setState("reconnecting", reason);
-    await this._closeSession();
+    // Make before break: the old relay keeps playing (a draining relay still forwards) until the
+    // new session shows its first frame; only then is the old session closed.
+    this._detachPrevious();
     await this._connectLoop(run, { endpoints: () => this._placementEndpoints(avoid), avoid });
   }
 
   async stop() {
     this._run++;
     this._abort?.abort();
+    await this._closePrevious();
     await this._closeSession();
     this._setState("stopped");
+  }
+
+  _detachPrevious() {
+    if (!this.pc) return;
+    this._closePrevious();
+    clearTimeout(this._disconnectTimer);
+    this._disconnectTimer = null;
+    this._previous = { pc: this.pc, session: this.session };
+    this.pc = null;
+    this.session = null;
+  }
+
+  async _closePrevious() {
+    const prev = this._previous;
+    this._previous = null;
+    if (!prev) return;
+    prev.pc.close();
+    if (prev.session) await deleteSession(prev.session.location, this.token);
+  }
+
+  /** Show `media` once `pc` decoded a frame (or after a bound), then drop the previous session. */
+  async _handover(pc, media) {
+    const deadline = performance.now() + 8000;
+    while (performance.now() < deadline && pc === this.pc && pc.connectionState !== "closed") {
+      let decoded = 0;
+      try {
+        (await pc.getStats()).forEach((s) => {
+          if (s.type === "inbound-rtp" && s.kind === "video") decoded = s.framesDecoded || 0;
+        });
+      } catch {
+        break;
+      }
+      if (decoded > 0) break;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    if (pc !== this.pc) return; // superseded meanwhile
+    this._attach(media);
+    await this._closePrevious();
+  }
+
+  _attach(media) {
+    if (this.video.srcObject !== media) this.video.srcObject = media;
+    this.video.play().catch(() => { /* autoplay policy: muted play normally succeeds */ });
   }
 
   // --- connection establishment -------------------------------------------------------------
@@ -128,43 +175,31 @@ export class WhepPlayer extends EventTarget {
   }
 
   /**
-   * Ask a node's placement API (GET /api/streams/<id>/edge, which answers 307 to the chosen
-   * relay's WHEP URL). HEAD is used so that fetch follows the 307 with a HEAD to the WHEP
-   * endpoint, which answers with CORS headers, making the final URL readable cross-origin.
-   * A JSON body {whep_url|url|location} is accepted too. `exclude` names the node we leave.
+   * Ask a node's placement API: GET /api/streams/<id>/edge with Accept: application/json answers
+   * {whep_url, relay, node_id, ...}; a node that only redirects (307 to the WHEP URL) is read from
+   * the final response URL. `exclude` names the node we are leaving.
    */
   async _askEdge(node, avoid) {
     const url = new URL(`${node}/api/streams/${encodeURIComponent(this.stream)}/edge`);
     const excluded = avoid && this.nodeIdOf ? this.nodeIdOf(avoid) : null;
     if (excluded) url.searchParams.set("exclude", excluded);
-    const attempt = async (method) => {
-      const ctrl = new AbortController();
-      const timer = setTimeout(() => ctrl.abort(), 2000);
-      try {
-        const res = await fetch(url, {
-          method, headers: { Accept: "application/json" }, cache: "no-store", signal: ctrl.signal,
-        });
-        if (res.redirected && /\/whep\//.test(res.url)) return res.url;
-        const type = res.headers.get("Content-Type") || "";
-        if (method === "GET" && res.ok && type.includes("json")) {
-          const body = await res.json();
-          const target = body.whep_url || body.url || body.location || body.whep;
-          if (target) return new URL(target, url).href;
-        }
-        return res.ok ? "retry-get" : null;
-      } finally {
-        clearTimeout(timer);
-      }
-    };
+    const ctrl = new AbortController();
+    const timer = setTimeout(() => ctrl.abort(), 2000);
     try {
-      const viaHead = await attempt("HEAD");
-      if (viaHead && viaHead !== "retry-get") return viaHead;
-      if (viaHead === "retry-get") {
-        const viaGet = await attempt("GET");
-        if (viaGet && viaGet !== "retry-get") return viaGet;
+      const res = await fetch(url, {
+        headers: { Accept: "application/json" }, cache: "no-store", signal: ctrl.signal,
+      });
+      const type = res.headers.get("Content-Type") || "";
+      if (res.ok && type.includes("json")) {
+        const body = await res.json();
+        const target = body.whep_url || body.url || body.location;
+        if (target) return new URL(target, url).href;
       }
+      if (res.redirected && /\/whep\//.test(res.url)) return res.url;
     } catch {
       // no placement API here, or the node is down
+    } finally {
+      clearTimeout(timer);
     }
     return null;
   }
@@ -219,10 +254,10 @@ export class WhepPlayer extends EventTarget {
     preferCodecs(audioTx, "audio", ["audio/opus"]);
     preferCodecs(videoTx, "video", this.videoCodecs);
     const media = new MediaStream();
+    const handover = !!this._previous; // keep showing the old relay until this one has a frame
     pc.addEventListener("track", (ev) => {
       media.addTrack(ev.track);
-      if (this.video.srcObject !== media) this.video.srcObject = media;
-      this.video.play().catch(() => { /* autoplay policy: muted play normally succeeds */ });
+      if (!handover) this._attach(media);
     });
     try {
       await pc.setLocalDescription(await pc.createOffer());
@@ -246,6 +281,7 @@ export class WhepPlayer extends EventTarget {
       this._watch(run, pc);
       this._setState("connecting", `session on ${originOf(result.url)}`);
       this.dispatchEvent(new CustomEvent("session", { detail: { ...this.session } }));
+      if (handover) this._handover(pc, media);
     } catch (err) {
       pc.close();
       throw err;
