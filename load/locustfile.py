@@ -1,0 +1,280 @@
+"""locust load test of the interactive WebSocket layer (docs/protocol.md), run headless.
+
+Users:
+* `WatcherUser` (anonymous): only receives. For every log event it reports "WS event delivered"
+  (response time = receive time - event `ts`, the server clock at the Redis Function call), and for
+  every `bid` event "WS bid->viewer" (receive time - the bidder's own send time, see below).
+* `BidderUser` (bidder token): places bids on the benchmark lot at `--bid-rate-per-user` and reports
+  "WS bid ack" (accepted), "WS bid rejected <code>" (a valid refusal, e.g. overtaken by another
+  bid) and failures (anything else, timeouts, closes).
+
+Bid -> viewer latency without a shared clock message: bidders set
+`amount = 1000 + microseconds since 00:00 UTC today` (increment table [[0, 1]]), so every receiver
+knows the bidder's wall-clock send time of every bid (same machine / NTP-synced hosts). Do not run
+across midnight UTC (amounts would drop and be refused as too low).
+
+Start a node first (Redis + one relay, stops by itself after --serve seconds):
+
+    .venv/bin/python load/ws_bench.py --serve 120      # prints the URL and the JWT secret
+
+then
+
+    LOTCAST_JWT_SECRET=<secret> .venv/bin/locust -f load/locustfile.py --headless \\
+        -u 200 -r 50 -t 30s --host http://127.0.0.1:<port> --bidders 20 --bid-rate-per-user 2
+
+locust (gevent, one blocking websocket-client per user) tops out at a few hundred sockets and a
+few thousand events/s per process on this machine; use load/ws_bench.py for 10,000 watchers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import gevent
+import msgpack
+import websocket  # websocket-client: plain blocking sockets, cooperative under gevent
+from locust import User, events, task
+from locust.env import Environment
+from locust.exception import StopUser
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lotcast.auth import Role, TokenAuthority
+from lotcast.config import DEV_JWT_SECRET
+
+BASE_AMOUNT = 1000
+ROOM_DEFAULT = "locust"
+_state: dict[str, Any] = {"lot": None}
+_ids = itertools.count(1)
+
+
+def day_start_us() -> int:
+    today = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return int(today.timestamp() * 1_000_000)
+
+
+T0_US = day_start_us()
+
+
+def bid_amount(now: float) -> int:
+    return BASE_AMOUNT + int(now * 1_000_000) - T0_US
+
+
+def bid_sent_at(amount: int) -> float:
+    return (amount - BASE_AMOUNT + T0_US) / 1_000_000
+
+
+@events.init_command_line_parser.add_listener
+def _args(parser: Any) -> None:
+    parser.add_argument("--room", default=ROOM_DEFAULT, help="room (stream id)")
+    parser.add_argument("--bidders", type=int, default=10,
+                        help="how many of the -u users are bidders (the rest watch)")
+    parser.add_argument("--bid-rate-per-user", type=float, default=2.0,
+                        help="bids/s per bidder (server limit: 5/s per user, burst 10)")
+    parser.add_argument("--jwt-secret", default=os.environ.get("LOTCAST_JWT_SECRET", DEV_JWT_SECRET),
+                        help="the node's LOTCAST_JWT_SECRET (mints host and bidder tokens)")
+
+
+def ws_url(host: str, room: str) -> str:
+    return host.rstrip("/").replace("http://", "ws://").replace("https://", "wss://") + f"/ws/{room}"
+
+
+def decode(frame: bytes) -> list[dict[str, Any]]:
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(frame)
+    return list(unpacker)
+
+
+def request(ws: websocket.WebSocket, cid: Any, within: float = 10.0, **msg: Any) -> dict[str, Any]:
+    ws.send_binary(msgpack.packb({**msg, "cid": cid}))
+    deadline = time.time() + within
+    while time.time() < deadline:
+        for reply in decode(ws.recv()):
+            if reply.get("cid") == cid or (msg["type"] == "hello" and reply["type"] == "welcome"):
+                return reply
+    raise TimeoutError(f"no reply to {msg['type']}")
+
+
+@events.test_start.add_listener
+def _create_lot(environment: Environment, **_: Any) -> None:
+    """One fresh open lot per test run (host token), shared by all users of this process."""
+    opts = environment.parsed_options
+    assert opts is not None and environment.host
+    authority = TokenAuthority(opts.jwt_secret)
+    ws = websocket.create_connection(ws_url(environment.host, opts.room), timeout=10)
+    try:
+        hello = request(ws, "h0", type="hello", token=authority.mint(Role.HOST, "locust-host"))
+        if hello["type"] != "welcome":
+            raise RuntimeError(f"host hello refused: {hello}")
+        created = request(ws, "h1", type="lot_create", title="locust lot", start_price=BASE_AMOUNT,
+                          increments=[[0, 1]], duration_ms=3_600_000, soft_close_ms=0)
+        opened = request(ws, "h2", type="lot_open", lot=created["lot"])
+        if opened["type"] != "ack":
+            raise RuntimeError(f"lot_open failed: {opened}")
+        _state["lot"] = created["lot"]
+    finally:
+        ws.close()
+
+
+@events.init.add_listener
+def _user_mix(environment: Environment, **_: Any) -> None:
+    if environment.parsed_options is not None:
+        BidderUser.fixed_count = environment.parsed_options.bidders
+
+
+def _fetch_node_stats(host: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{host}/interactive/stats", timeout=5) as resp:
+        return dict(json.load(resp))
+
+
+def _poll_node_stats(environment: Environment) -> None:
+    """Every 2 s: the node's own counters; keeps the sample with the most sockets."""
+    assert environment.host
+    for _ in range(100_000):  # bounded; the greenlet is killed at test stop anyway
+        try:
+            body = _fetch_node_stats(environment.host)
+        except OSError:
+            body = {}
+        if body.get("sockets", 0) >= _state.get("peak", {}).get("sockets", 0):
+            _state["peak"] = body
+        _state["last"] = body
+        gevent.sleep(2.0)
+
+
+@events.test_start.add_listener
+def _start_polling(environment: Environment, **_: Any) -> None:
+    _state["poller"] = gevent.spawn(_poll_node_stats, environment)
+
+
+@events.test_stop.add_listener
+def _node_stats(environment: Environment, **_: Any) -> None:
+    """Connected sockets per node (peak during the run), from the node's own counters."""
+    poller = _state.get("poller")
+    if poller is not None:
+        poller.kill()
+    peak, last = _state.get("peak", {}), _state.get("last", {})
+    print(f"node {peak.get('node')}: peak connected sockets {peak.get('sockets')} "
+          f"(by room {peak.get('by_room')}); slow_disconnects {last.get('slow_disconnects')}, "
+          f"auth_failures {last.get('auth_failures')}, errors sent {last.get('errors')}, "
+          f"hub {peak.get('hubs')}", flush=True)
+
+
+class _WsUser(User):
+    abstract = True
+    role: Role | None = None
+
+    def on_start(self) -> None:
+        opts = self.environment.parsed_options
+        assert opts is not None and self.host
+        self.opts = opts
+        start = time.time()
+        hello: dict[str, Any] = {"type": "hello"}
+        uid = f"locust-{os.getpid()}-{next(_ids)}"
+        if self.role is not None:
+            hello["token"] = TokenAuthority(opts.jwt_secret).mint(self.role, uid, uid)
+        try:
+            self.ws = websocket.create_connection(ws_url(self.host, opts.room), timeout=10)
+            welcome = request(self.ws, 0, **hello)
+            if welcome["type"] != "welcome":
+                raise RuntimeError(f"hello refused: {welcome}")
+        except Exception as exc:
+            self._fire("WS connect", start, exc=exc)
+            raise StopUser() from exc
+        self._fire("WS connect", start)
+        self.ws.settimeout(1.0)
+
+    def on_stop(self) -> None:
+        ws = getattr(self, "ws", None)
+        if ws is not None:
+            ws.close()
+
+    def _fire(self, name: str, start: float, length: int = 0, exc: Exception | None = None,
+              rt_ms: float | None = None) -> None:
+        self.environment.events.request.fire(
+            request_type="WS", name=name, response_length=length, exception=exc, context={},
+            response_time=rt_ms if rt_ms is not None else (time.time() - start) * 1000)
+
+    def _consume(self, frame: bytes) -> list[dict[str, Any]]:
+        """Report delivery latency of every log event in a server frame; return the other maps."""
+        now = time.time()
+        rest = []
+        for msg in decode(frame):
+            if msg.get("type") != "events" or msg.get("replay") or not self.deliveries:
+                rest.append(msg)
+                continue
+            for ev in msg["events"]:
+                self._fire("WS event delivered", 0, rt_ms=max(0.0, now * 1000 - ev["ts"]))
+                if ev["type"] == "bid":
+                    self._fire("WS bid->viewer", 0,
+                               rt_ms=max(0.0, (now - bid_sent_at(ev["amount"])) * 1000))
+        return rest
+
+    deliveries = True
+
+    def _recv(self) -> bytes | None:
+        try:
+            data = self.ws.recv()
+        except websocket.WebSocketTimeoutException:
+            return None
+        except (websocket.WebSocketConnectionClosedException, OSError) as exc:
+            self._fire("WS closed", time.time(), exc=exc)
+            raise StopUser() from exc
+        if not isinstance(data, bytes):
+            self._fire("WS text frame", time.time(), exc=RuntimeError("unexpected text frame"))
+            return None
+        return data
+
+
+class WatcherUser(_WsUser):
+    weight = 1
+
+    @task
+    def watch(self) -> None:
+        frame = self._recv()
+        if frame is not None:
+            for msg in self._consume(frame):
+                if msg.get("type") == "error":
+                    self._fire("WS error", time.time(), exc=RuntimeError(str(msg.get("code"))))
+
+
+class BidderUser(_WsUser):
+    role = Role.BIDDER
+    fixed_count = 10
+    deliveries = False  # watchers report deliveries; bidders only their acks
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.cids = itertools.count(1)
+        self.next_at = time.time() + 1.0 / self.opts.bid_rate_per_user * (next(_ids) % 7) / 7
+
+    @task
+    def bid(self) -> None:
+        gevent.sleep(max(0.0, self.next_at - time.time()))
+        self.next_at = max(self.next_at + 1.0 / self.opts.bid_rate_per_user, time.time() - 1.0)
+        cid = next(self.cids)
+        sent = time.time()
+        self.ws.send_binary(msgpack.packb({"type": "bid", "cid": cid, "lot": _state["lot"],
+                                           "amount": bid_amount(sent)}))
+        while time.time() - sent < 10:
+            frame = self._recv()
+            if frame is None:
+                continue
+            for msg in self._consume(frame):
+                if msg.get("cid") != cid:
+                    continue
+                if msg["type"] == "ack":
+                    self._fire("WS bid ack", sent)
+                elif msg["code"] in ("bid_too_low", "rate_limited"):
+                    self._fire(f"WS bid rejected {msg['code']}", sent)
+                else:
+                    self._fire("WS bid ack", sent, exc=RuntimeError(msg["code"]))
+                return
+        self._fire("WS bid ack", sent, exc=TimeoutError("no reply in 10 s"))

@@ -1,0 +1,835 @@
+"""Lean asyncio load client for the interactive WebSocket layer (docs/protocol.md).
+
+locust (gevent, one greenlet + one websocket client per user) cannot hold 10,000 sockets on a
+2-core machine, so this tool drives the big runs. It starts its own Redis (AOF, the production
+durability config) and one relay (`lotcast relay --port 0`), or uses `--url`, then:
+
+* a host connection creates and opens one lot (increment 1 cent, 1 h, no soft close);
+* W watchers (anonymous) connect in batches over several worker processes (uvloop);
+* B bidders place R bids/s in total, round-robin (each bidder stays under the per-user limit);
+* for T seconds it measures; then it prints the figures and stops everything it started.
+
+Measuring without being the bottleneck
+--------------------------------------
+Watchers use `websockets`' sans-I/O ClientProtocol for the opening handshake and `hello`, then
+parse the (unmasked) server frames themselves: one header check per frame. The server encodes each
+batch once and sends the same bytes to every socket, so a worker decodes each distinct frame once
+and only appends the receive time for every other copy. Bidders use the regular
+`websockets.asyncio` client.
+
+Latency sources:
+* bid ack: the bidder's send time -> the `ack`/`error` with its cid;
+* bid -> watcher: every `bid` event carries `amount`; bidders encode their wall-clock send time in
+  the amount (amount = 1000 + microseconds since the run's t0, increment table [[0, 1]]), so any
+  watcher in any process knows the bidder's send time of every bid it receives. This is end to end
+  (client send -> Redis Function -> pub/sub -> hub batch -> every socket). The event's own `ts`
+  (server time of the Function call, ms) gives the server-side part too.
+  Time-ordered amounts also make almost every bid valid (only bids overtaken in flight by a later
+  one are `bid_too_low`).
+
+    .venv/bin/python load/ws_bench.py --watchers 100 --seconds 10
+    .venv/bin/python load/ws_bench.py --watchers 10000 --bid-rate 200 --seconds 30 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+import queue
+import resource
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import msgpack
+import numpy as np
+import psutil
+import websockets
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lotcast.auth import Role, TokenAuthority
+from lotcast.interactive.client import RoomClient
+
+BASE_AMOUNT = 1000  # start price; amount = BASE_AMOUNT + microseconds since t0
+EDGES = np.concatenate(([0.0], np.logspace(-5, 2, 1401)))  # seconds, 10 us .. 100 s (~1.2 %)
+
+
+# --- histogram helpers -------------------------------------------------------------------------
+
+def hist(values: np.ndarray) -> np.ndarray:
+    counts, _ = np.histogram(np.clip(values, 0.0, EDGES[-1] * 0.999), bins=EDGES)
+    return counts.astype(np.int64)
+
+
+def pct(counts: np.ndarray, qs: tuple[float, ...] = (50, 95, 99, 99.9)) -> dict[str, float]:
+    total = int(counts.sum())
+    out: dict[str, float] = {"n": float(total)}
+    if total == 0:
+        return out
+    cum = np.cumsum(counts)
+    for q in qs:
+        i = int(np.searchsorted(cum, total * q / 100.0))
+        out[f"p{q:g}"] = EDGES[min(i + 1, len(EDGES) - 1)] * 1000.0  # upper bin edge, ms
+    nz = np.nonzero(counts)[0]
+    out["max"] = EDGES[nz[-1] + 1] * 1000.0
+    return out
+
+
+def fmt(p: dict[str, float]) -> str:
+    if not p.get("n"):
+        return "n=0"
+    return (f"p50 {p['p50']:8.2f} ms  p95 {p['p95']:8.2f} ms  p99 {p['p99']:8.2f} ms  "
+            f"p99.9 {p['p99.9']:8.2f} ms  max {p['max']:8.1f} ms  (n={int(p['n']):,})")
+
+
+# --- watcher: sans-I/O handshake, then a minimal frame parser ---------------------------------
+
+class Sink:
+    """Per worker: decodes each distinct server frame once, stores receive times of every copy."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = t0
+        self.recording = False
+        self.times: dict[bytes, array[float]] = {}
+        self.info: dict[bytes, dict[str, Any]] = {}
+        self.other_frames = 0
+        self.bytes = 0
+
+    def frame(self, payload: bytes, now: float) -> None:
+        self.bytes += len(payload)
+        if not self.recording:
+            self.other_frames += 1
+            return
+        times = self.times.get(payload)
+        if times is None:
+            times = self.times[payload] = array("d")
+            self.info[payload] = self._decode(payload)
+        times.append(now)
+
+    def _decode(self, payload: bytes) -> dict[str, Any]:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        unpacker.feed(payload)
+        bids: list[tuple[int, float, float]] = []  # (offset, client send time, server ts)
+        events = 0
+        kinds: list[str] = []
+        for msg in unpacker:
+            kinds.append(msg.get("type", "?"))
+            if msg.get("type") != "events" or msg.get("replay"):
+                continue
+            for ev in msg["events"]:
+                events += 1
+                if ev.get("type") == "bid":
+                    sent = self.t0 + (ev["amount"] - BASE_AMOUNT) / 1e6
+                    bids.append((ev["offset"], sent, ev["ts"] / 1000.0))
+        return {"bids": bids, "events": events, "kinds": kinds}
+
+
+class Watcher(asyncio.Protocol):
+    def __init__(self, url: str, sink: Sink, stats: Counter[str]) -> None:
+        self.proto = ClientProtocol(parse_uri(url))
+        self.sink = sink
+        self.stats = stats
+        self.transport: Any = None
+        self.fast = False
+        self.buf = b""
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.close_code: int | None = None
+        self.closing = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport  # uvloop's transports are not asyncio.Transport subclasses
+        self.proto.send_request(self.proto.connect())
+        self._flush_proto()
+
+    def _flush_proto(self) -> None:
+        assert self.transport is not None
+        for chunk in self.proto.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
+
+    def data_received(self, data: bytes) -> None:
+        if self.fast:
+            self._frames(data)
+            return
+        self.proto.receive_data(data)
+        self.proto.events_received()
+        if self.proto.handshake_exc is not None:
+            self._fail(f"handshake: {self.proto.handshake_exc!r}")
+            return
+        if self.proto.state is State.OPEN:
+            # The server sends nothing before our hello, so no frame bytes are buffered yet.
+            self.proto.send_binary(msgpack.packb({"type": "hello", "cid": 1}))
+            self._flush_proto()
+            self.fast = True
+
+    def _frames(self, data: bytes) -> None:
+        if self.buf:
+            data = self.buf + data
+            self.buf = b""
+        now = time.time()
+        pos, end = 0, len(data)
+        while end - pos >= 2:
+            b0, b1 = data[pos], data[pos + 1]
+            length, head = b1 & 0x7F, 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length, head = int.from_bytes(data[pos + 2:pos + 4], "big"), 4
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                length, head = int.from_bytes(data[pos + 2:pos + 10], "big"), 10
+            stop = pos + head + length
+            if stop > end:
+                break
+            if b0 == 0x82:  # FIN + binary: the only data frame this server sends
+                payload = data[pos + head:stop]
+                if not self.ready.done():
+                    self.ready.set_result(None)  # welcome arrived
+                self.sink.frame(payload, now)
+            else:
+                self._control(b0 & 0x0F, data[pos + head:stop])
+            pos = stop
+        if pos < end:
+            self.buf = data[pos:]
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        assert self.transport is not None
+        if opcode == Opcode.PING:
+            self.transport.write(Frame(Opcode.PONG, payload).serialize(mask=True))
+        elif opcode == Opcode.CLOSE:
+            self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            self.stats[f"close_{self.close_code}"] += 1
+            self.transport.write(Frame(Opcode.CLOSE, payload[:2]).serialize(mask=True))
+            self.transport.close()
+        elif opcode != Opcode.PONG:
+            self.stats[f"unexpected_opcode_{opcode}"] += 1
+
+    def _fail(self, why: str) -> None:
+        self.stats["handshake_failed"] += 1
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(why))
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closing:
+            self.stats["disconnects"] += 1
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"lost before welcome: {exc!r}"))
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(Frame(Opcode.CLOSE, (1000).to_bytes(2, "big")).serialize(mask=True))
+            self.transport.close()
+
+
+# --- bidder: the regular websockets client -----------------------------------------------------
+
+class Bidder:
+    def __init__(self, url: str, token: str, lot: str, stats: Counter[str]) -> None:
+        self.url, self.token, self.lot, self.stats = url, token, lot, stats
+        self.ws: Any = None
+        self.sent: dict[int, float] = {}
+        self.cids = itertools.count(2)
+        self.acks: list[tuple[float, float]] = []  # (send time, latency) of acked bids
+        self.rejects: list[tuple[float, float]] = []  # same, for bids answered with an error
+        self.welcome = asyncio.get_running_loop().create_future()
+        self.reader: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        self.ws = await websockets.connect(self.url, max_size=None, compression=None,
+                                           ping_interval=None, open_timeout=20)
+        self.reader = asyncio.create_task(self._read())
+        await self.ws.send(msgpack.packb({"type": "hello", "cid": 1, "token": self.token}))
+        await asyncio.wait_for(self.welcome, 20)
+
+    async def bid(self, t0: float) -> None:
+        cid = next(self.cids)
+        now = time.time()
+        amount = BASE_AMOUNT + int((now - t0) * 1e6)
+        self.sent[cid] = now
+        try:
+            await self.ws.send(msgpack.packb({"type": "bid", "cid": cid, "lot": self.lot,
+                                              "amount": amount}))
+        except websockets.ConnectionClosed:
+            self.stats["bid_send_failed"] += 1
+
+    async def _read(self) -> None:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        try:
+            async for frame in self.ws:
+                now = time.time()
+                unpacker.feed(frame)
+                for msg in unpacker:
+                    kind = msg.get("type")
+                    if kind == "welcome" and not self.welcome.done():
+                        self.welcome.set_result(msg)
+                    elif kind in ("ack", "error"):
+                        sent = self.sent.pop(msg.get("cid"), None)
+                        if sent is None:
+                            continue
+                        if kind == "ack":
+                            self.acks.append((sent, now - sent))
+                        else:
+                            self.rejects.append((sent, now - sent))
+                            self.stats[f"bid_error_{msg.get('code')}"] += 1
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            code = self.ws.close_code
+            if code not in (None, 1000):
+                self.stats[f"bidder_close_{code}"] += 1
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(), 2)
+        if self.reader is not None:
+            self.reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.reader
+
+
+# --- worker process ----------------------------------------------------------------------------
+
+async def _worker_main(cfg: dict[str, Any], out: Any, ctrl: Any) -> None:
+    stats: Counter[str] = Counter()
+    sink = Sink(cfg["t0"])
+    loop = asyncio.get_running_loop()
+    parts = urlsplit(cfg["ws_url"])
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    watchers: list[Watcher] = []
+    ramp_started = time.monotonic()
+    for start in range(0, cfg["watchers"], cfg["ramp_batch"]):
+        batch = [Watcher(cfg["ws_url"], sink, stats)
+                 for _ in range(min(cfg["ramp_batch"], cfg["watchers"] - start))]
+
+        async def connect(w: Watcher, ok: list[Watcher]) -> None:
+            try:
+                await asyncio.wait_for(loop.create_connection(lambda w=w: w, host, port),
+                                       cfg["connect_timeout"])
+                await asyncio.wait_for(asyncio.shield(w.ready), cfg["connect_timeout"])
+                ok.append(w)
+            except (OSError, TimeoutError, ConnectionError) as exc:
+                stats[f"connect_failed_{type(exc).__name__}"] += 1
+                w.close()
+
+        ok: list[Watcher] = []
+        await asyncio.gather(*(connect(w, ok) for w in batch))
+        watchers.extend(ok)
+        if time.monotonic() - ramp_started > cfg["ramp_timeout"]:
+            stats["ramp_timeout"] += 1
+            break
+    ramp_s = time.monotonic() - ramp_started
+    bidders = [Bidder(cfg["ws_url"], tok, cfg["lot"], stats) for tok in cfg["tokens"]]
+    for b in bidders:
+        try:
+            await b.connect()
+        except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+            stats[f"bidder_connect_failed_{type(exc).__name__}"] += 1
+    bidders = [b for b in bidders if b.welcome.done()]
+    out.put(("ready", cfg["index"], len(watchers), len(bidders), ramp_s))
+    try:
+        start_at = await loop.run_in_executor(None, ctrl.get, True, cfg["ctrl_timeout"])
+    except queue.Empty:
+        start_at = None
+    if start_at is None:
+        out.put(("result", cfg["index"], {"stats": dict(stats), "aborted": True}))
+        return
+    t0, warm, dur, drain = cfg["t0"], cfg["warmup"], cfg["seconds"], cfg["drain"]
+    bid_from, end = start_at - warm, start_at + dur
+    rate = cfg["bid_rate"]
+    lag: list[float] = []
+
+    async def probe() -> None:  # event loop lag of this worker (client-side measurement error)
+        while time.time() < end + drain:
+            t = loop.time()
+            await asyncio.sleep(0.05)
+            lag.append(loop.time() - t - 0.05)
+
+    async def bid_loop() -> None:
+        if not bidders or rate <= 0:
+            return
+        await asyncio.sleep(max(0.0, bid_from - time.time()))
+        interval = 1.0 / rate
+        nxt = time.time()
+        for i in itertools.count():
+            if nxt >= end:
+                return
+            await bidders[i % len(bidders)].bid(t0)
+            nxt += interval
+            delay = nxt - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -0.5:  # fell far behind: do not burst to catch up
+                stats["bid_schedule_slip"] += 1
+                nxt = time.time()
+
+    await asyncio.sleep(max(0.0, bid_from - time.time() - 0.2))
+    sink.recording = True
+    cpu0 = psutil.Process().cpu_times()
+    await asyncio.gather(bid_loop(), probe())
+    await asyncio.sleep(max(0.0, end + drain - time.time()))
+    sink.recording = False
+    cpu1 = psutil.Process().cpu_times()
+    connected_at_end = sum(1 for w in watchers if w.close_code is None and w.transport is not None
+                           and not w.transport.is_closing())
+    for w in watchers:
+        w.close()
+    await asyncio.gather(*(b.close() for b in bidders))
+    out.put(("result", cfg["index"], _analyse(sink, bidders, stats, start_at, end, lag,
+                                              cpu1.user + cpu1.system - cpu0.user - cpu0.system,
+                                              len(watchers), connected_at_end)))
+    await asyncio.sleep(0.2)
+
+
+def _analyse(sink: Sink, bidders: list[Bidder], stats: Counter[str], start: float, end: float,
+             lag: list[float], cpu: float, watchers: int, connected_at_end: int) -> dict[str, Any]:
+    deliver = np.zeros(len(EDGES) - 1, np.int64)
+    server_part = np.zeros(len(EDGES) - 1, np.int64)
+    per_offset: dict[int, list[float]] = {}  # offset -> [send, max recv, receipts]
+    frames = events = 0
+    for payload, times in sink.times.items():
+        info = sink.info[payload]
+        recv = np.frombuffer(times, dtype=np.float64)
+        in_window = int(((recv >= start) & (recv < end)).sum())
+        frames += in_window
+        events += in_window * info["events"]
+        bids = [b for b in info["bids"] if start <= b[1] < end]
+        if not bids:
+            continue
+        sent = np.array([b[1] for b in bids])
+        ts = np.array([b[2] for b in bids])
+        deliver += hist((recv[:, None] - sent[None, :]).ravel())
+        server_part += hist((recv[:, None] - ts[None, :]).ravel())
+        last = float(recv.max())
+        for (offset, send, _), _s in zip(bids, sent, strict=True):
+            slot = per_offset.setdefault(offset, [send, last, 0])
+            slot[1] = max(slot[1], last)
+            slot[2] += len(recv)
+    acks = [a for b in bidders for a in b.acks if start <= a[0] < end]
+    rejects = [a for b in bidders for a in b.rejects if start <= a[0] < end]
+    unanswered = sum(1 for b in bidders for s in b.sent.values() if start <= s < end)
+    return {
+        "deliver_hist": deliver, "server_hist": server_part, "per_offset": per_offset,
+        "ack_hist": hist(np.array([a[1] for a in acks])),
+        "reject_hist": hist(np.array([a[1] for a in rejects])),
+        "acks": len(acks), "rejects": len(rejects), "unanswered": unanswered,
+        "frames": frames, "events": events, "bytes": sink.bytes, "stats": dict(stats),
+        "lag_p99_ms": float(np.percentile(lag, 99) * 1000) if lag else 0.0,
+        "lag_max_ms": float(max(lag) * 1000) if lag else 0.0,
+        "cpu_s": cpu, "watchers": watchers, "connected_at_end": connected_at_end,
+    }
+
+
+def worker_entry(cfg: dict[str, Any], out: Any, ctrl: Any) -> None:
+    raise_nofile()
+    try:
+        import uvloop
+
+        uvloop.run(_worker_main(cfg, out, ctrl))
+    except ImportError:
+        asyncio.run(_worker_main(cfg, out, ctrl))
+
+
+# --- orchestration -----------------------------------------------------------------------------
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
+async def setup_lot(http_url: str, room: str, host_token: str) -> str:
+    host = RoomClient(http_url, room, host_token)
+    await host.connect()
+    try:
+        created = await host.request(
+            "lot_create", title="bench lot", start_price=BASE_AMOUNT, increments=[[0, 1]],
+            duration_ms=3_600_000, soft_close_ms=0)
+        if created["type"] != "ack":
+            raise RuntimeError(f"lot_create failed: {created}")
+        opened = await host.request("lot_open", lot=created["lot"])
+        if opened["type"] != "ack":
+            raise RuntimeError(f"lot_open failed: {opened}")
+        return str(created["lot"])
+    finally:
+        await host.close()
+
+
+def server_stats(http_url: str) -> dict[str, Any]:
+    try:
+        return dict(httpx.get(f"{http_url}/interactive/stats", timeout=5).json())
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"error": repr(exc)}
+
+
+class CpuWatch:
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.procs = {}
+        for name, pid in pids.items():
+            with contextlib.suppress(psutil.Error):
+                self.procs[name] = psutil.Process(pid)
+        self.start: dict[str, float] = {}
+        self.samples: dict[str, list[float]] = {name: [] for name in self.procs}
+
+    def _cpu(self, p: psutil.Process) -> float:
+        try:
+            t = p.cpu_times()
+            return float(t.user + t.system)
+        except psutil.Error:
+            return 0.0
+
+    @staticmethod
+    def _schedstat(p: psutil.Process) -> tuple[int, int]:
+        """(ns on CPU, ns runnable but waiting for a CPU) of the main thread, from the kernel."""
+        try:
+            run, wait, _ = Path(f"/proc/{p.pid}/schedstat").read_text().split()
+            return int(run), int(wait)
+        except (OSError, ValueError):
+            return 0, 0
+
+    def waits(self) -> dict[str, tuple[float, float]]:
+        """Seconds on CPU and seconds waiting in the run queue since begin()."""
+        out = {}
+        for n, p in self.procs.items():
+            run, wait = self._schedstat(p)
+            run0, wait0 = self.sched0.get(n, (0, 0))
+            out[n] = ((run - run0) / 1e9, (wait - wait0) / 1e9)
+        return out
+
+    def begin(self) -> None:
+        self.sched0 = {n: self._schedstat(p) for n, p in self.procs.items()}
+        self.start = {n: self._cpu(p) for n, p in self.procs.items()}
+        self._last = dict(self.start)
+        self._last_t = time.monotonic()
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        for n, p in self.procs.items():
+            c = self._cpu(p)
+            self.samples[n].append((c - self._last[n]) / max(1e-6, now - self._last_t))
+            self._last[n] = c
+        self._last_t = now
+
+    def total(self) -> dict[str, float]:
+        return {n: self._cpu(p) - self.start.get(n, 0.0) for n, p in self.procs.items()}
+
+
+def start_profile(pid: int, seconds: float, path: Path) -> subprocess.Popen[bytes] | None:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(exe).exists():
+        print("py-spy not found (.venv/bin/pip install py-spy); no profile", file=sys.stderr)
+        return None
+    return subprocess.Popen([exe, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                             "--rate", "100", "--format", "raw", "--nonblocking", "-o", str(path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def summarise_profile(path: Path, top: int = 18) -> list[str]:
+    """py-spy raw (collapsed) stacks -> share of samples by leaf function and by module area."""
+    if not path.exists():
+        return ["(no profile written)"]
+    leaf: Counter[str] = Counter()
+    area: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        leaf[frames[-1]] += n
+        inner = " ".join(frames)
+        for key, label in (("hub.py", "RoomHub fan-out (push to outboxes)"),
+                           ("outbox.py", "Outbox sender tasks"),
+                           ("starlette/websockets", "Starlette WebSocket send/receive"),
+                           ("uvicorn/protocols/websockets", "uvicorn websocket protocol"),
+                           ("websockets/", "websockets library (frames)"),
+                           ("asyncio/base_events.py", "asyncio loop machinery"),
+                           ("redis/", "redis client"), ("session.py", "ClientSession")):
+            if key in inner:
+                area[label] += n
+    if total == 0:
+        return ["(empty profile)"]
+    lines = [f"py-spy: {total} samples; inclusive share by area (overlapping):"]
+    lines += [f"  {100 * n / total:5.1f}%  {label}" for label, n in area.most_common()]
+    lines.append("self time by leaf function:")
+    lines += [f"  {100 * n / total:5.1f}%  {name[:110]}" for name, n in leaf.most_common(top)]
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    raise_nofile()
+    secret = os.environ.get("LOTCAST_JWT_SECRET") or secrets.token_urlsafe(32)
+    redis = relay = None
+    tmp = tempfile.TemporaryDirectory(prefix="lotcast-wsbench-")
+    pids: dict[str, int] = {}
+    try:
+        if args.url:
+            http_url = args.url.rstrip("/")
+            relay_pid = args.relay_pid
+        else:
+            from lotcast.redis_server import RedisServer
+            from lotcast.supervisor import ServiceProcess
+
+            redis = RedisServer(data_dir=Path(tmp.name) / "redis")
+            redis.start()
+            if redis._proc is not None:
+                pids["redis"] = redis._proc.pid
+            env = {"LOTCAST_JWT_SECRET": secret, "LOTCAST_REDIS_URL": redis.url}
+            if args.flush_ms:
+                env["LOTCAST_WS_FLUSH_INTERVAL_MS"] = str(args.flush_ms)
+            relay = ServiceProcess("relay", ["--port", "0", "--max-viewers", "1000000",
+                                             "--node-id", "bench-relay-0", "--log-level", "warning"],
+                                   env=env).start()
+            http_url, relay_pid = relay.url, relay.pid
+        if relay_pid:
+            pids["relay"] = relay_pid
+        if args.serve:
+            print(f"serving for {args.serve:g} s (Ctrl-C stops earlier)\n  URL: {http_url}\n"
+                  f"  relay pid: {relay_pid}\n  export LOTCAST_JWT_SECRET={secret}", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                time.sleep(args.serve)
+            return 0
+        ws_url = http_url.replace("http://", "ws://").replace("https://", "wss://") + f"/ws/{args.room}"
+        authority = TokenAuthority(secret)
+        lot = asyncio.run(setup_lot(http_url, args.room, authority.mint(Role.HOST, "bench-host", "Host")))
+        tokens = [authority.mint(Role.BIDDER, f"bidder-{i}", f"Bidder {i}") for i in range(args.bidders)]
+        t0 = time.time()
+        ctx = mp.get_context("spawn")
+        out = ctx.Queue()
+        workers, ctrls = [], []
+        n = args.workers
+        for i in range(n):
+            cfg = {"index": i, "ws_url": ws_url, "lot": lot, "t0": t0,
+                   "watchers": args.watchers // n + (1 if i < args.watchers % n else 0),
+                   "tokens": tokens[i::n],
+                   "bid_rate": args.bid_rate * len(tokens[i::n]) / max(1, len(tokens)),
+                   "ramp_batch": args.ramp_batch, "ramp_timeout": args.ramp_timeout,
+                   "connect_timeout": args.connect_timeout,
+                   "ctrl_timeout": args.ramp_timeout + 120, "warmup": args.warmup,
+                   "seconds": args.seconds, "drain": args.drain}
+            ctrl = ctx.Queue()
+            proc = ctx.Process(target=worker_entry, args=(cfg, out, ctrl), daemon=True)
+            proc.start()
+            workers.append(proc)
+            ctrls.append(ctrl)
+            pids[f"client-{i}"] = proc.pid
+        print(f"relay {http_url} (pid {relay_pid}); lot {lot}; ramping {args.watchers} watchers "
+              f"+ {args.bidders} bidders over {n} worker process(es)...", flush=True)
+        ready: dict[int, tuple[int, int, float]] = {}
+        deadline = time.monotonic() + args.ramp_timeout + 60
+        while len(ready) < n and time.monotonic() < deadline:
+            try:
+                msg = out.get(timeout=1.0)
+            except queue.Empty:
+                if not all(p.is_alive() for p in workers):
+                    raise RuntimeError("a worker process died during the ramp") from None
+                continue
+            if msg[0] == "ready":
+                ready[msg[1]] = (msg[2], msg[3], msg[4])
+        if len(ready) < n:
+            raise RuntimeError("workers did not finish the ramp in time")
+        connected = sum(r[0] for r in ready.values())
+        ramp_s = max(r[2] for r in ready.values())
+        print(f"load average {os.getloadavg()[0]:.2f}; "
+              f"connected {connected} watchers, {sum(r[1] for r in ready.values())} bidders "
+              f"in {ramp_s:.1f} s", flush=True)
+        time.sleep(1.5)  # let the viewer count settle
+        stats_before = server_stats(http_url)
+        start_at = time.time() + args.warmup + 0.5
+        for ctrl in ctrls:
+            ctrl.put(start_at)
+        cpu = CpuWatch(pids)
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu.begin()
+        prof = start_profile(relay_pid, args.seconds, Path(tmp.name) / "relay.prof") \
+            if args.profile and relay_pid else None
+        stats_mid: dict[str, Any] = {}
+        while time.time() < start_at + args.seconds:
+            time.sleep(min(1.0, max(0.01, start_at + args.seconds - time.time())))
+            cpu.sample()
+            if not stats_mid and time.time() > start_at + args.seconds / 2:
+                stats_mid = server_stats(http_url)
+        cpu_total = cpu.total()
+        sched = cpu.waits()
+        results: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + args.drain + 120
+        while len(results) < n and time.monotonic() < deadline:
+            try:
+                msg = out.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if msg[0] == "result":
+                results[msg[1]] = msg[2]
+        stats_after = server_stats(http_url)
+        profile_lines: list[str] = []
+        if prof is not None:
+            try:
+                _, err = prof.communicate(timeout=args.seconds + 30)
+                if prof.returncode:
+                    profile_lines.append(f"py-spy failed: {err.decode(errors='replace')[-300:]}")
+            except subprocess.TimeoutExpired:
+                prof.kill()
+            profile_lines += summarise_profile(Path(tmp.name) / "relay.prof")
+        for proc in workers:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+        report(args, results, connected, ramp_s, stats_before, stats_mid, stats_after, cpu,
+               cpu_total, sched, profile_lines)
+        if relay is not None:
+            problems = [line.rstrip() for line in relay.output
+                        if " WARNING " in line or " ERROR " in line or "Traceback" in line]
+            if problems:
+                print(f"relay log: {len(problems)} warning/error lines; last ones:")
+                for line in problems[-8:]:
+                    print("  " + line[:200])
+        return 0 if len(results) == n else 1
+    finally:
+        if relay is not None:
+            relay.stop()
+        if redis is not None:
+            redis.close()
+        tmp.cleanup()
+
+
+def report(args: argparse.Namespace, results: dict[int, dict[str, Any]], connected: int,
+           ramp_s: float, before: dict[str, Any], mid: dict[str, Any], after: dict[str, Any],
+           cpu: CpuWatch, cpu_total: dict[str, float], sched: dict[str, tuple[float, float]],
+           profile_lines: list[str]) -> None:
+    rs = [r for r in results.values() if not r.get("aborted")]
+    zeros = np.zeros(len(EDGES) - 1, np.int64)
+    ack = sum((r["ack_hist"] for r in rs), zeros)
+    rej = sum((r["reject_hist"] for r in rs), zeros)
+    deliver = sum((r["deliver_hist"] for r in rs), zeros)
+    server = sum((r["server_hist"] for r in rs), zeros)
+    per: dict[int, list[float]] = {}
+    for r in rs:
+        for off, (send, last, cnt) in r["per_offset"].items():
+            slot = per.setdefault(off, [send, last, 0])
+            slot[1] = max(slot[1], last)
+            slot[2] += cnt
+    watchers_total = sum(r["watchers"] for r in rs)
+    complete = [v for v in per.values() if v[2] >= watchers_total]
+    last_hist = hist(np.array([v[1] - v[0] for v in per.values()])) if per else zeros
+    stats: Counter[str] = Counter()
+    for r in rs:
+        stats.update(r["stats"])
+    secs = args.seconds
+    acks = sum(r["acks"] for r in rs)
+    rejects = sum(r["rejects"] for r in rs)
+    frames = sum(r["frames"] for r in rs)
+    events = sum(r["events"] for r in rs)
+    deliveries_bids = int(deliver.sum())
+    relay_cpu = cpu_total.get("relay", 0.0)
+    print()
+    print(f"== ws_bench: {args.watchers} watchers requested, {connected} connected "
+          f"(ramp {ramp_s:.1f} s), {args.bidders} bidders, {args.bid_rate:g} bids/s target, "
+          f"{secs:g} s measured, flush interval {args.flush_ms or 'server default'} ms ==")
+    print(f"bids sent in window: {acks + rejects + sum(r['unanswered'] for r in rs)} "
+          f"({(acks + rejects) / secs:.1f}/s answered): {acks} acked, {rejects} rejected, "
+          f"{sum(r['unanswered'] for r in rs)} unanswered")
+    print(f"bid ack latency (accepted):      {fmt(pct(ack))}")
+    print(f"bid reply latency (rejected):    {fmt(pct(rej))}")
+    print(f"bid -> watcher delivery (each):  {fmt(pct(deliver))}")
+    print(f"  server ts -> watcher (each):   {fmt(pct(server))}   (event ts has 1 ms resolution)")
+    print(f"bid -> last watcher (per bid):   {fmt(pct(last_hist))}")
+    print(f"  bids seen by every watcher: {len(complete)}/{len(per)} "
+          f"(watchers still connected at end: {sum(r['connected_at_end'] for r in rs)})")
+    print(f"delivered: {frames / secs:,.0f} frames/s, {events / secs:,.0f} log events/s "
+          f"({deliveries_bids / secs:,.0f} bid deliveries/s)")
+    sockets_mid = mid.get("by_room", {}).get(args.room)
+    print(f"connected sockets per node: {mid.get('node', '?')}: {sockets_mid} in room "
+          f"(server 'sockets' {mid.get('sockets')}); before {before.get('sockets')}, "
+          f"after {after.get('sockets')}")
+    hub = mid.get("hubs", {}).get(args.room, {})
+    print(f"server hub (mid-run): batches {hub.get('batches')}, events {hub.get('events')}, "
+          f"slow_disconnects {after.get('slow_disconnects')}, errors {after.get('errors')}")
+    errs = {k: v for k, v in stats.items() if v}
+    print(f"client errors/disconnects: {errs or 'none'}")
+    for name, total in sorted(cpu_total.items()):
+        s = cpu.samples.get(name, [])
+        _run, wait = sched.get(name, (0.0, 0.0))
+        print(f"cpu {name:>9}: {total / secs * 100:5.1f}% of one core on average "
+              f"(peak 1 s sample {max(s) * 100 if s else 0:5.1f}%); main thread runnable but "
+              f"waiting for a CPU {wait / secs * 100:5.1f}% of the time")
+    for i, r in sorted(results.items()):
+        if not r.get("aborted"):
+            print(f"client-{i}: {r['watchers']} watchers, loop lag p99 {r['lag_p99_ms']:.1f} ms "
+                  f"max {r['lag_max_ms']:.1f} ms, {r['cpu_s'] / secs * 100:.0f}% cpu")
+    if relay_cpu > 0:
+        print(f"relay raw delivery ceiling: {frames / relay_cpu:,.0f} socket frames per relay "
+              f"CPU-second ({relay_cpu / secs * 100:.0f}% of one core used for "
+              f"{frames / secs:,.0f} frames/s; the relay is one event loop = at most one core)")
+    print(f"target: ack p99 <= 20 ms: {'MET' if pct(ack).get('p99', 1e9) <= 20 else 'MISSED'}; "
+          f"bid -> every watcher p99 <= 100 ms: "
+          f"{'MET' if pct(deliver).get('p99', 1e9) <= 100 else 'MISSED'} (per delivery), "
+          f"{'MET' if pct(last_hist).get('p99', 1e9) <= 100 else 'MISSED'} (last watcher)")
+    load = os.getloadavg()
+    print(f"machine load average now {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+          f"on {os.cpu_count()} cores (other processes compete for the same CPUs)")
+    for line in profile_lines:
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "ack": pct(ack), "reject": pct(rej), "deliver": pct(deliver), "server": pct(server),
+            "last_watcher": pct(last_hist), "frames_per_s": frames / secs,
+            "events_per_s": events / secs, "connected": connected, "stats": dict(stats),
+            "cpu": cpu_total, "server_stats": after}, indent=2, default=str))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", help="use this node (http://host:port) instead of starting Redis + a relay; "
+                    "LOTCAST_JWT_SECRET must match the node's")
+    ap.add_argument("--relay-pid", type=int, default=0, help="with --url: the node's pid (CPU, py-spy)")
+    ap.add_argument("--watchers", type=int, default=10000)
+    ap.add_argument("--bidders", type=int, default=100, help="bids are spread round-robin; keep "
+                    "bid-rate/bidders under the per-user limit (5/s)")
+    ap.add_argument("--bid-rate", type=float, default=200.0, help="total bids/s")
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--warmup", type=float, default=3.0, help="bidding before the measured window")
+    ap.add_argument("--drain", type=float, default=2.0, help="listening after the window")
+    ap.add_argument("--workers", type=int, default=2, help="client processes")
+    ap.add_argument("--ramp-batch", type=int, default=100, help="concurrent connects per worker")
+    ap.add_argument("--connect-timeout", type=float, default=30.0,
+                    help="per watcher: TCP + handshake, then hello -> welcome")
+    ap.add_argument("--ramp-timeout", type=float, default=180.0)
+    ap.add_argument("--room", default="bench")
+    ap.add_argument("--flush-ms", type=int, default=0,
+                    help="started relay only: LOTCAST_WS_FLUSH_INTERVAL_MS (0 = server default, 100)")
+    ap.add_argument("--profile", action="store_true", help="py-spy record the relay during the window")
+    ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--serve", type=float, default=0.0, metavar="SECONDS",
+                    help="only start Redis + the relay, print URL and JWT secret, keep them up "
+                    "this long (for locust), then stop")
+    return run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
