@@ -152,6 +152,17 @@ async def test_bidding_outbid_and_poll_bars_across_relays(redis_server: RedisSer
                                "alice still outbid after reload", log)
                 assert _lot_view(await _room(alice)) == _lot_view(await _room(bob))
 
+                # --- a proxy (max) bid: Alice's ceiling 30.00 beats Bob's 25.00 -----------------
+                # price = min(her ceiling, his ceiling + increment) = 25.00 + 1.00
+                await alice.fill("#bid-amount", "12.00")
+                await alice.fill("#bid-max", "30.00")
+                await alice.click("#bid-submit")
+                await wait_for(attr_is(alice, "#my-status", "data-status", "winning"), 20,
+                               "alice winning by proxy", log)
+                await wait_for(attr_is(bob, "#my-status", "data-status", "outbid"), 20, "bob outbid", log)
+                await wait_for(text_matches(bob, "#lot-price", r"^26\.00$"), 20, "bob sees 26.00", log)
+                assert await _text(bob, "#lot-leader") == "Alice"
+
                 # --- poll: one vote each, bars move on every page ------------------------------
                 await host.fill("#poll-question-input", "Next lot?")
                 await host.fill("#poll-option-0", "Camera")
@@ -183,13 +194,13 @@ async def test_bidding_outbid_and_poll_bars_across_relays(redis_server: RedisSer
                 await host.click(f"#poll-close-{poll_id}")
                 await wait_for(attr_is(bob, "#poll", "data-status", "closed"), 20, "poll closed", log)
 
-                # --- the host closes the lot early: sold to Bob ----------------------------------
+                # --- the host closes the lot early: sold to Alice --------------------------------
                 await host.click(f"#lot-close-{lot_id}")
-                await wait_for(text_matches(host, f"#lot-result-{lot_id}", r"Sold to Bob at 11\.00"), 20,
-                               "host sees sold to Bob", log)
-                await wait_for(attr_is(bob, "#my-status", "data-status", "won"), 20, "bob won", log)
-                await wait_for(attr_is(alice, "#my-status", "data-status", "lost"), 20, "alice lost", log)
-                assert "Sold to Bob at 11.00" in await _text(anon, "#lot-result")
+                await wait_for(text_matches(host, f"#lot-result-{lot_id}", r"Sold to Alice at 26\.00"),
+                               20, "host sees sold to Alice", log)
+                await wait_for(attr_is(alice, "#my-status", "data-status", "won"), 20, "alice won", log)
+                await wait_for(attr_is(bob, "#my-status", "data-status", "lost"), 20, "bob lost", log)
+                assert "Sold to Alice at 26.00" in await _text(anon, "#lot-result")
 
                 # The viewer count covers sockets on every node (host + 3 viewers).
                 await wait_for(text_matches(anon, "#viewer-count", r"^[4-9]$"), 20, "viewer count", log)
