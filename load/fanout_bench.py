@@ -28,9 +28,10 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from lotcast.media.aiortc_hooks import count_rtp_instead_of_parsing, set_encoder_bitrate  # noqa: E402
-from lotcast.redis_server import RedisServer  # noqa: E402
-from media_support import Publisher, Viewer, host_token, running_cluster  # noqa: E402
+from media_support import Publisher, Viewer, host_token, running_cluster
+
+from lotcast.media.aiortc_hooks import count_rtp_instead_of_parsing, set_encoder_bitrate
+from lotcast.redis_server import RedisServer
 
 STREAM = "bench"
 
@@ -207,7 +208,7 @@ async def main() -> None:
               f"{r['g2g_relay_p50']:>10.0f}/{r['g2g_relay_p95']:<10.0f} "
               f"{r['g2g_direct_p50']:>11.0f}/{r['g2g_direct_p95']:<10.0f} "
               f"{r['g2g_relay_p95'] - r['g2g_direct_p95']:>14.1f} {r['ttff_p95_s']:>11.3f}")
-    print("targets: ≤ 2× floor at 100 viewers; relay adds ≤ 10 ms p95; TTFF ≤ 0.5 s p95")
+    print("targets: ≤ 2x floor at 100 viewers; relay adds ≤ 10 ms p95; TTFF ≤ 0.5 s p95")
 
 
 if __name__ == "__main__":

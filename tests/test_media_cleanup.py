@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+from media_support import Publisher, Viewer, host_token, running_cluster
 
 from lotcast.redis_server import RedisServer
-from media_support import Publisher, Viewer, host_token, running_cluster
 
 pytestmark = pytest.mark.timeout(120)
 HERE = Path(__file__).parent
@@ -97,3 +97,29 @@ async def test_relay_releases_upstream_and_origin_frees_publisher(redis_server: 
         await publisher.stop()
         origin = await wait_for(cluster.origin.url, lambda s: s["publishers"] == 0, 10)
         assert origin["publishers"] == 0
+
+
+async def test_a_viewer_that_never_connects_is_reaped(redis_server: RedisServer) -> None:
+    with running_cluster(redis_server, relay_args=["--session-timeout", "3"]) as cluster:
+        publisher = Publisher(cluster.origin.url, "ghost", host_token())
+        await publisher.start()
+        anchor = Viewer(cluster.relay.url, "ghost")
+        await anchor.start()
+        try:
+            await anchor.wait_frames(5, timeout=30)
+            baseline = await relay_stats(cluster.relay.url)
+            ghost = Viewer(cluster.relay.url, "ghost")
+            await ghost.start()
+            await ghost.pc.close()  # gone before ICE could finish; no DELETE
+            during = await relay_stats(cluster.relay.url)
+            assert during["sessions"] == baseline["sessions"] + 1
+            after = await wait_for(
+                cluster.relay.url,
+                lambda s: s["sessions"] == baseline["sessions"]
+                and s["udp_sockets"] == baseline["udp_sockets"], 15,
+            )
+            assert after["sessions"] == baseline["sessions"]
+            assert after["udp_sockets"] == baseline["udp_sockets"]
+        finally:
+            await anchor.stop()
+            await publisher.stop()

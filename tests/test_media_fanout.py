@@ -6,9 +6,9 @@ import asyncio
 
 import httpx
 import pytest
+from media_support import Publisher, Viewer, assert_in_order, host_token, running_cluster, viewers
 
 from lotcast.redis_server import RedisServer
-from media_support import Publisher, Viewer, assert_in_order, host_token, running_cluster, viewers
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
+from media_support import SECRET, Cluster, Publisher, Viewer, host_token, running_cluster
 
 from lotcast.auth import Role, TokenAuthority
 from lotcast.redis_server import RedisServer
-from media_support import SECRET, Cluster, Publisher, Viewer, host_token, running_cluster
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,7 +67,7 @@ def datachannel_only_offer() -> str:
         "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
         "m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\n"
         "a=ice-ufrag:abcd\r\na=ice-pwd:abcdefghijklmnopqrstuv\r\n"
-        "a=fingerprint:sha-256 00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF\r\n"
+        "a=fingerprint:sha-256 " + ":".join(["AB"] * 32) + "\r\n"
         "a=setup:actpass\r\na=mid:0\r\na=sctp-port:5000\r\n"
     )
 

@@ -247,3 +247,19 @@ def set_encoder_bitrate(sender: RTCRtpSender, bitrate: int) -> bool:
         return False
     encoder.target_bitrate = bitrate
     return True
+
+
+def drop_incoming_rtp(dtls: RTCDtlsTransport, should_drop: Callable[[bytes], bool]) -> None:
+    """Fault injection for tests: discard incoming SRTP datagrams for which ``should_drop`` is
+    true (it sees the cleartext RTP header) before decryption, as if the network lost them."""
+    ice = dtls.transport
+    original = ice._recv
+
+    async def recv() -> bytes:
+        while True:
+            data: bytes = await original()
+            is_rtp = len(data) >= 12 and 128 <= data[0] < 192 and not 192 <= data[1] <= 223
+            if not (is_rtp and should_drop(data)):
+                return data
+
+    ice._recv = recv

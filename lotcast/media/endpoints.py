@@ -58,12 +58,13 @@ def error_response(status: int, reason: str, headers: dict[str, str] | None = No
 class SessionTable:
     """Every live WHIP/WHEP session of this node, and the reaper that times them out."""
 
-    def __init__(self, session_timeout: float, connect_timeout: float = 15.0,
+    def __init__(self, session_timeout: float, connect_timeout: float | None = None,
                  on_closed: Callable[[PeerSession], None] | None = None) -> None:
         self._sessions: dict[str, PeerSession] = {}
         self._on_closed = on_closed
         self.session_timeout = session_timeout
-        self.connect_timeout = connect_timeout
+        # a peer that never completes ICE/DTLS gets as long as a silent one
+        self.connect_timeout = connect_timeout if connect_timeout is not None else session_timeout
         self._reaper: asyncio.Task[None] | None = None
 
     def add(self, session: PeerSession) -> None:
