@@ -24,6 +24,7 @@ from lotcast.interactive.roomlog import HistoryGone, RoomLog
 log = logging.getLogger(__name__)
 
 CATCH_UP = b""  # inbox marker: read the log after our offset (pub/sub may have dropped messages)
+RETRY_AFTER = 0.5
 
 
 class Subscriber(Protocol):
@@ -102,7 +103,9 @@ class RoomHub:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                # Usually Redis was unreachable while filling a gap: try again from the log.
                 log.exception("room %s: failed to handle a pub/sub message", self.room)
+                asyncio.get_running_loop().call_later(RETRY_AFTER, self.feed, CATCH_UP)
 
     async def _handle(self, data: bytes) -> None:
         if data == CATCH_UP:

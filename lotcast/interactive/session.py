@@ -320,6 +320,7 @@ class ClientSession:
                 after = events[-1][0]
                 if len(events) < REPLAY_CHUNK:
                     break
+                await self.outbox.flush(within=5.0)  # a long replay must not trip the outbox limit
         except HistoryGone:
             return False
         for tally in await self.deps.roomlog.open_tallies(self.room):
