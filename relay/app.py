@@ -7,8 +7,12 @@ Scale-out wiring (issue 4): the relay heartbeats into the Redis registry, answer
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import quote
 
@@ -29,6 +33,7 @@ from lotcast.ops.metrics import NodeMetrics
 from lotcast.ops.node import NodeLoad
 from lotcast.ops.registry import NodeRegistry
 from lotcast.service import health_routes, page_routes, stats_route, udp_socket_count
+from relay.cascade import RELAY_AUTH_HEADER, RELAY_HEADER, CascadePlanner, child_headers, verified_child
 from relay.drain import Drainer
 from relay.placement import Placer, selector_for, whep_url
 from relay.telemetry import MediaTelemetry
@@ -36,6 +41,9 @@ from relay.upstreams import RelayUpstreams
 
 # A WHEP POST bounced between full relays stops after this many redirects.
 MAX_REDIRECT_HOPS = 2
+logger = logging.getLogger(__name__)
+# Set while a WHEP POST from a verified child relay is handled (it skips the viewer capacity).
+_child_pull: ContextVar[str | None] = ContextVar("child_pull", default=None)
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -44,24 +52,47 @@ def create_app(settings: Settings) -> Starlette:
     redis = aioredis.Redis.from_url(settings.redis_url)
     selector = selector_for(settings)
     upstreams: RelayUpstreams | None = None
+    # WHEP sessions that are child relays pulling from us (session id -> child node id)
+    children: dict[str, str] = {}
+    registry: NodeRegistry | None = None
+    beat_soon: asyncio.Task[None] | None = None
+
+    def load_changed() -> None:
+        """Publish a heartbeat now (coalesced): placement and cascade see joins at once."""
+        nonlocal beat_soon
+        if registry is None or (beat_soon is not None and not beat_soon.done()):
+            return
+
+        async def beat() -> None:
+            with contextlib.suppress(Exception):
+                if registry is not None:
+                    await registry.beat()
+
+        beat_soon = asyncio.ensure_future(beat())
 
     def session_closed(session: PeerSession) -> None:
+        children.pop(session.id, None)
         if upstreams is not None and isinstance(session, EgressSession):
             upstreams.viewer_left(session)
+            load_changed()
 
     sessions = SessionTable(settings.session_timeout, on_closed=session_closed)
+    planner = CascadePlanner(redis, selector, settings.node_id, settings.origin_url,
+                             settings.origin_fanout)
     upstreams = RelayUpstreams(router, sessions, settings.origin_url,
-                               retry_window=settings.stream_grace)
+                               retry_window=settings.stream_grace, choose=planner.choose,
+                               parent_ok=planner.parent_ok,
+                               headers=child_headers(settings.jwt_secret, settings.node_id))
     metrics = NodeMetrics(settings.node_id, "relay")
     interactive = InteractiveService(settings, authority, "relay")
 
     def viewer_count() -> int:
-        return sessions.count(EgressSession)
+        """Viewers (child relays pulling from us are not viewers)."""
+        return sum(1 for s in sessions.sessions(EgressSession) if s.id not in children)
 
     def websocket_count() -> int:
         return sum(len(hub.sockets) for hub in interactive.hubs.values())
 
-    registry: NodeRegistry | None = None
     telemetry = MediaTelemetry(router, sessions, metrics, viewers=viewer_count,
                                websockets=websocket_count, udp_sockets=udp_socket_count,
                                node=lambda: registry.last_published if registry else None)
@@ -79,11 +110,15 @@ def create_app(settings: Settings) -> Starlette:
         # Closes every room socket with 1001 (go away, reconnect anywhere) and refuses new ones.
         await interactive.close()
 
-    drainer = Drainer(registry, viewer_count, tell_clients, settings.drain_timeout)
+    # Drained means no viewer and no child relay left (children re-parent when they see us drain).
+    drainer = Drainer(registry, lambda: sessions.count(EgressSession), tell_clients,
+                      settings.drain_timeout)
 
     def accepting_viewers() -> str | None:
         if drainer.draining:
             return "relay is draining"
+        if _child_pull.get() is not None:
+            return None
         if viewer_count() >= settings.max_viewers:
             return f"relay at capacity ({settings.max_viewers} viewers)"
         return None
@@ -94,6 +129,17 @@ def create_app(settings: Settings) -> Starlette:
 
     async def play(request: Request) -> Response:
         """WHEP POST: when this relay cannot take the viewer, 307 to one that can."""
+        child = verified_child(settings.jwt_secret, request.headers.get(RELAY_HEADER),
+                               request.headers.get(RELAY_AUTH_HEADER))
+        if child is not None:
+            token = _child_pull.set(child)
+            try:
+                response = await endpoints.play(request)
+            finally:
+                _child_pull.reset(token)
+            if response.status_code == 201:
+                children[response.headers["location"].rsplit("/", 1)[-1]] = child
+            return response
         if accepting_viewers() is not None:
             stream = str(request.path_params["stream"])
             seen = [x for x in request.query_params.get("from", "").split(",") if x]
@@ -107,7 +153,18 @@ def create_app(settings: Settings) -> Starlette:
                     return Response(status_code=307, headers={
                         **CORS, "Location": f"{whep_url(placement.relay, stream)}?from={hops}",
                         "Cache-Control": "no-store"})
-        return await endpoints.play(request)
+        response = await endpoints.play(request)
+        if response.status_code == 201:
+            load_changed()
+        return response
+
+    async def watch_parents() -> None:
+        while True:
+            await asyncio.sleep(settings.heartbeat_interval)
+            try:
+                await upstreams.check_parents()
+            except Exception:
+                logger.exception("parent check failed")
 
     def stats() -> dict[str, Any]:
         return {
@@ -119,6 +176,8 @@ def create_app(settings: Settings) -> Starlette:
             "capacity": settings.max_viewers,
             "sessions": sessions.count(),
             "websockets": websocket_count(),
+            "children": sorted(children.values()),
+            "reparents": upstreams.reparents,
             "upstreams": [{"stream": p.stream.id, "state": p.state.value,
                            "url": p.upstream_url, "depth": upstreams.depth_of(p.stream.id)}
                           for p in upstreams.pulls()],
@@ -139,9 +198,13 @@ def create_app(settings: Settings) -> Starlette:
         await interactive.start()
         await registry.start()
         telemetry.refresh_gauges(registry.last_published)
+        parents = asyncio.ensure_future(watch_parents())
         try:
             yield
         finally:
+            parents.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await parents
             await registry.close(deregister=True)
             await interactive.close()
             await sessions.close()

@@ -56,6 +56,7 @@ class MediaTelemetry:
         self.nacks_served = 0
         self.plis_sent = 0
         self.rate = EgressRate()
+        self._rate_at = 0.0
         self.udp_gauge = Gauge("lotcast_udp_sockets", "Open UDP sockets of this process.",
                                registry=metrics.registry)
         self.last_node: NodeInfo | None = None
@@ -92,10 +93,15 @@ class MediaTelemetry:
         if d_plis:
             m.plis_sent_upstream.inc(d_plis)
 
-    def egress_bps(self) -> float:
-        """Sample the counters and return the egress rate since the previous call."""
+    def egress_bps(self, min_interval: float = 0.5) -> float:
+        """Sample the counters and return the egress rate over at least `min_interval` seconds
+        (extra heartbeats published on a viewer join reuse the last rate)."""
         self.sample()
-        return self.rate.sample(self.egress_bytes, time.monotonic())
+        now = time.monotonic()
+        if now - self._rate_at >= min_interval:
+            self._rate_at = now
+            self.rate.sample(self.egress_bytes, now)
+        return self.rate.bps
 
     def refresh_gauges(self, node: NodeInfo | None = None) -> None:
         if node is not None:

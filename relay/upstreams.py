@@ -1,9 +1,16 @@
-"""Which streams this relay pulls, from where, and for how long."""
+"""Which streams this relay pulls, from where, and for how long.
+
+The upstream of each stream is chosen when its pull starts (`choose`, see relay/cascade.py: the
+origin, or a parent relay for a cascade) and re-chosen when that parent drains or disappears from
+the registry (`check_parents`, run at every heartbeat): the new pull is connected before the old
+one is closed, so viewers only wait for the next key frame.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Collection
 
 import httpx
 
@@ -11,32 +18,53 @@ from lotcast.media.endpoints import SessionTable
 from lotcast.media.peer import EgressSession, PeerSession
 from lotcast.media.stream import MediaStream, StreamRouter
 from lotcast.media.upstream import NotLiveError, PullState, UpstreamPull
+from relay.cascade import Upstream
 
 logger = logging.getLogger(__name__)
+
+# (stream, exclude node ids, below depth) -> where to pull from
+Chooser = Callable[[str, Collection[str], "int | None"], Awaitable[Upstream]]
+ParentCheck = Callable[[str, str], Awaitable[bool]]
 
 
 class RelayUpstreams:
     """One UpstreamPull per stream with viewers here; released after the last viewer lingers out."""
 
     def __init__(self, router: StreamRouter, sessions: SessionTable, upstream_url: str,
-                 retry_window: float, linger: float = 10.0) -> None:
+                 retry_window: float, linger: float = 10.0, *, choose: Chooser | None = None,
+                 parent_ok: ParentCheck | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         self._router = router
         self._sessions = sessions
         self._upstream_url = upstream_url
         self._retry_window = retry_window
         self._linger = linger
+        self._choose = choose
+        self._parent_ok = parent_ok
         self._pulls: dict[str, UpstreamPull] = {}
-        self._depths: dict[str, int] = {}
+        self._upstreams: dict[str, Upstream] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
         self._release_timers: dict[str, asyncio.TimerHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
-        self.http = httpx.AsyncClient(timeout=10.0)
+        self.reparents = 0
+        self.http = httpx.AsyncClient(timeout=10.0, headers=headers)
 
     def pulls(self) -> list[UpstreamPull]:
         return list(self._pulls.values())
 
     def depth_of(self, stream_id: str) -> int:
         """This relay's depth in the stream's tree (0 = pulls from the origin)."""
-        return self._depths.get(stream_id, 0)
+        upstream = self._upstreams.get(stream_id)
+        return upstream.depth if upstream is not None else 0
+
+    def upstream_of(self, stream_id: str) -> Upstream | None:
+        return self._upstreams.get(stream_id)
+
+    async def _pick(self, stream_id: str, exclude: Collection[str] = (),
+                    below_depth: int | None = None) -> Upstream:
+        if self._choose is None:
+            return Upstream(self._upstream_url.rstrip("/"), 0)
+        return await self._choose(stream_id, exclude, below_depth)
 
     def carried(self) -> dict[str, int]:
         """Streams this relay carries (a live upstream pull), with their tree depth."""
@@ -45,11 +73,14 @@ class RelayUpstreams:
 
     async def acquire(self, stream_id: str) -> MediaStream:
         stream = self._router.get_or_create(stream_id)
-        pull = self._pulls.get(stream_id)
-        if pull is None or pull.stream is not stream:
-            pull = UpstreamPull(stream, self._upstream_url, self.http, self._retry_window)
-            self._pulls[stream_id] = pull
-            stream.on_end(lambda: self._forget(stream_id, pull))
+        lock = self._locks.setdefault(stream_id, asyncio.Lock())
+        async with lock:
+            pull = self._pulls.get(stream_id)
+            if pull is None or pull.stream is not stream:
+                upstream = await self._pick(stream_id)
+                logger.info("stream %s: pulling from %s (depth %d)", stream_id, upstream.url,
+                            upstream.depth)
+                pull = self._start_pull(stream, upstream)
         timer = self._release_timers.pop(stream_id, None)
         if timer is not None:
             timer.cancel()
@@ -62,6 +93,50 @@ class RelayUpstreams:
                 raise
             raise NotLiveError(f"upstream unreachable: {exc!r}", retry_after=2) from exc
         return stream
+
+    def _start_pull(self, stream: MediaStream, upstream: Upstream) -> UpstreamPull:
+        pull = UpstreamPull(stream, upstream.url, self.http, self._retry_window)
+        self._pulls[stream.id] = pull
+        self._upstreams[stream.id] = upstream
+        stream.on_end(lambda: self._forget(stream.id, pull))
+        return pull
+
+    async def check_parents(self) -> None:
+        """Re-parent every stream whose parent relay is gone, draining or lost the stream."""
+        if self._parent_ok is None:
+            return
+        for stream_id, upstream in list(self._upstreams.items()):
+            if upstream.node_id is None or stream_id not in self._pulls:
+                continue
+            if await self._parent_ok(stream_id, upstream.node_id):
+                continue
+            try:
+                await self.reparent(stream_id, exclude={upstream.node_id})
+            except Exception as exc:
+                logger.warning("stream %s: re-parenting failed: %r", stream_id, exc)
+
+    async def reparent(self, stream_id: str, exclude: Collection[str]) -> None:
+        """Make before break: connect a new pull from another upstream, then close the old."""
+        lock = self._locks.setdefault(stream_id, asyncio.Lock())
+        async with lock:
+            old = self._pulls.get(stream_id)
+            old_upstream = self._upstreams.get(stream_id)
+            if old is None or old.state is PullState.CLOSED or old_upstream is None:
+                return
+            upstream = await self._pick(stream_id, exclude, below_depth=old_upstream.depth)
+            logger.warning("stream %s: re-parenting from %s to %s (depth %d)", stream_id,
+                           old_upstream.url, upstream.url, upstream.depth)
+            new = UpstreamPull(old.stream, upstream.url, self.http, self._retry_window)
+            try:
+                await new.ensure()
+            except BaseException:
+                await new.close()
+                raise
+            self._pulls[stream_id] = new
+            self._upstreams[stream_id] = upstream
+            old.stream.on_end(lambda: self._forget(stream_id, new))
+            self.reparents += 1
+        await old.close()
 
     def viewer_left(self, session: PeerSession) -> None:
         stream_id = session.stream.id
@@ -84,6 +159,7 @@ class RelayUpstreams:
     def _forget(self, stream_id: str, pull: UpstreamPull) -> None:
         if self._pulls.get(stream_id) is pull:
             del self._pulls[stream_id]
+            self._upstreams.pop(stream_id, None)
         task = asyncio.ensure_future(pull.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)

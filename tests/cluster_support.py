@@ -36,7 +36,22 @@ FIRST_FRAME_STALL_S = 3.0  # before the first frame the relay may still wait for
 @dataclass
 class ScaledCluster:
     origin: ServiceProcess
+    env: dict[str, str]
+    capacity: int
+    drain_timeout: float
     relays: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def add_relay(self, node_id: str, origin_url: str | None = None,
+                  extra_env: dict[str, str] | None = None) -> ServiceProcess:
+        """Start one more relay (scale-out); `origin_url` pins its upstream (a static chain)."""
+        proc = ServiceProcess("relay", ["--port", "0", "--origin-url",
+                                        origin_url or self.origin.url,
+                                        "--node-id", node_id, "--max-viewers", str(self.capacity),
+                                        "--drain-timeout", str(self.drain_timeout)],
+                              env={**self.env, **(extra_env or {})}).start()
+        self.relays[node_id] = proc
+        _NODE_IDS[proc.url] = node_id
+        return proc
 
     @property
     def entry_urls(self) -> list[str]:
@@ -55,26 +70,16 @@ def cluster_env(redis: RedisServer, heartbeat: float) -> dict[str, str]:
             "LOTCAST_LOG_LEVEL": "warning", "LOTCAST_HEARTBEAT_INTERVAL": str(heartbeat)}
 
 
-def start_relay(cluster: ScaledCluster, env: dict[str, str], node_id: str, capacity: int,
-                drain_timeout: float, extra_env: dict[str, str] | None = None) -> ServiceProcess:
-    proc = ServiceProcess("relay", ["--port", "0", "--origin-url", cluster.origin.url,
-                                    "--node-id", node_id, "--max-viewers", str(capacity),
-                                    "--drain-timeout", str(drain_timeout)],
-                          env={**env, **(extra_env or {})}).start()
-    cluster.relays[node_id] = proc
-    return proc
-
-
 @contextlib.contextmanager
 def scaled_cluster(redis: RedisServer, relays: int = 3, capacity: int = 5, heartbeat: float = 0.5,
                    drain_timeout: float = 20.0,
                    relay_env: dict[str, str] | None = None) -> Iterator[ScaledCluster]:
     env = cluster_env(redis, heartbeat)
     origin = ServiceProcess("broadcaster", ["--port", "0"], env=env).start()
-    cluster = ScaledCluster(origin)
+    cluster = ScaledCluster(origin, env, capacity, drain_timeout)
     try:
         for i in range(relays):
-            start_relay(cluster, env, f"relay-{i}", capacity, drain_timeout, relay_env)
+            cluster.add_relay(f"relay-{i}", extra_env=relay_env)
         yield cluster
     finally:
         for proc in reversed(list(cluster.relays.values())):
@@ -221,7 +226,7 @@ class LadderViewer:
                 return
             self.current, self.relay_url = new, self.history[-1][0]
             deadline = time.monotonic() + 10
-            while new.first_frame_at is None and time.monotonic() < deadline:  # noqa: ASYNC110
+            while new.first_frame_at is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             self.moves[-1] = (reason, started, new.first_frame_at)
             if not break_first and old is not None:

@@ -13,6 +13,7 @@ from collections import Counter
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from cluster_support import (
     LadderViewer,
     ScaledCluster,
@@ -23,6 +24,7 @@ from cluster_support import (
 )
 from media_support import Publisher, assert_in_order, host_token
 
+from lotcast.ops.registry import read_live_nodes
 from lotcast.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(150)
@@ -53,10 +55,10 @@ async def stop_all(group: list[LadderViewer]) -> None:
     await asyncio.gather(*(v.stop() for v in group), return_exceptions=True)
 
 
-async def test_placement_spreads_viewers_within_capacity_and_all_decode(
+async def test_placement_spreads_viewers_then_a_cascade_relay_takes_the_overflow(
     redis_server: RedisServer,
 ) -> None:
-    with scaled_cluster(redis_server, relays=3, capacity=5) as cluster:
+    with scaled_cluster(redis_server, relays=3, capacity=4) as cluster:
         await remember_node_ids(cluster)
         publisher = Publisher(cluster.origin.url, "spread", host_token(), fps=FPS)
         await publisher.start()
@@ -68,18 +70,51 @@ async def test_placement_spreads_viewers_within_capacity_and_all_decode(
             for viewer in group:
                 assert_in_order(viewer.current.counters if viewer.current else [])
             per_relay = Counter(cluster.node_of(v.relay_url) for v in group)
-            assert sum(per_relay.values()) == 12
-            assert len(per_relay) == 3, per_relay
-            assert max(per_relay.values()) <= 5, per_relay
+            assert per_relay == {"relay-0": 4, "relay-1": 4, "relay-2": 4}, per_relay
             stats = await relay_stats(cluster)
             assert {k: s["viewers"] for k, s in stats.items()} == dict(per_relay)
 
             async with httpx.AsyncClient() as http:
-                # the registry agrees (heartbeat 0.5 s)
-                await asyncio.sleep(1.2)
-                nodes = await http.get(f"{cluster.origin.url}/api/streams/spread/edge",
-                                       headers={"Accept": "application/json"})
-                assert nodes.status_code == 200 and nodes.json()["decision"] == "serve"
+                # every relay is full: placement and a direct WHEP POST answer 503 + Retry-After
+                full = await http.get(f"{cluster.origin.url}/api/streams/spread/edge")
+                assert full.status_code == 503 and full.headers["retry-after"]
+                direct = await http.post(f"{cluster.relays['relay-0'].url}/whep/spread",
+                                         content=b"v=0\r\n",
+                                         headers={"Content-Type": "application/sdp"})
+                assert direct.status_code == 503 and direct.headers["retry-after"]
+
+                # scale out: a new relay pulls from a full relay (cascade), not from the origin
+                cluster.add_relay("relay-3")
+                t1 = time.monotonic()
+                extra = await start_viewers(cluster, "spread", 3)
+                group += extra
+                await wait_all_frames(extra, t1, 20, within=30)
+                assert {cluster.node_of(v.relay_url) for v in extra} == {"relay-3"}
+                stats = await relay_stats(cluster)
+                (pull,) = stats["relay-3"]["upstreams"]  # type: ignore[misc]
+                assert pull["depth"] == 1 and pull["state"] == "connected", pull
+                parents = [k for k, s in stats.items() if "relay-3" in s["children"]]  # type: ignore[operator]
+                assert len(parents) == 1 and pull["url"] == cluster.relays[parents[0]].url
+                # the parent still counts only its 4 viewers (a child pull is not a viewer)
+                assert stats[parents[0]]["viewers"] == 4
+                origin_stats = (await http.get(f"{cluster.origin.url}/api/stats")).json()
+                assert origin_stats["viewers"] == 3  # the origin feeds 3 relays, not 4
+
+                # the registry shows the tree (depth per stream) and each relay's load
+                await asyncio.sleep(0.6)
+                redis = aioredis.Redis.from_url(redis_server.url)
+                try:
+                    nodes = {n.node_id: n for n in await read_live_nodes(redis)}
+                finally:
+                    await redis.aclose()
+                assert nodes["relay-3"].streams == {"spread": 1}
+                assert nodes[parents[0]].streams == {"spread": 0}
+                assert nodes["relay-3"].capacity == 4
+                edge = await http.get(f"{cluster.origin.url}/api/streams/spread/edge",
+                                      headers={"Accept": "application/json"})
+                assert edge.status_code == 200, edge.text
+                assert edge.json()["decision"] == "serve", edge.json()
+
                 # /metrics on every node
                 for proc in [cluster.origin, *cluster.relays.values()]:
                     text = (await http.get(f"{proc.url}/metrics")).text
@@ -88,17 +123,7 @@ async def test_placement_spreads_viewers_within_capacity_and_all_decode(
                 relay_metrics = (await http.get(f"{cluster.relays['relay-0'].url}/metrics")).text
                 ratio = [line for line in relay_metrics.splitlines()
                          if line.startswith("lotcast_relay_load_ratio ")]
-                assert ratio and float(ratio[0].split()[1]) == per_relay["relay-0"] / 5
-
-                # fill the last 3 seats, then nothing can take a viewer: 503 + Retry-After
-                more = await start_viewers(cluster, "spread", 3)
-                group += more
-                full = await http.get(f"{cluster.origin.url}/api/streams/spread/edge")
-                assert full.status_code == 503 and full.headers["retry-after"]
-                direct = await http.post(f"{cluster.relays['relay-0'].url}/whep/spread",
-                                         content=b"v=0\r\n",
-                                         headers={"Content-Type": "application/sdp"})
-                assert direct.status_code == 503 and direct.headers["retry-after"]
+                assert ratio and float(ratio[0].split()[1]) == 1.0
         finally:
             await stop_all(group)
             await publisher.stop()
