@@ -75,14 +75,14 @@ async def test_viewers_resume_after_the_publisher_reconnects(redis_server: Redis
             await second.start()
             try:
                 for viewer, seen in zip(group, before, strict=True):
-                    await viewer.wait_frames(seen + 20, timeout=30)
+                    await viewer.wait_frames(seen + 30, timeout=30)
                     counters = viewer.counters
                     # the second publisher's counter restarted: a drop marks its first frame
                     restart = next(i for i in range(1, len(counters)) if counters[i] < counters[i - 1])
                     assert restart >= seen - 2
                     assert_in_order(counters[:restart])
                     assert_in_order(counters[restart:])
-                    assert len(counters) - restart >= 20
+                    assert len(counters) - restart >= 15
                     assert viewer.pc.connectionState == "connected"
             finally:
                 await second.stop()

@@ -83,6 +83,11 @@ def check_hooks() -> None:
     ice_src = inspect.getsource(aioice.ice.Connection)
     if "self._nominated" not in ice_src:
         problems.append("aioice.ice.Connection._nominated")
+    import asyncio.selector_events as selector_events
+
+    selector_transport = getattr(selector_events, "_SelectorTransport", None)
+    if selector_transport is None or "self._sock = sock" not in inspect.getsource(selector_transport):
+        problems.append("asyncio _SelectorTransport._sock")
     if problems:
         raise HookError("aiortc/aioice internals changed: " + ", ".join(problems))
 
@@ -179,15 +184,17 @@ def set_sender_report(sender: RTCRtpSender, ntp: int, rtp_timestamp: int, packet
 class PacketSender:
     """Sends already-built RTP on one peer connection: SRTP protect, then UDP sendto.
 
-    Resolved once the DTLS transport is connected; `send` is the per-packet hot path.
+    Resolved once the DTLS transport is connected; `protect` and `sendto` are the per-packet hot
+    path. `sendto` is the raw socket's (asyncio's transport wrapper costs more than the send);
+    a full socket buffer raises BlockingIOError, which callers count as a loss, as UDP would.
     """
 
-    __slots__ = ("_dtls", "addr", "protect", "transport")
+    __slots__ = ("_dtls", "addr", "protect", "sendto")
 
     def __init__(self, dtls: RTCDtlsTransport) -> None:
         self._dtls = dtls
         self.protect: Callable[[bytes], bytes] | None = None
-        self.transport: Any = None
+        self.sendto: Callable[[bytes, Any], Any] | None = None
         self.addr: tuple[str, int] | None = None
 
     def resolve(self) -> bool:
@@ -197,16 +204,21 @@ class PacketSender:
         if dtls.state != "connected" or srtp is None:
             return False
         pair = dtls.transport._connection._nominated.get(1)
-        if pair is None or pair.protocol.transport is None:
+        transport = None if pair is None else pair.protocol.transport
+        sock = getattr(transport, "_sock", None)
+        if pair is None or sock is None:
             return False
         self.protect = srtp.protect
-        self.transport = pair.protocol.transport
+        self.sendto = sock.sendto
         self.addr = pair.remote_addr
         return True
 
     def send(self, packet: bytes) -> None:
-        assert self.protect is not None
-        self.transport.sendto(self.protect(packet), self.addr)
+        assert self.protect is not None and self.sendto is not None
+        try:
+            self.sendto(self.protect(packet), self.addr)
+        except BlockingIOError:
+            pass
 
 
 class SilentTrack(MediaStreamTrack):

@@ -51,8 +51,8 @@ class ForwardSink:
 
     def entry(self) -> SendEntry:
         ps = self.packet_sender
-        assert ps.protect is not None
-        return (ps.protect, ps.transport.sendto, ps.addr)
+        assert ps.protect is not None and ps.sendto is not None
+        return (ps.protect, ps.sendto, ps.addr)
 
 
 class TrackForwarder:
@@ -83,6 +83,7 @@ class TrackForwarder:
         self.octets_in = 0
         self.packets_sent = 0
         self.nack_packets_served = 0
+        self.send_drops = 0
         self.keyframe_requests_sent = 0
         self.last_packet_time = 0.0
 
@@ -177,11 +178,13 @@ class TrackForwarder:
                 self._admit_waiting()
             for pt, entries, sinks in self._groups:
                 out = data if pt == self._base_pt else with_payload_type(data, pt)
-                for index, (protect, sendto, addr) in enumerate(entries):
+                for protect, sendto, addr in entries:
                     try:
                         sendto(protect(out), addr)
+                    except BlockingIOError:  # socket buffer full: a loss, as on the wire
+                        self.send_drops += 1
                     except Exception as exc:  # a dying peer must not stop the others
-                        self._drop_broken(sinks[index], exc)
+                        self._drop_broken(next(s for s in sinks if s.packet_sender.sendto is sendto), exc)
                 budget -= len(entries)
                 self.packets_sent += len(entries)
         if pending:
