@@ -14,13 +14,13 @@ from lotcast.ops.node import InvalidStateError, NodeInfo, NodeLoad, NodeState
 from lotcast.ops.placement import PlacementDecision, RelaySelector
 from lotcast.ops.registry import NodeRegistry, place_viewer, read_live_nodes
 
-pytestmark = pytest.mark.timeout(20)
+pytestmark = pytest.mark.timeout(60)
 
 INTERVAL = 0.3
 
 
 def make(redis: aioredis.Redis, node_id: str, load: list[NodeLoad] | None = None,
-         capacity: int = 5) -> NodeRegistry:
+         capacity: int = 5, ttl: float | None = None) -> NodeRegistry:
     box = load if load is not None else [NodeLoad()]
     return NodeRegistry(
         redis,
@@ -28,6 +28,7 @@ def make(redis: aioredis.Redis, node_id: str, load: list[NodeLoad] | None = None
         url=f"http://127.0.0.1:1/{node_id}",
         capacity=capacity,
         heartbeat_interval=INTERVAL,
+        ttl=ttl,
         load_probe=lambda: box[0],
         cpu_probe=lambda: 0.25,
     )
@@ -66,16 +67,18 @@ async def test_start_publishes_at_once_with_ttl(redis_client: aioredis.Redis) ->
 
 async def test_heartbeat_refreshes_load(redis_client: aioredis.Redis) -> None:
     load = [NodeLoad(viewers=1)]
-    async with make(redis_client, "r1", load):
+    # A roomy TTL: this test is about refreshing, not expiry (a busy CI box may delay beats).
+    async with make(redis_client, "r1", load, ttl=10 * INTERVAL):
         load[0] = NodeLoad(viewers=4, streams={"a": 1})
 
         async def updated() -> bool:
             nodes = await read_live_nodes(redis_client)
             return bool(nodes) and nodes[0].viewers == 4
         await wait_for(updated)
-        # Several intervals later it is still there (the TTL keeps being refreshed).
+        # Several intervals later it is still there: the TTL keeps being refreshed.
         await asyncio.sleep(4 * INTERVAL)
         assert await ids(redis_client) == ["r1"]
+        assert await redis_client.pttl(keys.node("r1")) > 10 * INTERVAL * 1000 - 4 * INTERVAL * 1000
 
 
 async def test_dead_node_expires_within_ttl(redis_client: aioredis.Redis) -> None:
@@ -86,13 +89,14 @@ async def test_dead_node_expires_within_ttl(redis_client: aioredis.Redis) -> Non
         assert await ids(redis_client) == ["a", "b"]
         # "kill -9": the heartbeat stops, nothing is deleted.
         await a.close(deregister=False)
-        assert await ids(redis_client) == ["a", "b"]
-        started = time.monotonic()
+        assert a.last_published is not None
+        last_beat = a.last_published.heartbeat_ms / 1000
 
         async def gone() -> bool:
             return await ids(redis_client) == ["b"]
-        await wait_for(gone, within=3 * INTERVAL * 4)
-        assert time.monotonic() - started <= 3 * INTERVAL + 1.0
+        await wait_for(gone, within=10)
+        # Redis expires the key server-side: within the TTL, plus polling slack on a busy box.
+        assert time.time() - last_beat <= a.ttl + 3.0
         # The reader pruned the index too.
         assert await redis_client.zrange(keys.NODES_INDEX, 0, -1) == [b"b"]
     finally:
@@ -115,7 +119,8 @@ async def test_drain_is_published_immediately_and_placement_skips_it(
     a = make(redis_client, "a", [NodeLoad(viewers=0, streams={"s": 0})])
     b = make(redis_client, "b", [NodeLoad(viewers=4, streams={"s": 0})])
     async with a, b:
-        selector = RelaySelector(stale_after=a.ttl)
+        # Freshness is the TTL's job here (tested above); a loaded CI machine may delay beats.
+        selector = RelaySelector(stale_after=60)
         now = int(time.time() * 1000)
         first = selector.place(await read_live_nodes(redis_client), "s", now)
         assert first.relay is not None and first.relay.node_id == "a"

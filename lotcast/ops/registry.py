@@ -14,7 +14,6 @@ a hash without its TTL.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -37,6 +36,9 @@ from lotcast.ops.node import (
 from lotcast.ops.placement import Placement, RelaySelector
 
 log = logging.getLogger(__name__)
+
+# Seconds close() waits for the cancelled heartbeat task.
+CLOSE_TIMEOUT = 5.0
 
 LoadProbe = Callable[[], NodeLoad]
 CpuProbe = Callable[[], float]
@@ -183,8 +185,12 @@ class NodeRegistry:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a heartbeat stuck in a dead connection must not hold up shutdown.
+            done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT)
+            if not done:
+                log.error("node %s: heartbeat task ignored cancellation", self.node_id)
+            elif not task.cancelled() and task.exception() is not None:
+                log.error("node %s: heartbeat task failed: %r", self.node_id, task.exception())
         self._set_state(NodeState.STOPPED)
         if deregister:
             try:
