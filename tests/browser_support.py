@@ -70,13 +70,15 @@ class PageLog:
     lines: list[str] = field(default_factory=list)
     repeats: dict[str, int] = field(default_factory=dict)
 
+    started: float = field(default_factory=time.monotonic)
+
     def add(self, line: str) -> None:
         # Retry loops repeat the same message; keep the first and count the rest.
         if line in self.repeats:
             self.repeats[line] += 1
             return
         self.repeats[line] = 0
-        self.lines.append(line)
+        self.lines.append(f"{time.monotonic() - self.started:7.2f} {line}")
 
     def attach(self, page: Any, name: str) -> None:
         page.on("console", lambda m: self.add(f"[{name} console.{m.type}] {m.text}"))

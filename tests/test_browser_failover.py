@@ -76,3 +76,40 @@ async def test_viewer_moves_to_another_relay_when_its_relay_is_killed(
 
 async def _advanced(page: Any, t0: float) -> bool:
     return bool((await _state(page))["currentTime"] > t0 + 0.5)
+
+
+@pytest.mark.timeout(180)
+async def test_full_relay_redirects_the_viewer_page_and_its_socket_follows(
+    redis_server: RedisServer,
+) -> None:
+    """A WHEP POST to a full relay is answered 307 to another relay (cross-origin here): the page
+    follows it, plays from there and opens its room socket on that relay too."""
+    stream = "browser-redirect"
+    log = PageLog()
+    with cluster(redis_server.url, relays=2, relay_args=["--max-viewers", "1"]) as c:
+        relay_a, relay_b = c.relays
+        async with chromium() as browser:
+            try:
+                host = await open_page(
+                    browser, f"{c.origin.url}/host?stream={stream}#token={c.host_token()}", log, "host"
+                )
+                await host.click("#go-live")
+                first = await open_page(browser, f"{relay_a.url}/watch?stream={stream}", log, "first")
+                await wait_for(playing_on(first, relay_a.url, 5), 60, "first viewer on relay A", log)
+                started = time.monotonic()
+                second = await open_page(browser, f"{relay_a.url}/watch?stream={stream}", log, "second")
+                await wait_for(playing_on(second, relay_b.url, 5), 60,
+                               "second viewer redirected to relay B and playing", log)
+                print(f"second viewer played on relay B {time.monotonic() - started:.2f} s after opening;"
+                      f" WHEP sessions tried: {(await _state(second))['sessions']}")
+                host_b = relay_b.url.split("://", 1)[1].rstrip("/")
+
+                async def room_on_b() -> bool:
+                    room = await second.evaluate("window.lotcast.roomState()")
+                    return room["status"] == "open" and f"//{host_b}/" in (room["url"] or "")
+
+                await wait_for(room_on_b, 30, "second viewer's room socket on relay B", log)
+            except BaseException:
+                print(log.tail(150))
+                print(c.logs())
+                raise

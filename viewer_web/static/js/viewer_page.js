@@ -32,6 +32,7 @@ const MEDIA_LABELS = {
 
 player.addEventListener("statechange", (ev) => {
   const { state, detail } = ev.detail;
+  console.info(`[lotcast] media ${state}${detail ? `: ${detail}` : ""}`);
   const badge = $("media-state");
   badge.dataset.state = state;
   badge.textContent = MEDIA_LABELS[state] || state;
@@ -40,6 +41,7 @@ player.addEventListener("statechange", (ev) => {
 });
 
 player.addEventListener("relaychange", (ev) => {
+  console.info(`[lotcast] media relay ${ev.detail.origin}`);
   setText("relay-origin", ev.detail.origin);
   // The room socket follows the media to the relay we were placed on.
   if (room.url && new URL(room.url).host !== new URL(ev.detail.origin).host) {
@@ -104,6 +106,7 @@ const room = new RoomClient({
 });
 
 room.addEventListener("status", (ev) => {
+  console.info(`[lotcast] room ${ev.detail.status}${ev.detail.detail ? `: ${ev.detail.detail}` : ""}`);
   const badge = $("room-state");
   badge.dataset.state = ev.detail.status;
   badge.textContent = {
