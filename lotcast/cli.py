@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -133,7 +133,7 @@ def run_up(args: argparse.Namespace) -> int:
         print("  Mint more:    LOTCAST_JWT_SECRET=<secret> lotcast token bidder --name Alice")
         print(f"  JWT secret:   {secret}")
         print("Press Ctrl-C to stop.", flush=True)
-        stop = asyncio.Event()
+        stop = threading.Event()
 
         def _stop(*_: object) -> None:
             stop.set()
