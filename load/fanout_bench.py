@@ -13,61 +13,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import statistics
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urljoin
+from typing import Any
 
-import httpx
 import psutil
 import pylibsrtp
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from media_support import Publisher, Viewer, host_token, running_cluster
+from media_support import Publisher, Viewer, host_token, http_client, running_cluster
 
-from lotcast.media.aiortc_hooks import count_rtp_instead_of_parsing, set_encoder_bitrate
+from lotcast.media.aiortc_hooks import set_encoder_bitrate
 from lotcast.redis_server import RedisServer
 
+HERE = Path(__file__).resolve().parent
+
 STREAM = "bench"
-
-
-class CountingViewer:
-    """A WHEP viewer that counts decrypted RTP packets and never parses or decodes them."""
-
-    def __init__(self, base_url: str) -> None:
-        self.url = f"{base_url}/whep/{STREAM}"
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        self.packets = 0
-        self.started = 0.0
-        self.first_packet: float | None = None
-        self.resource: str | None = None
-
-    def _on_packet(self, data: bytes) -> None:
-        self.packets += 1
-        if self.first_packet is None and (data[1] & 0x7F) != 111:  # first video packet
-            self.first_packet = time.monotonic()
-
-    async def start(self, http: httpx.AsyncClient) -> None:
-        self.pc.addTransceiver("audio", direction="recvonly")
-        video = self.pc.addTransceiver("video", direction="recvonly")
-        self.started = time.monotonic()
-        await self.pc.setLocalDescription(await self.pc.createOffer())
-        response = await http.post(self.url, content=self.pc.localDescription.sdp,
-                                   headers={"Content-Type": "application/sdp"})
-        assert response.status_code == 201, response.text
-        self.resource = urljoin(self.url, response.headers["Location"])
-        count_rtp_instead_of_parsing(video.receiver.transport, self._on_packet)
-        await self.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
-
-    async def stop(self, http: httpx.AsyncClient) -> None:
-        if self.resource:
-            await http.delete(self.resource)
-        await self.pc.close()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -101,18 +68,22 @@ def srtp_send_floor(packet_size: int, count: int = 20000) -> float:
     return elapsed / count
 
 
-async def measure(cluster_relay: str, cluster_origin: str, n: int, seconds: float) -> dict[str, float]:
-    relay_proc = psutil.Process(int(_pid_of(cluster_relay)))
-    async with httpx.AsyncClient(timeout=30) as http:
-        counting = [CountingViewer(cluster_relay) for _ in range(max(0, n - 1))]
-        decoding_relay = Viewer(cluster_relay, STREAM)
-        decoding_origin = Viewer(cluster_origin, STREAM)
-        for batch in range(0, len(counting), 10):
-            await asyncio.gather(*(v.start(http) for v in counting[batch:batch + 10]))
+async def measure(relay_url: str, origin_url: str, n: int, seconds: float) -> dict[str, float]:
+    relay_proc = psutil.Process(_PIDS[relay_url])
+    farm = await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "viewer_farm.py"), relay_url, STREAM, str(max(0, n - 1)),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )
+    assert farm.stdout is not None and farm.stdin is not None
+    ready = await asyncio.wait_for(farm.stdout.readline(), 120)
+    assert ready.strip() == b"READY", ready
+    async with http_client() as http:
+        decoding_relay = Viewer(relay_url, STREAM)
+        decoding_origin = Viewer(origin_url, STREAM)
         await decoding_relay.start()
         await decoding_origin.start()
-        await asyncio.sleep(3.0)  # settle: ICE, key frames, bitrate ramp
-        stats_before = (await http.get(f"{cluster_relay}/api/stats")).json()
+        await asyncio.sleep(3.0)  # settle: ICE, key frames
+        stats_before = (await http.get(f"{relay_url}/api/stats")).json()
         cpu_before = relay_proc.cpu_times()
         wall_before = time.monotonic()
         decoding_relay.delays_ms.clear()
@@ -120,47 +91,39 @@ async def measure(cluster_relay: str, cluster_origin: str, n: int, seconds: floa
         await asyncio.sleep(seconds)
         cpu_after = relay_proc.cpu_times()
         wall = time.monotonic() - wall_before
-        stats_after = (await http.get(f"{cluster_relay}/api/stats")).json()
-        cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+        stats_after = (await http.get(f"{relay_url}/api/stats")).json()
+    cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    farm.stdin.close()
+    farm_result = json.loads(await asyncio.wait_for(farm.stdout.readline(), 60))
+    await farm.wait()
+    ttff = list(farm_result["ttff"])
+    if decoding_relay.first_frame_at is not None:
+        ttff.append(decoding_relay.first_frame_at - decoding_relay.started_at)
+    await decoding_relay.stop()
+    await decoding_origin.stop()
 
-        def sent(stats: dict[str, object]) -> int:
-            stream = next(s for s in stats["streams"] if s["id"] == STREAM)  # type: ignore[attr-defined]
-            return int(stream.get("video_packets_sent", 0)) + int(stream.get("audio_packets_sent", 0))
+    def counter(stats: dict[str, Any], suffix: str) -> int:
+        stream = next(s for s in stats["streams"] if s["id"] == STREAM)
+        return sum(int(v) for k, v in stream.items() if k.endswith(suffix))
 
-        def received(stats: dict[str, object]) -> int:
-            stream = next(s for s in stats["streams"] if s["id"] == STREAM)  # type: ignore[attr-defined]
-            return int(stream.get("video_packets_in", 0)) + int(stream.get("audio_packets_in", 0))
-
-        packets_sent = sent(stats_after) - sent(stats_before)
-        packets_in = received(stats_after) - received(stats_before)
-        ttff = [v.first_packet - v.started for v in counting if v.first_packet is not None]
-        if decoding_relay.first_frame_at is not None:
-            ttff.append(decoding_relay.first_frame_at - decoding_relay.started_at)
-        result = {
-            "viewers": n,
-            "relay_cpu_s": cpu,
-            "wall_s": wall,
-            "cpu_ms_per_viewer_s": 1000 * cpu / (n * wall),
-            "packets_sent_per_s": packets_sent / wall,
-            "packets_in_per_s": packets_in / wall,
-            "g2g_relay_p50": pct(decoding_relay.delays_ms, 0.5),
-            "g2g_relay_p95": pct(decoding_relay.delays_ms, 0.95),
-            "g2g_direct_p50": pct(decoding_origin.delays_ms, 0.5),
-            "g2g_direct_p95": pct(decoding_origin.delays_ms, 0.95),
-            "ttff_p95_s": pct(ttff, 0.95),
-            "ttff_n": len(ttff),
-        }
-        await asyncio.gather(*(v.stop(http) for v in counting))
-        await decoding_relay.stop()
-        await decoding_origin.stop()
-        return result
+    return {
+        "viewers": n,
+        "relay_cpu_s": cpu,
+        "wall_s": wall,
+        "cpu_ms_per_viewer_s": 1000 * cpu / (n * wall),
+        "packets_sent_per_s": (counter(stats_after, "_packets_sent")
+                               - counter(stats_before, "_packets_sent")) / wall,
+        "packets_in_per_s": (counter(stats_after, "_packets_in")
+                             - counter(stats_before, "_packets_in")) / wall,
+        "g2g_relay_p50": pct(decoding_relay.delays_ms, 0.5),
+        "g2g_relay_p95": pct(decoding_relay.delays_ms, 0.95),
+        "g2g_direct_p50": pct(decoding_origin.delays_ms, 0.5),
+        "g2g_direct_p95": pct(decoding_origin.delays_ms, 0.95),
+        "ttff_p95_s": pct(ttff, 0.95),
+    }
 
 
 _PIDS: dict[str, int] = {}
-
-
-def _pid_of(url: str) -> int:
-    return _PIDS[url]
 
 
 async def main() -> None:

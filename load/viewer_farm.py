@@ -1,0 +1,78 @@
+"""Many cheap WHEP viewers in one process: they count decrypted RTP packets and never parse or
+decode them. Used by fanout_bench.py so its own process keeps CPU for the decoding viewers.
+
+    python load/viewer_farm.py BASE_URL STREAM COUNT
+Prints READY once every viewer is connected, then, when stdin closes, one JSON line of results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from urllib.parse import urljoin
+
+import httpx
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+from lotcast.media.aiortc_hooks import count_rtp_instead_of_parsing, restrict_host_addresses
+
+AUDIO_PT = 111  # aiortc offers Opus as 111
+
+
+class CountingViewer:
+    def __init__(self, base_url: str, stream: str) -> None:
+        self.url = f"{base_url}/whep/{stream}"
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.packets = 0
+        self.started = 0.0
+        self.first_video: float | None = None
+        self.resource: str | None = None
+
+    def _on_packet(self, data: bytes) -> None:
+        self.packets += 1
+        if self.first_video is None and (data[1] & 0x7F) != AUDIO_PT:
+            self.first_video = time.monotonic()
+
+    async def start(self, http: httpx.AsyncClient) -> None:
+        self.pc.addTransceiver("audio", direction="recvonly")
+        video = self.pc.addTransceiver("video", direction="recvonly")
+        self.started = time.monotonic()
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        response = await http.post(self.url, content=self.pc.localDescription.sdp,
+                                   headers={"Content-Type": "application/sdp"})
+        if response.status_code != 201:
+            raise RuntimeError(f"WHEP {response.status_code}: {response.text}")
+        self.resource = urljoin(self.url, response.headers["Location"])
+        count_rtp_instead_of_parsing(video.receiver.transport, self._on_packet)
+        await self.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+
+    async def stop(self, http: httpx.AsyncClient) -> None:
+        if self.resource:
+            await http.delete(self.resource)
+        await self.pc.close()
+
+
+async def main(base_url: str, stream: str, count: int) -> None:
+    restrict_host_addresses(["127.0.0.1"])
+    farm = [CountingViewer(base_url, stream) for _ in range(count)]
+    async with httpx.AsyncClient(verify=False, trust_env=False, timeout=30) as http:
+        for batch in range(0, count, 10):
+            await asyncio.gather(*(v.start(http) for v in farm[batch:batch + 10]))
+        deadline = time.monotonic() + 20
+        while any(v.first_video is None for v in farm) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        print("READY", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        result = {
+            "ttff": [v.first_video - v.started for v in farm if v.first_video is not None],
+            "packets": sum(v.packets for v in farm),
+            "viewers": count,
+        }
+        await asyncio.gather(*(v.stop(http) for v in farm), return_exceptions=True)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
