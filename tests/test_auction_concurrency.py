@@ -6,6 +6,7 @@ import asyncio
 import random
 from collections.abc import Iterator
 
+import httpx
 import msgpack
 import pytest
 import redis.asyncio as aioredis
@@ -54,6 +55,11 @@ async def test_two_hundred_bidders_one_winner(two_nodes: list[ServiceProcess],
     await asyncio.gather(*(c.wait_for(lambda s: s.snapshots == 1) for c in [*bidders, *watchers]))
     welcome_nodes = {c.welcome["node"] for c in bidders}
     assert welcome_nodes == {"node-a", "node-b"}
+    async with httpx.AsyncClient() as http:
+        for node in two_nodes:
+            stats = (await http.get(node.url + "/interactive/stats")).json()
+            # The relay's uvicorn gives every socket the synchronous fan-out write path.
+            assert stats["direct_writer_sockets"] >= BIDDERS // 2 + 1
 
     lot = (await host.request("lot_create", title="Hot lot", start_price=100,
                               increments=[[0, 10], [2000, 50]], duration_ms=120_000,

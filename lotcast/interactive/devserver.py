@@ -47,7 +47,7 @@ async def serve(settings: Settings) -> None:
     app, service = build_app(settings)
     sock = bind_tcp(settings.host, settings.port)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level=settings.log_level, lifespan="on",
+    config = uvicorn.Config(app, log_level=settings.log_level, lifespan="on", ws="websockets-sansio",
                             ws_max_size=64 * 1024, ws_per_message_deflate=False)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -14,15 +14,24 @@ from starlette.websockets import WebSocket
 log = logging.getLogger(__name__)
 
 
+DirectWrite = Callable[[bytes], bool]
+
+
 class Outbox:
     """Never blocks the caller: `push` queues bytes or reports overflow (the caller disconnects).
 
     Everything queued when the sender wakes goes out as ONE WebSocket frame (server frames may
     hold several msgpack maps back to back), so a socket costs one send per wakeup, not per message.
+    With a `direct` writer, a push to an idle outbox whose transport takes data is written at once,
+    synchronously: no task wakeup per socket on the fan-out path.
     """
 
-    def __init__(self, send: Callable[[bytes], Awaitable[None]], limit_bytes: int) -> None:
+    def __init__(self, send: Callable[[bytes], Awaitable[None]], limit_bytes: int,
+                 direct: DirectWrite | None = None) -> None:
         self._send = send
+        self._direct = direct
+        self._sending = False
+        self.direct_frames = 0
         self.limit_bytes = limit_bytes
         self._frames: deque[bytes] = deque()
         self.queued_bytes = 0
@@ -36,6 +45,10 @@ class Outbox:
 
     def push(self, frame: bytes) -> bool:
         """Queue a frame. False means the outbox is over its limit (a slow consumer)."""
+        if (self._direct is not None and not self._frames and not self._sending
+                and self._task is not None and self._direct(frame)):
+            self.direct_frames += 1
+            return True
         self._frames.append(frame)
         self.queued_bytes += len(frame)
         if not self._wake.is_set():
@@ -52,7 +65,9 @@ class Outbox:
                 data = b"".join(self._frames)
                 self._frames.clear()
                 self.queued_bytes = 0
+                self._sending = True
                 await self._send(data)
+                self._sending = False
                 self.sent_frames += 1
         except asyncio.CancelledError:
             raise
@@ -78,15 +93,68 @@ class Outbox:
         self.queued_bytes = 0
 
 
+def direct_writer(websocket: WebSocket) -> DirectWrite | None:
+    """A synchronous binary-frame writer for uvicorn's `websockets-sansio` protocol, if in use.
+
+    It does what that protocol's ASGI `send` does for `websocket.send`, minus the await: frame the
+    bytes and hand them to the transport, only while the transport is not paused (its buffer is
+    under the high-water mark) and the connection is open. Anything else returns False and the
+    caller falls back to the awaited send. tests/test_ws_slow.py and test_interactive_hub.py fail
+    if uvicorn renames these attributes.
+    """
+    owner = server_protocol(websocket)
+    needed = ("conn", "transport", "writable", "close_sent", "disconnected")
+    if owner is None or not all(hasattr(owner, name) for name in needed):
+        return None
+    conn = owner.conn
+    if not hasattr(conn, "send_binary") or not hasattr(conn, "data_to_send"):
+        return None
+
+    def write(data: bytes) -> bool:
+        if (owner.close_sent or owner.disconnected or not owner.writable.is_set()
+                or owner.transport.is_closing()):
+            return False
+        try:
+            conn.send_binary(data)
+        except Exception:  # websockets.InvalidState: closing
+            return False
+        owner.transport.write(b"".join(conn.data_to_send()))
+        return True
+
+    return write
+
+
+def server_protocol(websocket: WebSocket) -> Any:
+    """The server's protocol object behind a Starlette WebSocket, or None.
+
+    ASGI does not expose it. uvicorn's protocol is the owner of the innermost `send` bound method;
+    Starlette and middlewares wrap `send` in closures, which we look through.
+    """
+    pending: list[Any] = [getattr(websocket, "_send", None)]
+    for _ in range(16):
+        if not pending:
+            return None
+        fn = pending.pop(0)
+        owner = getattr(fn, "__self__", None)
+        if owner is not None and hasattr(owner, "transport"):
+            return owner
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                content = cell.cell_contents
+            except ValueError:
+                continue
+            if callable(content):
+                pending.append(content)
+    return None
+
+
 def abort_transport(websocket: WebSocket) -> bool:
     """Drop a connection whose peer stopped reading: its close frame could never be written.
 
-    uvicorn does not expose the transport through ASGI; its protocol object is the `send`
-    callable's owner. If that ever moves, we fall back to the ASGI close only (covered by
+    If the server's transport cannot be found, we fall back to the ASGI close only (covered by
     tests/test_ws_slow.py).
     """
-    owner: Any = getattr(getattr(websocket, "_send", None), "__self__", None)
-    transport = getattr(owner, "transport", None)
+    transport = getattr(server_protocol(websocket), "transport", None)
     if transport is None or not hasattr(transport, "abort"):
         return False
     transport.abort()

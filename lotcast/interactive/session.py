@@ -17,7 +17,7 @@ from lotcast.auth import ANONYMOUS, AuthError, Identity, Role, TokenAuthority
 from lotcast.config import Settings
 from lotcast.interactive import protocol as p
 from lotcast.interactive.hub import RoomHub
-from lotcast.interactive.outbox import Outbox, abort_transport
+from lotcast.interactive.outbox import Outbox, abort_transport, direct_writer
 from lotcast.interactive.polls import PollStore
 from lotcast.interactive.ratelimit import FloodGuard
 from lotcast.interactive.roomlog import HistoryGone, RoomLog
@@ -48,6 +48,7 @@ _TRANSITIONS = {
 @dataclass
 class InteractiveStats:
     sockets: int = 0
+    direct_writer_sockets: int = 0  # sockets that got the synchronous fan-out write path
     slow_disconnects: int = 0
     flood_disconnects: int = 0
     auth_failures: int = 0
@@ -79,7 +80,10 @@ class ClientSession:
         self.state = SessionState.AWAITING_HELLO
         self.identity: Identity = ANONYMOUS
         self.hub: RoomHub | None = None
-        self.outbox = Outbox(websocket.send_bytes, deps.settings.ws_outbox_bytes)
+        direct = direct_writer(websocket)
+        if direct is not None:
+            deps.stats.direct_writer_sockets += 1
+        self.outbox = Outbox(websocket.send_bytes, deps.settings.ws_outbox_bytes, direct)
         self.flood = FloodGuard(deps.settings.ws_msg_rate, deps.settings.ws_msg_burst)
         self._held: list[bytes] = []
         self._held_bytes = 0
