@@ -201,6 +201,8 @@ class Cluster:
     relays: list[ServiceProcess]
     authority: TokenAuthority
     redis_url: str
+    env: dict[str, str]
+    extra: list[ServiceProcess] = field(default_factory=list)
 
     @property
     def relay(self) -> ServiceProcess:
@@ -211,6 +213,25 @@ class Cluster:
 
     def bidder_token(self, user_id: str, name: str) -> str:
         return self.authority.mint(Role.BIDDER, user_id, name)
+
+    def restart_origin(self) -> ServiceProcess:
+        """kill -9 the broadcaster and start a new one on the same port (same secret, same Redis)."""
+        port = self.origin.url.rsplit(":", 1)[1].rstrip("/")
+        self.origin.kill()
+        origin = ServiceProcess("broadcaster", ["--port", port, "--redis-url", self.redis_url],
+                                env=self.env)
+        self.extra.append(origin)
+        deadline = time.monotonic() + 15
+        while True:  # the old socket may linger for a moment
+            try:
+                origin.start()
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        self.origin = origin
+        return origin
 
     def logs(self, n: int = 60) -> str:
         parts = []
@@ -238,8 +259,13 @@ def cluster(redis_url: str, relays: int = 1, relay_args: list[str] | None = None
             procs.append(relay)
             relay.start()
             started.append(relay)
-        yield Cluster(origin=origin, relays=started, authority=TokenAuthority(secret),
-                      redis_url=redis_url)
+        c = Cluster(origin=origin, relays=started, authority=TokenAuthority(secret),
+                    redis_url=redis_url, env=env)
+        try:
+            yield c
+        finally:
+            for p in c.extra:
+                p.stop()
     finally:
         for p in reversed(procs):
             p.stop()

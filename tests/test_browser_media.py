@@ -3,11 +3,20 @@ the broadcaster; the viewer page plays it through a relay over WHEP (issue 2).""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
 import pytest
-from browser_support import PageLog, chromium, cluster, open_page, wait_for
+from browser_support import (
+    PageLog,
+    chromium,
+    cluster,
+    open_page,
+    player_trace,
+    trace_player,
+    wait_for,
+)
 
 from lotcast.redis_server import RedisServer
 
@@ -133,3 +142,48 @@ async def _text_int(page: Any, selector: str) -> bool:
 async def _host_stopped(page: Any) -> bool:
     s = await _state(page)
     return s.get("publish") == "stopped" and s.get("session") is None
+
+
+@pytest.mark.timeout(180)
+async def test_host_page_republishes_after_broadcaster_restart_and_viewer_resumes(
+    redis_server: RedisServer,
+) -> None:
+    stream = "browser-republish"
+    log = PageLog()
+    with cluster(redis_server.url) as c:
+        async with chromium() as browser:
+            try:
+                host = await open_page(
+                    browser, f"{c.origin.url}/host?stream={stream}#token={c.host_token()}", log, "host"
+                )
+                await host.click("#go-live")
+                await wait_for(lambda: _published(host), 30, "host page live", log)
+                first_session = (await _state(host))["session"]
+                viewer = await open_page(browser, f"{c.relay.url}/watch?stream={stream}", log, "viewer")
+                await wait_for(lambda: _decoded(viewer, 10), 60, "viewer decoding", log)
+
+                await trace_player(viewer)
+                restarted = time.monotonic()
+                c.restart_origin()
+                # The host page notices the broken connection and publishes again by itself.
+                await wait_for(lambda: _republished(host, first_session), 60,
+                               "host page live again with a new WHIP session", log)
+                print(f"host page live again {time.monotonic() - restarted:.2f} s after the restart")
+                assert await host.get_attribute("#publish-state", "data-state") == "live"
+                # The viewer (through the relay, same page) plays the new publisher's media.
+                frames = ((await _raw(viewer)).get("video") or {}).get("framesDecoded", 0)
+                await wait_for(lambda: _decoded(viewer, frames + 15), 90,
+                               "viewer decoding the republished stream", log)
+                v = await _state(viewer)
+                print(f"viewer decoding again {time.monotonic() - restarted:.2f} s after the restart "
+                      f"(WHEP sessions {v['sessions']}, reconnects {v['reconnects']})")
+                print("viewer player trace (ms since page load):", await player_trace(viewer))
+            except BaseException:
+                print(log.tail(150))
+                print(c.logs())
+                raise
+
+
+async def _republished(page: Any, old_session: str) -> bool:
+    s = await _state(page)
+    return s.get("publish") == "live" and s.get("session") not in (None, old_session)

@@ -117,6 +117,15 @@ async function startPreview() {
 
 // --- publishing ----------------------------------------------------------------------------------
 
+// While the host wants to be live, a publisher that was live and then failed (network blip,
+// broadcaster restart) is replaced automatically with backoff. Refusals (bad token, bad SDP)
+// stop the retries; so does "Stop".
+let wantLive = false;
+let wasLive = false;
+let retryTimer = null;
+let retryAttempt = 0;
+const RETRY_S = [1, 2, 4, 8, 10];
+
 async function goLive() {
   showError("");
   if (!token) {
@@ -128,31 +137,64 @@ async function goLive() {
   } catch {
     return;
   }
+  wantLive = true;
+  wasLive = false;
+  retryAttempt = 0;
+  clearTimeout(retryTimer);
+  await publishOnce();
+}
+
+function scheduleRepublish(why) {
+  if (!wantLive || !wasLive) {
+    setPublishState("failed", "");
+    showError(`publishing failed: ${why}`);
+    return;
+  }
+  const delay = RETRY_S[Math.min(retryAttempt, RETRY_S.length - 1)];
+  retryAttempt += 1;
+  setPublishState("connecting", `${why}; publishing again in ${delay} s`);
+  clearTimeout(retryTimer);
+  retryTimer = setTimeout(() => { if (wantLive) publishOnce(); }, delay * 1000);
+}
+
+async function publishOnce() {
+  const old = publisher;
+  if (old) await old.stop();
   const pub = new WhipPublisher(`/whip/${encodeURIComponent(params.stream)}`, { token });
   publisher = pub;
+  let negotiating = true; // failures during publish() are handled by its catch below
   pub.addEventListener("statechange", (ev) => {
     if (publisher !== pub) return;
     const { state, error } = ev.detail;
-    if (state === "live") setPublishState("live", `publishing ${params.stream}`);
-    else if (state === "failed") {
-      setPublishState("failed", "");
-      showError(`publishing failed: ${error}`);
+    if (state === "live") {
+      wasLive = true;
+      retryAttempt = 0;
+      showError("");
+      setPublishState("live", `publishing ${params.stream}`);
+    } else if (state === "failed" && !negotiating) {
+      scheduleRepublish(error || "connection failed");
     } else if (state === "connecting") setPublishState("connecting", "sending offer…");
   });
   pub.addEventListener("connectionstatechange", (ev) => setText("connection-state", ev.detail));
   setPublishState("connecting", "sending offer…");
   try {
     await pub.publish(media);
-    if (publisher === pub && pub.state === "connecting") setPublishState("connecting", "connecting media…");
+    negotiating = false;
+    if (publisher === pub && pub.state === "failed") scheduleRepublish(pub.error || "connection failed");
+    else if (publisher === pub && pub.state === "connecting") setPublishState("connecting", "connecting media…");
   } catch (err) {
-    if (publisher === pub) {
-      setPublishState("failed", "");
-      showError(`publishing failed: ${err.message || err}`);
-    }
+    negotiating = false;
+    if (publisher !== pub) return;
+    const status = err.status ?? 0;
+    const refused = status >= 400 && status < 500 && status !== 409 && status !== 429;
+    if (refused) wantLive = false;
+    scheduleRepublish(err.message || String(err));
   }
 }
 
 async function stop() {
+  wantLive = false;
+  clearTimeout(retryTimer);
   const pub = publisher;
   publisher = null;
   if (pub) await pub.stop();
@@ -191,6 +233,9 @@ setInterval(statsTick, 1000);
 
 const room = new RoomClient({ room: params.stream, token });
 room.addEventListener("status", (ev) => {
+  // The console socket and the WHIP session go to the same broadcaster: a dropped socket is a
+  // hint that the media connection may be gone too.
+  if (ev.detail.status === "reconnecting" && publishState === "live") publisher?.suspect();
   const badge = $("room-state");
   badge.dataset.state = ev.detail.status;
   badge.textContent = {

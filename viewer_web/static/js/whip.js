@@ -8,6 +8,10 @@ import {
   deleteSession, iceCredentials, patchCandidates, postOffer, preferCodecs, waitForIceGathering,
 } from "./signaling.js";
 
+const DISCONNECTED_GRACE_MS = 3000;
+const SILENCE_MS = 2500; // no RTCP receiver report from the server for this long -> probe it
+const SUSPECT_SILENCE_MS = 1200; // ... or this long after the page saw the broadcaster drop
+
 export class WhipPublisher extends EventTarget {
   /**
    * @param {string} endpoint  e.g. "/whip/main"
@@ -25,6 +29,7 @@ export class WhipPublisher extends EventTarget {
     this.etag = null;
     this.state = "idle"; // idle | connecting | live | failed | stopped
     this.error = null;
+    this._suspectUntil = 0;
   }
 
   _setState(state, error = null) {
@@ -40,11 +45,21 @@ export class WhipPublisher extends EventTarget {
     this._setState("connecting");
     const pc = new RTCPeerConnection({ iceServers: this.iceServers, bundlePolicy: "max-bundle" });
     this.pc = pc;
+    let lostTimer = null;
     pc.addEventListener("connectionstatechange", () => {
       this.dispatchEvent(new CustomEvent("connectionstatechange", { detail: pc.connectionState }));
       if (pc !== this.pc) return;
+      clearTimeout(lostTimer);
       if (pc.connectionState === "connected") this._setState("live");
       else if (pc.connectionState === "failed") this._setState("failed", "ICE/DTLS connection failed");
+      else if (pc.connectionState === "disconnected") {
+        // ICE consent takes ~30 s to declare "failed"; a publisher should not wait that long.
+        lostTimer = setTimeout(() => {
+          if (pc === this.pc && pc.connectionState !== "connected") {
+            this._setState("failed", "connection to the broadcaster lost");
+          }
+        }, DISCONNECTED_GRACE_MS);
+      }
     });
     const audio = stream.getAudioTracks()[0];
     const video = stream.getVideoTracks()[0];
@@ -71,11 +86,69 @@ export class WhipPublisher extends EventTarget {
       if (pc !== this.pc) return; // stopped meanwhile
       await pc.setRemoteDescription({ type: "answer", sdp: result.answer });
       if (!complete) this._trickleRest(pc, late);
+      this._startWatchdog(pc);
     } catch (err) {
       this._setState("failed", err.message || String(err));
       await this._teardown();
       throw err;
     }
+  }
+
+  /**
+   * The server answers our media with RTCP receiver reports about once a second. When they stop
+   * for a few seconds, check whether the broadcaster is reachable at all; if it is not, fail now
+   * instead of waiting for ICE consent to expire.
+   */
+  _startWatchdog(pc) {
+    let lastCount = -1;
+    let lastChange = performance.now();
+    let probing = false;
+    const timer = setInterval(async () => {
+      if (pc !== this.pc || pc.connectionState === "closed") {
+        clearInterval(timer);
+        return;
+      }
+      let reports = 0;
+      try {
+        (await pc.getStats()).forEach((s) => {
+          if (s.type === "remote-inbound-rtp") reports += s.roundTripTimeMeasurements || 0;
+        });
+      } catch {
+        return;
+      }
+      const now = performance.now();
+      if (reports !== lastCount) {
+        lastCount = reports;
+        lastChange = now;
+        return;
+      }
+      if (reports === 0) return;
+      if (now < this._suspectUntil && now - lastChange >= SUSPECT_SILENCE_MS) {
+        // The page saw the broadcaster go away (its room socket dropped) and RTCP stopped too.
+        clearInterval(timer);
+        this._setState("failed", "broadcaster connection lost");
+        return;
+      }
+      if (probing || now - lastChange < SILENCE_MS) return;
+      probing = true;
+      let reachable = true;
+      const ctrl = new AbortController();
+      const t = setTimeout(() => ctrl.abort(), 1000);
+      try {
+        await fetch(this.endpoint, { method: "OPTIONS", cache: "no-store", signal: ctrl.signal });
+      } catch {
+        reachable = false;
+      } finally {
+        clearTimeout(t);
+        probing = false;
+      }
+      if (!reachable && pc === this.pc) {
+        clearInterval(timer);
+        this._setState("failed", "broadcaster unreachable");
+      } else {
+        lastChange = now; // reachable: look again after another silent stretch
+      }
+    }, 500);
   }
 
   async _trickleRest(pc, late) {
@@ -85,6 +158,11 @@ export class WhipPublisher extends EventTarget {
     await patchCandidates(this.location, {
       etag: this.etag, token: this.token, ufrag, pwd, mid, candidates: late, end: true,
     });
+  }
+
+  /** A hint from the page (e.g. its WebSocket to the same server dropped): check sooner. */
+  suspect() {
+    this._suspectUntil = performance.now() + 10000;
   }
 
   /** Swap the outgoing track of one kind without renegotiating (device change while live). */
