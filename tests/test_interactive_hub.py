@@ -174,3 +174,15 @@ def test_interactive_layer_does_not_import_media() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_preframed_batches_match_websockets_framing() -> None:
+    from websockets.frames import Frame, Opcode
+
+    from lotcast.interactive.outbox import _framed
+
+    for size in (0, 1, 125, 126, 127, 65535, 65536, 200_000):
+        payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        expected = Frame(Opcode.BINARY, payload).serialize(mask=False)
+        assert _framed(payload) == expected
+        assert _framed(payload) is _framed(payload)  # framed once per batch

@@ -107,21 +107,48 @@ def direct_writer(websocket: WebSocket) -> DirectWrite | None:
     if owner is None or not all(hasattr(owner, name) for name in needed):
         return None
     conn = owner.conn
-    if not hasattr(conn, "send_binary") or not hasattr(conn, "data_to_send"):
+    if not all(hasattr(conn, name) for name in ("send_binary", "data_to_send", "extensions",
+                                                  "state")):
         return None
 
     def write(data: bytes) -> bool:
         if (owner.close_sent or owner.disconnected or not owner.writable.is_set()
-                or owner.transport.is_closing()):
+                or owner.transport.is_closing() or conn.state.name != "OPEN"):
             return False
-        try:
-            conn.send_binary(data)
-        except Exception:  # websockets.InvalidState: closing
-            return False
-        owner.transport.write(b"".join(conn.data_to_send()))
+        if conn.extensions:  # e.g. permessage-deflate: frames differ per connection
+            try:
+                conn.send_binary(data)
+            except Exception:
+                return False
+            owner.transport.write(b"".join(conn.data_to_send()))
+        else:
+            owner.transport.write(_framed(data))
         return True
 
     return write
+
+
+class _FrameCache:
+    """The last payload framed and its frame (identity match: the hub sends one bytes object)."""
+
+    payload: object = object()
+    frame: bytes = b""
+
+
+def _framed(payload: bytes) -> bytes:
+    """One unmasked binary WebSocket frame (RFC 6455 5.2). Server frames are the same bytes for
+    every socket, so a batch is framed once: the cache hits for every socket after the first."""
+    if payload is _FrameCache.payload:
+        return _FrameCache.frame
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x82, n))
+    elif n < 1 << 16:
+        head = bytes((0x82, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x82, 127)) + n.to_bytes(8, "big")
+    _FrameCache.payload, _FrameCache.frame = payload, head + payload
+    return _FrameCache.frame
 
 
 def server_protocol(websocket: WebSocket) -> Any:
