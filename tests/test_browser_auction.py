@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from browser_support import PageLog, chromium, cluster, open_page, wait_for
 
+from lotcast.auth import Role, TokenAuthority
 from lotcast.redis_server import RedisServer
 
 STREAM = "browser-auction"
@@ -224,3 +225,34 @@ async def _ends_after(page: Any, ends_at: int) -> bool:
 async def _resumed(page: Any) -> bool:
     s = await _room(page)
     return s["status"] == "open" and s["resumes"] >= 1
+
+
+@pytest.mark.timeout(120)
+async def test_rejected_token_falls_back_to_watching_and_a_new_token_signs_in(
+    redis_server: RedisServer,
+) -> None:
+    forged = TokenAuthority("x" * 40).mint(Role.BIDDER, "u-mallory", "Mallory")
+    log = PageLog()
+    with cluster(redis_server.url) as c:
+        async with chromium() as browser:
+            try:
+                page = await open_page(
+                    browser, f"{c.relay.url}/watch?stream=browser-auth#token={forged}", log, "page"
+                )
+                await wait_for(text_matches(page, "#identity", r"token rejected"), 30,
+                               "the page reports the refused token", log)
+                await wait_for(attr_is(page, "#room-state", "data-state", "open"), 30,
+                               "room open anonymously", log)
+                assert (await _room(page))["identity"]["role"] == "viewer"
+                # The fragment is gone from the address bar either way.
+                assert "token=" not in page.url
+                # Paste a valid bidder token: the socket signs in again.
+                await page.fill("#token-input", c.bidder_token("u-erin", "Erin"))
+                await page.click("#token-apply")
+                await wait_for(text_matches(page, "#identity", r"^Erin \(bidder\)$"), 30,
+                               "signed in as Erin", log)
+                assert (await _room(page))["identity"]["user"] == "u-erin"
+            except BaseException:
+                print(log.tail(150))
+                print(c.logs())
+                raise

@@ -245,6 +245,9 @@ room.addEventListener("status", (ev) => {
   badge.title = ev.detail.detail || "";
 });
 room.addEventListener("change", () => setText("viewer-count", room.viewers ?? "–"));
+room.addEventListener("authfailed", (ev) => {
+  setText("console-error", `host token rejected by the server (${ev.detail.reason}); paste a valid one`);
+});
 const hostConsole = mountHostConsole(room);
 
 $("token-apply").addEventListener("click", () => {

@@ -11,6 +11,7 @@
 //   "moved"    {code, reason, url}       the node is going away (close 1001 / `reconnect` message):
 //                                        the page should re-run placement, then the socket follows
 //   "welcome"  {message}
+//   "authfailed" {reason}                the token was refused (4501); now watching anonymously
 
 import { decodeAll, encode } from "./msgpack.js";
 
@@ -65,6 +66,7 @@ export class RoomClient extends EventTarget {
     this.eventsApplied = 0;
     this.lastError = null;
     this.lastClose = null;
+    this.authError = null; // why the last token was refused (4501), if it was
     this._cid = 0;
     this._pending = new Map(); // cid -> {resolve, reject, type, fields, timer}
     this._attempt = 0;
@@ -94,6 +96,7 @@ export class RoomClient extends EventTarget {
   /** Change credentials (e.g. a bidder token typed in) and reconnect, keeping the room state. */
   setToken(token) {
     this.token = token || null;
+    this.authError = null;
     this.reconnectNow("new token");
   }
 
@@ -200,7 +203,17 @@ export class RoomClient extends EventTarget {
 
   _onClose(code, reason) {
     if (code === 4501) {
-      this._setStatus("failed", `authentication failed${reason ? `: ${reason}` : ""}; enter a new token`);
+      // Terminal for these credentials: keep watching anonymously until a new token is given.
+      this.authError = reason || this.lastError || "token rejected";
+      if (this.token) {
+        this.token = null;
+        this._setStatus("reconnecting", `token rejected (${this.authError}); watching anonymously`);
+        this.dispatchEvent(new CustomEvent("authfailed", { detail: { reason: this.authError } }));
+        clearTimeout(this._timer);
+        this._timer = setTimeout(() => this._connect(), 500);
+      } else {
+        this._setStatus("failed", `authentication failed: ${this.authError}`);
+      }
       return;
     }
     if (code === 4010) {

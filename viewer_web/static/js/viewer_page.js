@@ -127,6 +127,13 @@ room.addEventListener("moved", () => {
 });
 
 room.addEventListener("change", render);
+room.addEventListener("authfailed", (ev) => {
+  token = null;
+  sessionStorage.removeItem(TOKEN_KEY);
+  player.token = null;
+  render();
+  setText("identity", `token rejected (${ev.detail.reason}); watching anonymously`);
+});
 
 const feeds = new Map(); // lot id -> [{name, amount, price, ts}]
 room.addEventListener("logevent", (ev) => {
@@ -240,7 +247,8 @@ async function vote(option) {
 function render() {
   setText("viewer-count", room.viewers ?? "–");
   const who = room.identity;
-  if (who && who.role !== "viewer") setText("identity", `${who.name || who.user} (${who.role})`);
+  if (room.authError && !token) setText("identity", `token rejected (${room.authError}); watching anonymously`);
+  else if (who && who.role !== "viewer") setText("identity", `${who.name || who.user} (${who.role})`);
   else if (token) {
     const claims = tokenClaims(token);
     setText("identity", claims ? `${claims.name || claims.sub} (${claims.role})` : "token set");
