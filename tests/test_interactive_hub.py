@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 import msgpack
+import pytest
 import redis.asyncio as aioredis
 
 from lotcast import keys
@@ -186,3 +187,24 @@ def test_preframed_batches_match_websockets_framing() -> None:
         expected = Frame(Opcode.BINARY, payload).serialize(mask=False)
         assert _framed(payload) == expected
         assert _framed(payload) is _framed(payload)  # framed once per batch
+
+
+async def test_fanout_yields_between_chunks_and_keeps_order(
+        redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lotcast.interactive import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "FANOUT_CHUNK", 2)
+    functions = RoomFunctions(redis_client, 100)
+    hub = RoomHub("chunks", RoomLog(redis_client, functions), 0.1, 0.2)
+    socks = [FakeSocket() for _ in range(5)]
+    for s in socks:
+        hub.attach(s)
+    hub.set_viewers(1)
+    hub.set_viewers(2)
+    hub.set_viewers(3)
+    # Only the first chunk was served synchronously; the rest waits for later loop turns.
+    assert sum(len(s.frames) for s in socks) == 2
+    for s in socks:
+        await s.until(lambda s=s: len(s.frames) == 3)  # type: ignore[misc]
+        assert [m["count"] for m in s.messages()] == [1, 2, 3]
+    await hub.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 CATCH_UP = b""  # inbox marker: read the log after our offset (pub/sub may have dropped messages)
 RETRY_AFTER = 0.5
+FANOUT_CHUNK = 256  # sockets served per event-loop turn (about 5 ms of sends)
 
 
 class Subscriber(Protocol):
@@ -61,6 +63,8 @@ class RoomHub:
         self._tally_handles: dict[str, asyncio.TimerHandle] = {}
         self._tally_last: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
+        self._fanout_jobs: deque[tuple[bytes, list[Subscriber]]] = deque()
+        self._fanout_handle: asyncio.Handle | None = None
 
     async def start(self) -> None:
         """Call after subscribing: messages queued meanwhile at or below the head are dropped."""
@@ -74,10 +78,11 @@ class RoomHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for handle in [self._flush_handle, *self._tally_handles.values()]:
+        for handle in [self._flush_handle, self._fanout_handle, *self._tally_handles.values()]:
             if handle is not None:
                 handle.cancel()
-        self._flush_handle = None
+        self._flush_handle = self._fanout_handle = None
+        self._fanout_jobs.clear()
         self._tally_handles.clear()
 
     def feed(self, data: bytes) -> None:
@@ -196,8 +201,30 @@ class RoomHub:
                                      counts=self._tallies[poll]))
 
     def _broadcast(self, frame: bytes) -> None:
-        for sub in list(self.sockets):
-            sub.push(frame)
+        """Hand `frame` to every socket, FANOUT_CHUNK sockets per loop turn.
+
+        One turn per chunk keeps the loop responsive (acks are not stuck behind a 10k-socket
+        fan-out); one FIFO of jobs keeps every socket's frames in order.
+        """
+        self._fanout_jobs.append((frame, list(self.sockets)))
+        if self._fanout_handle is None:
+            self._fanout_step()
+
+    def _fanout_step(self) -> None:
+        self._fanout_handle = None
+        budget = FANOUT_CHUNK
+        while self._fanout_jobs and budget > 0:
+            frame, subs = self._fanout_jobs[0]
+            chunk, rest = subs[:budget], subs[budget:]
+            for sub in chunk:
+                sub.push(frame)
+            budget -= len(chunk)
+            if rest:
+                self._fanout_jobs[0] = (frame, rest)
+            else:
+                self._fanout_jobs.popleft()
+        if self._fanout_jobs:
+            self._fanout_handle = asyncio.get_running_loop().call_soon(self._fanout_step)
 
 
 class RoomSubscriptions:
