@@ -14,6 +14,7 @@ from browser_support import (
     cluster,
     open_page,
     player_trace,
+    static_server,
     trace_player,
     wait_for,
 )
@@ -187,3 +188,32 @@ async def test_host_page_republishes_after_broadcaster_restart_and_viewer_resume
 async def _republished(page: Any, old_session: str) -> bool:
     s = await _state(page)
     return s.get("publish") == "live" and s.get("session") not in (None, old_session)
+
+
+@pytest.mark.timeout(60)
+async def test_host_page_previews_camera_and_screen() -> None:
+    """Source picker: the camera and the screen (getDisplayMedia) both preview, with audio."""
+    log = PageLog()
+    with static_server() as base:
+        async with chromium() as browser:
+            page = await open_page(browser, f"{base}/host?stream=preview", log, "host")
+            tracks_js = ("document.getElementById('preview').srcObject.getTracks()"
+                         ".map(t => t.kind + ':' + t.label)")
+            await page.click("#preview-start")
+            await wait_for(lambda: _preview_state(page), 15, "camera preview", log)
+            camera = await page.evaluate(tracks_js)
+            assert any(t.startswith("video:") for t in camera)
+            assert any(t.startswith("audio:") for t in camera)
+            await page.select_option("#source-select", "screen")
+            await wait_for(lambda: _screen_track(page, tracks_js), 15, "screen preview", log)
+            # Devices are listed once permission was granted.
+            assert await page.locator("#camera-select option").count() >= 2
+
+
+async def _preview_state(page: Any) -> bool:
+    return bool((await _state(page)).get("publish") == "previewing")
+
+
+async def _screen_track(page: Any, tracks_js: str) -> bool:
+    tracks = await page.evaluate(tracks_js)
+    return any(t.startswith("video:screen") for t in tracks)
