@@ -43,6 +43,7 @@ class Room:
         await self.host.request("lot_open", lot=self.lot)
         self.poll = (await self.host.request("poll_open", question="?", options=["a", "b"],
                                              duration_ms=600_000))["poll"]
+        await self.stayer.wait_for(lambda s: self.lot in s.lots and self.poll in s.polls)
 
     async def activity(self, bids: int) -> None:
         price = int(self.stayer.state.lots[self.lot].get("price", 95))
