@@ -41,9 +41,42 @@ export function parseIceServerLinks(header) {
     const cred = m[2].match(/credential="([^"]*)"/i);
     if (user) server.username = user[1];
     if (cred) server.credential = cred[1];
+    if (/^turns?:/i.test(server.urls) && !(user && cred)) {
+      console.warn(`ignoring ${server.urls}: a TURN server needs username and credential`);
+      continue;
+    }
     servers.push(server);
   }
   return servers;
+}
+
+/**
+ * The ICE servers an endpoint advertises (`Link: <...>; rel="ice-server"` on OPTIONS, RFC 9725
+ * §4.6), or null when it cannot tell (unreachable, or no answer within `timeoutMs`).
+ */
+export async function discoverIceServers(endpoint, { token = null, timeoutMs = 1500 } = {}) {
+  const ctrl = new AbortController();
+  const timer = setTimeout(() => ctrl.abort(), timeoutMs);
+  try {
+    const res = await fetch(endpoint, {
+      method: "OPTIONS", headers: authHeaders(token), cache: "no-store", signal: ctrl.signal,
+    });
+    return parseIceServerLinks(res.headers.get("Link"));
+  } catch {
+    return null;
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** An RTCPeerConnection with the given ICE servers, or with none if the browser refuses them. */
+export function newPeerConnection(iceServers) {
+  try {
+    return new RTCPeerConnection({ iceServers: iceServers || [], bundlePolicy: "max-bundle" });
+  } catch (err) {
+    console.warn("ICE server configuration refused; using none", err);
+    return new RTCPeerConnection({ iceServers: [], bundlePolicy: "max-bundle" });
+  }
 }
 
 /** Resolve when ICE gathering is complete or `timeoutMs` passed (whichever comes first). */

@@ -15,7 +15,8 @@
 // reconnecting, failed, stopped. Events: "statechange" {state, detail}, "relaychange" {origin}.
 
 import {
-  SignalingError, deleteSession, postOffer, preferCodecs, sleep, waitForIceGathering,
+  SignalingError, deleteSession, discoverIceServers, newPeerConnection, postOffer, preferCodecs, sleep,
+  waitForIceGathering,
 } from "./signaling.js";
 
 const DEFAULT_RETRY_S = 2;
@@ -60,6 +61,7 @@ export class WhepPlayer extends EventTarget {
     this._previous = null; // {pc, session} kept playing during a make-before-break move
     // Optional: origin -> node id (from the room's welcome), sent as ?exclude= on re-placement.
     this.nodeIdOf = opts.nodeIdOf || null;
+    this.iceServers = opts.iceServers ?? null; // null: ask the first node (OPTIONS)
   }
 
   get endpointPath() {
@@ -84,6 +86,11 @@ export class WhepPlayer extends EventTarget {
   async start() {
     const run = ++this._run;
     this._setState("connecting");
+    // STUN/TURN servers the node advertises (none on a loopback setup); later 201 answers may
+    // update them (Link headers) for the next session.
+    if (this.iceServers === null) {
+      this.iceServers = (await discoverIceServers(this.nodes[0] + this.endpointPath, { token: this.token })) ?? [];
+    }
     await this._connectLoop(run, { endpoints: () => this.nodes.map((n) => n + this.endpointPath) });
   }
 
@@ -248,7 +255,7 @@ export class WhepPlayer extends EventTarget {
   }
 
   async _openSession(run, endpoint) {
-    const pc = new RTCPeerConnection({ iceServers: [], bundlePolicy: "max-bundle" });
+    const pc = newPeerConnection(this.iceServers);
     const audioTx = pc.addTransceiver("audio", { direction: "recvonly" });
     const videoTx = pc.addTransceiver("video", { direction: "recvonly" });
     preferCodecs(audioTx, "audio", ["audio/opus"]);
@@ -267,6 +274,7 @@ export class WhepPlayer extends EventTarget {
         token: this.token, signal: this._abort.signal,
       });
       this.lastStatus = 201;
+      if (result.iceServers.length) this.iceServers = result.iceServers;
       if (run !== this._run) {
         pc.close();
         await deleteSession(result.location, this.token);

@@ -5,7 +5,8 @@
 // everything up front and our loopback candidates are normally all in the offer).
 
 import {
-  deleteSession, iceCredentials, patchCandidates, postOffer, preferCodecs, waitForIceGathering,
+  deleteSession, discoverIceServers, iceCredentials, newPeerConnection, patchCandidates, postOffer, preferCodecs,
+  waitForIceGathering,
 } from "./signaling.js";
 
 const DISCONNECTED_GRACE_MS = 3000;
@@ -21,7 +22,7 @@ export class WhipPublisher extends EventTarget {
     super();
     this.endpoint = endpoint;
     this.token = opts.token || null;
-    this.iceServers = opts.iceServers || [];
+    this.iceServers = opts.iceServers ?? null; // null: ask the endpoint (OPTIONS, Link headers)
     this.videoCodecs = opts.videoCodecs || ["video/VP8", "video/H264"];
     this.gatherTimeoutMs = opts.gatherTimeoutMs ?? 1500;
     this.pc = null;
@@ -43,7 +44,11 @@ export class WhipPublisher extends EventTarget {
   async publish(stream) {
     if (this.pc) throw new Error(`already publishing (state ${this.state})`);
     this._setState("connecting");
-    const pc = new RTCPeerConnection({ iceServers: this.iceServers, bundlePolicy: "max-bundle" });
+    if (this.iceServers === null) {
+      this.iceServers = (await discoverIceServers(this.endpoint, { token: this.token })) ?? [];
+      if (this.state !== "connecting") return; // stopped meanwhile
+    }
+    const pc = newPeerConnection(this.iceServers);
     this.pc = pc;
     let lostTimer = null;
     pc.addEventListener("connectionstatechange", () => {
