@@ -44,18 +44,25 @@ class Drainer:
         self.started_at = time.monotonic()
         logger.warning("draining: %d viewers, timeout %.1fs", self.viewers(), self.timeout)
         try:
-            await self.registry.drain()
+            await asyncio.wait_for(self.registry.drain(), timeout=2.0)
         except Exception as exc:  # the registry entry still expires by TTL
             logger.warning("could not publish draining state: %r", exc)
-        try:
-            await asyncio.wait_for(self.tell_clients(), timeout=max(self.timeout / 2, 0.1))
-        except Exception as exc:
-            logger.warning("could not tell clients to move: %r", exc)
+        # Telling clients (closing room sockets with 1001) runs beside the wait: its cleanup must
+        # never hold the drain past its deadline.
+        tell = asyncio.ensure_future(self.tell_clients())
+        tell.add_done_callback(_log_failure)
         deadline = self.started_at + self.timeout
         while self.viewers() > 0 and time.monotonic() < deadline:  # noqa: ASYNC110 - polled count
             await asyncio.sleep(self.poll_interval)
+        if not tell.done():
+            tell.cancel()
         self.timed_out = self.viewers() > 0
         self.finished_at = time.monotonic()
         logger.warning("drain %s after %.2fs (%d viewers left)",
                        "timed out" if self.timed_out else "done",
                        self.finished_at - self.started_at, self.viewers())
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("could not tell clients to move: %r", task.exception())

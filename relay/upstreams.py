@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection
 
 import httpx
@@ -22,6 +23,8 @@ from relay.cascade import Upstream
 
 logger = logging.getLogger(__name__)
 
+PARENT_STALL_S = 1.0
+PARENT_PROBE_TIMEOUT_S = 0.5
 # (stream, exclude node ids, below depth) -> where to pull from
 Chooser = Callable[[str, Collection[str], "int | None"], Awaitable[Upstream]]
 ParentCheck = Callable[[str, str], Awaitable[bool]]
@@ -106,14 +109,31 @@ class RelayUpstreams:
         if self._parent_ok is None:
             return
         for stream_id, upstream in list(self._upstreams.items()):
-            if upstream.node_id is None or stream_id not in self._pulls:
+            pull = self._pulls.get(stream_id)
+            if upstream.node_id is None or pull is None:
                 continue
-            if await self._parent_ok(stream_id, upstream.node_id):
+            if (await self._parent_ok(stream_id, upstream.node_id)
+                    and not await self._parent_silent(pull)):
                 continue
             try:
                 await self.reparent(stream_id, exclude={upstream.node_id})
             except Exception as exc:
                 logger.warning("stream %s: re-parenting failed: %r", stream_id, exc)
+
+    async def _parent_silent(self, pull: UpstreamPull) -> bool:
+        """No media from the parent for PARENT_STALL_S and it does not answer /healthz: it died
+        (the registry would only notice at TTL expiry)."""
+        if pull.state is not PullState.CONNECTED or not pull.stream.tracks:
+            return False
+        last = max(t.last_packet_time for t in pull.stream.tracks.values())
+        if time.monotonic() - last < PARENT_STALL_S:
+            return False
+        try:
+            response = await self.http.get(f"{pull.upstream_url}/healthz",
+                                           timeout=PARENT_PROBE_TIMEOUT_S)
+            return response.status_code != 200
+        except httpx.HTTPError:
+            return True
 
     async def reparent(self, stream_id: str, exclude: Collection[str]) -> None:
         """Make before break: connect a new pull from another upstream, then close the old."""

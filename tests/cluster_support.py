@@ -262,6 +262,12 @@ class LadderViewer:
     def frame_times(self) -> list[float]:
         return sorted(t for _, v in self.history for t in v.frame_times)
 
+    def played_again_at(self, t: float) -> float | None:
+        """When a session started after `t` (a re-placement) decoded its first frame."""
+        firsts = [v.first_frame_at for _, v in self.history
+                  if v.started_at > t and v.first_frame_at is not None]
+        return min(firsts) if firsts else None
+
     def frames_since(self, t: float) -> int:
         return sum(1 for x in self.frame_times if x >= t)
 

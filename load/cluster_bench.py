@@ -1,0 +1,193 @@
+"""Cluster benchmark: Redis + broadcaster + relays as processes, aiortc viewers placed by the registry.
+
+Prints:
+- viewers served per relay, and each relay's CPU per viewer (psutil over a steady window);
+- glass-to-glass p50/p95 at depth 0, 1 and 2 of the tree (a static chain origin -> relay-0 ->
+  chain-1 -> chain-2, one decoding viewer per level), and the latency each hop adds (the same frame
+  decoded at depth d+1 minus depth d, p50/p95);
+- the time a killed relay's viewers take to play again (SIGKILL -> first frame on the new relay,
+  p50/p95), with the longest stall seen by the other relays' viewers;
+- the drain time (SIGTERM -> process exit) and the longest stall of the viewers that moved.
+
+    .venv/bin/python load/cluster_bench.py --viewers 9 --capacity 4 --seconds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from cluster_support import (
+    LadderViewer,
+    ScaledCluster,
+    TimedViewer,
+    percentile,
+    relay_stats,
+    remember_node_ids,
+    scaled_cluster,
+)
+from media_support import Publisher, host_token
+
+from lotcast.redis_server import RedisServer
+
+STREAM = "bench"
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    return f"p50 {percentile(values, 50):7.1f}  p95 {percentile(values, 95):7.1f}  n={len(values)}"
+
+
+async def wait_frames(viewers: list[TimedViewer], count: int, within: float) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline and any(len(v.counters) < count for v in viewers):
+        await asyncio.sleep(0.1)
+
+
+async def depth_latency(cluster: ScaledCluster, seconds: float) -> None:
+    """Depth 0/1/2 through a static chain of relays; one decoding viewer per depth."""
+    relay0 = cluster.relays["relay-0"]
+    chain1 = cluster.add_relay("chain-1", origin_url=relay0.url)
+    chain2 = cluster.add_relay("chain-2", origin_url=chain1.url)
+    levels = [relay0, chain1, chain2]
+    viewers = [TimedViewer(proc.url, STREAM) for proc in levels]
+    for viewer in viewers:
+        await viewer.start()
+    await wait_frames(viewers, 10, within=20)
+    skip = [len(v.counters) for v in viewers]  # steady state only
+    await asyncio.sleep(seconds)
+    stats = await relay_stats(cluster)
+    print("\n== glass-to-glass by tree depth (ms, painted capture time -> decoded) ==")
+    decoded: list[dict[int, float]] = []
+    for depth, (viewer, first) in enumerate(zip(viewers, skip, strict=True)):
+        node = cluster.node_of(viewer.url)
+        pulls = stats.get(node or "", {}).get("upstreams", [])
+        reported = pulls[0]["depth"] if pulls else "?"  # type: ignore[index]
+        delays = viewer.delays_ms[first:]
+        print(f"depth {depth} ({node}, registry depth {reported}): {fmt(delays)}")
+        decoded.append({c: t for c, t in zip(viewer.counters[first:], viewer.frame_times[first:],
+                                              strict=True)})
+    print("== latency added per hop (ms, same frame decoded one level deeper) ==")
+    for depth in (1, 2):
+        upper, lower = decoded[depth - 1], decoded[depth]
+        diffs = [(lower[c] - upper[c]) * 1000 for c in lower if c in upper]
+        print(f"hop {depth - 1} -> {depth}: {fmt(diffs)}")
+    for viewer in viewers:
+        await viewer.stop()
+    for name in ("chain-2", "chain-1"):
+        proc = cluster.relays.pop(name)
+        proc.signal(signal.SIGTERM)  # empty: drains at once and deregisters
+        await asyncio.to_thread(proc.wait, 10)
+
+
+async def cpu_per_viewer(cluster: ScaledCluster, group: list[LadderViewer],
+                         seconds: float) -> None:
+    procs = {name: psutil.Process(p.pid) for name, p in cluster.relays.items()}
+    for proc in procs.values():
+        proc.cpu_percent(None)
+    await asyncio.sleep(seconds)
+    cpu = {name: proc.cpu_percent(None) for name, proc in procs.items()}
+    stats = await relay_stats(cluster)
+    per_relay = Counter(cluster.node_of(v.relay_url) for v in group)
+    print("\n== viewers per relay, CPU per viewer ==")
+    for name in sorted(procs):
+        viewers = int(stats.get(name, {}).get("viewers", 0))  # type: ignore[call-overload]
+        per = f"{cpu[name] / viewers:5.2f} %/viewer" if viewers else "   -"
+        print(f"{name}: {viewers:3d} viewers (placement: {per_relay.get(name, 0)}), "
+              f"CPU {cpu[name]:5.1f} % of a core, {per}")
+
+
+async def kill_one(cluster: ScaledCluster, group: list[LadderViewer]) -> str:
+    per_relay = Counter(cluster.node_of(v.relay_url) for v in group)
+    victim = per_relay.most_common(1)[0][0]
+    assert victim is not None
+    victims = [v for v in group if cluster.node_of(v.relay_url) == victim]
+    others = [v for v in group if v not in victims]
+    stats = await relay_stats(cluster)
+    children = {k for k, st in stats.items()
+                if any(cluster.relays[victim].url in str(p["url"])  # type: ignore[index]
+                       for p in st.get("upstreams", []))}  # type: ignore[union-attr]
+    killed_at = time.monotonic()
+    cluster.relays[victim].kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (
+            any(v.played_again_at(killed_at) is None for v in victims)
+            or any(v.frames_since(killed_at + 1) < 5 for v in group)):
+        await asyncio.sleep(0.1)
+    end = time.monotonic()
+    recovery = [(v.played_again_at(killed_at) or end) - killed_at for v in victims]
+    fed = [v for v in others if cluster.node_of(v.relay_url) in children]
+    apart = [v for v in others if v not in fed]
+    print(f"\n== kill -9 {victim} ({len(victims)} viewers; cascade children {sorted(children)}) ==")
+    print(f"time to play again (s): {fmt(recovery)}  max {max(recovery):.2f}")
+    print(f"viewers of relays fed by it: longest stall "
+          f"{max((v.max_gap(killed_at, end) for v in fed), default=0):.2f} s (n={len(fed)}); "
+          f"other viewers: longest stall "
+          f"{max((v.max_gap(killed_at, end) for v in apart), default=0):.2f} s (n={len(apart)}), "
+          f"re-placed {sum(1 for v in others if v.moves)}")
+    cluster.relays.pop(victim)
+    return victim
+
+
+async def drain_one(cluster: ScaledCluster, group: list[LadderViewer]) -> None:
+    per_relay = Counter(cluster.node_of(v.relay_url) for v in group)
+    victim = per_relay.most_common(1)[0][0]
+    assert victim is not None
+    movers = [v for v in group if cluster.node_of(v.relay_url) == victim]
+    proc = cluster.relays[victim]
+    term_at = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    code = await asyncio.to_thread(proc.wait, cluster.drain_timeout + 10)
+    drained = time.monotonic() - term_at
+    await asyncio.sleep(2)
+    end = time.monotonic()
+    gaps = [v.max_gap(term_at, end) for v in movers]
+    print(f"\n== SIGTERM {victim} ({len(movers)} viewers) ==")
+    print(f"drain time {drained:.2f} s (exit status {code}); moved viewers' longest stall "
+          f"{max(gaps, default=0):.2f} s; viewers without frames after: "
+          f"{sum(1 for v in group if v.frames_since(end - 1.0) == 0)}")
+
+
+async def main(args: argparse.Namespace) -> None:
+    with RedisServer() as redis, scaled_cluster(redis, relays=args.relays,
+                                                 capacity=args.capacity) as cluster:
+        await remember_node_ids(cluster)
+        publisher = Publisher(cluster.origin.url, STREAM, host_token(), fps=args.fps)
+        await publisher.start()
+        group: list[LadderViewer] = []
+        try:
+            await depth_latency(cluster, args.seconds)
+            await asyncio.sleep(2 * 0.5 * 3)  # chain relays gone from the registry
+            group = [LadderViewer(cluster.entry_urls, STREAM, room="benchroom", name=f"v{i}")
+                     for i in range(args.viewers)]
+            for viewer in group:
+                await viewer.start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and any(len(v.frame_times) < 10 for v in group):
+                await asyncio.sleep(0.1)
+            await cpu_per_viewer(cluster, group, args.seconds)
+            await kill_one(cluster, group)
+            await drain_one(cluster, group)
+        finally:
+            await asyncio.gather(*(v.stop() for v in group), return_exceptions=True)
+            await publisher.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--relays", type=int, default=4)
+    parser.add_argument("--capacity", type=int, default=4)
+    parser.add_argument("--viewers", type=int, default=8)
+    parser.add_argument("--fps", type=int, default=15)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    asyncio.run(main(parser.parse_args()))
