@@ -74,6 +74,11 @@ async def test_viewer_moves_to_another_relay_when_its_relay_is_killed(
                 raise
 
 
+async def _waiting_on(page: Any, status: int) -> bool:
+    s = await _state(page)
+    return bool(s["media"] == "waiting" and s["lastStatus"] == status)
+
+
 async def _advanced(page: Any, t0: float) -> bool:
     return bool((await _state(page))["currentTime"] > t0 + 0.5)
 
@@ -109,6 +114,13 @@ async def test_full_relay_redirects_the_viewer_page_and_its_socket_follows(
                     return room["status"] == "open" and f"//{host_b}/" in (room["url"] or "")
 
                 await wait_for(room_on_b, 30, "second viewer's room socket on relay B", log)
+
+                # Both relays full: the third page waits on 503 + Retry-After instead of failing...
+                third = await open_page(browser, f"{relay_a.url}/watch?stream={stream}", log, "third")
+                await wait_for(lambda: _waiting_on(third, 503), 30, "third viewer waiting on 503", log)
+                # ...and plays once a seat frees up (the first page leaves: its session is DELETEd).
+                await first.context.close()
+                await wait_for(playing_on(third, relay_a.url, 5), 60, "third viewer playing on A", log)
             except BaseException:
                 print(log.tail(150))
                 print(c.logs())

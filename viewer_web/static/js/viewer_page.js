@@ -423,6 +423,13 @@ window.lotcast = {
   vote,
 };
 
+// Leaving the page ends the WHEP session at once (DELETE with keepalive) instead of letting the
+// relay time it out, so its seat is free for the next viewer.
+window.addEventListener("pagehide", () => {
+  player.stop();
+  room.stop();
+});
+
 updateMuteButton();
 render();
 room.start();
