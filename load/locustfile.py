@@ -1,9 +1,11 @@
 """locust load test of the interactive WebSocket layer (docs/protocol.md), run headless.
 
 Users:
-* `WatcherUser` (anonymous): only receives. For every log event it reports "WS event delivered"
-  (response time = receive time - event `ts`, the server clock at the Redis Function call), and for
-  every `bid` event "WS bid->viewer" (receive time - the bidder's own send time, see below).
+* `WatcherUser` (anonymous): only receives. Per `events` frame it reports "WS events batch"
+  (response time = receive time - newest event's `ts`, the server clock at the Redis Function call;
+  response length = events in the batch) and counts events (printed as events/s at the end). One
+  watcher in `--measure-every` (default 10) also reports "WS bid->viewer" for every `bid` event
+  (receive time - the bidder's own send time, see below).
 * `BidderUser` (bidder token): places bids on the benchmark lot at `--bid-rate-per-user` and reports
   "WS bid ack" (accepted), "WS bid rejected <code>" (a valid refusal, e.g. overtaken by another
   bid) and failures (anything else, timeouts, closes).
@@ -79,6 +81,8 @@ def _args(parser: Any) -> None:
                         help="how many of the -u users are bidders (the rest watch)")
     parser.add_argument("--bid-rate-per-user", type=float, default=2.0,
                         help="bids/s per bidder (server limit: 5/s per user, burst 10)")
+    parser.add_argument("--measure-every", type=int, default=10,
+                        help="1 watcher in N reports every bid's bid->viewer latency")
     parser.add_argument("--jwt-secret", default=os.environ.get("LOTCAST_JWT_SECRET", DEV_JWT_SECRET),
                         help="the node's LOTCAST_JWT_SECRET (mints host and bidder tokens)")
 
@@ -152,6 +156,7 @@ def _poll_node_stats(environment: Environment) -> None:
 @events.test_start.add_listener
 def _start_polling(environment: Environment, **_: Any) -> None:
     _state["poller"] = gevent.spawn(_poll_node_stats, environment)
+    _state["started"] = time.time()
 
 
 @events.test_stop.add_listener
@@ -160,6 +165,11 @@ def _node_stats(environment: Environment, **_: Any) -> None:
     poller = _state.get("poller")
     if poller is not None:
         poller.kill()
+    started = _state.get("started")
+    if started:
+        took = time.time() - started
+        print(f"log events delivered to watchers: {_state.get('events', 0):,} in {took:.0f} s = "
+              f"{_state.get('events', 0) / took:,.0f} events/s (this locust process)", flush=True)
     peak, last = _state.get("peak", {}), _state.get("last", {})
     print(f"node {peak.get('node')}: peak connected sockets {peak.get('sockets')} "
           f"(by room {peak.get('by_room')}); slow_disconnects {last.get('slow_disconnects')}, "
@@ -175,6 +185,7 @@ class _WsUser(User):
         opts = self.environment.parsed_options
         assert opts is not None and self.host
         self.opts = opts
+        self.measure = next(_ids) % max(1, opts.measure_every) == 0
         start = time.time()
         hello: dict[str, Any] = {"type": "hello"}
         uid = f"locust-{os.getpid()}-{next(_ids)}"
@@ -203,18 +214,29 @@ class _WsUser(User):
             response_time=rt_ms if rt_ms is not None else (time.time() - start) * 1000)
 
     def _consume(self, frame: bytes) -> list[dict[str, Any]]:
-        """Report delivery latency of every log event in a server frame; return the other maps."""
+        """Count and time the log events in a server frame; return the other maps.
+
+        Every watcher reports one "WS events batch" per frame (latency of the newest event from its
+        server `ts`) and counts events; one watcher in `--measure-every` also reports
+        "WS bid->viewer" for every bid (all watchers get the same batches, so the sample is
+        unbiased, and locust's own per-sample cost stays below the node's).
+        """
         now = time.time()
         rest = []
         for msg in decode(frame):
             if msg.get("type") != "events" or msg.get("replay") or not self.deliveries:
                 rest.append(msg)
                 continue
-            for ev in msg["events"]:
-                self._fire("WS event delivered", 0, rt_ms=max(0.0, now * 1000 - ev["ts"]))
-                if ev["type"] == "bid":
-                    self._fire("WS bid->viewer", 0,
-                               rt_ms=max(0.0, (now - bid_sent_at(ev["amount"])) * 1000))
+            evs = msg["events"]
+            _state["events"] = _state.get("events", 0) + len(evs)
+            if evs:
+                self._fire("WS events batch", 0, length=len(evs),
+                           rt_ms=max(0.0, now * 1000 - evs[-1]["ts"]))
+            if self.measure:
+                for ev in evs:
+                    if ev["type"] == "bid":
+                        self._fire("WS bid->viewer", 0,
+                                   rt_ms=max(0.0, (now - bid_sent_at(ev["amount"])) * 1000))
         return rest
 
     deliveries = True
