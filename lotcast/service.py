@@ -96,7 +96,10 @@ def run_service(kind: str, settings: Settings) -> None:
 
         app = create_relay_app(settings)
     config = uvicorn.Config(app, log_level=settings.log_level.lower(), lifespan="on",
-                            ws="websockets-sansio", timeout_graceful_shutdown=5)
+                            ws="websockets-sansio", timeout_graceful_shutdown=5,
+                            # one frame encoding shared by every socket needs no per-socket
+                            # compression; client frames are small by protocol
+                            ws_per_message_deflate=False, ws_max_size=65536)
     server = DrainingServer(config, getattr(app.state, "drain", None))
     asyncio.run(_serve(server, sock, kind, settings, app))
 
