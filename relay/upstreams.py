@@ -9,12 +9,15 @@ one is closed, so viewers only wait for the next key frame.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
 
 import httpx
+from aiortc.rtp import RtpPacket
 
+from lotcast.media.aiortc_hooks import HookError, tap_receiver
 from lotcast.media.endpoints import SessionTable
 from lotcast.media.peer import EgressSession, PeerSession
 from lotcast.media.stream import MediaStream, StreamRouter
@@ -152,6 +155,7 @@ class RelayUpstreams:
             except BaseException:
                 await new.close()
                 raise
+            _silence(old)
             self._pulls[stream_id] = new
             self._upstreams[stream_id] = upstream
             old.stream.on_end(lambda: self._forget(stream_id, new))
@@ -191,3 +195,22 @@ class RelayUpstreams:
         await asyncio.gather(*(p.close() for p in list(self._pulls.values())), *self._closing)
         self._pulls.clear()
         await self.http.aclose()
+
+
+def _silence(pull: UpstreamPull) -> None:
+    """Stop a replaced pull from feeding the stream at once (before its connection closes):
+    packets of two sources interleaved would make every viewer wait for a key frame again."""
+    pc = getattr(pull, "_pc", None)  # UpstreamPull exposes no hook for this
+    if pc is None:
+        return
+    for receiver in pc.getReceivers():
+        with contextlib.suppress(HookError):
+            tap_receiver(receiver, _drop_packet, _drop_report)
+
+
+def _drop_packet(packet: RtpPacket) -> None:
+    pass
+
+
+def _drop_report(ssrc: int, ntp: int, rtp_timestamp: int) -> None:
+    pass

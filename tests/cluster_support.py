@@ -23,7 +23,7 @@ import httpx
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from media_support import SECRET, Viewer
 
-from lotcast.interactive.client import RoomClient
+from lotcast.interactive.client import RoomClient, RoomState
 from lotcast.media.testsource import decode_delay_ms, read
 from lotcast.redis_server import RedisServer
 from lotcast.supervisor import ServiceProcess
@@ -134,6 +134,7 @@ class LadderViewer:
         self._room_client: RoomClient | None = None
         self._moving = False
         self._stopped = False
+        self.room_joins = 0
         self.http = httpx.AsyncClient(timeout=3.0)
 
     # --- placement --------------------------------------------------------------------------
@@ -218,16 +219,22 @@ class LadderViewer:
             for _attempt in range(5):
                 try:
                     new = await self._open(exclude)
-                    break
                 except (PlacementError, AssertionError, httpx.HTTPError) as exc:
                     self.failures.append(f"{reason}: {exc!r}")
                     await asyncio.sleep(0.5)
+                    continue
+                deadline = time.monotonic() + FIRST_FRAME_STALL_S * 2
+                while new.first_frame_at is None and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                if new.first_frame_at is not None:
+                    break
+                # a session that never plays: drop it and ask for placement again
+                self.failures.append(f"{reason}: no first frame from {self.history[-1][0]}")
+                await new.stop(delete=True)
+                new = None
             if new is None:
                 return
             self.current, self.relay_url = new, self.history[-1][0]
-            deadline = time.monotonic() + 10
-            while new.first_frame_at is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
             self.moves[-1] = (reason, started, new.first_frame_at)
             if not break_first and old is not None:
                 await old.stop(delete=True)
@@ -239,17 +246,42 @@ class LadderViewer:
     # --- the room socket (drain notice) -------------------------------------------------------
 
     async def _join_room(self) -> None:
+        """Join the room on the current relay; after a move, resume from the last offset seen
+        (the server replays what was missed), keeping the same RoomState."""
         assert self.room is not None
-        if self._room_task is not None:
-            self._room_task.cancel()
+        if self._room_task is not None and self._room_task is not asyncio.current_task():
+            self._room_task.cancel()  # (a drain move runs in the room task itself)
+        old = self._room_client
         client = RoomClient(self.relay_url, self.room)
+        resume = None
+        if old is not None:
+            client.state = old.state
+            if old.state.epoch:
+                resume = (old.state.epoch, old.state.offset)
+            with contextlib.suppress(Exception):
+                await old.close()
         try:
-            await client.connect()
+            await client.connect(resume=resume)
         except Exception as exc:
             self.failures.append(f"room connect: {exc!r}")
             return
+        self.room_joins += 1
         self._room_client = client
         self._room_task = asyncio.ensure_future(self._room_watch(client))
+
+    @property
+    def room_state(self) -> RoomState | None:
+        return self._room_client.state if self._room_client is not None else None
+
+    async def room_caught_up(self, offset: int, within: float) -> bool:
+        client = self._room_client
+        if client is None:
+            return False
+        try:
+            await client.wait_for(lambda s: s.offset >= offset, within=within)
+        except TimeoutError:
+            return False
+        return True
 
     async def _room_watch(self, client: RoomClient) -> None:
         code = await client.wait_closed(within=3600)
