@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiortc import RTCRtpCodecParameters, RTCRtpSender
+from aiortc.clock import current_ntp_time
 from aiortc.rtp import RtpPacket
 
 from lotcast.media.aiortc_hooks import PacketSender, set_sender_report
@@ -74,8 +75,10 @@ class TrackForwarder:
         self._pending: deque[tuple[bytes, bool]] = deque()
         self._drain_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.keyframe_requester: Callable[[], None] | None = None
+        # returns False when it could not ask (no source, or its SSRC is not known yet)
+        self.keyframe_requester: Callable[[], bool] | None = None
         self._last_keyframe_request = 0.0
+        self._keyframe_wanted = False
         self._deferred_request: asyncio.TimerHandle | None = None
         self._sender_report: tuple[int, int] | None = None
         # counters (read by metrics and benchmarks)
@@ -86,6 +89,7 @@ class TrackForwarder:
         self.send_drops = 0
         self.keyframe_requests_sent = 0
         self.last_packet_time = 0.0
+        self.last_sender_report_time = 0.0
 
     # --- viewers ------------------------------------------------------------------------
 
@@ -105,6 +109,10 @@ class TrackForwarder:
             self._rebuild()
         if self._sender_report is not None:
             self._apply_sender_report(sink)
+        elif self.packets_in:
+            # No SR from the source yet: until one comes, map "now" to the newest timestamp
+            # rather than let aiortc report NTP zero (January 1900).
+            set_sender_report(sink.rtp_sender, current_ntp_time(), self.mapper.last_out_ts, 0, 0)
 
     def remove_sink(self, sink: ForwardSink) -> None:
         sink.closed = True
@@ -174,8 +182,10 @@ class TrackForwarder:
         pending = self._pending
         while pending and budget > 0:
             data, keyframe = pending.popleft()
-            if keyframe and self._waiting:
-                self._admit_waiting()
+            if keyframe:
+                self._keyframe_wanted = False
+                if self._waiting:
+                    self._admit_waiting()
             for pt, entries, sinks in self._groups:
                 out = data if pt == self._base_pt else with_payload_type(data, pt)
                 for protect, sendto, addr in entries:
@@ -200,6 +210,7 @@ class TrackForwarder:
             self._loop.call_soon(self.remove_sink, sink)
 
     def on_source_sender_report(self, ssrc: int, ntp: int, rtp_timestamp: int) -> None:
+        self.last_sender_report_time = time.monotonic()
         if ssrc != self.mapper.source_ssrc:
             return
         self._sender_report = (ntp, self.mapper.map_timestamp(rtp_timestamp))
@@ -232,27 +243,39 @@ class TrackForwarder:
             self.nack_packets_served += 1
 
     def request_keyframe(self) -> None:
-        """Ask the source for a key frame, at most once per KEYFRAME_REQUEST_INTERVAL."""
+        """Ask the source for a key frame, at most once per KEYFRAME_REQUEST_INTERVAL; a request
+        inside the interval is remembered and sent when it ends (or met by a key frame first)."""
         if self.kind != "video":
             return
+        self._keyframe_wanted = True
+        self._try_keyframe_request()
+
+    def _try_keyframe_request(self) -> None:
         now = time.monotonic()
         wait = self._last_keyframe_request + KEYFRAME_REQUEST_INTERVAL - now
-        if wait <= 0:
-            self._send_keyframe_request(now)
-        elif self._deferred_request is None:
+        if wait <= 0 and self._send_keyframe_request(now):
+            if not self._waiting:
+                return
+            wait = KEYFRAME_REQUEST_INTERVAL  # viewers still waiting: ask again if none comes
+        if self.keyframe_requester is not None and self._deferred_request is None:
+            # throttled, or the source's SSRC is not known yet: try again shortly
             loop = asyncio.get_running_loop()
-            self._deferred_request = loop.call_later(wait, self._deferred_keyframe_request)
+            delay = max(wait, KEYFRAME_REQUEST_INTERVAL / 5)
+            self._deferred_request = loop.call_later(delay, self._deferred_keyframe_request)
 
     def _deferred_keyframe_request(self) -> None:
         self._deferred_request = None
-        if self._waiting:
-            self._send_keyframe_request(time.monotonic())
+        if self._keyframe_wanted or self._waiting:
+            self._keyframe_wanted = True
+            self._try_keyframe_request()
 
-    def _send_keyframe_request(self, now: float) -> None:
+    def _send_keyframe_request(self, now: float) -> bool:
+        if self.keyframe_requester is None or not self.keyframe_requester():
+            return False
         self._last_keyframe_request = now
-        if self.keyframe_requester is not None:
-            self.keyframe_requester()
-            self.keyframe_requests_sent += 1
+        self._keyframe_wanted = False
+        self.keyframe_requests_sent += 1
+        return True
 
     def close(self) -> None:
         if self._deferred_request is not None:

@@ -113,11 +113,13 @@ class MediaStream:
         self._on_ended(self)
 
 
-def _keyframe_requester(receiver: RTCRtpReceiver, forwarder: TrackForwarder) -> Callable[[], None]:
-    def request() -> None:
+def _keyframe_requester(receiver: RTCRtpReceiver, forwarder: TrackForwarder) -> Callable[[], bool]:
+    def request() -> bool:
         ssrc = forwarder.mapper.source_ssrc
-        if ssrc is not None:
-            request_keyframe(receiver, ssrc)
+        if ssrc is None:
+            return False
+        request_keyframe(receiver, ssrc)
+        return True
 
     return request
 
