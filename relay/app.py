@@ -159,8 +159,9 @@ def create_app(settings: Settings) -> Starlette:
         return response
 
     async def watch_parents() -> None:
+        # a dead parent is noticed by its silence + a failed probe, well before its TTL expires
         while True:
-            await asyncio.sleep(settings.heartbeat_interval)
+            await asyncio.sleep(min(settings.heartbeat_interval, 0.25))
             try:
                 await upstreams.check_parents()
             except Exception:

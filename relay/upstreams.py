@@ -26,7 +26,7 @@ from relay.cascade import Upstream
 
 logger = logging.getLogger(__name__)
 
-PARENT_STALL_S = 1.0
+PARENT_STALL_S = 0.5
 PARENT_PROBE_TIMEOUT_S = 0.5
 # (stream, exclude node ids, below depth) -> where to pull from
 Chooser = Callable[[str, Collection[str], "int | None"], Awaitable[Upstream]]

@@ -294,3 +294,42 @@ async def test_sigterm_drains_viewers_to_other_relays_without_a_gap(
         finally:
             await stop_all(group)
             await publisher.stop()
+
+
+async def test_killed_parent_relay_its_children_re_parent_and_their_viewers_play_on(
+    redis_server: RedisServer,
+) -> None:
+    with scaled_cluster(redis_server, relays=3, capacity=5,
+                        relay_env={"LOTCAST_ORIGIN_FANOUT": "1"}) as cluster:
+        await remember_node_ids(cluster)
+        publisher = Publisher(cluster.origin.url, "tree", host_token(), fps=FPS)
+        await publisher.start()
+        group: list[LadderViewer] = []
+        try:
+            t0 = time.monotonic()
+            group = await start_viewers(cluster, "tree", 6)
+            await wait_all_frames(group, t0, 15, within=40)
+            stats = await relay_stats(cluster)
+            root = next(k for k, st in stats.items() if st["children"])
+            children = list(stats[root]["children"])  # type: ignore[call-overload]
+            fed = [v for v in group if cluster.node_of(v.relay_url) in children]
+            assert fed, "no viewer on a cascade relay"
+
+            killed_at = time.monotonic()
+            cluster.relays[root].kill()
+            await wait_all_frames(group, killed_at + 3.5, 10, within=30)
+            end = time.monotonic()
+            stalls = [round(v.max_gap(killed_at, end), 2) for v in fed]
+            print(f"killed root {root}; children {children} re-parented; "
+                  f"their viewers' longest stall (s): {stalls}")
+            for viewer in fed:  # the relay re-parented: the viewer did nothing
+                assert not viewer.moves, (viewer.name, viewer.moves)
+                assert viewer.max_gap(killed_at, end) < 3.0
+            after = await relay_stats(cluster)
+            for child in children:
+                (pull,) = after[child]["upstreams"]  # type: ignore[misc]
+                assert pull["state"] == "connected" and pull["url"] != cluster.relays[root].url
+                assert after[child]["reparents"] == 1
+        finally:
+            await stop_all(group)
+            await publisher.stop()
