@@ -36,7 +36,9 @@ def host_token(ttl: float = 3600) -> str:
 @dataclass
 class Cluster:
     origin: ServiceProcess
+    env: dict[str, str]
     relays: list[ServiceProcess] = field(default_factory=list)
+    extra: list[ServiceProcess] = field(default_factory=list)  # started by a test; stopped here
 
     @property
     def relay(self) -> ServiceProcess:
@@ -48,10 +50,11 @@ def running_cluster(redis: RedisServer, relays: int = 1, relay_args: list[str] |
                     origin_args: list[str] | None = None) -> Iterator[Cluster]:
     env = {"LOTCAST_JWT_SECRET": SECRET, "LOTCAST_REDIS_URL": redis.url, "LOTCAST_LOG_LEVEL": "warning"}
     procs: list[ServiceProcess] = []
+    cluster: Cluster | None = None
     try:
         origin = ServiceProcess("broadcaster", ["--port", "0", *(origin_args or [])], env=env).start()
         procs.append(origin)
-        cluster = Cluster(origin)
+        cluster = Cluster(origin, env)
         for i in range(relays):
             relay = ServiceProcess("relay", ["--port", "0", "--origin-url", origin.url,
                                              "--node-id", f"relay-{i}", *(relay_args or [])],
@@ -60,17 +63,18 @@ def running_cluster(redis: RedisServer, relays: int = 1, relay_args: list[str] |
             cluster.relays.append(relay)
         yield cluster
     finally:
-        for proc in reversed(procs):
+        for proc in [*procs, *(cluster.extra if cluster else [])][::-1]:
             proc.stop()
 
 
 class Publisher:
     """An aiortc WHIP client publishing a frame-counter video and a tone."""
 
-    def __init__(self, base_url: str, stream: str, token: str, fps: int = 30) -> None:
+    def __init__(self, base_url: str, stream: str, token: str, fps: int = 30,
+                 first_frame: int = 0) -> None:
         self.url = f"{base_url}/whip/{stream}"
         self.token = token
-        self.video = CounterVideoTrack(fps)
+        self.video = CounterVideoTrack(fps, first=first_frame)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.resource: str | None = None
 

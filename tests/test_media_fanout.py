@@ -8,7 +8,9 @@ import httpx
 import pytest
 from media_support import Publisher, Viewer, assert_in_order, host_token, running_cluster, viewers
 
+from lotcast.netutil import free_tcp_port
 from lotcast.redis_server import RedisServer
+from lotcast.supervisor import ServiceProcess
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,3 +88,33 @@ async def test_viewers_resume_after_the_publisher_reconnects(redis_server: Redis
                     assert viewer.pc.connectionState == "connected"
             finally:
                 await second.stop()
+
+
+async def test_relay_viewers_resume_after_the_origin_restarts(redis_server: RedisServer) -> None:
+    port = free_tcp_port()
+    with running_cluster(redis_server, origin_args=["--port", str(port)]) as cluster:
+        publisher = Publisher(cluster.origin.url, "phoenix", host_token())
+        await publisher.start()
+        viewer = Viewer(cluster.relay.url, "phoenix")
+        await viewer.start()
+        try:
+            await viewer.wait_frames(20, timeout=30)
+            cluster.origin.kill()  # kill -9: no DELETE, no DTLS close, no BYE
+            await publisher.stop(delete=False)
+            seen = len(viewer.counters)
+            origin = ServiceProcess("broadcaster", ["--port", str(port)], env=cluster.env).start()
+            cluster.extra.append(origin)
+            second = Publisher(origin.url, "phoenix", host_token(), first_frame=500_000)
+            await second.start()
+            try:
+                # the relay notices the silent upstream from missing Sender Reports (seconds,
+                # not ICE consent's ~30 s), pulls again, and the same viewer session resumes
+                await viewer.wait_frames(seen + 20, timeout=25)
+                assert viewer.pc.connectionState == "connected"
+                resumed = [c for c in viewer.counters[seen:] if c >= 500_000]
+                assert len(resumed) >= 15  # the new publisher's frames, on the old session
+                assert_in_order(resumed)
+            finally:
+                await second.stop()
+        finally:
+            await viewer.stop()

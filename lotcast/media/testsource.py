@@ -71,7 +71,7 @@ class CounterVideoTrack(MediaStreamTrack):
     kind = "video"
 
     def __init__(self, fps: int = 30, width: int = WIDTH, height: int = HEIGHT,
-                 noisy: bool = False) -> None:
+                 noisy: bool = False, first: int = 0) -> None:
         super().__init__()
         self.fps = fps
         self.width = width
@@ -82,13 +82,14 @@ class CounterVideoTrack(MediaStreamTrack):
         # predict, so its rate control (not the content) decides the bitrate
         texture = rng.integers(16, 236, (height // 8 + 1, width // 8 + 1), dtype=np.uint8)
         self._texture = np.kron(texture, np.ones((8, 8), dtype=np.uint8)) if noisy else None
-        self.counter = 0
+        self.first = first
+        self.counter = first
         self._start: float | None = None
 
     async def recv(self) -> av.VideoFrame:
         if self._start is None:
             self._start = time.monotonic()
-        due = self._start + self.counter / self.fps
+        due = self._start + (self.counter - self.first) / self.fps
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
@@ -98,7 +99,7 @@ class CounterVideoTrack(MediaStreamTrack):
             noise = self._texture[shift:shift + self.height, shift:shift + self.width]
         picture = paint(self.counter, int(time.time() * 1000), self.width, self.height, noise)
         frame = av.VideoFrame.from_ndarray(picture, format="yuv420p")
-        frame.pts = int(self.counter * VIDEO_CLOCK / self.fps)
+        frame.pts = int((self.counter - self.first) * VIDEO_CLOCK / self.fps)
         frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
         self.counter += 1
         return frame

@@ -32,6 +32,11 @@ class NotLiveError(Exception):
         self.retry_after = retry_after
 
 
+# The upstream sends RTCP Sender Reports about every second even when no media flows, so this
+# much silence means it is gone (ICE consent freshness alone would take ~30 s to notice).
+SILENCE_TIMEOUT = 5.0
+
+
 class PullState(enum.Enum):
     IDLE = "idle"
     CONNECTING = "connecting"
@@ -54,6 +59,7 @@ class UpstreamPull:
         self._generation: int | None = None
         self._lock = asyncio.Lock()
         self._retry_task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     def _set_state(self, new: PullState) -> None:
         if new is not self.state:
@@ -102,11 +108,23 @@ class UpstreamPull:
         self._pc = pc
         self._generation = self.stream.attach_source(receivers)
         self._set_state(PullState.CONNECTED)
+        self._watchdog = asyncio.ensure_future(self._watch(pc))
 
         @pc.on("connectionstatechange")
         def _changed() -> None:
             if pc.connectionState in ("failed", "closed") and self._pc is pc:
                 self._lost()
+
+    async def _watch(self, pc: RTCPeerConnection) -> None:
+        since = time.monotonic()
+        while self._pc is pc:
+            await asyncio.sleep(1.0)
+            heard = max([since] + [max(t.last_sender_report_time, t.last_packet_time)
+                                   for t in self.stream.tracks.values()])
+            if self._pc is pc and time.monotonic() - heard > SILENCE_TIMEOUT:
+                logger.warning("upstream %s silent for %.0fs", self.stream.id, SILENCE_TIMEOUT)
+                self._lost()
+                return
 
     def _lost(self) -> None:
         logger.warning("upstream %s lost; reconnecting", self.stream.id)
@@ -139,6 +157,12 @@ class UpstreamPull:
         if self.state is PullState.CLOSED:
             return
         self._set_state(PullState.CLOSED)
+        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+            self._watchdog.cancel()
+            try:
+                await self._watchdog
+            except asyncio.CancelledError:
+                pass
         if self._retry_task is not None and self._retry_task is not asyncio.current_task():
             self._retry_task.cancel()
             try:
