@@ -3,8 +3,9 @@
 Prints:
 - viewers served per relay, and each relay's CPU per viewer (psutil over a steady window);
 - glass-to-glass p50/p95 at depth 0, 1 and 2 of the tree (a static chain origin -> relay-0 ->
-  chain-1 -> chain-2, one decoding viewer per level), and the latency each hop adds (the same frame
-  decoded at depth d+1 minus depth d, p50/p95);
+  chain-1 -> chain-2, one decoding viewer per level), and the latency each hop adds: the same frame
+  decoded at depth d+1 minus depth d, and (without decoder noise) the same RTP payload received at
+  depth d+1 minus depth d, p50/p95;
 - the time a killed relay's viewers take to play again (SIGKILL -> first frame on the new relay,
   p50/p95), with the longest stall seen by the other relays' viewers;
 - the drain time (SIGTERM -> process exit) and the longest stall of the viewers that moved.
@@ -22,7 +23,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import psutil
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtp import RtpPacket
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
@@ -37,6 +41,7 @@ from cluster_support import (
 )
 from media_support import Publisher, host_token
 
+from lotcast.media.aiortc_hooks import tap_receiver
 from lotcast.redis_server import RedisServer
 
 STREAM = "bench"
@@ -46,6 +51,34 @@ def fmt(values: list[float]) -> str:
     if not values:
         return "n/a"
     return f"p50 {percentile(values, 50):7.1f}  p95 {percentile(values, 95):7.1f}  n={len(values)}"
+
+
+class PacketProbe:
+    """A WHEP client that never decodes: it records when each video payload arrives. Payloads
+    cross relays byte for byte (only headers are rewritten), so the same payload's arrival at
+    depth d and d+1 gives that hop's delay without decoder noise."""
+
+    def __init__(self, base_url: str) -> None:
+        self.url = f"{base_url}/whep/{STREAM}"
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.arrivals: dict[bytes, float] = {}
+
+    def _on_packet(self, packet: RtpPacket) -> None:
+        self.arrivals.setdefault(bytes(packet.payload), time.monotonic())
+
+    async def start(self) -> None:
+        self.pc.addTransceiver("audio", direction="recvonly")
+        video = self.pc.addTransceiver("video", direction="recvonly")
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async with httpx.AsyncClient() as http:
+            r = await http.post(self.url, content=self.pc.localDescription.sdp,
+                                headers={"Content-Type": "application/sdp"})
+        assert r.status_code == 201, (r.status_code, r.text)
+        tap_receiver(video.receiver, self._on_packet, lambda *_: None)
+        await self.pc.setRemoteDescription(RTCSessionDescription(r.text, "answer"))
+
+    async def stop(self) -> None:
+        await self.pc.close()
 
 
 async def wait_frames(viewers: list[TimedViewer], count: int, within: float) -> None:
@@ -84,6 +117,17 @@ async def depth_latency(cluster: ScaledCluster, seconds: float) -> None:
         print(f"hop {depth - 1} -> {depth}: {fmt(diffs)}")
     for viewer in viewers:
         await viewer.stop()
+    probes = [PacketProbe(proc.url) for proc in levels]
+    for probe in probes:
+        await probe.start()
+    await asyncio.sleep(seconds)
+    for probe in probes:
+        await probe.stop()
+    print("== latency added per hop (ms, same RTP payload received one level deeper) ==")
+    for depth in (1, 2):
+        upper_a, lower_a = probes[depth - 1].arrivals, probes[depth].arrivals
+        diffs = [(lower_a[k] - upper_a[k]) * 1000 for k in lower_a if k in upper_a]
+        print(f"hop {depth - 1} -> {depth}: {fmt(diffs)}")
     for name in ("chain-2", "chain-1"):
         proc = cluster.relays.pop(name)
         proc.signal(signal.SIGTERM)  # empty: drains at once and deregisters
