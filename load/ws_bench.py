@@ -743,9 +743,11 @@ def run(args: argparse.Namespace) -> int:
             problems = [line.rstrip() for line in relay.output
                         if " WARNING " in line or " ERROR " in line or "Traceback" in line]
             if problems:
-                print(f"relay log: {len(problems)} warning/error lines; last ones:")
-                for line in problems[-8:]:
-                    print("  " + line[:200])
+                kinds = Counter(line.split(" ", 3)[-1][:150] for line in problems)
+                print(f"relay log: {len(problems)} warning/error lines (relay output kept: "
+                      f"last {len(relay.output)} lines), by message:")
+                for text, count in kinds.most_common(8):
+                    print(f"  {count:6d} x {text}")
         return 0 if len(results) == n else 1
     finally:
         if relay is not None:
