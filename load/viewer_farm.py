@@ -1,5 +1,6 @@
-"""Many cheap WHEP viewers in one process: they count decrypted RTP packets and never parse or
-decode them. Used by fanout_bench.py so its own process keeps CPU for the decoding viewers.
+"""Many cheap WHEP viewers in one process: they count RTP packets at the jitter buffer (after
+SRTP, RTX and NACK handling, so they still send receiver reports and NACKs like a real player) and
+never decode them. Used by fanout_bench.py so its own process keeps CPU for the decoding viewers.
 
     python load/viewer_farm.py BASE_URL STREAM COUNT
 Prints READY once every viewer is connected, then, when stdin closes, one JSON line of results.
@@ -15,10 +16,9 @@ from urllib.parse import urljoin
 
 import httpx
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtp import RtpPacket
 
-from lotcast.media.aiortc_hooks import count_rtp_instead_of_parsing, restrict_host_addresses
-
-AUDIO_PT = 111  # aiortc offers Opus as 111
+from lotcast.media.aiortc_hooks import restrict_host_addresses, tap_receiver
 
 
 class CountingViewer:
@@ -30,14 +30,19 @@ class CountingViewer:
         self.first_video: float | None = None
         self.resource: str | None = None
 
-    def _on_packet(self, data: bytes) -> None:
+    def _on_video(self, packet: RtpPacket) -> None:
         self.packets += 1
-        if self.first_video is None and (data[1] & 0x7F) != AUDIO_PT:
+        if self.first_video is None:
             self.first_video = time.monotonic()
 
+    def _on_audio(self, packet: RtpPacket) -> None:
+        self.packets += 1
+
     async def start(self, http: httpx.AsyncClient) -> None:
-        self.pc.addTransceiver("audio", direction="recvonly")
+        audio = self.pc.addTransceiver("audio", direction="recvonly")
         video = self.pc.addTransceiver("video", direction="recvonly")
+        tap_receiver(audio.receiver, self._on_audio, lambda *_: None)
+        tap_receiver(video.receiver, self._on_video, lambda *_: None)
         self.started = time.monotonic()
         await self.pc.setLocalDescription(await self.pc.createOffer())
         response = await http.post(self.url, content=self.pc.localDescription.sdp,
@@ -45,7 +50,6 @@ class CountingViewer:
         if response.status_code != 201:
             raise RuntimeError(f"WHEP {response.status_code}: {response.text}")
         self.resource = urljoin(self.url, response.headers["Location"])
-        count_rtp_instead_of_parsing(video.receiver.transport, self._on_packet)
         await self.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
 
     async def stop(self, http: httpx.AsyncClient) -> None:

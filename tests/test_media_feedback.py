@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 from aiortc import RTCRtpCodecParameters
+from aiortc.rtp import RtpPacket
 from media_support import Publisher, Viewer, host_token, http_client, running_cluster
 
 from lotcast.media.aiortc_hooks import drop_incoming_rtp, negotiated_codecs
@@ -125,4 +127,47 @@ async def test_keyframe_requests_wait_for_a_known_source() -> None:
     known = True
     await asyncio.sleep(0.3)
     assert len(sent) == 1 and forwarder.keyframe_requests_sent == 1
+    forwarder.close()
+
+
+class CapturingSender:
+    """Stands in for a peer's SRTP+socket pair: records what the forwarder would send."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.protect = lambda data: data
+        self.sendto = lambda data, addr: self.sent.append(data)
+        self.addr = ("127.0.0.1", 9)
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+def vp8_packet(seq: int, keyframe: bool) -> RtpPacket:
+    packet = RtpPacket(payload_type=96, sequence_number=seq, timestamp=seq * 3000, ssrc=42)
+    packet.payload = bytes([0x10, 0x00 if keyframe else 0x01]) + b"x" * 100
+    return packet
+
+
+async def test_a_viewer_joining_just_after_a_keyframe_gets_it_replayed() -> None:
+    codec = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=96)
+    forwarder = TrackForwarder("video", codec, output_ssrc=1234)
+    forwarder.keyframe_requester = lambda: True
+    early = CapturingSender()
+    forwarder.add_sink(ForwardSink(cast(Any, early), cast(Any, None), 96))
+    for seq, key in ((1, False), (2, True), (3, False), (4, False)):
+        forwarder.on_source_packet(vp8_packet(seq, key))
+    await asyncio.sleep(0.05)
+    # the early viewer waited for the key frame: packets 2..4, not 1
+    assert [int.from_bytes(p[2:4], "big") for p in early.sent] == [2, 3, 4]
+    late = CapturingSender()
+    late_sink = ForwardSink(cast(Any, late), cast(Any, SimpleNamespace()), 100)
+    forwarder.add_sink(late_sink)
+    # replayed at once from the cache, rewritten to the late viewer's payload type
+    assert [int.from_bytes(p[2:4], "big") for p in late.sent] == [2, 3, 4]
+    assert all(p[1] & 0x7F == 100 for p in late.sent)
+    assert not late_sink.waiting_keyframe and forwarder.keyframe_replays == 1
+    forwarder.on_source_packet(vp8_packet(5, False))
+    await asyncio.sleep(0.05)
+    assert int.from_bytes(late.sent[-1][2:4], "big") == 5
     forwarder.close()

@@ -241,16 +241,6 @@ class SilentTrack(MediaStreamTrack):
             self._never.cancel()
 
 
-def count_rtp_instead_of_parsing(dtls: RTCDtlsTransport, on_packet: Callable[[bytes], None]) -> None:
-    """Benchmark receivers: hand each decrypted RTP packet to ``on_packet`` and skip aiortc's
-    parsing, routing and decoding, so thousands of viewers fit in one load process."""
-
-    async def handle_rtp_data(data: bytes, arrival_time_ms: int) -> None:
-        on_packet(data)
-
-    dtls._handle_rtp_data = handle_rtp_data  # type: ignore[method-assign]
-
-
 def set_encoder_bitrate(sender: RTCRtpSender, bitrate: int) -> bool:
     """Benchmark publishers: pin aiortc's encoder target bitrate (no REMB ramp); False until
     the encoder exists (it is created with the first frame)."""

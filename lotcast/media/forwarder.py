@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 HISTORY_SIZE = 1024  # packets kept for NACK answers: ~5 s of 1.5 Mbps video
 KEYFRAME_REQUEST_INTERVAL = 0.5  # seconds between upstream PLIs
 SEND_BUDGET = 2000  # packet-copies sent before yielding to the event loop
+# A viewer joining this soon after a key frame gets it (and what followed) replayed at once
+# instead of waiting for the next one; older than this, it waits for a fresh key frame.
+KEYFRAME_REPLAY_WINDOW = 0.5
+GOP_CACHE_PACKETS = 400
 
 SendEntry = tuple[Callable[[bytes], bytes], Callable[[bytes, Any], None], Any]
 
@@ -73,6 +77,9 @@ class TrackForwarder:
         self._history: list[bytes | None] = [None] * HISTORY_SIZE
         self._history_seq: list[int] = [-1] * HISTORY_SIZE
         self._pending: deque[tuple[bytes, bool]] = deque()
+        # packets sent since the last key frame started (None: no usable key frame cached)
+        self._gop: list[bytes] | None = None
+        self._gop_started = 0.0
         self._drain_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # returns False when it could not ask (no source, or its SSRC is not known yet)
@@ -88,6 +95,7 @@ class TrackForwarder:
         self.nack_packets_served = 0
         self.send_drops = 0
         self.keyframe_requests_sent = 0
+        self.keyframe_replays = 0
         self.last_packet_time = 0.0
         self.last_sender_report_time = 0.0
 
@@ -101,7 +109,7 @@ class TrackForwarder:
         sink.base_packets = self.packets_in
         sink.base_octets = self.octets_in
         self._sinks.append(sink)
-        if self.kind == "video":
+        if self.kind == "video" and not self._replay_keyframe(sink):
             sink.waiting_keyframe = True
             self._waiting.append(sink)
             self.request_keyframe()
@@ -113,6 +121,21 @@ class TrackForwarder:
             # No SR from the source yet: until one comes, map "now" to the newest timestamp
             # rather than let aiortc report NTP zero (January 1900).
             set_sender_report(sink.rtp_sender, current_ntp_time(), self.mapper.last_out_ts, 0, 0)
+
+    def _replay_keyframe(self, sink: ForwardSink) -> bool:
+        """Start ``sink`` from the cached recent key frame; False if there is none."""
+        gop = self._gop
+        if gop is None or time.monotonic() - self._gop_started > KEYFRAME_REPLAY_WINDOW:
+            return False
+        for data in gop:
+            if sink.payload_type != self._base_pt:
+                data = with_payload_type(data, sink.payload_type)
+            sink.packet_sender.send(data)
+        self.keyframe_replays += 1
+        if sink.on_first_packet is not None:
+            sink.on_first_packet()
+            sink.on_first_packet = None
+        return True
 
     def remove_sink(self, sink: ForwardSink) -> None:
         sink.closed = True
@@ -144,6 +167,7 @@ class TrackForwarder:
         """Make every video viewer wait for a key frame again (the source changed)."""
         if self.kind != "video":
             return
+        self._gop = None
         for sink in self._sinks:
             if not sink.waiting_keyframe:
                 sink.waiting_keyframe = True
@@ -184,8 +208,15 @@ class TrackForwarder:
             data, keyframe = pending.popleft()
             if keyframe:
                 self._keyframe_wanted = False
+                self._gop = [data]
+                self._gop_started = time.monotonic()
                 if self._waiting:
                     self._admit_waiting()
+            elif self._gop is not None:
+                if len(self._gop) < GOP_CACHE_PACKETS:
+                    self._gop.append(data)
+                else:
+                    self._gop = None
             for pt, entries, sinks in self._groups:
                 out = data if pt == self._base_pt else with_payload_type(data, pt)
                 for protect, sendto, addr in entries:
@@ -282,6 +313,7 @@ class TrackForwarder:
             self._deferred_request.cancel()
             self._deferred_request = None
         self._pending.clear()
+        self._gop = None
         for sink in self._sinks:
             sink.closed = True
         self._sinks.clear()
