@@ -26,6 +26,7 @@ from lotcast.media.peer import EgressSession, IngestSession, PeerSession
 from lotcast.media.sdp import SdpError, check_offer
 from lotcast.media.stream import MediaStream, StreamRouter, StreamState
 from lotcast.media.upstream import NotLiveError
+from lotcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +107,7 @@ class SessionTable:
                 session.close_soon(f"no RTCP or media for {self.session_timeout:.0f}s")
 
     async def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            try:
-                await self._reaper
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._reaper)
         await asyncio.gather(*(s.close() for s in list(self._sessions.values())))
 
 

@@ -19,6 +19,7 @@ from aiortc import RTCSessionDescription as SessionDescription
 
 from lotcast.media.aiortc_hooks import negotiated_codecs
 from lotcast.media.stream import MediaStream
+from lotcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -157,18 +158,8 @@ class UpstreamPull:
         if self.state is PullState.CLOSED:
             return
         self._set_state(PullState.CLOSED)
-        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
-            self._watchdog.cancel()
-            try:
-                await self._watchdog
-            except asyncio.CancelledError:
-                pass
-        if self._retry_task is not None and self._retry_task is not asyncio.current_task():
-            self._retry_task.cancel()
-            try:
-                await self._retry_task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._watchdog)
+        await cancel_and_wait(self._retry_task)
         pc, self._pc = self._pc, None
         if pc is not None:
             await pc.close()
