@@ -872,7 +872,7 @@ def main() -> int:
     ap.add_argument("--drain", type=float, default=2.0, help="listening after the window")
     ap.add_argument("--workers", type=int, default=2, help="client processes")
     ap.add_argument("--ramp-batch", type=int, default=40,
-                    help="concurrent connects per worker (the node's Redis pool holds 100)")
+                    help="concurrent connects per worker (each hello uses the node's Redis pool)")
     ap.add_argument("--connect-timeout", type=float, default=30.0,
                     help="per watcher: TCP + handshake, then hello -> welcome")
     ap.add_argument("--ramp-timeout", type=float, default=300.0)
