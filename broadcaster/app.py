@@ -44,7 +44,8 @@ def create_app(settings: Settings) -> Starlette:
     telemetry = MediaTelemetry(
         router, sessions, metrics,
         websockets=lambda: sum(len(hub.sockets) for hub in interactive.hubs.values()),
-        udp_sockets=udp_socket_count)
+        udp_sockets=udp_socket_count,
+        outbox_drops=lambda: interactive.stats.slow_disconnects)
 
     def stats() -> dict[str, Any]:
         return {

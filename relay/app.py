@@ -95,7 +95,8 @@ def create_app(settings: Settings) -> Starlette:
 
     telemetry = MediaTelemetry(router, sessions, metrics, viewers=viewer_count,
                                websockets=websocket_count, udp_sockets=udp_socket_count,
-                               node=lambda: registry.last_published if registry else None)
+                               node=lambda: registry.last_published if registry else None,
+                               outbox_drops=lambda: interactive.stats.slow_disconnects)
 
     def load() -> NodeLoad:
         return NodeLoad(viewers=viewer_count(), egress_bps=telemetry.egress_bps(),

@@ -43,7 +43,8 @@ class MediaTelemetry:
                  viewers: Callable[[], int] | None = None,
                  websockets: Callable[[], int] | None = None,
                  udp_sockets: Callable[[], int] | None = None,
-                 node: Callable[[], NodeInfo | None] | None = None) -> None:
+                 node: Callable[[], NodeInfo | None] | None = None,
+                 outbox_drops: Callable[[], int] | None = None) -> None:
         self.router = router
         self.sessions = sessions
         self.metrics = metrics
@@ -61,6 +62,9 @@ class MediaTelemetry:
                                registry=metrics.registry)
         self.last_node: NodeInfo | None = None
         self._node = node
+        # sockets cut for a full outbox (InteractiveStats.slow_disconnects), a running total
+        self._outbox_drops = outbox_drops
+        self._outbox_seen = 0
 
     def sample(self) -> None:
         current: dict[TrackForwarder, _Seen] = {}
@@ -84,6 +88,11 @@ class MediaTelemetry:
         self.nacks_served += d_nacks
         self.plis_sent += d_plis
         m = self.metrics
+        if self._outbox_drops is not None:
+            drops = self._outbox_drops()
+            if drops > self._outbox_seen:
+                m.outbox_drops.inc(drops - self._outbox_seen)
+            self._outbox_seen = drops
         if d_sent:
             m.forwarded_packets.inc(d_sent)
         if d_bytes:

@@ -119,11 +119,19 @@ async def test_placement_spreads_viewers_then_a_cascade_relay_takes_the_overflow
                 assert edge.status_code == 200, edge.text
                 assert edge.json()["decision"] == "serve", edge.json()
 
-                # /metrics on every node
+                # /metrics on every node: media counters moved, first frames were timed
                 for proc in [cluster.origin, *cluster.relays.values()]:
                     text = (await http.get(f"{proc.url}/metrics")).text
-                    assert "lotcast_forwarded_packets_total" in text
-                    assert "lotcast_first_frame_seconds_count" in text
+                    values = {line.split()[0]: float(line.split()[1])
+                              for line in text.splitlines()
+                              if line.startswith("lotcast_") and " " in line}
+                    assert values["lotcast_forwarded_packets_total"] > 0, proc.url
+                    assert values["lotcast_egress_bytes_total"] > 0, proc.url
+                    assert values["lotcast_first_frame_seconds_count"] >= 1, proc.url
+                    assert values["lotcast_streams"] == 1, proc.url
+                    assert "lotcast_plis_sent_upstream_total" in values
+                    assert "lotcast_nacks_served_total" in values
+                    assert values["lotcast_udp_sockets"] > 0
                 relay_metrics = (await http.get(f"{cluster.relays['relay-0'].url}/metrics")).text
                 ratio = [line for line in relay_metrics.splitlines()
                          if line.startswith("lotcast_relay_load_ratio ")]
