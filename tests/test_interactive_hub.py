@@ -208,3 +208,28 @@ async def test_fanout_yields_between_chunks_and_keeps_order(
         await s.until(lambda s=s: len(s.frames) == 3)  # type: ignore[misc]
         assert [m["count"] for m in s.messages()] == [1, 2, 3]
     await hub.close()
+
+
+async def test_an_overloaded_fanout_merges_batches_instead_of_queueing(
+        redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lotcast.interactive import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "FANOUT_CHUNK", 1)  # every socket write takes a loop turn
+    functions = RoomFunctions(redis_client, 100)
+    hub = RoomHub("busy", RoomLog(redis_client, functions), 0.0, 0.2)
+    socks = [FakeSocket() for _ in range(20)]
+    for s in socks:
+        hub.attach(s)
+    await hub.start()
+    for offset in range(1, 31):  # events keep arriving while the first batch is being written
+        hub._append(offset, msgpack.packb({"type": "x", "offset": offset}))
+        hub._flush()
+        assert len(hub._fanout_jobs) <= 1  # never a backlog of batches
+        await asyncio.sleep(0)
+    for s in socks:
+        await s.until(lambda s=s: bool(s.frames) and  # type: ignore[misc]
+                      s.messages()[-1].get("offset") == 30)
+        batches = [m for m in s.messages() if m["type"] == "events"]
+        assert len(batches) < 30  # merged while the node was busy
+        assert sum(len(b["events"]) for b in batches) == 30  # type: ignore[arg-type]
+    await hub.close()

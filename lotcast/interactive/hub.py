@@ -64,6 +64,8 @@ class RoomHub:
         self._tally_last: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._fanout_jobs: deque[tuple[bytes, list[Subscriber]]] = deque()
+        self._flush_after_fanout = False
+        self._tallies_after_fanout: set[str] = set()
         self._fanout_handle: asyncio.Handle | None = None
 
     async def start(self) -> None:
@@ -84,6 +86,8 @@ class RoomHub:
         self._flush_handle = self._fanout_handle = None
         self._fanout_jobs.clear()
         self._tally_handles.clear()
+        self._tallies_after_fanout.clear()
+        self._flush_after_fanout = False
 
     def feed(self, data: bytes) -> None:
         """A pub/sub message for this room (`<epoch>|<msgpack>`), or CATCH_UP."""
@@ -171,6 +175,11 @@ class RoomHub:
 
     def _flush(self) -> None:
         self._flush_handle = None
+        if self._fanout_jobs:
+            # Still writing the previous batch: keep collecting and send one merged batch when
+            # it is out, so an overloaded node sends fewer, larger frames instead of queueing.
+            self._flush_after_fanout = True
+            return
         self._last_flush = asyncio.get_running_loop().time()
         if not self._pending:
             return
@@ -193,6 +202,9 @@ class RoomHub:
 
     def _flush_tally(self, poll: str) -> None:
         self._tally_handles.pop(poll, None)
+        if self._fanout_jobs:
+            self._tallies_after_fanout.add(poll)  # sent, newest counts, once the queue drains
+            return
         self._tally_last[poll] = asyncio.get_running_loop().time()
         if self._pending:
             self._flush()  # the poll_opened event must reach clients before its first tally
@@ -226,6 +238,16 @@ class RoomHub:
                 self._fanout_jobs.popleft()
         if self._fanout_jobs:
             self._fanout_handle = asyncio.get_running_loop().call_soon(self._fanout_step)
+            return
+        if self._flush_after_fanout:
+            self._flush_after_fanout = False
+            self._flush()
+        for poll in list(self._tallies_after_fanout):
+            self._tallies_after_fanout.discard(poll)
+            if not self._fanout_jobs:
+                self._flush_tally(poll)
+            else:
+                self._tallies_after_fanout.add(poll)
 
 
 class RoomSubscriptions:
