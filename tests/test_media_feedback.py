@@ -154,7 +154,7 @@ async def test_a_viewer_joining_just_after_a_keyframe_gets_it_replayed() -> None
     forwarder = TrackForwarder("video", codec, output_ssrc=1234)
     forwarder.keyframe_requester = lambda: True
     early = CapturingSender()
-    forwarder.add_sink(ForwardSink(cast(Any, early), cast(Any, None), 96))
+    forwarder.add_sink(ForwardSink(cast(Any, early), cast(Any, SimpleNamespace()), 96))
     for seq, key in ((1, False), (2, True), (3, False), (4, False)):
         forwarder.on_source_packet(vp8_packet(seq, key))
     await asyncio.sleep(0.05)

@@ -205,11 +205,12 @@ class PacketSender:
             return False
         pair = dtls.transport._connection._nominated.get(1)
         transport = None if pair is None else pair.protocol.transport
-        sock = getattr(transport, "_sock", None)
-        if pair is None or sock is None:
+        if pair is None or transport is None:
             return False
+        # asyncio's selector transport: its raw socket; uvloop's (C) transport: its own sendto
+        sock = getattr(transport, "_sock", None)
         self.protect = srtp.protect
-        self.sendto = sock.sendto
+        self.sendto = sock.sendto if sock is not None else transport.sendto
         self.addr = pair.remote_addr
         return True
 

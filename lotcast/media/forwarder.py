@@ -118,9 +118,7 @@ class TrackForwarder:
         if self._sender_report is not None:
             self._apply_sender_report(sink)
         elif self.packets_in:
-            # No SR from the source yet: until one comes, map "now" to the newest timestamp
-            # rather than let aiortc report NTP zero (January 1900).
-            set_sender_report(sink.rtp_sender, current_ntp_time(), self.mapper.last_out_ts, 0, 0)
+            self._apply_local_sender_report(sink)
 
     def _replay_keyframe(self, sink: ForwardSink) -> bool:
         """Start ``sink`` from the cached recent key frame; False if there is none."""
@@ -131,6 +129,7 @@ class TrackForwarder:
             if sink.payload_type != self._base_pt:
                 data = with_payload_type(data, sink.payload_type)
             sink.packet_sender.send(data)
+        self.packets_sent += len(gop)
         self.keyframe_replays += 1
         if sink.on_first_packet is not None:
             sink.on_first_packet()
@@ -191,6 +190,9 @@ class TrackForwarder:
         self._history_seq[slot] = out_seq
         self.packets_in += 1
         self.octets_in += len(payload)
+        if self.packets_in == 1 and self._sender_report is None:
+            for sink in self._sinks:
+                self._apply_local_sender_report(sink)
         self.last_packet_time = time.monotonic()
         keyframe = self.kind == "video" and self._is_keyframe_start(payload)
         self._pending.append((data, keyframe))
@@ -247,6 +249,11 @@ class TrackForwarder:
         self._sender_report = (ntp, self.mapper.map_timestamp(rtp_timestamp))
         for sink in self._sinks:
             self._apply_sender_report(sink)
+
+    def _apply_local_sender_report(self, sink: ForwardSink) -> None:
+        # No SR from the source yet: until one comes, map "now" to the newest timestamp rather
+        # than let aiortc report NTP zero (January 1900).
+        set_sender_report(sink.rtp_sender, current_ntp_time(), self.mapper.last_out_ts, 0, 0)
 
     def _apply_sender_report(self, sink: ForwardSink) -> None:
         assert self._sender_report is not None
