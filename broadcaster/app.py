@@ -53,12 +53,7 @@ def create_app(settings: Settings) -> Starlette:
             "kind": "broadcaster",
             "publishers": sessions.count(IngestSession),
             "viewers": sessions.count(EgressSession),
-            "streams": [
-                {"id": s.id, "state": s.state.value,
-                 **{f"{k}_packets_in": t.packets_in for k, t in s.tracks.items()},
-                 **{f"{k}_packets_sent": t.packets_sent for k, t in s.tracks.items()}}
-                for s in router
-            ],
+            "streams": [s.counters() for s in router],
         }
 
     @asynccontextmanager

@@ -184,14 +184,7 @@ def create_app(settings: Settings) -> Starlette:
                            "url": p.upstream_url, "depth": upstreams.depth_of(p.stream.id)}
                           for p in upstreams.pulls()],
             "forwarded_packets": telemetry.forwarded_packets,
-            "streams": [
-                {"id": s.id, "state": s.state.value,
-                 **{f"{k}_packets_in": t.packets_in for k, t in s.tracks.items()},
-                 **{f"{k}_packets_sent": t.packets_sent for k, t in s.tracks.items()},
-                 **{f"{k}_nacks_served": t.nack_packets_served for k, t in s.tracks.items()},
-                 **{f"{k}_keyframe_requests": t.keyframe_requests_sent for k, t in s.tracks.items()}}
-                for s in router
-            ],
+            "streams": [s.counters() for s in router],
         }
 
     @asynccontextmanager

@@ -88,6 +88,18 @@ class MediaStream:
         loop = asyncio.get_running_loop()
         self._grace_timer = loop.call_later(self._grace, self.end)
 
+    def counters(self) -> dict[str, object]:
+        """What /api/stats shows for this stream: state and per-track packet counters."""
+        out: dict[str, object] = {"id": self.id, "state": self.state.value}
+        for kind, t in self.tracks.items():
+            out[f"{kind}_packets_in"] = t.packets_in
+            out[f"{kind}_packets_sent"] = t.packets_sent
+            out[f"{kind}_nacks_served"] = t.nack_packets_served
+            out[f"{kind}_keyframe_requests"] = t.keyframe_requests_sent
+            out[f"{kind}_keyframe_replays"] = t.keyframe_replays
+            out[f"{kind}_send_drops"] = t.send_drops
+        return out
+
     def on_end(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when the stream ends; returns a function that cancels that."""
         self._end_callbacks.append(callback)
