@@ -38,6 +38,7 @@ def create_app(settings: Settings) -> Starlette:
                                 accept_publish=True,
                                 on_first_frame=metrics.first_frame_seconds.observe)
     interactive = InteractiveService(settings, authority, "broadcaster")
+    interactive.bid_ack_observers.append(metrics.bid_ack_latency_seconds.observe)
     # Placement answers here too: a viewer may ask any node where to play.
     redis = aioredis.Redis.from_url(settings.redis_url)
     placer = Placer(redis, selector_for(settings))

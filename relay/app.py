@@ -85,6 +85,7 @@ def create_app(settings: Settings) -> Starlette:
                                headers=child_headers(settings.jwt_secret, settings.node_id))
     metrics = NodeMetrics(settings.node_id, "relay")
     interactive = InteractiveService(settings, authority, "relay")
+    interactive.bid_ack_observers.append(metrics.bid_ack_latency_seconds.observe)
 
     def viewer_count() -> int:
         """Viewers (child relays pulling from us are not viewers)."""

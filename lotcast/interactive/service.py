@@ -9,6 +9,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -54,6 +55,8 @@ class InteractiveService:
         self.node_id = settings.node_id or f"{node_kind}-{uuid.uuid4().hex[:8]}"
         self.state = ServiceState.NEW
         self.stats = InteractiveStats()
+        # callbacks given each bid's arrival-to-ack time in seconds (e.g. a metrics histogram)
+        self.bid_ack_observers: list[Callable[[float], None]] = []
         self.hubs: dict[str, RoomHub] = {}
         self._hub_refs: dict[str, int] = {}
         self._hub_lock = asyncio.Lock()
@@ -71,6 +74,10 @@ class InteractiveService:
     def routes(self) -> list[BaseRoute]:
         return [WebSocketRoute("/ws/{room}", self._ws_endpoint),
                 Route("/interactive/stats", self._stats_endpoint)]
+
+    def _bid_acked(self, seconds: float) -> None:
+        for observe in self.bid_ack_observers:
+            observe(seconds)
 
     async def start(self) -> None:
         if self.state is not ServiceState.NEW:
@@ -90,7 +97,7 @@ class InteractiveService:
             auctions=AuctionStore(functions, RateLimit(s.bid_rate, s.bid_burst)),
             polls=PollStore(functions, RateLimit(s.vote_rate, s.vote_burst)),
             roomlog=roomlog, acquire_hub=self._acquire_hub, release_hub=self._release_hub,
-            stats=self.stats)
+            stats=self.stats, on_bid_ack=self._bid_acked)
         self._tasks = [asyncio.create_task(self._settle_loop(), name="interactive-settle"),
                        asyncio.create_task(self._viewers_loop(), name="interactive-viewers")]
         self._set_state(ServiceState.RUNNING)

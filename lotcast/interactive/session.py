@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,8 @@ class SessionDeps:
     acquire_hub: Callable[[str], Awaitable[RoomHub]]
     release_hub: Callable[[str], Awaitable[None]]
     stats: InteractiveStats
+    # seconds from a bid's arrival to its ack (fed to the node's latency histogram)
+    on_bid_ack: Callable[[float], None] = lambda seconds: None
 
 
 class ClientSession:
@@ -256,9 +259,11 @@ class ClientSession:
             self._send(p.encode_pong(cid=msg.cid, ts=msg.ts, server_ts=head.server_ts,
                                      epoch=epoch, offset=offset))
         elif isinstance(msg, p.PlaceBid):
+            started = time.perf_counter()
             out = await d.auctions.place_bid(room, self.identity, msg)
             self._ack(msg, lot=out.lot, status=out.status, price=out.price, leader=out.leader,
                       next_min=out.next_min, offset=out.offset, duplicate=out.duplicate)
+            d.on_bid_ack(time.perf_counter() - started)
         elif isinstance(msg, p.Vote):
             result = await d.polls.vote(room, self.identity, msg)
             self._ack(msg, poll=result["poll"], option=result["option"])
