@@ -16,12 +16,11 @@ from typing import Any
 from lotcast.auth import Role, TokenAuthority
 from lotcast.config import Settings
 
+# Every Settings field is a flag on both services; these only mean something on a relay.
+RELAY_ONLY = {"origin_url", "max_viewers", "drain_timeout", "origin_fanout"}
 SERVICE_FLAGS = {
-    "broadcaster": ["host", "port", "public_url", "ice_ip", "ice_servers", "redis_url", "jwt_secret",
-                    "session_timeout", "stream_grace", "max_sdp_bytes", "node_id", "log_level"],
-    "relay": ["host", "port", "public_url", "ice_ip", "ice_servers", "redis_url", "jwt_secret",
-              "origin_url", "max_viewers", "session_timeout", "max_sdp_bytes", "private_streams",
-              "drain_timeout", "node_id", "log_level"],
+    "broadcaster": [f.name for f in fields(Settings) if f.name not in RELAY_ONLY],
+    "relay": [f.name for f in fields(Settings)],
 }
 
 
