@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Installs everything lotcast and its tests need on a Debian machine: system packages
-# (redis-server, chromium), a virtualenv in .venv with the package and its dev extras.
+# Installs what lotcast needs on a Debian machine: redis-server and a virtualenv in .venv with the
+# package. With --tests, also what the test suite needs: chromium, the dev extras and the offline
+# Kubernetes manifest tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+TESTS=0
+if [ "${1:-}" = "--tests" ]; then TESTS=1; fi
 
 SUDO=""
 if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
-command -v chromium >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
+if [ "$TESTS" = 1 ]; then
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
+fi
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   $SUDO apt-get update -qq
@@ -22,7 +27,11 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[dev]"
-# kubectl, kubernetes-validate and checkov for the offline manifest tests (tests/test_k8s*.py)
-bash scripts/setup_k8s_tools.sh
+if [ "$TESTS" = 1 ]; then
+  .venv/bin/python -m pip install -q -e ".[dev]"
+  # kubectl, kubernetes-validate and checkov for the offline manifest tests (tests/test_k8s*.py)
+  bash scripts/setup_k8s_tools.sh
+else
+  .venv/bin/python -m pip install -q -e .
+fi
 echo "setup: done"
