@@ -269,3 +269,20 @@ def cluster(redis_url: str, relays: int = 1, relay_args: list[str] | None = None
     finally:
         for p in reversed(procs):
             p.stop()
+
+
+async def page_state(page: Any) -> dict[str, Any]:
+    """The viewer page's `window.lotcast.state()` (relay, media state, sessions, currentTime…)."""
+    return await page.evaluate("window.lotcast.state()")  # type: ignore[no-any-return]
+
+
+def playing_on(page: Any, relay_url: str, frames: int) -> Any:
+    """A wait_for check: the page plays from ``relay_url`` with ``frames`` decoded and audio."""
+    async def check() -> dict[str, Any] | None:
+        s = await page_state(page)
+        if s["relay"] != relay_url.rstrip("/") or s["media"] != "connected":
+            return None
+        raw = await page.evaluate("window.lotcast.rawStats()") or {}
+        decoded = raw.get("video", {}).get("framesDecoded", 0)
+        return s if decoded >= frames and raw.get("audio", {}).get("packetsReceived") else None
+    return check

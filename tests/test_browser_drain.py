@@ -13,27 +13,14 @@ from browser_support import (
     chromium,
     cluster,
     open_page,
+    page_state,
     player_trace,
+    playing_on,
     trace_player,
     wait_for,
 )
 
 from lotcast.redis_server import RedisServer
-
-
-async def _state(page: Any) -> dict[str, Any]:
-    return await page.evaluate("window.lotcast.state()")  # type: ignore[no-any-return]
-
-
-def playing_on(page: Any, relay_url: str, frames: int) -> Any:
-    async def check() -> dict[str, Any] | None:
-        s = await _state(page)
-        if s["relay"] != relay_url.rstrip("/") or s["media"] != "connected":
-            return None
-        raw = await page.evaluate("window.lotcast.rawStats()") or {}
-        decoded = raw.get("video", {}).get("framesDecoded", 0)
-        return s if decoded >= frames and raw.get("audio", {}).get("packetsReceived") else None
-    return check
 
 
 def room_on(page: Any, relay_url: str) -> Any:
@@ -72,7 +59,7 @@ async def test_drained_relay_moves_viewer_media_and_socket(redis_server: RedisSe
                 await viewer.click("#bid-quick-0")
                 await wait_for(_attr_is(viewer, "#my-status", "data-status", "winning"), 20,
                                "winning before the drain", log)
-                before = await _state(viewer)
+                before = await page_state(viewer)
                 await trace_player(viewer)
 
                 relay_a.signal(signal.SIGTERM)

@@ -12,27 +12,14 @@ from browser_support import (
     chromium,
     cluster,
     open_page,
+    page_state,
     player_trace,
+    playing_on,
     trace_player,
     wait_for,
 )
 
 from lotcast.redis_server import RedisServer
-
-
-async def _state(page: Any) -> dict[str, Any]:
-    return await page.evaluate("window.lotcast.state()")  # type: ignore[no-any-return]
-
-
-def playing_on(page: Any, relay_url: str, frames: int) -> Any:
-    async def check() -> dict[str, Any] | None:
-        s = await _state(page)
-        if s["relay"] != relay_url.rstrip("/") or s["media"] != "connected":
-            return None
-        raw = await page.evaluate("window.lotcast.rawStats()") or {}
-        decoded = raw.get("video", {}).get("framesDecoded", 0)
-        return s if decoded >= frames and raw.get("audio", {}).get("packetsReceived") else None
-    return check
 
 
 @pytest.mark.timeout(180)
@@ -54,7 +41,7 @@ async def test_viewer_moves_to_another_relay_when_its_relay_is_killed(
                     browser, f"{relay_a.url}/watch?stream={stream}&nodes={relay_b.url}", log, "viewer"
                 )
                 await wait_for(playing_on(viewer, relay_a.url, 10), 60, "playing on relay A", log)
-                before = await _state(viewer)
+                before = await page_state(viewer)
                 await trace_player(viewer)
 
                 relay_a.kill()
@@ -75,12 +62,12 @@ async def test_viewer_moves_to_another_relay_when_its_relay_is_killed(
 
 
 async def _waiting_on(page: Any, status: int) -> bool:
-    s = await _state(page)
+    s = await page_state(page)
     return bool(s["media"] == "waiting" and s["lastStatus"] == status)
 
 
 async def _advanced(page: Any, t0: float) -> bool:
-    return bool((await _state(page))["currentTime"] > t0 + 0.5)
+    return bool((await page_state(page))["currentTime"] > t0 + 0.5)
 
 
 @pytest.mark.timeout(180)
@@ -106,7 +93,7 @@ async def test_full_relay_redirects_the_viewer_page_and_its_socket_follows(
                 await wait_for(playing_on(second, relay_b.url, 5), 60,
                                "second viewer redirected to relay B and playing", log)
                 print(f"second viewer played on relay B {time.monotonic() - started:.2f} s after opening;"
-                      f" WHEP sessions tried: {(await _state(second))['sessions']}")
+                      f" WHEP sessions tried: {(await page_state(second))['sessions']}")
                 host_b = relay_b.url.split("://", 1)[1].rstrip("/")
 
                 async def room_on_b() -> bool:
