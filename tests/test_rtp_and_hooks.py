@@ -87,3 +87,25 @@ def test_offer_checks(sdp: str, status: int, reason: str) -> None:
     with pytest.raises(SdpError) as info:
         check_offer(sdp, "publish")
     assert info.value.status == status and reason in info.value.reason
+
+
+def test_fast_protect_matches_pylibsrtp() -> None:
+    import os
+
+    import pylibsrtp
+
+    from lotcast.media.aiortc_hooks import fast_protect
+
+    key = os.urandom(30)
+
+    def session() -> pylibsrtp.Session:
+        return pylibsrtp.Session(pylibsrtp.Policy(
+            key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND))
+
+    reference, ours = session(), session()
+    protect = fast_protect(ours)
+    for seq in range(300):
+        packet = build_packet(seq % 2, 96, seq, seq * 3000, 0x1234, os.urandom(seq * 4 % 1200))
+        assert protect(packet) == reference.protect(packet)
+    with pytest.raises(ValueError):
+        protect(bytes(1500))
