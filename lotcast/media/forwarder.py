@@ -39,7 +39,7 @@ SendEntry = tuple[Callable[[bytes], bytes], Callable[[bytes, Any], None], Any]
 class ForwardSink:
     """One viewer's copy of one track."""
 
-    __slots__ = ("base_octets", "base_packets", "closed", "last_alive", "on_first_packet",
+    __slots__ = ("base_octets", "base_packets", "closed", "on_first_packet",
                  "packet_sender", "payload_type", "rtp_sender", "waiting_keyframe")
 
     def __init__(self, packet_sender: PacketSender, rtp_sender: RTCRtpSender, payload_type: int,
@@ -51,7 +51,6 @@ class ForwardSink:
         self.closed = False
         self.base_packets = 0
         self.base_octets = 0
-        self.last_alive = time.monotonic()
         self.on_first_packet = on_first_packet
 
     def entry(self) -> SendEntry:

@@ -59,7 +59,6 @@ class PeerSession:
         self.created = time.monotonic()
         self.last_alive = self.created
         self.connected_at: float | None = None
-        self.closed = asyncio.Event()
         self._on_close: list[Callable[[PeerSession], None]] = []
         self._closing: asyncio.Task[None] | None = None
 
@@ -110,7 +109,6 @@ class PeerSession:
             callback(self)
         self._on_close.clear()
         await self.pc.close()
-        self.closed.set()
 
     def stopped(self) -> None:
         """Called once when the session closes, before the peer connection is torn down."""
@@ -222,7 +220,6 @@ class EgressSession(PeerSession):
         self._wiring: list[tuple[TrackForwarder, RTCRtpTransceiver]] = []
         self._sinks: list[tuple[TrackForwarder, ForwardSink]] = []
         self._on_first_frame = on_first_frame
-        self.first_frame_delay: float | None = None
         self._cancel_end_watch = stream.on_end(lambda: self.close_soon("stream ended"))
         for forwarder in served:
             transceiver = self.pc.addTransceiver(SilentTrack(forwarder.kind), direction="sendonly")
@@ -263,9 +260,8 @@ class EgressSession(PeerSession):
             forwarder.add_sink(sink)
 
     def _first_packet(self) -> None:
-        self.first_frame_delay = time.monotonic() - self.created
         if self._on_first_frame is not None:
-            self._on_first_frame(self.first_frame_delay)
+            self._on_first_frame(time.monotonic() - self.created)
 
     def stopped(self) -> None:
         self._cancel_end_watch()

@@ -6,7 +6,7 @@ import asyncio
 import enum
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from aiortc import RTCRtpCodecParameters, RTCRtpReceiver
 
@@ -157,7 +157,7 @@ class StreamRouter:
         if self._streams.get(stream.id) is stream:
             del self._streams[stream.id]
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[MediaStream]:
         return iter(list(self._streams.values()))
 
     def __len__(self) -> int:
