@@ -14,6 +14,11 @@ need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 if [ "$TESTS" = 1 ]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
+  # GStreamer webrtcbin: the second WebRTC stack of the interop tests (tests/gst_support.py)
+  for pkg in gstreamer1.0-plugins-bad gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly \
+      gstreamer1.0-nice gstreamer1.0-tools python3-gi gir1.2-gst-plugins-bad-1.0 gir1.2-gstreamer-1.0; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$pkg")
+  done
 fi
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
