@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import signal
 import sys
 import threading
-import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from lotcast.auth import Role, TokenAuthority
-from lotcast.config import Settings
+from lotcast.config import DEV_JWT_SECRET, Settings
+from lotcast.devsecret import (
+    DATA_DIR_ENV,
+    DEFAULT_DATA_DIR,
+    SECRET_ENV,
+    SecretSource,
+    data_dir,
+    explicit_secret,
+    load_or_create,
+    read_secret,
+    secret_path,
+)
 
 # Every Settings field is a flag on both services; these only mean something on a relay.
 RELAY_ONLY = {"origin_url", "max_viewers", "drain_timeout", "origin_fanout"}
@@ -60,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="first relay port; relay i listens on relay-port + i (0 = any free port)")
     up.add_argument("--relays", type=int, default=1)
     up.add_argument("--stream", default="main", help="stream id used in the printed URLs")
-    up.add_argument("--data-dir", default=".lotcast", help="where Redis keeps its AOF")
+    up.add_argument("--data-dir", default=None,
+                    help=f"where Redis keeps its AOF and up keeps the dev JWT secret "
+                    f"(env {DATA_DIR_ENV}; default {DEFAULT_DATA_DIR})")
     up.add_argument("--redis-url", default=None,
                     help="use this Redis instead of starting one (env LOTCAST_REDIS_URL)")
     up.add_argument("--max-viewers", type=int, default=500)
@@ -76,14 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--user-id", default=None)
     tok.add_argument("--name", default=None, help="display name (bidders)")
     tok.add_argument("--ttl", type=float, default=12 * 3600, help="seconds until expiry")
-    tok.add_argument("--jwt-secret", default=None, help="(env LOTCAST_JWT_SECRET)")
+    tok.add_argument("--jwt-secret", default=None,
+                     help=f"(env {SECRET_ENV}; default: the secret `lotcast up` keeps in the data dir)")
+    tok.add_argument("--data-dir", default=None,
+                     help=f"the `up` data dir to read the secret from (env {DATA_DIR_ENV}; "
+                     f"default {DEFAULT_DATA_DIR})")
     return parser
+
+
+def _token_secret(args: argparse.Namespace) -> str:
+    """--jwt-secret, else LOTCAST_JWT_SECRET, else the `up` secret file, else the services'
+    built-in dev default (what a `lotcast relay` started without a secret uses)."""
+    explicit = explicit_secret(args.jwt_secret)
+    if explicit is not None:
+        return explicit
+    path = secret_path(data_dir(args.data_dir))
+    stored = read_secret(path)
+    if stored is not None:
+        return stored
+    print(f"lotcast token: no {SECRET_ENV} and no {path}: signing with the built-in dev secret",
+          file=sys.stderr)
+    return DEV_JWT_SECRET
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "token":
-        secret = args.jwt_secret or Settings.from_env().jwt_secret
+        secret = _token_secret(args)
         print(TokenAuthority(secret).mint(Role(args.role), args.user_id, args.name, args.ttl))
     elif args.command in ("broadcaster", "relay"):
         from lotcast.service import run_service
@@ -93,63 +123,82 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_up(args))
 
 
+def _log(message: str) -> None:
+    print(f"[up] {message}", file=sys.stderr, flush=True)
+
+
+def _dev_secret(data_dir: Path) -> tuple[str, str]:
+    """The secret `up` hands its children, and how `up` describes where it came from."""
+    explicit = explicit_secret()
+    if explicit is not None:
+        return explicit, f"from {SECRET_ENV} (not stored)"
+    dev = load_or_create(data_dir)
+    how = "created" if dev.source is SecretSource.CREATED else "reused"
+    return dev.value, f"{dev.path} ({how}; mode 0600; {SECRET_ENV} overrides it)"
+
+
 def run_up(args: argparse.Namespace) -> int:
     from lotcast.redis_server import RedisServer
-    from lotcast.supervisor import ServiceProcess
+    from lotcast.supervisor import ServiceProcess, Supervisor
 
-    secret = os.environ.get("LOTCAST_JWT_SECRET") or secrets.token_urlsafe(32)
-    redis: RedisServer | None = None
-    redis_url = args.redis_url or os.environ.get("LOTCAST_REDIS_URL")
-    if not redis_url:
-        redis = RedisServer(data_dir=Path(args.data_dir).resolve() / "redis")
-        redis.start()
-        redis_url = redis.url
-    env = {"LOTCAST_JWT_SECRET": secret, "LOTCAST_REDIS_URL": redis_url}
-    procs: list[ServiceProcess] = []
+    data = data_dir(args.data_dir)
+    secret, secret_note = _dev_secret(data)
+    supervisor = Supervisor(_log)
+    stop = threading.Event()
+
+    def _stop(*_: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
+        redis_url = args.redis_url or os.environ.get("LOTCAST_REDIS_URL")
+        redis: RedisServer | None = None
+        if not redis_url:
+            redis = RedisServer(data_dir=data / "redis", supervised=True)
+            supervisor.start(redis)
+            redis_url = redis.url
+        env = {"LOTCAST_JWT_SECRET": secret, "LOTCAST_REDIS_URL": redis_url}
         origin = ServiceProcess("broadcaster", ["--port", str(args.broadcaster_port)],
-                                env=env, echo=True).start()
-        procs.append(origin)
+                                env=env, echo=True, supervised=True)
+        supervisor.start(origin)
+        relays: list[ServiceProcess] = []
         for i in range(args.relays):
             port = args.relay_port + i if args.relay_port else 0
             relay = ServiceProcess("relay", ["--port", str(port), "--origin-url", origin.url,
                                              "--max-viewers", str(args.max_viewers),
                                              "--node-id", f"relay-{i}"],
-                                   env=env, echo=True).start()
-            procs.append(relay)
+                                   env=env, echo=True, name=f"relay-{i}", supervised=True)
+            supervisor.start(relay)
+            relays.append(relay)
+        viewer_base = relays[0].url if relays else origin.url
         authority = TokenAuthority(secret)
         host_token = authority.mint(Role.HOST, "host", "Host")
         bidder_token = authority.mint(Role.BIDDER, "demo-bidder", "Demo bidder")
         print()
         print("lotcast is up.")
-        print(f"  Redis:        {redis_url}")
-        print(f"  Host page:    {origin.url}/host?stream={args.stream}#token={host_token}")
-        print(f"  Viewer page:  {procs[1].url if len(procs) > 1 else origin.url}"
-              f"/watch?stream={args.stream}")
-        print(f"  Bidder page:  {procs[1].url if len(procs) > 1 else origin.url}"
-              f"/watch?stream={args.stream}#token={bidder_token}")
-        print(f"  Host token:   {host_token}")
-        print("  Mint more:    LOTCAST_JWT_SECRET=<secret> lotcast token bidder --name Alice")
-        print(f"  JWT secret:   {secret}")
-        print("Press Ctrl-C to stop.", flush=True)
-        stop = threading.Event()
-
-        def _stop(*_: object) -> None:
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _stop)
-        try:
-            while not stop.is_set():
-                for p in procs:
-                    if not p.alive():
-                        print(f"{p.command} exited; shutting down", file=sys.stderr)
-                        return 1
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        return 0
-    finally:
-        for p in reversed(procs):
-            p.stop()
         if redis is not None:
-            redis.close()
+            print(f"  Redis:        {redis_url} (pid {redis.pid}; AOF in {redis.data_dir})")
+        else:
+            print(f"  Redis:        {redis_url} (not started by up)")
+        print(f"  broadcaster:  {origin.url} (pid {origin.pid})")
+        for relay in relays:
+            print(f"  {relay.name + ':':<13} {relay.url} (pid {relay.pid})")
+        print(f"  Host page:    {origin.url}/host?stream={args.stream}#token={host_token}")
+        print(f"  Viewer page:  {viewer_base}/watch?stream={args.stream}")
+        print(f"  Bidder page:  {viewer_base}/watch?stream={args.stream}#token={bidder_token}")
+        print(f"  Host token:   {host_token}")
+        print(f"  JWT secret:   {secret_note}")
+        print(f"  Mint more:    lotcast token bidder --name Alice --data-dir {data}")
+        print("A child that exits is restarted on the same port. Press Ctrl-C to stop.", flush=True)
+        supervisor.run(stop)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    except RuntimeError as exc:
+        _log(f"cannot start: {exc}")
+        return 1
+    finally:
+        # A second Ctrl-C must not cut the orderly stop short (children run in their own session,
+        # so the terminal's SIGINT reaches only us).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        supervisor.stop_all()

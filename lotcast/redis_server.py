@@ -9,6 +9,7 @@ acknowledged survives a Redis restart or crash.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -17,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 from lotcast.netutil import free_tcp_port
+from lotcast.supervisor import die_with_parent
 
 DURABILITY_CONFIG: dict[str, str] = {
     "appendonly": "yes",
@@ -50,7 +52,12 @@ def find_redis_server() -> str:
 class RedisServer:
     """One redis-server process bound to loopback, owned by whoever created it."""
 
-    def __init__(self, data_dir: Path | None = None, port: int | None = None) -> None:
+    name = "redis"
+
+    def __init__(self, data_dir: Path | None = None, port: int | None = None,
+                 supervised: bool = False) -> None:
+        # supervised: own session, and SIGTERM when the process that started it dies (`up`).
+        self.supervised = supervised
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="lotcast-redis-")
@@ -76,7 +83,9 @@ class RedisServer:
         ]
         for key, value in DURABILITY_CONFIG.items():
             args += [f"--{key}", value]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self._proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(signal.SIGTERM) if self.supervised else None)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -87,6 +96,20 @@ class RedisServer:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"redis-server did not answer PING on port {self.port} in {timeout}s")
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.poll()
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.url}, AOF in {self.data_dir}"
 
     def _ping(self) -> bool:
         try:
