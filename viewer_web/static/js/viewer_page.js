@@ -392,7 +392,8 @@ window.lotcast = {
     return {
       media: player.state, mediaDetail: player.detail, relay: player.relayOrigin,
       lastStatus: player.lastStatus, lastError: player.lastError, reconnects: player.reconnects,
-      sessions: player.sessionsStarted, currentTime: video.currentTime, paused: video.paused,
+      sessions: player.sessionsStarted, nodes: [...player.nodes], serving: [...player.serving],
+      currentTime: video.currentTime, paused: video.paused,
       muted: video.muted, readyState: video.readyState,
       videoWidth: video.videoWidth, videoHeight: video.videoHeight,
       room: room.status, roomDetail: room.statusDetail, viewers: room.viewers,

@@ -9,6 +9,9 @@
 //   2. a new WHEP session on the same relay;
 //   3. re-placement: /api/streams/<id>/edge or a WHEP POST on any known node (which may 307),
 //      skipping the relay that failed.
+// Known nodes: the page's origin, ?nodes=, and every serving relay the placement API lists
+// (`nodes` / `Lotcast-Nodes`, refreshed with `?peek=1` while playing), so the ladder never
+// depends on one node: when the relay that served the page dies, the others still place us.
 // `replace(reason)` jumps straight to rung 3 (used for a server drain/reconnect event).
 //
 // States: idle, connecting, waiting (stream not live / overloaded, will retry), connected,
@@ -26,6 +29,9 @@ const DISCONNECT_GRACE_MS = 1500;
 // only an unreachable relay triggers the ladder (a paused publisher is not a relay failure).
 const STALL_MS = 1000;
 const PROBE_TIMEOUT_MS = 1000;
+// How often the list of serving nodes is refreshed while the player runs.
+const NODES_REFRESH_MS = 5000;
+const EDGE_TIMEOUT_MS = 2000;
 
 function originOf(url) {
   return new URL(url, location.href).origin;
@@ -45,6 +51,8 @@ export class WhepPlayer extends EventTarget {
     this.videoCodecs = opts.videoCodecs || ["video/VP8", "video/H264"];
     this.gatherTimeoutMs = opts.gatherTimeoutMs ?? 1000;
     this.nodes = [...new Set([location.origin, ...(opts.nodes || []).map(originOf)])];
+    this.serving = []; // origins of the relays the registry last listed as serving
+    this._nodesTimer = null;
     this.pc = null;
     this.session = null; // {location, etag, endpoint}
     this.relayOrigin = null;
@@ -82,10 +90,59 @@ export class WhepPlayer extends EventTarget {
     this.dispatchEvent(new CustomEvent("relaychange", { detail: { origin } }));
   }
 
+  /** Merge a placement answer's list of serving nodes (base URLs) into the known nodes. */
+  learnNodes(urls) {
+    const origins = [];
+    for (const url of urls) {
+      try {
+        origins.push(originOf(url));
+      } catch {
+        // not a URL: ignore
+      }
+    }
+    this.serving = [...new Set(origins)];
+    for (const origin of this.serving) if (!this.nodes.includes(origin)) this.nodes.push(origin);
+  }
+
+  /** Ask the current relay (else any known node) which nodes are serving; places nobody. */
+  async refreshNodes() {
+    const first = this.relayOrigin ? [this.relayOrigin] : [];
+    for (const node of [...new Set([...first, ...this.serving, ...this.nodes])]) {
+      const url = new URL(`${node}/api/streams/${encodeURIComponent(this.stream)}/edge`);
+      url.searchParams.set("peek", "1");
+      const res = await this._fetchEdge(url);
+      if (res) return true;
+    }
+    return false;
+  }
+
+  /** GET a placement URL with a timeout; learns its node list. Null when unreachable. */
+  async _fetchEdge(url) {
+    const ctrl = new AbortController();
+    const timer = setTimeout(() => ctrl.abort(), EDGE_TIMEOUT_MS);
+    try {
+      const res = await fetch(url, {
+        headers: { Accept: "application/json" }, cache: "no-store", signal: ctrl.signal,
+      });
+      const type = res.headers.get("Content-Type") || "";
+      const body = res.ok && type.includes("json") ? await res.json() : null;
+      const listed = body && Array.isArray(body.nodes) ? body.nodes :
+        (res.headers.get("Lotcast-Nodes") || "").split(",").map((s) => s.trim()).filter(Boolean);
+      if (listed.length) this.learnNodes(listed);
+      return { res, body };
+    } catch {
+      return null; // no placement API here, or the node is down
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
   /** Begin playing; resolves once the first session is up (or the player is stopped). */
   async start() {
     const run = ++this._run;
     this._setState("connecting");
+    clearInterval(this._nodesTimer);
+    this._nodesTimer = setInterval(() => { void this.refreshNodes(); }, NODES_REFRESH_MS);
     // STUN/TURN servers the node advertises (none on a loopback setup); later 201 answers may
     // update them (Link headers) for the next session.
     if (this.iceServers === null) {
@@ -118,6 +175,8 @@ export class WhepPlayer extends EventTarget {
 
   async stop() {
     this._run++;
+    clearInterval(this._nodesTimer);
+    this._nodesTimer = null;
     this._abort?.abort();
     await this._closePrevious();
     await this._closeSession();
@@ -170,11 +229,16 @@ export class WhepPlayer extends EventTarget {
   // --- connection establishment -------------------------------------------------------------
 
   async _placementEndpoints(avoid) {
+    // Serving relays first (freshest knowledge), then every other node we know, the failed one
+    // last. The first placement answer is enough; the direct WHEP endpoints follow as fallbacks.
+    const others = [...new Set([...this.serving, ...this.nodes])].filter((n) => n !== avoid);
     const out = [];
-    const others = this.nodes.filter((n) => n !== avoid);
     for (const node of [...others, ...(avoid ? [avoid] : [])]) {
       const edge = await this._askEdge(node, avoid);
-      if (edge && originOf(edge) !== avoid) out.push(edge);
+      if (edge && originOf(edge) !== avoid) {
+        out.push(edge);
+        break;
+      }
     }
     for (const node of others) out.push(node + this.endpointPath);
     if (avoid) out.push(avoid + this.endpointPath); // last resort: it may have recovered
@@ -183,31 +247,19 @@ export class WhepPlayer extends EventTarget {
 
   /**
    * Ask a node's placement API: GET /api/streams/<id>/edge with Accept: application/json answers
-   * {whep_url, relay, node_id, ...}; a node that only redirects (307 to the WHEP URL) is read from
-   * the final response URL. `exclude` names the node we are leaving.
+   * {whep_url, relay, node_id, nodes, ...}; a node that only redirects (307 to the WHEP URL) is
+   * read from the final response URL. `exclude` names the node we are leaving.
    */
   async _askEdge(node, avoid) {
     const url = new URL(`${node}/api/streams/${encodeURIComponent(this.stream)}/edge`);
     const excluded = avoid && this.nodeIdOf ? this.nodeIdOf(avoid) : null;
     if (excluded) url.searchParams.set("exclude", excluded);
-    const ctrl = new AbortController();
-    const timer = setTimeout(() => ctrl.abort(), 2000);
-    try {
-      const res = await fetch(url, {
-        headers: { Accept: "application/json" }, cache: "no-store", signal: ctrl.signal,
-      });
-      const type = res.headers.get("Content-Type") || "";
-      if (res.ok && type.includes("json")) {
-        const body = await res.json();
-        const target = body.whep_url || body.url || body.location;
-        if (target) return new URL(target, url).href;
-      }
-      if (res.redirected && /\/whep\//.test(res.url)) return res.url;
-    } catch {
-      // no placement API here, or the node is down
-    } finally {
-      clearTimeout(timer);
-    }
+    const answer = await this._fetchEdge(url);
+    if (!answer) return null;
+    const { res, body } = answer;
+    const target = body && (body.whep_url || body.url || body.location);
+    if (target) return new URL(target, url).href;
+    if (res.redirected && /\/whep\//.test(res.url)) return res.url;
     return null;
   }
 
@@ -289,6 +341,7 @@ export class WhepPlayer extends EventTarget {
       this._watch(run, pc);
       this._setState("connecting", `session on ${originOf(result.url)}`);
       this.dispatchEvent(new CustomEvent("session", { detail: { ...this.session } }));
+      void this.refreshNodes(); // know where else to go before this relay can fail
       if (handover) this._handover(pc, media);
     } catch (err) {
       pc.close();
