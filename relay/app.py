@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from lotcast.auth import TokenAuthority
 from lotcast.config import Settings
+from lotcast.ids import is_valid_stream_id
 from lotcast.interactive.service import InteractiveService
 from lotcast.media.endpoints import CORS, SessionTable, WebRtcEndpoints
 from lotcast.media.peer import EgressSession, PeerSession
@@ -142,8 +143,9 @@ def create_app(settings: Settings) -> Starlette:
             if response.status_code == 201:
                 children[response.headers["location"].rsplit("/", 1)[-1]] = child
             return response
-        if accepting_viewers() is not None:
-            stream = str(request.path_params["stream"])
+        stream = str(request.path_params["stream"])
+        # an invalid id is not placed anywhere: endpoints.play answers it 400 right here
+        if accepting_viewers() is not None and is_valid_stream_id(stream):
             seen = [x for x in request.query_params.get("from", "").split(",") if x]
             if len(seen) < MAX_REDIRECT_HOPS:
                 try:

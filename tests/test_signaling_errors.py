@@ -11,6 +11,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from media_support import SECRET, Cluster, Publisher, Viewer, host_token, running_cluster
 
 from lotcast.auth import Role, TokenAuthority
+from lotcast.ids import STREAM_ID_RULE
 from lotcast.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -129,7 +130,7 @@ async def test_whep_rejects_publish_offer_and_bad_stream_id(live: Live) -> None:
     assert "playing needs recvonly or sendrecv" in response.text
     response = await post(f"{relay}/whep/bad%20id!", live.offer)
     assert response.status_code == 400
-    assert "stream id must be" in response.text
+    assert STREAM_ID_RULE in response.text
 
 
 async def test_unknown_session_and_patch_preconditions(live: Live) -> None:

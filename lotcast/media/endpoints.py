@@ -5,7 +5,12 @@
     HEAD    /whep/{stream}            is it playable here?      200 | 409/503 + Retry-After
     PATCH   /whi[pe]/{stream}/{id}    trickle ICE (sdpfrag)     204 | 412/428/422
     DELETE  /whi[pe]/{stream}/{id}    end the session           200 | 404
-    OPTIONS (any of the above)        CORS + Accept-Post        204
+    OPTIONS (any of the above)        CORS, Accept-Post/-Patch  204
+
+A session is reached only through its own route (a WHIP session via /whip/..., a WHEP session via
+/whep/...) and changed or ended only by the token that created it or a host token; a WHEP session
+created without a token is reached by whoever holds its (unguessable) URL. docs/http-api.md is
+the contract; every status this module answers is listed there.
 """
 
 from __future__ import annotations
@@ -14,17 +19,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from lotcast.auth import AuthError, Identity, Role, TokenAuthority
 from lotcast.config import Settings
+from lotcast.ids import STREAM_ID_RULE, is_valid_stream_id
 from lotcast.media.peer import EgressSession, IngestSession, PeerSession
-from lotcast.media.sdp import SdpError, check_offer
-from lotcast.media.stream import MediaStream, StreamRouter, StreamState
+from lotcast.media.sdp import SdpError, check_offer, parse_trickle
+from lotcast.media.stream import MediaStream, StreamRouter
 from lotcast.media.upstream import NotLiveError
 from lotcast.tasks import cancel_and_wait
 
@@ -38,6 +45,9 @@ CORS = {
     "Access-Control-Expose-Headers": "Location, ETag, Link, Retry-After, Accept-Post, Accept-Patch",
 }
 NOT_LIVE_RETRY = 2
+# An unexpected error (a bug, not the client's fault) is answered 503 + Retry-After, and logged.
+INTERNAL_RETRY = 2
+SESSION_METHODS = "PATCH, DELETE, OPTIONS"
 
 StreamProvider = Callable[[str], Awaitable[MediaStream]]
 Kind = Literal["whip", "whep"]
@@ -56,29 +66,67 @@ def error_response(status: int, reason: str, headers: dict[str, str] | None = No
                     headers={**CORS, **(headers or {})})
 
 
+@dataclass(frozen=True)
+class SessionGrant:
+    """How a session was created: through which route, and by which token (None: no token)."""
+
+    kind: Kind
+    owner: Identity | None
+
+
+def authorize(grant: SessionGrant, presented: Identity | None) -> None:
+    """May the bearer of ``presented`` change or end the session of ``grant``? Raises if not.
+
+    A WHIP session: any host token. A WHEP session created with a token: that token's user
+    (same role and subject) or a host token. A WHEP session created without one: its URL is the
+    capability, as WHEP clients expect.
+    """
+    if grant.kind == "whep" and grant.owner is None:
+        return
+    if presented is None:
+        raise AuthError(401, "missing Authorization: Bearer token")
+    if presented.role is Role.HOST:
+        return
+    if grant.kind == "whip":
+        raise AuthError(403, f"token role {presented.role.value!r} may not do this; needs 'host'")
+    owner = grant.owner
+    assert owner is not None
+    if presented.role is owner.role and presented.user_id == owner.user_id:
+        return
+    raise AuthError(403, "this session was created with another token; use that token or a "
+                    "host token")
+
+
 class SessionTable:
     """Every live WHIP/WHEP session of this node, and the reaper that times them out."""
 
     def __init__(self, session_timeout: float, connect_timeout: float | None = None,
                  on_closed: Callable[[PeerSession], None] | None = None) -> None:
         self._sessions: dict[str, PeerSession] = {}
+        self._grants: dict[str, SessionGrant] = {}
         self._on_closed = on_closed
         self.session_timeout = session_timeout
         # a peer that never completes ICE/DTLS gets as long as a silent one
         self.connect_timeout = connect_timeout if connect_timeout is not None else session_timeout
         self._reaper: asyncio.Task[None] | None = None
 
-    def add(self, session: PeerSession) -> None:
+    def add(self, session: PeerSession, grant: SessionGrant | None = None) -> None:
         self._sessions[session.id] = session
+        if grant is not None:
+            self._grants[session.id] = grant
         session.on_close(self._forget)
 
     def _forget(self, session: PeerSession) -> None:
         self._sessions.pop(session.id, None)
+        self._grants.pop(session.id, None)
         if self._on_closed is not None:
             self._on_closed(session)
 
     def get(self, session_id: str) -> PeerSession | None:
         return self._sessions.get(session_id)
+
+    def grant(self, session_id: str) -> SessionGrant | None:
+        return self._grants.get(session_id)
 
     def sessions(self, kind: type[PeerSession] = PeerSession) -> list[PeerSession]:
         return [s for s in self._sessions.values() if isinstance(s, kind)]
@@ -151,11 +199,13 @@ class WebRtcEndpoints:
         return {"Link": ", ".join(f'<{url}>; rel="ice-server"' for url in self.settings.ice_servers)}
 
     async def options(self, request: Request) -> Response:
+        # Allow: what this URL takes. Access-Control-Allow-Methods also covers the session
+        # resources created here (PATCH for trickle, DELETE), as Accept-Patch announces.
+        endpoint = "POST, OPTIONS" + (", HEAD, GET" if request.url.path.startswith("/whep/") else "")
         return Response(status_code=204, headers={
             **CORS, **self._link_headers(),
-            "Accept-Post": SDP,
-            "Access-Control-Allow-Methods": "POST, OPTIONS"
-            + (", HEAD" if "whep" in request.url.path else ""),
+            "Accept-Post": SDP, "Accept-Patch": SDPFRAG, "Allow": endpoint,
+            "Access-Control-Allow-Methods": f"{endpoint}, PATCH, DELETE",
         })
 
     async def _read_offer(self, request: Request) -> str:
@@ -172,35 +222,58 @@ class WebRtcEndpoints:
     def _identity(self, request: Request, required: Role | None) -> Identity:
         return self.authority.from_authorization(request.headers.get("authorization"), required)
 
+    def _presented(self, request: Request) -> Identity | None:
+        """The request's token, None without one; a present but broken token is refused (401)."""
+        header = request.headers.get("authorization")
+        if header is None:
+            return None
+        return self.authority.from_authorization(header, None)
+
+    def _viewer(self, request: Request) -> Identity | None:
+        """The viewer's token (any role); required when the node serves private streams."""
+        presented = self._presented(request)
+        if presented is None and self.settings.private_streams:
+            raise AuthError(401, "missing Authorization: Bearer token")
+        return presented
+
     async def publish(self, request: Request) -> Response:
         return await self._guard(self._publish(request))
 
     async def _publish(self, request: Request) -> Response:
-        self._identity(request, Role.HOST)
+        stream_id = _stream_id(request)
+        identity = self._identity(request, Role.HOST)
         offer = await self._read_offer(request)
         summary = check_offer(offer, "publish")
-        stream_id = _stream_id(request)
-        stream = self.router.get_or_create(stream_id)
-        if stream.state is StreamState.LIVE:
+        claim = object()
+        stream = self.router.claim_publisher(stream_id, claim)
+        if stream is None:
             raise HttpError(409, f"stream {stream_id!r} already has a publisher")
-        session = IngestSession(stream, summary)
+        router = self.router
+        try:
+            session = IngestSession(stream, summary)
+        except BaseException:
+            router.release_publisher(stream, claim)
+            raise
+        # released when the session ends, including when negotiation fails just below
+        session.on_close(lambda _: router.release_publisher(stream, claim))
         answer = await session.answer(offer)
-        return self._created(request, "whip", session, answer)
+        return self._created("whip", session, answer, identity)
 
     async def play(self, request: Request) -> Response:
         return await self._guard(self._play(request))
 
     async def _play(self, request: Request) -> Response:
-        self._identity(request, Role.VIEWER if self.settings.private_streams else None)
+        stream_id = _stream_id(request)
+        identity = self._viewer(request)
         refusal = self.accepting_viewers()
         if refusal is not None:
             raise HttpError(503, refusal, {"Retry-After": "2"})
         offer = await self._read_offer(request)
         summary = check_offer(offer, "play")
-        stream = await self._playable(_stream_id(request))
+        stream = await self._playable(stream_id)
         session = EgressSession(stream, summary, self.on_first_frame)
         answer = await session.answer(offer)
-        return self._created(request, "whep", session, answer)
+        return self._created("whep", session, answer, identity)
 
     async def _playable(self, stream_id: str) -> MediaStream:
         try:
@@ -211,17 +284,19 @@ class WebRtcEndpoints:
 
     async def probe(self, request: Request) -> Response:
         async def check() -> Response:
-            self._identity(request, Role.VIEWER if self.settings.private_streams else None)
+            stream_id = _stream_id(request)
+            self._viewer(request)
             refusal = self.accepting_viewers()
             if refusal is not None:
                 raise HttpError(503, refusal, {"Retry-After": "2"})
-            await self._playable(_stream_id(request))
+            await self._playable(stream_id)
             return Response(status_code=200, headers={**CORS, "Accept-Post": SDP})
 
         return await self._guard(check())
 
-    def _created(self, request: Request, kind: Kind, session: PeerSession, answer: str) -> Response:
-        self.sessions.add(session)
+    def _created(self, kind: Kind, session: PeerSession, answer: str,
+                 owner: Identity | None) -> Response:
+        self.sessions.add(session, SessionGrant(kind, owner))
         location = f"/{kind}/{session.stream.id}/{session.id}"
         return Response(answer, status_code=201, media_type=SDP, headers={
             **CORS, **self._link_headers(),
@@ -235,17 +310,21 @@ class WebRtcEndpoints:
         method = request.method
         if method == "OPTIONS":
             return Response(status_code=204, headers={
-                **CORS, "Access-Control-Allow-Methods": "PATCH, DELETE, OPTIONS",
+                **CORS, "Allow": SESSION_METHODS, "Access-Control-Allow-Methods": SESSION_METHODS,
                 "Accept-Patch": SDPFRAG})
         if method not in ("PATCH", "DELETE"):
             raise HttpError(405, f"{method} is not supported on a session; use PATCH or DELETE",
-                            {"Allow": "PATCH, DELETE, OPTIONS"})
-        kind = request.url.path.split("/")[1]
-        if kind == "whip":
-            self._identity(request, Role.HOST)
-        session = self.sessions.get(request.path_params["session"])
-        if session is None or session.stream.id != _stream_id(request):
+                            {"Allow": SESSION_METHODS})
+        kind: Kind = "whip" if request.url.path.startswith("/whip/") else "whep"
+        stream_id = _stream_id(request)
+        presented = self._presented(request)
+        session_id = str(request.path_params["session"])
+        session = self.sessions.get(session_id)
+        grant = self.sessions.grant(session_id)
+        # a session answers only on its own route: a WHIP session is not a WHEP resource
+        if session is None or grant is None or grant.kind != kind or session.stream.id != stream_id:
             raise HttpError(404, "no such session (ended, timed out or never existed)")
+        authorize(grant, presented)
         if method == "DELETE":
             await session.close()
             return Response(status_code=200, headers=CORS)
@@ -260,13 +339,15 @@ class WebRtcEndpoints:
             raise HttpError(428, "PATCH needs If-Match with the session's ETag (or *)")
         if if_match.strip() not in ("*", session.etag):
             raise HttpError(412, "If-Match does not match the session's ETag")
-        fragment = (await _read_limited(request, self.settings.max_sdp_bytes)).decode("utf-8", "replace")
-        if "a=ice-ufrag:" in fragment or "a=ice-pwd:" in fragment:
-            raise HttpError(422, "ICE restart is not supported; DELETE this session and POST a new offer")
+        body = await _read_limited(request, self.settings.max_sdp_bytes)
         try:
-            await session.add_trickle(fragment)
-        except Exception as exc:
-            raise HttpError(400, f"bad trickle candidate: {exc or type(exc).__name__}") from exc
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise HttpError(400, "malformed trickle fragment: body is not UTF-8") from exc
+        fragment = parse_trickle(text)
+        if fragment.restarts(session.remote_ice):
+            raise HttpError(422, "ICE restart is not supported; DELETE this session and POST a new offer")
+        await session.add_trickle(fragment)
         return Response(status_code=204, headers=CORS)
 
     async def _guard(self, work: Awaitable[Response]) -> Response:
@@ -279,12 +360,19 @@ class WebRtcEndpoints:
         except AuthError as exc:
             headers = {"WWW-Authenticate": 'Bearer realm="lotcast"'} if exc.status == 401 else {}
             return error_response(exc.status, exc.reason, headers)
+        except ClientDisconnect:
+            return error_response(400, "request body incomplete: the client went away")
+        except Exception:
+            # A bug of ours, not the client's: say so honestly, log it, never a bare 500.
+            logger.exception("signaling request failed unexpectedly")
+            return error_response(503, "internal error while handling this request; retry",
+                                  {"Retry-After": str(INTERNAL_RETRY)})
 
 
 def _stream_id(request: Request) -> str:
     stream_id = str(request.path_params["stream"])
-    if not stream_id or len(stream_id) > 64 or not all(c.isalnum() or c in "-_." for c in stream_id):
-        raise HttpError(400, "stream id must be 1-64 characters of [A-Za-z0-9-_.]")
+    if not is_valid_stream_id(stream_id):
+        raise HttpError(400, STREAM_ID_RULE)
     return stream_id
 
 

@@ -23,7 +23,6 @@ from aiortc import (
     RTCRtpTransceiver,
     RTCSessionDescription,
 )
-from aiortc.sdp import candidate_from_sdp
 
 from lotcast.media.aiortc_hooks import (
     PacketSender,
@@ -33,7 +32,15 @@ from lotcast.media.aiortc_hooks import (
     negotiated_codecs,
 )
 from lotcast.media.forwarder import ForwardSink, TrackForwarder
-from lotcast.media.sdp import OfferSummary, SdpError
+from lotcast.media.sdp import (
+    IceCredentials,
+    OfferSummary,
+    SdpError,
+    TrickleFragment,
+    ice_credentials,
+    parse_description,
+    transport_mids,
+)
 from lotcast.media.stream import MediaStream
 
 logger = logging.getLogger(__name__)
@@ -61,6 +68,9 @@ class PeerSession:
         self.connected_at: float | None = None
         self._on_close: list[Callable[[PeerSession], None]] = []
         self._closing: asyncio.Task[None] | None = None
+        # the offer's ICE credentials (a PATCH repeating them is a trickle, not a restart)
+        self.remote_ice: set[IceCredentials] = set()
+        self._transport_mids: dict[str, str] = {}
 
         @self.pc.on("connectionstatechange")
         def _on_state() -> None:
@@ -108,7 +118,11 @@ class PeerSession:
         for callback in self._on_close:
             callback(self)
         self._on_close.clear()
-        await self.pc.close()
+        try:
+            await self.pc.close()
+        except Exception:  # aiortc can trip over its own half-built state; the session is gone
+            logger.exception("%s %s/%s: peer connection close failed", self.kind, self.stream.id,
+                             self.id)
 
     def stopped(self) -> None:
         """Called once when the session closes, before the peer connection is torn down."""
@@ -125,23 +139,31 @@ class PeerSession:
         except Exception as exc:
             await self.close()
             raise SdpError(422, f"cannot negotiate this offer: {exc or type(exc).__name__}") from exc
+        except BaseException:  # cancelled mid-negotiation: the session must not half exist
+            await self.close()
+            raise
+        offer = parse_description(offer_sdp)
+        self.remote_ice = ice_credentials(offer)
+        self._transport_mids = transport_mids(offer)
         return str(self.pc.localDescription.sdp)
 
     def prepare(self) -> None:
         """Hook between setRemoteDescription and createAnswer."""
 
-    async def add_trickle(self, fragment: str) -> None:
-        """Apply an application/trickle-ice-sdpfrag body (RFC 8840)."""
-        mid: str | None = None
-        for raw in fragment.splitlines():
-            line = raw.strip()
-            if line.startswith("a=mid:"):
-                mid = line[len("a=mid:"):]
-            elif line.startswith("a=candidate:"):
-                candidate = candidate_from_sdp(line[len("a=candidate:"):])
-                candidate.sdpMid = mid
-                candidate.sdpMLineIndex = None if mid is not None else 0
-                await self.pc.addIceCandidate(candidate)
+    async def add_trickle(self, fragment: TrickleFragment) -> None:
+        """Apply a trickle-ice-sdpfrag (RFC 8840) that is not an ICE restart."""
+        first = next(iter(self._transport_mids.values()), None)
+        for mid in fragment.mids:
+            if mid not in self._transport_mids:
+                raise SdpError(422, f"trickle names mid {mid[:20]!r}, which this session lacks")
+        for item in fragment.candidates:
+            candidate = item.candidate
+            # aiortc adds a candidate only to the transport that owns the mid (the BUNDLE tag)
+            candidate.sdpMid = self._transport_mids.get(item.mid, first) if item.mid else first
+            candidate.sdpMLineIndex = None
+            await self.pc.addIceCandidate(candidate)
+        if fragment.end_of_candidates:
+            await self.pc.addIceCandidate(None)
 
 
 def codec_capability(codec: RTCRtpCodecParameters) -> RTCRtpCodecCapability:

@@ -1,13 +1,18 @@
-"""Checks on WHIP/WHEP SDP offers, done before any peer connection exists.
+"""Checks on WHIP/WHEP SDP offers and trickle fragments, done before aiortc sees them.
 
-Pure functions: text in, an OfferSummary or an SdpError (HTTP status + readable reason) out.
+Pure functions: text in, an OfferSummary / TrickleFragment or an SdpError (HTTP status + readable
+reason) out. Everything aiortc would trip over (a BUNDLE group naming a missing m-line, a
+candidate that is not an address, no RTCP mux, ...) is refused here with a 4xx, so a peer
+connection is only ever built from an offer it can negotiate.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
+from aiortc import RTCIceCandidate
 from aiortc import sdp as aiortc_sdp
 
 Purpose = Literal["publish", "play"]
@@ -17,6 +22,9 @@ ACCEPTED_CODECS = {
     "video": ("video/vp8", "video/h264"),
     "audio": ("audio/opus",),
 }
+# Browsers send 1-3 m-sections (audio, video, data channel); anything near this is not a client.
+MAX_MEDIA_SECTIONS = 16
+CANDIDATE_TYPES = ("host", "srflx", "prflx", "relay")
 
 
 class SdpError(Exception):
@@ -32,21 +40,92 @@ class OfferSummary:
     kinds: dict[str, list[str]] = field(default_factory=dict)
 
 
-def check_offer(text: str, purpose: Purpose) -> OfferSummary:
-    """Validate an SDP offer for publishing (WHIP) or playing (WHEP)."""
+def _check_lines(text: str) -> None:
     if not text.strip():
         raise SdpError(400, "malformed SDP: empty body")
     if not text.lstrip().startswith("v=0"):
         raise SdpError(400, "malformed SDP: must start with 'v=0'")
     for number, line in enumerate(text.splitlines(), start=1):
-        if line and (len(line) < 2 or line[1] != "="):
+        if line and (len(line) < 2 or line[1] != "=" or not line[0].isascii()
+                     or not line[0].isalpha()):
             raise SdpError(400, f"malformed SDP: line {number} is not '<type>=<value>': {line[:40]!r}")
+
+
+def parse_description(text: str) -> aiortc_sdp.SessionDescription:
+    """aiortc's parse of a text already known to be line-wise SDP; SdpError(400) on garbage."""
+    _check_lines(text)
     try:
-        description = aiortc_sdp.SessionDescription.parse(text)
+        return aiortc_sdp.SessionDescription.parse(text)
     except Exception as exc:  # aiortc's parser raises assorted errors on garbage
         raise SdpError(400, f"malformed SDP: {exc or type(exc).__name__}") from exc
-    if not description.media:
+
+
+def check_candidate(candidate: RTCIceCandidate, where: str) -> None:
+    """Refuse a candidate aioice could not pair (it would fail later, off the request path)."""
+    host = candidate.ip
+    if not host.lower().endswith(".local"):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError as exc:
+            raise SdpError(400, f"{where}: candidate address {host[:40]!r} is not an IP "
+                           "address or an mDNS .local name") from exc
+    if not 0 < candidate.port < 65536:
+        raise SdpError(400, f"{where}: candidate port {candidate.port} is out of range")
+    if candidate.component not in (1, 2):
+        raise SdpError(400, f"{where}: candidate component {candidate.component} is not 1 or 2")
+    if not 0 <= candidate.priority < 2**32:
+        raise SdpError(400, f"{where}: candidate priority {candidate.priority} is out of range")
+    if candidate.protocol.lower() not in ("udp", "tcp"):
+        raise SdpError(400, f"{where}: candidate transport {candidate.protocol[:20]!r} is not udp")
+    if candidate.type not in CANDIDATE_TYPES:
+        raise SdpError(400, f"{where}: candidate type {candidate.type[:20]!r} is not one of "
+                       + "/".join(CANDIDATE_TYPES))
+
+
+def _check_structure(description: aiortc_sdp.SessionDescription) -> None:
+    media = description.media
+    if not media:
         raise SdpError(400, "malformed SDP: no m= sections")
+    if len(media) > MAX_MEDIA_SECTIONS:
+        raise SdpError(422, f"offer has {len(media)} m-sections; at most {MAX_MEDIA_SECTIONS} "
+                       "are served")
+    mids: dict[str, int] = {}
+    for index, section in enumerate(media):
+        mid = section.rtp.muxId
+        if not mid:
+            raise SdpError(400, f"malformed SDP: m-line {index} has no a=mid")
+        if mid in mids:
+            raise SdpError(400, f"malformed SDP: m-lines {mids[mid]} and {index} share mid {mid!r}")
+        mids[mid] = index
+        if section.port == 0:
+            continue
+        if section.ice is None or not section.ice.usernameFragment or not section.ice.password:
+            raise SdpError(400, f"malformed SDP: m-line {index} has no ice-ufrag/ice-pwd")
+        if section.dtls is None or not section.dtls.fingerprints:
+            raise SdpError(400, f"malformed SDP: m-line {index} has no DTLS fingerprint")
+        if section.kind in ("audio", "video") and not section.rtcp_mux:
+            raise SdpError(422, f"{section.kind} m-line {index} lacks a=rtcp-mux; WebRTC needs "
+                           "RTP and RTCP on one port")
+        for candidate in section.ice_candidates:
+            check_candidate(candidate, f"m-line {index}")
+    bundles = [g for g in description.group if g.semantic == "BUNDLE"]
+    if len(bundles) > 1:
+        raise SdpError(422, "offer has more than one BUNDLE group; one is served")
+    for group in bundles:
+        for item in group.items:
+            index_of = mids.get(str(item))
+            if index_of is None:
+                raise SdpError(400, f"malformed SDP: BUNDLE names mid {str(item)[:20]!r}, "
+                               "which no m-line has")
+            if media[index_of].port == 0:
+                raise SdpError(400, f"malformed SDP: BUNDLE names mid {str(item)[:20]!r}, "
+                               "whose m-line is rejected (port 0)")
+
+
+def check_offer(text: str, purpose: Purpose) -> OfferSummary:
+    """Validate an SDP offer for publishing (WHIP) or playing (WHEP)."""
+    description = parse_description(text)
+    _check_structure(description)
 
     summary = OfferSummary()
     for index, media in enumerate(description.media):
@@ -54,14 +133,11 @@ def check_offer(text: str, purpose: Purpose) -> OfferSummary:
             continue
         if media.port == 0 or media.direction == "inactive":
             continue
-        if media.ice is None or not media.ice.usernameFragment or not media.ice.password:
-            raise SdpError(400, f"malformed SDP: m-line {index} has no ice-ufrag/ice-pwd")
-        if media.dtls is None or not media.dtls.fingerprints:
-            raise SdpError(400, f"malformed SDP: m-line {index} has no DTLS fingerprint")
         wanted = ("sendonly", "sendrecv") if purpose == "publish" else ("recvonly", "sendrecv")
         if media.direction not in wanted:
+            found = media.direction or "without a direction attribute"
             raise SdpError(
-                422, f"{media.kind} m-line {index} is {media.direction}; "
+                422, f"{media.kind} m-line {index} is {found}; "
                 f"{'publishing' if purpose == 'publish' else 'playing'} needs {' or '.join(wanted)}"
             )
         if media.kind in summary.kinds:
@@ -76,3 +152,89 @@ def check_offer(text: str, purpose: Purpose) -> OfferSummary:
             422, "offer has no media we accept: need VP8 or H.264 video and/or Opus audio"
         )
     return summary
+
+
+@dataclass(frozen=True)
+class IceCredentials:
+    ufrag: str
+    pwd: str
+
+
+@dataclass(frozen=True)
+class TrickleCandidate:
+    mid: str | None  # None: the fragment named no m-section (applies to the first)
+    candidate: RTCIceCandidate
+
+
+@dataclass
+class TrickleFragment:
+    """An application/trickle-ice-sdpfrag body (RFC 8840), as WHIP/WHEP PATCH carries it."""
+
+    ufrags: list[str] = field(default_factory=list)
+    pwds: list[str] = field(default_factory=list)
+    candidates: list[TrickleCandidate] = field(default_factory=list)
+    end_of_candidates: bool = False
+    mids: list[str] = field(default_factory=list)
+
+    def restarts(self, current: set[IceCredentials]) -> bool:
+        """An ICE restart carries credentials other than the session's current ones (RFC 9725)."""
+        ufrags = {c.ufrag for c in current}
+        pwds = {c.pwd for c in current}
+        return any(u not in ufrags for u in self.ufrags) or any(p not in pwds for p in self.pwds)
+
+
+def parse_trickle(text: str) -> TrickleFragment:
+    fragment = TrickleFragment()
+    mid: str | None = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        if len(line) < 2 or line[1] != "=":
+            raise SdpError(400, f"malformed trickle fragment: line {number} is not "
+                           f"'<type>=<value>': {line[:40]!r}")
+        if line.startswith("m="):
+            mid = None  # a new m-section; its a=mid follows
+            continue
+        if not line.startswith("a="):
+            continue
+        attr, _, value = line[2:].partition(":")
+        value = value.strip()
+        if attr == "ice-ufrag":
+            if not value:
+                raise SdpError(400, f"malformed trickle fragment: line {number} has an empty ice-ufrag")
+            fragment.ufrags.append(value)
+        elif attr == "ice-pwd":
+            if not value:
+                raise SdpError(400, f"malformed trickle fragment: line {number} has an empty ice-pwd")
+            fragment.pwds.append(value)
+        elif attr == "mid":
+            mid = value
+            fragment.mids.append(value)
+        elif attr == "end-of-candidates":
+            fragment.end_of_candidates = True
+        elif attr == "candidate":
+            try:
+                candidate = aiortc_sdp.candidate_from_sdp(value)
+            except Exception as exc:
+                raise SdpError(400, f"bad trickle candidate on line {number}: "
+                               f"{exc or type(exc).__name__}") from exc
+            check_candidate(candidate, f"trickle line {number}")
+            fragment.candidates.append(TrickleCandidate(mid, candidate))
+    return fragment
+
+
+def ice_credentials(description: aiortc_sdp.SessionDescription) -> set[IceCredentials]:
+    return {IceCredentials(m.ice.usernameFragment, m.ice.password) for m in description.media
+            if m.ice is not None and m.ice.usernameFragment and m.ice.password}
+
+
+def transport_mids(description: aiortc_sdp.SessionDescription) -> dict[str, str]:
+    """mid -> the mid whose ICE transport carries it (the first mid of its BUNDLE group)."""
+    out = {m.rtp.muxId: m.rtp.muxId for m in description.media if m.rtp.muxId}
+    for group in description.group:
+        if group.semantic == "BUNDLE" and group.items:
+            owner = str(group.items[0])
+            for item in group.items:
+                out[str(item)] = owner
+    return out

@@ -142,6 +142,8 @@ class StreamRouter:
     def __init__(self, grace: float) -> None:
         self._grace = grace
         self._streams: dict[str, MediaStream] = {}
+        # stream id -> the one publisher negotiating or feeding it (see claim_publisher)
+        self._publishers: dict[str, object] = {}
 
     def get(self, stream_id: str) -> MediaStream | None:
         return self._streams.get(stream_id)
@@ -152,6 +154,25 @@ class StreamRouter:
             stream = MediaStream(stream_id, self._grace, self._forget)
             self._streams[stream_id] = stream
         return stream
+
+    def claim_publisher(self, stream_id: str, claimant: object) -> MediaStream | None:
+        """Make ``claimant`` the stream's one publisher, or None if it already has one.
+
+        Check and claim are one synchronous step (no await), so of any number of concurrent
+        publishers exactly one wins. The claim lasts until ``release_publisher``.
+        """
+        if stream_id in self._publishers:
+            return None
+        stream = self.get_or_create(stream_id)
+        self._publishers[stream_id] = claimant
+        return stream
+
+    def release_publisher(self, stream: MediaStream, claimant: object) -> None:
+        """Drop ``claimant``'s claim; a stream that never went live is removed with it."""
+        if self._publishers.get(stream.id) is claimant:
+            del self._publishers[stream.id]
+        if stream.state is StreamState.IDLE and stream.id not in self._publishers:
+            stream.end()
 
     def _forget(self, stream: MediaStream) -> None:
         if self._streams.get(stream.id) is stream:
