@@ -183,6 +183,7 @@ def create_app(settings: Settings) -> Starlette:
             "websockets": websocket_count(),
             "children": sorted(children.values()),
             "reparents": upstreams.reparents,
+            "stall_repulls": upstreams.stall_repulls,
             "upstreams": [{"stream": p.stream.id, "state": p.state.value,
                            "url": p.upstream_url, "depth": upstreams.depth_of(p.stream.id)}
                           for p in upstreams.pulls()],

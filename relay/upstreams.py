@@ -53,6 +53,7 @@ class RelayUpstreams:
         self._release_timers: dict[str, asyncio.TimerHandle] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self.reparents = 0
+        self.stall_repulls = 0
         self.http = httpx.AsyncClient(timeout=10.0, headers=headers)
 
     def pulls(self) -> list[UpstreamPull]:
@@ -101,7 +102,8 @@ class RelayUpstreams:
         return stream
 
     def _start_pull(self, stream: MediaStream, upstream: Upstream) -> UpstreamPull:
-        pull = UpstreamPull(stream, upstream.url, self.http, self._retry_window)
+        pull = UpstreamPull(stream, upstream.url, self.http, self._retry_window,
+                            on_stall=self._stalled)
         self._pulls[stream.id] = pull
         self._upstreams[stream.id] = upstream
         stream.on_end(lambda: self._forget(stream.id, pull))
@@ -140,16 +142,26 @@ class RelayUpstreams:
 
     async def reparent(self, stream_id: str, exclude: Collection[str]) -> None:
         """Make before break: connect a new pull from another upstream, then close the old."""
+        if await self._replace_pull(stream_id, exclude, None):
+            self.reparents += 1
+
+    async def _replace_pull(self, stream_id: str, exclude: Collection[str],
+                            expected: UpstreamPull | None) -> bool:
+        """Replace the stream's pull (only if it still is ``expected``, when given) by a new one
+        from the chooser's pick; the new one is connected before the old one is closed."""
         lock = self._locks.setdefault(stream_id, asyncio.Lock())
         async with lock:
             old = self._pulls.get(stream_id)
             old_upstream = self._upstreams.get(stream_id)
-            if old is None or old.state is PullState.CLOSED or old_upstream is None:
-                return
+            if (old is None or old.state is PullState.CLOSED or old_upstream is None
+                    or (expected is not None and old is not expected)):
+                return False
             upstream = await self._pick(stream_id, exclude, below_depth=old_upstream.depth)
-            logger.warning("stream %s: re-parenting from %s to %s (depth %d)", stream_id,
-                           old_upstream.url, upstream.url, upstream.depth)
-            new = UpstreamPull(old.stream, upstream.url, self.http, self._retry_window)
+            logger.warning("stream %s: pulling from %s instead of %s (depth %d)", stream_id,
+                           upstream.url, old_upstream.url, upstream.depth)
+            new = UpstreamPull(old.stream, upstream.url, self.http, self._retry_window,
+                               on_stall=self._stalled,
+                               consecutive_stalls=old.consecutive_stalls)
             try:
                 await new.ensure()
             except BaseException:
@@ -159,8 +171,24 @@ class RelayUpstreams:
             self._pulls[stream_id] = new
             self._upstreams[stream_id] = upstream
             old.stream.on_end(lambda: self._forget(stream_id, new))
-            self.reparents += 1
         await old.close()
+        return True
+
+    def _stalled(self, pull: UpstreamPull, reason: str) -> None:
+        """The pull's media stopped (see UpstreamPull._watch): pull again, make before break,
+        from wherever the chooser says now; if that fails, the pull reconnects in place."""
+        async def replace() -> None:
+            try:
+                if await self._replace_pull(pull.stream.id, (), expected=pull):
+                    self.stall_repulls += 1
+            except Exception as exc:
+                logger.warning("stream %s: pulling again after a stall failed (%r); reconnecting",
+                               pull.stream.id, exc)
+                pull.stalled_fallback()
+
+        task = asyncio.ensure_future(replace())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def viewer_left(self, session: PeerSession) -> None:
         stream_id = session.stream.id

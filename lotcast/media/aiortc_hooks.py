@@ -12,6 +12,8 @@ service start and in tests/test_aiortc_hooks.py.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -19,13 +21,15 @@ import aioice.ice
 import pylibsrtp
 from aiortc import (
     MediaStreamTrack,
+    RTCConfiguration,
+    RTCPeerConnection,
     RTCRtpCodecParameters,
     RTCRtpReceiver,
     RTCRtpSender,
     RTCRtpTransceiver,
 )
 from aiortc.mediastreams import MediaStreamError
-from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsTransport
 from aiortc.rtp import (
     RTCP_PSFB_FIR,
     RTCP_PSFB_PLI,
@@ -45,6 +49,27 @@ _SR_FIELDS = (
     "_RTCRtpSender__octet_count",
 )
 
+logger = logging.getLogger(__name__)
+
+# The largest SRTP/SRTCP datagram a peer connection accepts, and so the largest RTP packet that
+# is forwarded. pylibsrtp sizes its buffer at 1500 bytes for everything, which leaves 1356 bytes
+# for a packet to protect: less than the 1400-byte packets of GStreamer and many encoders, so
+# those were refused on the forwarding path. Datagrams above this are dropped (counted), never
+# allowed to raise into aiortc's receive loop, which would end the transport.
+MAX_SRTP_PACKET = 8192
+SRTP_BUFFER_SIZE = MAX_SRTP_PACKET + pylibsrtp.SRTP_MAX_SRTCP_TRAILER_LEN
+
+# aiortc offers only ECDHE-ECDSA suites, which is enough while its own (ECDSA) certificate is the
+# server's; as DTLS client facing an RSA server certificate (GStreamer's webrtcbin answering an
+# actpass offer, or offering actpass to us) the handshake fails with "no shared cipher".
+DTLS_CIPHERS = b":".join((
+    b"ECDHE-ECDSA-AES128-GCM-SHA256", b"ECDHE-RSA-AES128-GCM-SHA256",
+    b"ECDHE-ECDSA-AES256-GCM-SHA384", b"ECDHE-RSA-AES256-GCM-SHA384",
+    b"ECDHE-ECDSA-CHACHA20-POLY1305", b"ECDHE-RSA-CHACHA20-POLY1305",
+    b"ECDHE-ECDSA-AES128-SHA", b"ECDHE-RSA-AES128-SHA",
+    b"ECDHE-ECDSA-AES256-SHA", b"ECDHE-RSA-AES256-SHA",
+))
+
 RtpTap = Callable[[RtpPacket], None]
 SenderReportTap = Callable[[int, int, int], None]  # ssrc, ntp timestamp, rtp timestamp
 
@@ -63,13 +88,12 @@ def check_hooks() -> None:
     for cls, names in (
         (RTCRtpReceiver, ("_handle_rtp_packet", "_handle_rtcp_packet", "_send_rtcp_pli")),
         (RTCRtpSender, ("_handle_rtcp_packet", "_run_rtcp")),
-        (RTCDtlsTransport, ("_send_rtp",)),
+        (RTCDtlsTransport, ("_send_rtp", "_setup_srtp")),
+        (RTCCertificate, ("_create_ssl_context",)),
     ):
         for name in names:
             if not hasattr(cls, name):
                 problems.append(f"{cls.__name__}.{name}")
-    import inspect
-
     receiver_src = inspect.getsource(RTCRtpReceiver.__init__)
     if "self.__jitter_buffer" not in receiver_src:
         problems.append("RTCRtpReceiver.__jitter_buffer")
@@ -80,8 +104,11 @@ def check_hooks() -> None:
     if "self._ssrc" not in sender_src:
         problems.append("RTCRtpSender._ssrc")
     dtls_src = inspect.getsource(RTCDtlsTransport)
-    if "self._tx_srtp" not in dtls_src:
-        problems.append("RTCDtlsTransport._tx_srtp")
+    for name in ("self._tx_srtp = Session(", "self._rx_srtp = Session(", "self._rx_srtp.unprotect("):
+        if name not in dtls_src:
+            problems.append(f"RTCDtlsTransport.{name.split('.')[1].split(' ')[0]}")
+    if "set_cipher_list" not in inspect.getsource(RTCCertificate._create_ssl_context):
+        problems.append("RTCCertificate._create_ssl_context cipher list")
     ice_src = inspect.getsource(aioice.ice.Connection)
     if "self._nominated" not in ice_src:
         problems.append("aioice.ice.Connection._nominated")
@@ -94,10 +121,71 @@ def check_hooks() -> None:
     for name in ("self._cdata", "self._buffer", "self._srtp"):
         if name not in session_src:
             problems.append(f"pylibsrtp.Session.{name[5:]}")
+    process_src = inspect.getsource(pylibsrtp.Session)
+    if "len(self._cdata) - trailer" not in process_src:
+        problems.append("pylibsrtp.Session buffer limit")
     if not hasattr(pylibsrtp, "SRTP_MAX_TRAILER_LEN"):
         problems.append("pylibsrtp.SRTP_MAX_TRAILER_LEN")
     if problems:
         raise HookError("aiortc/aioice internals changed: " + ", ".join(problems))
+
+
+def new_peer_connection() -> RTCPeerConnection:
+    """Every peer connection lotcast creates: no ICE servers (the default public STUN server
+    adds seconds and is unreachable here), with the DTLS and SRTP fixes below installed."""
+    install_transport_fixes()
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+_fixes_installed = False
+
+
+def install_transport_fixes() -> None:
+    """Patch aiortc once per process: RSA-capable DTLS suites, and SRTP buffers that fit every
+    packet the receive path accepts (on receive, protect and both RTCP directions)."""
+    global _fixes_installed
+    if _fixes_installed:
+        return
+    _fixes_installed = True
+    original_context = RTCCertificate._create_ssl_context
+    original_setup = RTCDtlsTransport._setup_srtp
+
+    def create_ssl_context(self: RTCCertificate, *args: Any, **kwargs: Any) -> Any:
+        ctx = original_context(self, *args, **kwargs)
+        ctx.set_cipher_list(DTLS_CIPHERS)
+        return ctx
+
+    def setup_srtp(self: RTCDtlsTransport) -> None:
+        original_setup(self)
+        for session in (self._rx_srtp, self._tx_srtp):
+            if session is not None:
+                _widen_srtp_session(session)
+
+    RTCCertificate._create_ssl_context = create_ssl_context  # type: ignore[method-assign]
+    RTCDtlsTransport._setup_srtp = setup_srtp  # type: ignore[method-assign]
+
+
+oversize_datagrams = 0  # SRTP datagrams dropped for exceeding MAX_SRTP_PACKET (process-wide)
+
+
+def _widen_srtp_session(session: Any) -> None:
+    ffi = pylibsrtp_binding.ffi
+    session._cdata = ffi.new("char[]", SRTP_BUFFER_SIZE)
+    session._buffer = ffi.buffer(session._cdata)
+    for name in ("unprotect", "unprotect_rtcp"):
+        setattr(session, name, _refuse_oversize(getattr(session, name)))
+
+
+def _refuse_oversize(unprotect: Callable[[bytes], bytes]) -> Callable[[bytes], bytes]:
+    def guarded(data: bytes) -> bytes:
+        if len(data) > MAX_SRTP_PACKET:
+            global oversize_datagrams
+            oversize_datagrams += 1
+            # aiortc's receive loop drops a packet on pylibsrtp.Error and goes on
+            raise pylibsrtp.Error(f"datagram of {len(data)} bytes exceeds {MAX_SRTP_PACKET}")
+        return unprotect(data)
+
+    return guarded
 
 
 def negotiated_codecs(transceiver: RTCRtpTransceiver) -> list[RTCRtpCodecParameters]:
@@ -204,7 +292,7 @@ def fast_protect(session: Any) -> Callable[[bytes], bytes]:
     def protect(data: bytes) -> bytes:
         size = len(data)
         if size > limit:
-            raise ValueError("packet is too long")
+            raise ValueError(f"RTP packet of {size} bytes exceeds the {limit}-byte SRTP buffer")
         length[0] = size
         buffer[0:size] = data
         if protect_fn(srtp, cdata, length) != 0:
@@ -222,13 +310,21 @@ class PacketSender:
     a full socket buffer raises BlockingIOError, which callers count as a loss, as UDP would.
     """
 
-    __slots__ = ("_dtls", "addr", "protect", "sendto")
+    __slots__ = ("_dtls", "_transport", "addr", "protect", "sendto")
 
     def __init__(self, dtls: RTCDtlsTransport) -> None:
         self._dtls = dtls
+        self._transport: Any = None
         self.protect: Callable[[bytes], bytes] | None = None
         self.sendto: Callable[[bytes, Any], Any] | None = None
         self.addr: tuple[str, int] | None = None
+
+    def alive(self) -> bool:
+        """The transport can still carry packets (a failed send on a live one is one lost
+        packet, not a dead viewer)."""
+        transport = self._transport
+        return (self._dtls.state == "connected" and transport is not None
+                and not transport.is_closing())
 
     def resolve(self) -> bool:
         """Bind to the current SRTP context and selected ICE pair; False if not connected."""
@@ -242,6 +338,7 @@ class PacketSender:
             return False
         # asyncio's selector transport: its raw socket; uvloop's (C) transport: its own sendto
         sock = getattr(transport, "_sock", None)
+        self._transport = transport
         self.protect = fast_protect(srtp)
         self.sendto = sock.sendto if sock is not None else transport.sendto
         self.addr = pair.remote_addr

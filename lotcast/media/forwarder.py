@@ -32,6 +32,7 @@ SEND_BUDGET = 2000  # packet-copies sent before yielding to the event loop
 # instead of waiting for the next one; older than this, it waits for a fresh key frame.
 KEYFRAME_REPLAY_WINDOW = 0.5
 GOP_CACHE_PACKETS = 400
+ERROR_LOG_INTERVAL = 5.0  # seconds between log lines about failed sends of one track
 
 SendEntry = tuple[Callable[[bytes], bytes], Callable[[bytes, Any], None], Any]
 
@@ -93,6 +94,9 @@ class TrackForwarder:
         self.packets_sent = 0
         self.nack_packets_served = 0
         self.send_drops = 0
+        self.send_errors = 0
+        self.largest_packet = 0  # bytes of the largest (rewritten) RTP packet forwarded
+        self._last_error_log = 0.0
         self.keyframe_requests_sent = 0
         self.keyframe_replays = 0
         self.last_packet_time = 0.0
@@ -127,7 +131,10 @@ class TrackForwarder:
         for data in gop:
             if sink.payload_type != self._base_pt:
                 data = with_payload_type(data, sink.payload_type)
-            sink.packet_sender.send(data)
+            try:
+                sink.packet_sender.send(data)
+            except Exception as exc:
+                self._send_failed(sink, exc)
         self.packets_sent += len(gop)
         self.keyframe_replays += 1
         if sink.on_first_packet is not None:
@@ -187,6 +194,8 @@ class TrackForwarder:
         slot = out_seq % HISTORY_SIZE
         self._history[slot] = data
         self._history_seq[slot] = out_seq
+        if len(data) > self.largest_packet:
+            self.largest_packet = len(data)
         self.packets_in += 1
         self.octets_in += len(payload)
         if self.packets_in == 1 and self._sender_report is None:
@@ -220,13 +229,13 @@ class TrackForwarder:
                     self._gop = None
             for pt, entries, sinks in self._groups:
                 out = data if pt == self._base_pt else with_payload_type(data, pt)
-                for protect, sendto, addr in entries:
+                for index, (protect, sendto, addr) in enumerate(entries):
                     try:
                         sendto(protect(out), addr)
                     except BlockingIOError:  # socket buffer full: a loss, as on the wire
                         self.send_drops += 1
-                    except Exception as exc:  # a dying peer must not stop the others
-                        self._drop_broken(next(s for s in sinks if s.packet_sender.sendto is sendto), exc)
+                    except Exception as exc:  # one bad packet or dying peer must not stop the others
+                        self._send_failed(sinks[index], exc)
                 budget -= len(entries)
                 self.packets_sent += len(entries)
         if pending:
@@ -234,12 +243,22 @@ class TrackForwarder:
             assert self._loop is not None
             self._loop.call_soon(self._drain)
 
-    def _drop_broken(self, sink: ForwardSink, exc: Exception) -> None:
-        if not sink.closed:
-            logger.info("dropping %s sink after send error: %r", self.kind, exc)
+    def _send_failed(self, sink: ForwardSink, exc: Exception) -> None:
+        """A send raised. Only a dead transport loses its sink; anything else (a packet the
+        SRTP context refuses, a transient socket error) is one lost packet for one viewer."""
+        if sink.closed:
+            return
+        if not sink.packet_sender.alive():
+            logger.info("dropping %s sink: its transport is gone (%r)", self.kind, exc)
             sink.closed = True
-            assert self._loop is not None
-            self._loop.call_soon(self.remove_sink, sink)
+            asyncio.get_running_loop().call_soon(self.remove_sink, sink)
+            return
+        self.send_errors += 1
+        now = time.monotonic()
+        if now - self._last_error_log >= ERROR_LOG_INTERVAL:
+            self._last_error_log = now
+            logger.warning("%s send failed (%d so far), packet skipped: %r", self.kind,
+                           self.send_errors, exc)
 
     def on_source_sender_report(self, ssrc: int, ntp: int, rtp_timestamp: int) -> None:
         self.last_sender_report_time = time.monotonic()
@@ -275,8 +294,8 @@ class TrackForwarder:
             try:
                 sink.packet_sender.send(data)
             except Exception as exc:
-                self._drop_broken(sink, exc)
-                return
+                self._send_failed(sink, exc)
+                continue
             self.nack_packets_served += 1
 
     def request_keyframe(self) -> None:

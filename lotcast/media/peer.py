@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable
 
 from aiortc import (
-    RTCConfiguration,
-    RTCPeerConnection,
     RTCRtpCodecCapability,
     RTCRtpCodecParameters,
     RTCRtpReceiver,
@@ -30,6 +28,7 @@ from lotcast.media.aiortc_hooks import (
     SilentTrack,
     hook_sender,
     negotiated_codecs,
+    new_peer_connection,
 )
 from lotcast.media.forwarder import ForwardSink, TrackForwarder
 from lotcast.media.sdp import (
@@ -61,7 +60,7 @@ class PeerSession:
         self.id = secrets.token_urlsafe(12)
         self.etag = '"' + secrets.token_hex(8) + '"'
         self.stream = stream
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = new_peer_connection()
         self.state = SessionState.CONNECTING
         self.created = time.monotonic()
         self.last_alive = self.created

@@ -98,6 +98,8 @@ class MediaStream:
             out[f"{kind}_keyframe_requests"] = t.keyframe_requests_sent
             out[f"{kind}_keyframe_replays"] = t.keyframe_replays
             out[f"{kind}_send_drops"] = t.send_drops
+            out[f"{kind}_send_errors"] = t.send_errors
+            out[f"{kind}_largest_packet"] = t.largest_packet
         return out
 
     def on_end(self, callback: Callable[[], None]) -> Callable[[], None]:

@@ -11,13 +11,14 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Callable
 from urllib.parse import urljoin
 
 import httpx
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpCodecParameters, RTCRtpReceiver
+from aiortc import RTCPeerConnection, RTCRtpCodecParameters, RTCRtpReceiver
 from aiortc import RTCSessionDescription as SessionDescription
 
-from lotcast.media.aiortc_hooks import negotiated_codecs
+from lotcast.media.aiortc_hooks import negotiated_codecs, new_peer_connection
 from lotcast.media.stream import MediaStream
 from lotcast.tasks import cancel_and_wait
 
@@ -33,9 +34,26 @@ class NotLiveError(Exception):
         self.retry_after = retry_after
 
 
-# The upstream sends RTCP Sender Reports about every second even when no media flows, so this
-# much silence means it is gone (ICE consent freshness alone would take ~30 s to notice).
-SILENCE_TIMEOUT = 5.0
+# The upstream's media (its video, or its audio when it carries no video) silent this long means
+# the pull is broken, whatever the cause: the upstream died, or it stopped feeding us while its
+# source is still live. 1.5 s of no video is ~45 missed frames; a tick of 0.25 s notices it
+# within 2 s. A pull that came back and is still silent (the source really paused its video)
+# is retried after doubling waits, not every 1.5 s.
+STALL_TIMEOUT = 1.5
+STALL_BACKOFF_MAX = 30.0
+WATCH_INTERVAL = 0.25
+
+
+def stall_wait(consecutive_stalls: int) -> float:
+    """How long the watched track may be silent after this many re-pulls that brought nothing."""
+    return float(min(STALL_TIMEOUT * 2.0 ** min(consecutive_stalls, 16), STALL_BACKOFF_MAX))
+
+
+def watched_kind(kinds: set[str]) -> str | None:
+    """The track whose silence means a broken pull: video when there is one."""
+    if "video" in kinds:
+        return "video"
+    return "audio" if "audio" in kinds else None
 
 
 class PullState(enum.Enum):
@@ -49,7 +67,8 @@ class UpstreamPull:
     """Owns the peer connection that feeds one stream on this relay."""
 
     def __init__(self, stream: MediaStream, upstream_url: str, http: httpx.AsyncClient,
-                 retry_window: float) -> None:
+                 retry_window: float, on_stall: Callable[[UpstreamPull, str], None] | None = None,
+                 consecutive_stalls: int = 0) -> None:
         self.stream = stream
         self.upstream_url = upstream_url.rstrip("/")
         self._http = http
@@ -61,6 +80,17 @@ class UpstreamPull:
         self._lock = asyncio.Lock()
         self._retry_task: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        # called when the watched track goes silent; without it the pull reconnects itself
+        self._on_stall = on_stall
+        # re-pulls in a row that were followed by silence again (the source paused, or the
+        # upstream keeps failing us): the next stall waits longer
+        self.consecutive_stalls = consecutive_stalls
+        self.stalls = 0
+        self._kinds: set[str] = set()
+
+    @property
+    def peer_connection(self) -> RTCPeerConnection | None:
+        return self._pc
 
     def _set_state(self, new: PullState) -> None:
         if new is not self.state:
@@ -78,7 +108,7 @@ class UpstreamPull:
 
     async def _connect(self) -> None:
         self._set_state(PullState.CONNECTING)
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc = new_peer_connection()
         pc.addTransceiver("audio", direction="recvonly")
         pc.addTransceiver("video", direction="recvonly")
         try:
@@ -107,6 +137,7 @@ class UpstreamPull:
             self._set_state(PullState.IDLE)
             raise
         self._pc = pc
+        self._kinds = set(receivers)
         self._generation = self.stream.attach_source(receivers)
         self._set_state(PullState.CONNECTED)
         self._watchdog = asyncio.ensure_future(self._watch(pc))
@@ -117,15 +148,34 @@ class UpstreamPull:
                 self._lost()
 
     async def _watch(self, pc: RTCPeerConnection) -> None:
+        kind = watched_kind(self._kinds)
+        if kind is None:
+            return
         since = time.monotonic()
+        wait = stall_wait(self.consecutive_stalls)
         while self._pc is pc:
-            await asyncio.sleep(1.0)
-            heard = max([since] + [max(t.last_sender_report_time, t.last_packet_time)
-                                   for t in self.stream.tracks.values()])
-            if self._pc is pc and time.monotonic() - heard > SILENCE_TIMEOUT:
-                logger.warning("upstream %s silent for %.0fs", self.stream.id, SILENCE_TIMEOUT)
-                self._lost()
+            await asyncio.sleep(WATCH_INTERVAL)
+            track = self.stream.tracks.get(kind)
+            last = track.last_packet_time if track is not None else 0.0
+            if last > since and self.consecutive_stalls:
+                self.consecutive_stalls = 0  # media came back: the next stall is news again
+                wait = stall_wait(0)
+            now = time.monotonic()
+            if self._pc is pc and now - max(since, last) > wait:
+                self.stalls += 1
+                reason = f"no {kind} from upstream for {now - max(since, last):.1f}s"
+                logger.warning("upstream %s: %s; pulling again", self.stream.id, reason)
+                self.consecutive_stalls += 1
+                if self._on_stall is not None:
+                    self._on_stall(self, reason)
+                else:
+                    self._lost()
                 return
+
+    def stalled_fallback(self) -> None:
+        """The owner could not replace a stalled pull: reconnect it in place."""
+        if self.state is PullState.CONNECTED:
+            self._lost()
 
     def _lost(self) -> None:
         logger.warning("upstream %s lost; reconnecting", self.stream.id)
