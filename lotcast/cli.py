@@ -189,7 +189,7 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"  Host token:   {host_token}")
         print(f"  JWT secret:   {secret_note}")
         print(f"  Mint more:    lotcast token bidder --name Alice --data-dir {data}")
-        print("A child that exits is restarted on the same port. Press Ctrl-C to stop.", flush=True)
+        print("Press Ctrl-C to stop (a child that exits is restarted on the same port).", flush=True)
         supervisor.run(stop)
         return 0
     except KeyboardInterrupt:

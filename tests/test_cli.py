@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from up_support import UpProcess
 
 from lotcast.auth import Role, TokenAuthority
+from lotcast.interactive.client import RoomClient
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -74,3 +77,71 @@ def test_up_runs_redis_broadcaster_and_relay_and_stops_them(tmp_path: Path) -> N
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
+
+
+def _token_cli(*args: str, env: dict[str, str]) -> str:
+    return subprocess.run([sys.executable, "-m", "lotcast", "token", *args], capture_output=True,
+                          text=True, timeout=30, check=True, env=env).stdout.strip()
+
+
+async def _role_welcomed(url: str, token: str) -> object:
+    client = RoomClient(url, "main", token)
+    try:
+        welcome = await client.connect()
+        return welcome.get("role")
+    finally:
+        await client.close()
+
+
+async def test_up_keeps_one_dev_secret_and_token_uses_it(tmp_path: Path) -> None:
+    """Item 11: the secret is created once (0600, path printed), reused by the next `up`, and
+    `lotcast token` without a secret signs with it (found like `up` finds its data dir)."""
+    data = tmp_path / "data"
+    first = UpProcess(data)
+    try:
+        first.start()
+        path = data / "jwt-secret"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert f"JWT secret:   {path} (created" in first.text()
+        secret = path.read_text().strip()
+        host_token = re.search(r"Host token:\s+(\S+)", first.text())
+        assert host_token and TokenAuthority(secret).verify(host_token.group(1)).role is Role.HOST
+        assert secret not in first.text()  # the path is printed, not the secret
+        assert first.stop() == 0
+    finally:
+        first.close()
+
+    second = UpProcess(data)
+    try:
+        second.start()
+        assert f"JWT secret:   {path} (reused" in second.text()
+        assert path.read_text().strip() == secret
+        env = {k: v for k, v in second.env.items() if k != "LOTCAST_DATA_DIR"}
+        # --data-dir, and LOTCAST_DATA_DIR from another working directory, both find the file.
+        by_flag = _token_cli("host", "--data-dir", str(data), env=env)
+        by_env = _token_cli("bidder", "--user-id", "u1", env={**env, "LOTCAST_DATA_DIR": str(data)})
+        assert await _role_welcomed(second.urls["relay-0"], by_flag) == "host"
+        assert await _role_welcomed(second.urls["broadcaster"], by_env) == "bidder"
+        # An explicit secret wins over the file.
+        other = "explicit-secret-0123456789-0123456789-x"
+        by_var = _token_cli("host", "--data-dir", str(data), env={**env, "LOTCAST_JWT_SECRET": other})
+        assert TokenAuthority(other).verify(by_var).role is Role.HOST
+        assert await _role_welcomed(second.urls["relay-0"], by_var) != "host"
+    finally:
+        second.close()
+
+
+def test_explicit_secret_overrides_the_file_for_up(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "jwt-secret").write_text("file-secret-0123456789-0123456789-abc\n")
+    other = "env-secret-0123456789-0123456789-abcdef"
+    up = UpProcess(data, env={"LOTCAST_JWT_SECRET": other})
+    try:
+        up.start()
+        assert "JWT secret:   from LOTCAST_JWT_SECRET (not stored)" in up.text()
+        token = re.search(r"Host token:\s+(\S+)", up.text())
+        assert token and TokenAuthority(other).verify(token.group(1)).role is Role.HOST
+        assert (data / "jwt-secret").read_text() == "file-secret-0123456789-0123456789-abc\n"
+    finally:
+        up.close()
