@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
-from media_support import SECRET, Cluster, Publisher, Viewer, host_token, running_cluster
+from media_support import (
+    SECRET,
+    Cluster,
+    Publisher,
+    Viewer,
+    host_token,
+    http_client,
+    running_cluster,
+)
 
 from lotcast.auth import Role, TokenAuthority
 from lotcast.ids import STREAM_ID_RULE
@@ -176,3 +187,117 @@ async def test_link_ice_server_header(redis_server: RedisServer) -> None:
         async with httpx.AsyncClient() as http:
             r = await http.options(f"{c.origin.url}/whip/any")
         assert r.headers["Link"] == '<stun:stun.example.test:3478>; rel="ice-server"'
+
+
+async def stats(base_url: str) -> dict[str, Any]:
+    async with http_client() as http:
+        response = await http.get(f"{base_url}/api/stats")
+    assert response.status_code == 200
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def stream_states(snapshot: dict[str, Any]) -> list[tuple[str, str]]:
+    return sorted((s["id"], s["state"]) for s in snapshot["streams"])
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def settled_fds(pid: int, baseline: int) -> int:
+    """The node's open fds once the test's HTTP connections have been closed on its side."""
+    count = fd_count(pid)
+    for _ in range(100):
+        if count <= baseline:
+            break
+        await asyncio.sleep(0.05)
+        count = fd_count(pid)
+    return count
+
+
+@pytest.mark.parametrize("stream_id", ["caf%C3%A9", "%E2%85%AB", "a.b", "x" * 65])
+async def test_stream_ids_outside_the_rule_are_refused_everywhere(live: Live, stream_id: str) -> None:
+    origin, relay = live.cluster.origin.url, live.cluster.relay.url
+    before = await stats(origin)
+    token = {"Authorization": f"Bearer {host_token()}"}
+    sdp = {"Content-Type": "application/sdp"}
+    frag = {"Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*"}
+    async with http_client() as http:
+        answers = [
+            await http.post(f"{origin}/whip/{stream_id}", content=live.offer, headers={**sdp, **token}),
+            await http.post(f"{origin}/whep/{stream_id}", content=live.offer, headers=sdp),
+            await http.post(f"{relay}/whep/{stream_id}", content=live.offer, headers=sdp),
+            await http.head(f"{relay}/whep/{stream_id}"),
+            await http.delete(f"{origin}/whip/{stream_id}/some-session", headers=token),
+            await http.patch(f"{relay}/whep/{stream_id}/some-session", content="a=mid:0\r\n",
+                             headers=frag),
+            await http.get(f"{relay}/api/streams/{stream_id}/edge"),
+        ]
+    for response in answers:
+        assert response.status_code == 400, (response.request.method, response.request.url,
+                                             response.status_code, response.text)
+        if response.request.method != "HEAD":
+            assert response.text.strip() == STREAM_ID_RULE
+    after = await stats(origin)
+    assert stream_states(after) == stream_states(before)
+    assert after["publishers"] == before["publishers"] == 1
+
+
+def without_first_m_section(offer: str) -> str:
+    """The offer with its first m-section (mid 0) deleted; a=group:BUNDLE still names it."""
+    head, *sections = offer.split("m=")
+    assert "a=group:BUNDLE 0 1" in head
+    return head + "m=" + "m=".join(sections[1:])
+
+
+async def test_bundle_naming_a_deleted_m_line_is_a_400(live: Live) -> None:
+    origin = live.cluster.origin.url
+    before = await stats(origin)
+    response = await post(f"{origin}/whip/bundle-gone", without_first_m_section(live.offer),
+                          token=host_token())
+    assert response.status_code == 400, response.text
+    assert "BUNDLE names mid '0', which no m-line has" in response.text
+    response = await post(f"{live.cluster.relay.url}/whep/errors",
+                          without_first_m_section(live.offer))
+    assert response.status_code == 400, response.text
+    assert stream_states(await stats(origin)) == stream_states(before)
+
+
+def no_rtcp_mux(offer: str) -> str:
+    return "".join(line for line in offer.splitlines(keepends=True) if line.strip() != "a=rtcp-mux")
+
+
+def many_application_lines(count: int) -> str:
+    return ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
+            + "".join(f"m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\n"
+                      f"a=mid:{i}\r\na=sctp-port:5000\r\n" for i in range(count)))
+
+
+async def test_failed_offers_leave_nothing_behind(live: Live) -> None:
+    origin = live.cluster.origin
+    async with http_client() as http:
+        # warm up: the first requests open the server's lazily created resources
+        for i in range(2):
+            await http.post(f"{origin.url}/whip/warm-{i}", content=no_rtcp_mux(live.offer),
+                            headers={"Content-Type": "application/sdp",
+                                     "Authorization": f"Bearer {host_token()}"})
+    before = await stats(origin.url)
+    fds = fd_count(origin.pid)
+    bodies = [no_rtcp_mux(live.offer), many_application_lines(300)]
+    async with http_client() as http:
+        for i in range(20):
+            response = await http.post(
+                f"{origin.url}/whip/failed-{i}", content=bodies[i % 2],
+                headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {host_token()}"})
+            assert response.status_code == 422, response.text
+    after = await stats(origin.url)
+    assert stream_states(after) == stream_states(before)
+    assert after["publishers"] == before["publishers"]
+    assert after["viewers"] == before["viewers"]
+    assert after["udp_sockets"] == before["udp_sockets"]
+    assert await settled_fds(origin.pid, fds) <= fds
+    # the stream ids are free: a real publisher can take one at once
+    publisher = Publisher(origin.url, "failed-3", host_token())
+    await publisher.start()
+    await publisher.stop()
