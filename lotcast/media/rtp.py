@@ -88,18 +88,82 @@ def h264_is_keyframe_start(payload: bytes) -> bool:
     return False
 
 
+H264_PPS = 8
+H264_SLICES = range(1, 6)  # non-IDR slice, data partitions A-C, IDR slice
+
+
+def h264_nal_starts(payload: bytes) -> list[tuple[int, bytes]]:
+    """(nal type, first byte after the NAL header or b"") of each NAL unit this packet starts.
+
+    Single NAL units and STAP-A list their NALs; a FU-A lists its NAL only in its start
+    fragment (a continuation starts nothing)."""
+    if not payload:
+        return []
+    nal_type = payload[0] & 0x1F
+    if nal_type < H264_STAP_A:
+        return [(nal_type, payload[1:2])]
+    if nal_type == H264_STAP_A:
+        nals: list[tuple[int, bytes]] = []
+        pos = 1
+        while pos + 2 < len(payload):
+            size = (payload[pos] << 8) | payload[pos + 1]
+            if size == 0:
+                break
+            nals.append((payload[pos + 2] & 0x1F, payload[pos + 3:pos + 4] if size > 1 else b""))
+            pos += 2 + size
+        return nals
+    if nal_type == H264_FU_A and len(payload) > 1 and payload[1] & 0x80:
+        return [(payload[1] & 0x1F, payload[2:3])]
+    return []
+
+
+class H264KeyframeStarts:
+    """Finds the first packet of each H.264 IDR access unit, for one packet stream.
+
+    An IDR access unit is [SPS] [PPS] IDR slice, IDR slice, ... and may span many packets
+    (separate SPS and PPS packets, an IDR in FU-A fragments, several slices per picture). Only
+    its first packet starts the key frame: the forwarder restarts its key-frame cache at every
+    start, so a later "start" inside the same access unit would drop the SPS/PPS (or the first
+    slices) from what a joining viewer is replayed. A slice begins a new picture when its
+    first_mb_in_slice is 0 (ue(v) 0 is a single 1 bit). A separate SPS/PPS packet is taken as
+    a start: whether an IDR follows is not known yet (encoders send them before IDRs)."""
+
+    def __init__(self) -> None:
+        self._parameter_sets_open = False  # SPS/PPS seen, no slice yet: the AU has started
+
+    def __call__(self, payload: bytes) -> bool:
+        nals = h264_nal_starts(payload)
+        slices = [(t, rest) for t, rest in nals if t in H264_SLICES]
+        params = any(t in (H264_SPS, H264_PPS) for t, _ in nals)
+        opened = self._parameter_sets_open
+        if not slices:
+            if params:
+                self._parameter_sets_open = True
+                return not opened
+            return False  # SEI, AUD, FU-A continuation: part of whatever is going on
+        self._parameter_sets_open = False
+        nal_type, rest = slices[0]
+        if nal_type != H264_IDR:
+            return False
+        if params:  # STAP-A holding SPS/PPS and the IDR
+            return not opened
+        first_slice_of_picture = bool(rest) and bool(rest[0] & 0x80)
+        return first_slice_of_picture and not opened
+
+
 def keyframe_detector(mime_type: str) -> KeyframeTest:
+    """The key-frame start test for one packet stream of ``mime_type`` (may keep state: call
+    once per stream)."""
     mime = mime_type.lower()
     if mime == "video/vp8":
         return vp8_is_keyframe_start
     if mime == "video/h264":
-        return h264_is_keyframe_start
+        return H264KeyframeStarts()
     return _never
 
 
 def _never(payload: bytes) -> bool:
     return False
-
 
 
 @dataclass
