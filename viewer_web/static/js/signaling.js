@@ -177,14 +177,21 @@ export async function patchCandidates(location, { etag, token, ufrag, pwd, mid, 
   }
 }
 
-/** End a session; never throws (the server may already be gone). */
-export async function deleteSession(location, token = null) {
+/** End a session; never throws (the server may already be gone) and never waits longer than
+ *  `timeoutMs` (a hung server accepts the connection and never answers). */
+export async function deleteSession(location, token = null, { timeoutMs = 2000 } = {}) {
   if (!location) return false;
+  const ctrl = new AbortController();
+  const timer = setTimeout(() => ctrl.abort(), timeoutMs);
   try {
-    const response = await fetch(location, { method: "DELETE", headers: authHeaders(token), keepalive: true });
+    const response = await fetch(location, {
+      method: "DELETE", headers: authHeaders(token), keepalive: true, signal: ctrl.signal,
+    });
     return response.ok;
   } catch {
     return false;
+  } finally {
+    clearTimeout(timer);
   }
 }
 

@@ -18,15 +18,16 @@
 // reconnecting, failed, stopped. Events: "statechange" {state, detail}, "relaychange" {origin}.
 
 import {
-  SignalingError, deleteSession, discoverIceServers, newPeerConnection, postOffer, preferCodecs, sleep,
-  waitForIceGathering,
+  SignalingError, deleteSession, discoverIceServers, iceCredentials, newPeerConnection, postOffer,
+  preferCodecs, sleep, waitForIceGathering,
 } from "./signaling.js";
 
 const DEFAULT_RETRY_S = 2;
 const MAX_RETRY_S = 30;
 const DISCONNECT_GRACE_MS = 1500;
-// No media bytes for this long makes the watchdog probe the relay (HEAD on the WHEP endpoint);
-// only an unreachable relay triggers the ladder (a paused publisher is not a relay failure).
+// No media bytes for this long makes the watchdog probe our session on the relay; only an
+// unreachable relay, or one that no longer knows the session (it restarted, e.g. under a
+// supervisor on the same port), triggers the ladder (a paused publisher is not a relay failure).
 const STALL_MS = 1000;
 const PROBE_TIMEOUT_MS = 1000;
 // How often the list of serving nodes is refreshed while the player runs.
@@ -399,28 +400,39 @@ export class WhepPlayer extends EventTarget {
       }
       if (probing || now - lastChange < STALL_MS || now < quietUntil || bytes === 0) return;
       probing = true;
-      const reachable = await this._probe(this.session?.endpoint);
+      const verdict = await this._probeSession(pc, this.session);
       probing = false;
       if (run !== this._run || pc !== this.pc) return;
-      if (reachable) {
-        quietUntil = now + 3000; // relay is fine: the stream itself paused
+      if (verdict === "ok") {
+        quietUntil = now + 3000; // relay and session are fine: the stream itself paused
       } else {
         clearInterval(timer);
-        this._climb(run, "relay unreachable", { unreachable: true });
+        if (verdict === "unreachable") this._climb(run, "relay unreachable", { unreachable: true });
+        else this._climb(run, "session gone (relay restarted?)");
       }
     }, 250);
   }
 
-  /** HEAD the WHEP endpoint: false only when the relay cannot be reached at all. */
-  async _probe(endpoint) {
-    if (!endpoint) return true;
+  /**
+   * Does the relay still have our session? A trickle PATCH without candidates (our current ICE
+   * credentials, so never an ICE restart) changes nothing on a live session; a relay that lost
+   * it answers 404. Returns "ok", "gone" (404) or "unreachable" (no answer in time).
+   */
+  async _probeSession(pc, session) {
+    if (!session?.location || !pc.localDescription) return "ok";
+    const { ufrag, pwd } = iceCredentials(pc.localDescription.sdp);
+    const headers = { "Content-Type": "application/trickle-ice-sdpfrag", "If-Match": session.etag || "*" };
+    if (this.token) headers.Authorization = `Bearer ${this.token}`;
     const ctrl = new AbortController();
     const timer = setTimeout(() => ctrl.abort(), PROBE_TIMEOUT_MS);
     try {
-      await fetch(endpoint, { method: "HEAD", cache: "no-store", signal: ctrl.signal });
-      return true;
+      const res = await fetch(session.location, {
+        method: "PATCH", headers, body: `a=ice-ufrag:${ufrag}\r\na=ice-pwd:${pwd}\r\n`,
+        cache: "no-store", signal: ctrl.signal,
+      });
+      return res.status === 404 ? "gone" : "ok";
     } catch {
-      return false;
+      return "unreachable";
     } finally {
       clearTimeout(timer);
     }
@@ -438,7 +450,7 @@ export class WhepPlayer extends EventTarget {
     if (failed && !unreachable && (await this._iceRestart(next))) return;
     if (next !== this._run) return;
     // Rung 2: a fresh session on the same relay (one quick try).
-    await this._closeSession();
+    await this._closeSession({ wait: !unreachable });
     if (failed && !unreachable) {
       try {
         await this._openSession(next, failed.endpoint);
@@ -505,7 +517,9 @@ export class WhepPlayer extends EventTarget {
     return false;
   }
 
-  async _closeSession() {
+  /** Close the current session; `wait: false` sends the DELETE without waiting for it (the
+   *  relay is unreachable: a hung relay would hold the ladder for the DELETE's timeout). */
+  async _closeSession({ wait = true } = {}) {
     clearTimeout(this._disconnectTimer);
     this._disconnectTimer = null;
     const pc = this.pc;
@@ -513,6 +527,8 @@ export class WhepPlayer extends EventTarget {
     this.pc = null;
     this.session = null;
     if (pc) pc.close();
-    if (session) await deleteSession(session.location, this.token);
+    if (!session) return;
+    const sent = deleteSession(session.location, this.token);
+    if (wait) await sent;
   }
 }
