@@ -58,7 +58,9 @@ def test_trailing_bytes_are_malformed() -> None:
     (msgpack.packb({"type": 5, "cid": "c"}), p.ErrorCode.WRONG_TYPE, "type"),
     (msgpack.packb({"type": "ping"}), p.ErrorCode.MISSING_FIELD, "cid"),
     (msgpack.packb({"type": "ping", "cid": 1.5}), p.ErrorCode.WRONG_TYPE, "cid"),
-    (msgpack.packb({"type": "ping", "cid": ""}), p.ErrorCode.WRONG_TYPE, "cid"),
+    (msgpack.packb({"type": "ping", "cid": ""}), p.ErrorCode.INVALID_FIELD, "cid"),
+    (msgpack.packb({"type": "ping", "cid": 2**53}), p.ErrorCode.INVALID_FIELD, "cid"),
+    (msgpack.packb({"type": "ping", "cid": True}), p.ErrorCode.WRONG_TYPE, "cid"),
     (frame("bid", amount=100), p.ErrorCode.MISSING_FIELD, "lot"),
     (frame("bid", lot="L1"), p.ErrorCode.MISSING_FIELD, "amount"),
     (frame("bid", **GOOD_BID, colour="red"), p.ErrorCode.UNKNOWN_FIELD, "colour"),
@@ -74,7 +76,15 @@ def test_trailing_bytes_are_malformed() -> None:
     (frame("lot_create", **{**GOOD_LOT, "increments": [[0, 0]]}),
      p.ErrorCode.AMOUNT_NOT_POSITIVE, "increments[0][1]"),
     (frame("lot_create", **{**GOOD_LOT, "increments": [0, 100]}), p.ErrorCode.WRONG_TYPE,
+     "increments[0]"),
+    (frame("lot_create", **{**GOOD_LOT, "increments": [[0, 100, 1]]}), p.ErrorCode.INVALID_FIELD,
+     "increments[0]"),
+    (frame("lot_create", **{**GOOD_LOT, "increments": []}), p.ErrorCode.INVALID_FIELD,
      "increments"),
+    (frame("lot_create", **{**GOOD_LOT, "increments": [[i, 1] for i in range(21)]}),
+     p.ErrorCode.INVALID_FIELD, "increments"),
+    (frame("ping", ts=float("inf")), p.ErrorCode.INVALID_FIELD, "ts"),
+    (frame("ping", ts="now"), p.ErrorCode.WRONG_TYPE, "ts"),
     (frame("lot_create", **{**GOOD_LOT, "duration_ms": 10}), p.ErrorCode.INVALID_FIELD,
      "duration_ms"),
     (frame("lot_create", **GOOD_LOT, buy_now=500), p.ErrorCode.INVALID_FIELD, "buy_now"),
@@ -119,6 +129,18 @@ def test_max_below_amount() -> None:
 def test_error_carries_cid_when_known() -> None:
     assert refused(frame("dance")).cid == "c1"
     assert refused(b"\xc1").cid is None
+    assert refused(frame("dance", cid="x" * 65)).cid is None
+    assert refused(frame("bid", cid=-3, lot="L1")).cid is None
+
+
+def test_error_names_the_request_once_its_type_is_known() -> None:
+    assert refused(frame("bid", lot=5, amount=1)).request == "bid"
+    assert refused(frame("lot_create", **{**GOOD_LOT, "title": ""})).request == "lot_create"
+    assert refused(frame("dance")).request is None
+    assert refused(frame(None)).request is None
+    err = refused(frame("ping", cid=""))
+    msg = msgpack.unpackb(p.encode_error(err, epoch=None, offset=None))
+    assert (msg["cid"], msg["for"], msg["code"]) == (None, "ping", "invalid_field")
 
 
 def test_error_encoding_keeps_nil_cid() -> None:

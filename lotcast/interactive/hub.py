@@ -53,6 +53,7 @@ class RoomHub:
         self.epoch = ""
         self.offset = 0
         self.viewers = 0
+        self.viewers_frame: bytes | None = None  # the last `viewers` frame broadcast
         self.stats = HubStats()
         self.sockets: set[Subscriber] = set()
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue()
@@ -99,10 +100,12 @@ class RoomHub:
     def detach(self, sub: Subscriber) -> None:
         self.sockets.discard(sub)
 
-    def set_viewers(self, count: int) -> None:
+    def set_viewers(self, count: int, joining: Subscriber | None = None) -> None:
+        """`joining` (a socket whose snapshot will carry `count`) is not sent the change."""
         if count != self.viewers:
             self.viewers = count
-            self._broadcast(encode_viewers(epoch=self.epoch, offset=self.offset, count=count))
+            self.viewers_frame = encode_viewers(epoch=self.epoch, offset=self.offset, count=count)
+            self._broadcast(self.viewers_frame, skip=joining)
 
     async def _run(self) -> None:
         while True:
@@ -212,14 +215,14 @@ class RoomHub:
         self._broadcast(encode_tally(epoch=self.epoch, offset=self.offset, poll=poll,
                                      counts=self._tallies[poll]))
 
-    def _broadcast(self, frame: bytes) -> None:
+    def _broadcast(self, frame: bytes, skip: Subscriber | None = None) -> None:
         """Hand `frame` to every socket, FANOUT_CHUNK sockets per loop turn (tunable: bigger
         chunks deliver a batch sooner under CPU starvation, smaller ones let acks through sooner).
 
         One turn per chunk keeps the loop responsive (acks are not stuck behind a 10k-socket
         fan-out); one FIFO of jobs keeps every socket's frames in order.
         """
-        self._fanout_jobs.append((frame, list(self.sockets)))
+        self._fanout_jobs.append((frame, [s for s in self.sockets if s is not skip]))
         if self._fanout_handle is None:
             self._fanout_step()
 

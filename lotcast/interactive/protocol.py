@@ -19,6 +19,8 @@ MAX_FRAME_BYTES = 8 * 1024
 MAX_AMOUNT = 10**12  # minor units; keeps every amount exact in Lua doubles and JS numbers
 MAX_DURATION_MS = 24 * 3600 * 1000
 MAX_EXTEND_MS = 3600 * 1000
+MAX_INCREMENT_ROWS = 20
+MAX_TOKEN_CHARS = 4096
 
 
 class CloseCode(enum.IntEnum):
@@ -26,6 +28,7 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001  # node shutting down; reconnect (any node)
+    MESSAGE_TOO_BIG = 1009  # a message over the transport cap, after its `too_large` error
     INTERNAL_ERROR = 1011
     HELLO_TIMEOUT = 4003  # no hello within the hello timeout
     SLOW_CONSUMER = 4008  # outbox overflowed: the client did not read fast enough
@@ -71,12 +74,13 @@ class ProtocolError(Exception):
     """A client message was refused; becomes one `error` message to that client."""
 
     def __init__(self, code: ErrorCode, message: str, *, cid: Any = None, field: str | None = None,
-                 **extra: Any) -> None:
+                 request: str | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.cid = cid
         self.field = field
+        self.request = request  # the `for` of the error: the request type, once it is known
         self.extra = extra
 
 
@@ -208,31 +212,54 @@ def _amount(name: str, v: Any) -> int:
     return check_amount(name, v)
 
 
-def _cid(name: str, v: Any) -> str | int:
+MAX_CID = 2**53 - 1
+CID_RULE = "cid must be a string of 1..64 characters or an integer in 0..2^53-1"
+
+
+def valid_cid(v: Any) -> str | int | None:
+    """`v` if it is a usable cid (echoed in replies), else None."""
     if isinstance(v, str) and 1 <= len(v) <= 64:
         return v
-    if type(v) is int and 0 <= v < 2**53:
+    if type(v) is int and 0 <= v <= MAX_CID:
         return v
-    raise ProtocolError(ErrorCode.WRONG_TYPE,
-                        "cid must be a string of 1..64 characters or an integer in 0..2^53-1",
+    return None
+
+
+def _cid(name: str, v: Any) -> str | int:
+    cid = valid_cid(v)
+    if cid is not None:
+        return cid
+    right_type = isinstance(v, str) or type(v) is int
+    raise ProtocolError(ErrorCode.INVALID_FIELD if right_type else ErrorCode.WRONG_TYPE, CID_RULE,
                         field=name)
 
 
 def _ts(name: str, v: Any) -> int | float:
     if type(v) is int or (isinstance(v, float) and math.isfinite(v)):
         return v  # type: ignore[no-any-return]
+    if isinstance(v, float):
+        raise ProtocolError(ErrorCode.INVALID_FIELD, f"{name} must be a finite number", field=name)
     raise ProtocolError(ErrorCode.WRONG_TYPE, f"{name} must be a number", field=name)
 
 
 def _increments(name: str, v: Any) -> tuple[tuple[int, int], ...]:
-    if not isinstance(v, list) or not 1 <= len(v) <= 20:
+    if not isinstance(v, list):
         raise ProtocolError(ErrorCode.WRONG_TYPE,
-                            f"{name} must be a list of 1..20 [threshold, increment] pairs", field=name)
+                            f"{name} must be a list of [threshold, increment] pairs", field=name)
+    if not 1 <= len(v) <= MAX_INCREMENT_ROWS:
+        raise ProtocolError(ErrorCode.INVALID_FIELD,
+                            f"{name} must have 1..{MAX_INCREMENT_ROWS} rows, got {len(v)}",
+                            field=name)
     rows: list[tuple[int, int]] = []
     for i, row in enumerate(v):
-        if not isinstance(row, list) or len(row) != 2:
+        if not isinstance(row, list):
             raise ProtocolError(ErrorCode.WRONG_TYPE,
-                                f"{name}[{i}] must be a [threshold, increment] pair", field=name)
+                                f"{name}[{i}] must be a [threshold, increment] pair",
+                                field=f"{name}[{i}]")
+        if len(row) != 2:
+            raise ProtocolError(ErrorCode.INVALID_FIELD,
+                                f"{name}[{i}] must have exactly 2 entries, got {len(row)}",
+                                field=f"{name}[{i}]")
         threshold = check_amount(f"{name}[{i}][0]", row[0], allow_zero=True)
         step = check_amount(f"{name}[{i}][1]", row[1])
         if i == 0 and threshold != 0:
@@ -257,7 +284,7 @@ _DURATION = _int(1000, MAX_DURATION_MS)
 
 # type name -> (message class, {field: (check, required)})
 SCHEMAS: dict[str, tuple[type, dict[str, tuple[Check, bool]]]] = {
-    "hello": (Hello, {"token": (_text(1, 4096), False), "epoch": (_text(1, 64), False),
+    "hello": (Hello, {"token": (_text(1, MAX_TOKEN_CHARS), False), "epoch": (_text(1, 64), False),
                       "offset": (_int(0, 2**53 - 1), False)}),
     "bid": (PlaceBid, {"lot": (_ID, True), "amount": (_amount, True), "max": (_amount, False),
                        "key": (_ID, False)}),
@@ -287,12 +314,15 @@ def parse_client_frame(frame: bytes) -> ClientMessage:
         raise ProtocolError(ErrorCode.BAD_MSGPACK, f"frame is not one valid msgpack value: {exc}") from exc
     if not isinstance(raw, dict):
         raise ProtocolError(ErrorCode.NOT_A_MAP, f"frame must be a msgpack map, got {type(raw).__name__}")
-    cid = raw.get("cid")
     try:
         return _parse_map(raw)
     except ProtocolError as err:
-        if err.cid is None and cid is not None:
-            err.cid = cid if isinstance(cid, (str, int)) and not isinstance(cid, bool) else None
+        # Echo only a cid the client could have sent on purpose (the doc says nil otherwise), and
+        # name the request once its type is known.
+        err.cid = valid_cid(raw.get("cid"))
+        kind = raw.get("type")
+        if err.request is None and isinstance(kind, str) and kind in SCHEMAS:
+            err.request = kind
         raise
 
 
@@ -379,7 +409,8 @@ def encode_ack(*, cid: Any, request: str, epoch: str, offset: int, **fields: Any
 
 def encode_error(err: ProtocolError, *, epoch: str | None, offset: int | None,
                  request: str | None = None) -> bytes:
-    msg: dict[str, Any] = {"type": "error", "cid": err.cid, "for": request, "code": str(err.code),
+    msg: dict[str, Any] = {"type": "error", "cid": err.cid, "for": request or err.request,
+                           "code": str(err.code),
                            "message": err.message, "field": err.field, "epoch": epoch,
                            "offset": offset}
     msg.update(err.extra)

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from starlette.websockets import WebSocket
 from lotcast import keys
 from lotcast.auth import TokenAuthority
 from lotcast.config import Settings
+from lotcast.ids import STREAM_ID_RULE, is_valid_stream_id
 from lotcast.interactive.functions import RoomFunctions
 from lotcast.interactive.hub import RoomHub, RoomSubscriptions
 from lotcast.interactive.polls import PollStore
@@ -33,7 +33,6 @@ from lotcast.interactive.store import AuctionStore, RateLimit
 log = logging.getLogger(__name__)
 
 NodeKind = Literal["broadcaster", "relay"]
-ROOM_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 VIEWERS_INTERVAL = 1.0
 VIEWERS_FRESH_MS = 5000
 REDIS_CONNECTIONS = 64
@@ -97,7 +96,7 @@ class InteractiveService:
             auctions=AuctionStore(functions, RateLimit(s.bid_rate, s.bid_burst)),
             polls=PollStore(functions, RateLimit(s.vote_rate, s.vote_burst)),
             roomlog=roomlog, acquire_hub=self._acquire_hub, release_hub=self._release_hub,
-            stats=self.stats, on_bid_ack=self._bid_acked)
+            count_viewers=self._count_viewers, stats=self.stats, on_bid_ack=self._bid_acked)
         self._tasks = [asyncio.create_task(self._settle_loop(), name="interactive-settle"),
                        asyncio.create_task(self._viewers_loop(), name="interactive-viewers")]
         self._set_state(ServiceState.RUNNING)
@@ -135,9 +134,10 @@ class InteractiveService:
     # --- WebSocket -----------------------------------------------------------------------------
 
     async def _ws_endpoint(self, websocket: WebSocket) -> None:
-        room = str(websocket.path_params["room"])
-        if not ROOM_RE.match(room):
-            await websocket.close(code=1008, reason="room must match [A-Za-z0-9_-]{1,64}")
+        room = websocket.path_params["room"]
+        if not is_valid_stream_id(room):
+            # before the upgrade: uvicorn answers HTTP 403
+            await websocket.close(code=1008, reason=STREAM_ID_RULE)
             return
         if self.state is not ServiceState.RUNNING or self._deps is None:
             await websocket.close(code=int(CloseCode.GOING_AWAY), reason="not serving")
@@ -177,17 +177,24 @@ class InteractiveService:
             refs = self._hub_refs.get(room, 0) - 1
             if refs > 0:
                 self._hub_refs[room] = refs
-                return
-            self._hub_refs.pop(room, None)
-            hub = self.hubs.pop(room, None)
-            if hub is None:
-                return
-            if self._subscriptions is not None:
-                await self._subscriptions.unsubscribe(keys.room_channel(room))
-            await hub.close()
-            if self._redis is not None:
-                with contextlib.suppress(Exception):
-                    await self._redis.hdel(keys.room_viewers(room), self.node_id)
+                remaining = True
+            else:
+                remaining = False
+                self._hub_refs.pop(room, None)
+                hub = self.hubs.pop(room, None)
+                if hub is None:
+                    return
+                if self._subscriptions is not None:
+                    await self._subscriptions.unsubscribe(keys.room_channel(room))
+                await hub.close()
+                if self._redis is not None:
+                    with contextlib.suppress(Exception):
+                        await self._redis.hdel(keys.room_viewers(room), self.node_id)
+        if remaining:
+            with contextlib.suppress(Exception):  # the heartbeat corrects it within a second
+                total = await self._count_viewers(room)
+                if (hub := self.hubs.get(room)) is not None:
+                    hub.set_viewers(total)
 
     # --- background loops ---------------------------------------------------------------------
 
@@ -227,10 +234,28 @@ class InteractiveService:
 
     async def _update_viewers(self) -> None:
         """Each node writes its socket count per room; everyone sums the fresh entries."""
-        assert self._redis is not None
         rooms = list(self.hubs.items())
         if not rooms:
             return
+        others = await self._write_counts(rooms)
+        for (_room, hub), elsewhere in zip(rooms, others, strict=True):
+            hub.set_viewers(elsewhere + len(hub.sockets))
+
+    async def _count_viewers(self, room: str) -> int:
+        """Write this node's count for `room` now (a socket joined or left) and return the sum."""
+        hub = self.hubs.get(room)
+        if hub is None:
+            return 0
+        elsewhere = (await self._write_counts([(room, hub)]))[0]
+        return elsewhere + len(hub.sockets)
+
+    async def _write_counts(self, rooms: list[tuple[str, RoomHub]]) -> list[int]:
+        """Write this node's socket count of each room; return the fresh counts of the other nodes.
+
+        Callers add this node's own count at the moment they use the sum: concurrent calls
+        (a join and a leave) may complete in any order, and a count read before a local join
+        must not overwrite one read after it."""
+        assert self._redis is not None
         now_ms = int(time.time() * 1000)
         async with self._redis.pipeline(transaction=False) as pipe:
             for room, hub in rooms:
@@ -238,10 +263,13 @@ class InteractiveService:
                 pipe.pexpire(keys.room_viewers(room), VIEWERS_FRESH_MS * 12)
                 pipe.hgetall(keys.room_viewers(room))
             results = await pipe.execute()
-        for i, (_room, hub) in enumerate(rooms):
+        others = []
+        me = self.node_id.encode()
+        for i in range(len(rooms)):
             total = 0
-            for value in results[i * 3 + 2].values():
+            for node, value in results[i * 3 + 2].items():
                 count, _, stamp = value.decode().partition(":")
-                if now_ms - int(stamp) <= VIEWERS_FRESH_MS:
+                if node != me and now_ms - int(stamp) <= VIEWERS_FRESH_MS:
                     total += int(count)
-            hub.set_viewers(total)
+            others.append(total)
+        return others

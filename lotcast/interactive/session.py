@@ -16,6 +16,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from lotcast.auth import ANONYMOUS, AuthError, Identity, Role, TokenAuthority
 from lotcast.config import Settings
+from lotcast.interactive import frameguard
 from lotcast.interactive import protocol as p
 from lotcast.interactive.hub import RoomHub
 from lotcast.interactive.outbox import Outbox, abort_transport, direct_writer
@@ -70,6 +71,8 @@ class SessionDeps:
     roomlog: RoomLog
     acquire_hub: Callable[[str], Awaitable[RoomHub]]
     release_hub: Callable[[str], Awaitable[None]]
+    # writes this node's socket count of a room to Redis and returns the room's total over nodes
+    count_viewers: Callable[[str], Awaitable[int]]
     stats: InteractiveStats
     # seconds from a bid's arrival to its ack (fed to the node's latency histogram)
     on_bid_ack: Callable[[float], None] = lambda seconds: None
@@ -93,6 +96,7 @@ class ClientSession:
         self._close_code: p.CloseCode | None = None
         self._close_reason = ""
         self._closing = asyncio.Event()
+        self._guard: frameguard.FrameGuard | None = None
 
     def _set_state(self, new: SessionState) -> None:
         if new is self.state:
@@ -106,6 +110,8 @@ class ClientSession:
 
     def push(self, frame: bytes) -> None:
         if self.state is SessionState.SYNCING:
+            if self.hub is not None and frame is self.hub.viewers_frame:
+                return  # superseded: _hello ends with the current count if it changed
             self._held.append(frame)
             self._held_bytes += len(frame)
             if self._held_bytes > self.outbox.limit_bytes:
@@ -122,6 +128,7 @@ class ClientSession:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self._guard = frameguard.install(self.ws)
         await self.ws.accept()
         self.deps.stats.sockets += 1
         self.outbox.start()
@@ -154,6 +161,8 @@ class ClientSession:
                 await asyncio.wait_for(self.ws.close(int(code), self._close_reason), timeout=1.0)
             except (TimeoutError, Exception):
                 abort_transport(self.ws)  # the peer is not reading; its buffer would never drain
+            if code is p.CloseCode.MESSAGE_TOO_BIG and self._guard is not None:
+                self._guard.finish()
         self.deps.stats.sockets -= 1
         self._set_state(SessionState.CLOSED)
 
@@ -173,15 +182,12 @@ class ClientSession:
                 return
             if message["type"] == "websocket.disconnect":
                 return
-            frame = message.get("bytes")
+            oversize = message.get(frameguard.OVERSIZE)
+            if oversize is not None:
+                self._refuse_oversize(str(oversize))
+                return
             try:
-                if frame is None:
-                    raise p.ProtocolError(p.ErrorCode.BAD_FRAME,
-                                          "text frames are not accepted; send binary msgpack")
-                if not self.flood.admit():
-                    raise p.ProtocolError(p.ErrorCode.RATE_LIMITED, "too many messages",
-                                          retry_ms=self.flood.messages.retry_ms())
-                await self._handle(p.parse_client_frame(frame))
+                await self._handle(self._admit(message.get("bytes")))
             except (RedisError, OSError) as exc:
                 log.warning("room %s: storage failed during hello: %r", self.room, exc)
                 self.close_soon(p.CloseCode.INTERNAL_ERROR, "storage unavailable")
@@ -197,6 +203,42 @@ class ClientSession:
                     return
             if self._closing.is_set():
                 return
+
+    def _admit(self, frame: bytes | None) -> p.ClientMessage:
+        """Parse one frame and apply the per-connection flood guard (which counts every frame).
+
+        The frame is parsed first so that a `rate_limited` refusal carries its cid and type."""
+        msg: p.ClientMessage | None = None
+        refused: p.ProtocolError | None = None
+        if frame is None:
+            refused = p.ProtocolError(p.ErrorCode.BAD_FRAME,
+                                      "text frames are not accepted; send binary msgpack")
+        else:
+            try:
+                msg = p.parse_client_frame(frame)
+            except p.ProtocolError as err:
+                refused = err
+        if not self.flood.admit():
+            cid, request = ((msg.cid, p.message_type(msg)) if msg is not None
+                            else (refused.cid, refused.request) if refused is not None
+                            else (None, None))
+            raise p.ProtocolError(p.ErrorCode.RATE_LIMITED, "too many messages on this connection",
+                                  cid=cid, request=request,
+                                  retry_ms=self.flood.messages.retry_ms())
+        if refused is not None:
+            raise refused
+        assert msg is not None
+        return msg
+
+    def _refuse_oversize(self, detail: str) -> None:
+        """A message over the transport cap: the connection cannot go on reading (the rest of
+        that message is unread). Every reply owed so far is already queued; this error follows
+        them, then close 1009."""
+        cap = self._guard.transport_cap if self._guard is not None else None
+        limit = f"the {cap}-byte transport limit" if cap else "the transport limit"
+        self._send_error(p.ProtocolError(
+            p.ErrorCode.TOO_LARGE, f"message over {limit} ({detail}); closing with 1009"))
+        self.close_soon(p.CloseCode.MESSAGE_TOO_BIG, "message too big")
 
     # --- messages ----------------------------------------------------------------------------
 
@@ -221,16 +263,20 @@ class ClientSession:
         self._send(p.encode_ack(cid=msg.cid, request=p.message_type(msg), epoch=epoch, **fields))
 
     async def _handle(self, msg: p.ClientMessage) -> None:
+        kind = p.message_type(msg)
         if isinstance(msg, p.Hello):
             if self.state is not SessionState.AWAITING_HELLO:
                 raise p.ProtocolError(p.ErrorCode.DUPLICATE_HELLO, "hello was already sent",
-                                      cid=msg.cid)
-            await self._hello(msg)
+                                      cid=msg.cid, request=kind)
+            try:
+                await self._hello(msg)
+            except p.ProtocolError as err:
+                err.cid, err.request = msg.cid, kind
+                raise
             return
         if self.state is SessionState.AWAITING_HELLO:
             raise p.ProtocolError(p.ErrorCode.HELLO_REQUIRED,
-                                  "the first message must be 'hello'", cid=msg.cid)
-        kind = p.message_type(msg)
+                                  "the first message must be 'hello'", cid=msg.cid, request=kind)
         needed = (Role.HOST if type(msg) in p.HOST_ONLY
                   else Role.BIDDER if type(msg) in p.BIDDER_ONLY else None)
         try:
@@ -296,6 +342,9 @@ class ClientSession:
         self.hub = await self.deps.acquire_hub(self.room)
         self._set_state(SessionState.SYNCING)
         self.hub.attach(self)
+        # Count this socket in Redis now, not at the next heartbeat, so the snapshot (ours, and
+        # every other node's from now on) includes it. Any `viewers` change is held until LIVE.
+        self.hub.set_viewers(await self.deps.count_viewers(self.room), joining=self)
         head = await self.deps.roomlog.head(self.room)
         s = self.deps.settings
         limits = {"bids_per_s": s.bid_rate, "bid_burst": s.bid_burst, "votes_per_s": s.vote_rate,
@@ -309,12 +358,20 @@ class ClientSession:
         resumed = (msg.epoch == head.epoch and msg.offset is not None
                    and 0 <= head.offset - msg.offset <= s.room_history
                    and await self._replay(msg.offset, head.epoch))
+        # The count our own join changed was not sent to us: a snapshot carries it, a resume
+        # gets one `viewers` frame.
+        reported = self.hub.viewers
         if not resumed:
-            await self._snapshot()
+            await self._snapshot(reported)
+        else:
+            self._send(p.encode_viewers(epoch=head.epoch, offset=self.hub.offset, count=reported))
         self._set_state(SessionState.LIVE)
         held, self._held, self._held_bytes = self._held, [], 0
         for frame in held:
             self._send(frame)
+        if self.hub.viewers != reported:  # changed meanwhile (its frame was not held)
+            self._send(p.encode_viewers(epoch=self.hub.epoch, offset=self.hub.offset,
+                                        count=self.hub.viewers))
 
     async def _replay(self, after: int, epoch: str) -> bool:
         """Send every event after `after` (live batches may overlap; clients skip old offsets)."""
@@ -338,10 +395,10 @@ class ClientSession:
         self.deps.stats.replays += 1
         return True
 
-    async def _snapshot(self) -> None:
+    async def _snapshot(self, viewers: int) -> None:
         snap = await self.deps.roomlog.snapshot(self.room)
         self.deps.stats.snapshots += 1
         self._send(p.encode_snapshot(
             epoch=snap["epoch"], offset=snap["offset"], lots=snap["lots"], polls=snap["polls"],
-            viewers=self.hub.viewers if self.hub is not None else 0,
+            viewers=viewers,
             server_ts=snap["server_ts"]))

@@ -49,6 +49,8 @@ def raise_lua_error(result: dict[str, Any], *, what: str, ident: str, field: str
     if code is None:
         return
     state = result.get("state")
+    if "amount" in result:  # the amount of the bid this answer was for (a replayed duplicate)
+        amount = result["amount"]
     messages = {
         "unknown_lot": f"no lot {ident!r} in this room",
         "unknown_poll": f"no poll {ident!r} in this room",

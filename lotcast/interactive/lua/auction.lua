@@ -83,7 +83,8 @@ local function place_bid(R, L, user, name, amount, maxb, now, rate, burst)
   local ok, retry = take_token(R.prefix .. 'rl:bid:' .. user, rate, burst, now)
   if not ok then return nil, err('rate_limited', {retry_ms = retry}) end
   local minimum = next_min(L)
-  if amount < minimum then return err('bid_too_low', {min = minimum}) end
+  -- The amount is kept so a replay of this answer for the same idempotency key is exact.
+  if amount < minimum then return err('bid_too_low', {min = minimum, amount = amount}) end
   if maxb < amount then maxb = amount end
   local status = 'winning'
   local bought = false
