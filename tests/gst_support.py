@@ -20,6 +20,8 @@ from typing import Any
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from media_support import Viewer
 
+from lotcast.supervisor import die_with_parent
+
 SYSTEM_PYTHON = os.environ.get("LOTCAST_GST_PYTHON", "/usr/bin/python3")
 PUBLISHER_SCRIPT = Path(__file__).with_name("gst_whip_publisher.py")
 PACKAGES = ("gstreamer1.0-plugins-bad gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly "
@@ -57,7 +59,8 @@ class GstPublisher:
             [SYSTEM_PYTHON, str(PUBLISHER_SCRIPT), "--url", self.whip_url, "--token", self.token,
              "--codec", self.codec, "--bundle-policy", self.bundle_policy,
              "--max-seconds", "240"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            preexec_fn=die_with_parent(signal.SIGTERM))  # a killed test run leaves no publisher
         self._readers = [threading.Thread(target=self._read_events, daemon=True),
                          threading.Thread(target=self._read_stderr, daemon=True)]
         for reader in self._readers:
