@@ -6,6 +6,8 @@ leave no child behind."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from up_support import UpProcess, pid_running, wait_gone
 from lotcast import keys
 from lotcast.auth import Role
 from lotcast.interactive.client import RoomClient
+from lotcast.supervisor import ChildState, Supervisor
 
 ROOM = "main"
 # No per-user bid limits: the test bids as fast as acks come back.
@@ -132,3 +135,93 @@ def test_stopping_up_leaves_no_child_behind(tmp_path: Path, how: str) -> None:
         assert wait_gone(children, 30) == set(), up.text()
     finally:
         up.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_relay_that_drained_and_exited_is_restarted(tmp_path: Path) -> None:
+    up = UpProcess(tmp_path / "data", relays=1)
+    try:
+        up.start()
+        url, pid = up.urls["relay-0"], up.pids["relay-0"]
+        mark = len(up.snapshot())
+        os.kill(pid, signal.SIGTERM)  # drains (no viewers: at once) and exits 0
+        up.wait_line(re.compile(r"^\[up\] relay-0 exited with code 0; restarting in"), 60, mark)
+        new_pid, new_url = up.wait_restart("relay-0", 60, mark)
+        assert new_pid != pid and new_url == url
+        assert up.stop() == 0
+        assert wait_gone(up.every_pid, 10) == set()
+    finally:
+        up.close()
+
+
+class _FlakyChild:
+    """Fault injection for the supervisor's bookkeeping: a child that "dies" on demand and whose
+    restarts can be made to fail."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.running = False
+        self.starts = 0
+        self.fail_next_start = False
+
+    def start(self, timeout: float = 30.0) -> object:
+        self.starts += 1
+        if self.fail_next_start:
+            self.fail_next_start = False
+            raise RuntimeError("flaky exited before ready")
+        self.running = True
+        return self
+
+    def alive(self) -> bool:
+        return self.running
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.running else -9
+
+    def describe(self) -> str:
+        return "pid 1"
+
+    def stop(self) -> None:
+        self.running = False
+
+
+def _poll_until(supervisor: Supervisor, child: _FlakyChild, starts: int) -> None:
+    for _ in range(400):
+        supervisor.poll()
+        if child.starts >= starts:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"{child.starts} starts, wanted {starts}")
+
+
+def test_restart_backoff_doubles_on_repeated_exits_and_resets_after_a_stable_run() -> None:
+    logged: list[str] = []
+    supervisor = Supervisor(logged.append, first_delay=0.01, max_delay=0.04, stable_after=0.3)
+    child = _FlakyChild()
+    supervisor.start(child)
+    delays = []
+    for restart in range(1, 5):
+        child.running = False  # dies right after each start
+        _poll_until(supervisor, child, restart + 1)
+        delays.append(logged[-2].rsplit("restarting in ", 1)[1])
+        assert supervisor.state_of("flaky") is ChildState.RUNNING
+    assert delays == ["0.01 s", "0.02 s", "0.04 s", "0.04 s"]  # doubles, capped at max_delay
+    assert logged[-1] == "flaky restarted (pid 1, restart 4)"
+
+    # A restart that fails counts as one more exit (longer wait), then the next one succeeds.
+    child.running = False
+    child.fail_next_start = True
+    _poll_until(supervisor, child, 7)
+    assert any("restart 5 failed (flaky exited before ready); restarting in 0.04 s" in line
+               for line in logged)
+    assert supervisor.state_of("flaky") is ChildState.RUNNING and supervisor.restarts_of("flaky") == 6
+
+    time.sleep(0.35)  # stayed up longer than stable_after: the backoff starts over
+    child.running = False
+    _poll_until(supervisor, child, 8)
+    assert "flaky exited with code -9; restarting in 0.01 s" in logged
+
+    supervisor.stop_all()
+    assert not child.running and supervisor.state_of("flaky") is ChildState.STOPPED
