@@ -82,7 +82,26 @@ def check_candidate(candidate: RTCIceCandidate, where: str) -> None:
                        + "/".join(CANDIDATE_TYPES))
 
 
-def _check_structure(description: aiortc_sdp.SessionDescription) -> None:
+def bundle_only_sections(text: str, description: aiortc_sdp.SessionDescription) -> set[int]:
+    """Indices of m-sections that are port 0 with a=bundle-only inside a BUNDLE group but not
+    its first: live, bundled on the group's transport (RFC 8843 §6), not rejected. GStreamer's
+    webrtcbin (max-bundle, as its own WHIP sink uses) offers its second m-line this way.
+    aiortc's parser drops the attribute, so it is read from the section's raw lines."""
+    flagged: set[int] = set()
+    index = -1
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("m="):
+            index += 1
+        elif index >= 0 and line == "a=bundle-only":
+            flagged.add(index)
+    tail_mids = {str(item) for group in description.group if group.semantic == "BUNDLE"
+                 for item in group.items[1:]}
+    return {i for i in flagged if i < len(description.media)
+            and description.media[i].port == 0 and description.media[i].rtp.muxId in tail_mids}
+
+
+def _check_structure(description: aiortc_sdp.SessionDescription, bundle_only: set[int]) -> None:
     media = description.media
     if not media:
         raise SdpError(400, "malformed SDP: no m= sections")
@@ -98,7 +117,7 @@ def _check_structure(description: aiortc_sdp.SessionDescription) -> None:
             raise SdpError(400, f"malformed SDP: m-lines {mids[mid]} and {index} share mid {mid!r}")
         mids[mid] = index
         if section.port == 0:
-            continue
+            continue  # rejected, or bundle-only: transport attributes are the group's first
         if section.ice is None or not section.ice.usernameFragment or not section.ice.password:
             raise SdpError(400, f"malformed SDP: m-line {index} has no ice-ufrag/ice-pwd")
         if section.dtls is None or not section.dtls.fingerprints:
@@ -117,7 +136,7 @@ def _check_structure(description: aiortc_sdp.SessionDescription) -> None:
             if index_of is None:
                 raise SdpError(400, f"malformed SDP: BUNDLE names mid {str(item)[:20]!r}, "
                                "which no m-line has")
-            if media[index_of].port == 0:
+            if media[index_of].port == 0 and index_of not in bundle_only:
                 raise SdpError(400, f"malformed SDP: BUNDLE names mid {str(item)[:20]!r}, "
                                "whose m-line is rejected (port 0)")
 
@@ -125,13 +144,14 @@ def _check_structure(description: aiortc_sdp.SessionDescription) -> None:
 def check_offer(text: str, purpose: Purpose) -> OfferSummary:
     """Validate an SDP offer for publishing (WHIP) or playing (WHEP)."""
     description = parse_description(text)
-    _check_structure(description)
+    bundle_only = bundle_only_sections(text, description)
+    _check_structure(description, bundle_only)
 
     summary = OfferSummary()
     for index, media in enumerate(description.media):
         if media.kind not in ACCEPTED_CODECS:
             continue
-        if media.port == 0 or media.direction == "inactive":
+        if (media.port == 0 and index not in bundle_only) or media.direction == "inactive":
             continue
         wanted = ("sendonly", "sendrecv") if purpose == "publish" else ("recvonly", "sendrecv")
         if media.direction not in wanted:
