@@ -19,6 +19,7 @@ tests/test_ws_protocol_contract.py fails if the hooks stop working.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Generator
 from typing import Any
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 OVERSIZE = "lotcast.oversize"  # key of the marker message: the transport's description
 MESSAGE_TOO_BIG = 1009
+LINGER = 2.0
 
 _PROTOCOL_NAMES = ("conn", "queue", "transport", "frames", "curr_msg_data_type",
                    "send_receive_event_to_app", "handle_parser_exception", "handle_events")
@@ -86,10 +88,20 @@ class FrameGuard:
         self._stock_deliver()
 
     def finish(self) -> None:
-        """After the session's close frame for an oversize message: drop the TCP connection
-        (the peer's close reply can never be read: the parser is discarding)."""
+        """After the session's close frame for an oversize message: end the TCP connection.
+
+        The peer's close reply can never be parsed (the parser is discarding), so the server
+        ends the connection itself, but only half (FIN) at first: closing a socket with unread
+        data makes the kernel send a reset, and a peer that is still sending would lose our
+        close frame. The rest of its data is read and discarded until its EOF, or for at most
+        LINGER seconds."""
         transport = getattr(self._owner, "transport", None)
-        if transport is not None and not transport.is_closing():
+        if transport is None or transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(LINGER, transport.close)
+        else:
             transport.close()
 
 
