@@ -142,7 +142,11 @@ def run_up(args: argparse.Namespace) -> int:
     from lotcast.supervisor import ServiceProcess, Supervisor
 
     data = data_dir(args.data_dir)
-    secret, secret_note = _dev_secret(data)
+    try:
+        secret, secret_note = _dev_secret(data)
+    except (OSError, ValueError) as exc:
+        _log(f"cannot read or create the JWT secret: {exc}")
+        return 1
     supervisor = Supervisor(_log)
     stop = threading.Event()
 

@@ -17,11 +17,14 @@ from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from browser_support import PageLog, chromium, open_page, page_state, player_trace, trace_player, wait_for
 from media_support import Publisher
 from up_support import UpProcess
 
+from lotcast import keys
 from lotcast.auth import Role
+from lotcast.ops.node import NodeInfo
 
 STREAM = "main"
 
@@ -93,6 +96,10 @@ async def test_pages_from_the_printed_url_survive_kill_9_of_their_relay(tmp_path
                 await page.evaluate(_FRAMES_JS)
                 await trace_player(page)
                 await wait_for(lambda p=page: _playing(p, relay0, 20), 60, f"viewer{i} on relay-0", log)
+            # relay-1 picks its upstream from the registry: wait until relay-0's heartbeat says
+            # it carries the stream.
+            await wait_for(lambda: _carries(up.urls["redis"], "relay-0"), 30,
+                           "relay-0 listed as carrying the stream", log)
             child = await open_page(browser, f"{relay1}/watch?stream={STREAM}", log, "child")
             await child.evaluate(_FRAMES_JS)
             await wait_for(lambda: _playing(child, relay1, 20), 60, "child viewer on relay-1", log)
@@ -188,6 +195,15 @@ async def _playing(page: Any, relay: str, frames: int) -> bool:
     s = await page_state(page)
     incs = await _increases(page)
     return bool(s["relay"] == relay and s["media"] == "connected" and _frames_after(incs, 0) >= frames)
+
+
+async def _carries(redis_url: str, node_id: str) -> bool:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        fields = await client.hgetall(keys.node(node_id))
+    finally:
+        await client.aclose()
+    return bool(fields) and NodeInfo.from_fields(fields).carries(STREAM)
 
 
 async def _knows(page: Any, relays: list[str]) -> bool:
