@@ -38,7 +38,7 @@ from relay.cascade import RELAY_AUTH_HEADER, RELAY_HEADER, CascadePlanner, child
 from relay.drain import Drainer
 from relay.placement import Placer, selector_for, whep_url
 from relay.telemetry import MediaTelemetry
-from relay.upstreams import RelayUpstreams
+from relay.upstreams import PARENT_CHECK_INTERVAL_S, RelayUpstreams
 
 # A WHEP POST bounced between full relays stops after this many redirects.
 MAX_REDIRECT_HOPS = 2
@@ -165,7 +165,7 @@ def create_app(settings: Settings) -> Starlette:
     async def watch_parents() -> None:
         # a dead parent is noticed by its silence + a failed probe, well before its TTL expires
         while True:
-            await asyncio.sleep(min(settings.heartbeat_interval, 0.25))
+            await asyncio.sleep(min(settings.heartbeat_interval, PARENT_CHECK_INTERVAL_S))
             try:
                 await upstreams.check_parents()
             except Exception:

@@ -26,7 +26,11 @@ from relay.cascade import Upstream
 
 logger = logging.getLogger(__name__)
 
-PARENT_STALL_S = 0.5
+# A cascade child notices a dead parent from this much silence on every track (audio alone
+# arrives every 20 ms) plus a failed /healthz probe, checked every PARENT_CHECK_INTERVAL_S: its
+# viewers' stall is about this + one check + a new pull + a key frame (target: 0.5 s).
+PARENT_STALL_S = 0.25
+PARENT_CHECK_INTERVAL_S = 0.1
 PARENT_PROBE_TIMEOUT_S = 0.5
 # (stream, exclude node ids, below depth) -> where to pull from
 Chooser = Callable[[str, Collection[str], "int | None"], Awaitable[Upstream]]
