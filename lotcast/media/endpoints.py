@@ -257,7 +257,7 @@ class WebRtcEndpoints:
         # released when the session ends, including when negotiation fails just below
         session.on_close(lambda _: router.release_publisher(stream, claim))
         answer = await session.answer(offer)
-        return self._created("whip", session, answer, identity)
+        return await self._created(request, "whip", session, answer, identity)
 
     async def play(self, request: Request) -> Response:
         return await self._guard(self._play(request))
@@ -273,7 +273,7 @@ class WebRtcEndpoints:
         stream = await self._playable(stream_id)
         session = EgressSession(stream, summary, self.on_first_frame)
         answer = await session.answer(offer)
-        return self._created("whep", session, answer, identity)
+        return await self._created(request, "whep", session, answer, identity)
 
     async def _playable(self, stream_id: str) -> MediaStream:
         try:
@@ -294,8 +294,12 @@ class WebRtcEndpoints:
 
         return await self._guard(check())
 
-    def _created(self, kind: Kind, session: PeerSession, answer: str,
-                 owner: Identity | None) -> Response:
+    async def _created(self, request: Request, kind: Kind, session: PeerSession, answer: str,
+                       owner: Identity | None) -> Response:
+        if await request.is_disconnected():
+            # nobody will ever read the answer: the session would only wait to be reaped
+            await session.close()
+            raise ClientDisconnect()
         self.sessions.add(session, SessionGrant(kind, owner))
         location = f"/{kind}/{session.stream.id}/{session.id}"
         return Response(answer, status_code=201, media_type=SDP, headers={
