@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -102,7 +103,10 @@ def run_service(kind: str, settings: Settings) -> None:
                             ws_per_message_deflate=False, ws_max_size=65536)
     server = DrainingServer(config, getattr(app.state, "drain", None))
     _use_uvloop()
-    asyncio.run(_serve(server, sock, kind, settings, app))
+    # Ctrl-C in a terminal (or `up` stopping its children) is a normal stop: uvicorn has shut
+    # down cleanly by the time the interrupt surfaces, so no traceback
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(server, sock, kind, settings, app))
 
 
 def _use_uvloop() -> None:
