@@ -34,6 +34,7 @@ class _Seen:
     sent: int = 0
     nacks: int = 0
     plis: int = 0
+    errors: int = 0
 
 
 class MediaTelemetry:
@@ -68,20 +69,21 @@ class MediaTelemetry:
 
     def sample(self) -> None:
         current: dict[TrackForwarder, _Seen] = {}
-        d_sent = d_bytes = d_nacks = d_plis = 0
+        d_sent = d_bytes = d_nacks = d_plis = d_errors = 0
         for stream in self.router:
             for forwarder in stream.tracks.values():
                 prev = self._seen.get(forwarder, _Seen())
                 sent = forwarder.packets_sent - prev.sent
                 nacks = forwarder.nack_packets_served - prev.nacks
                 plis = forwarder.keyframe_requests_sent - prev.plis
+                d_errors += forwarder.send_errors - prev.errors
                 avg = forwarder.octets_in / forwarder.packets_in if forwarder.packets_in else 0.0
                 d_sent += sent
                 d_nacks += nacks
                 d_plis += plis
                 d_bytes += int((sent + nacks) * (avg + PACKET_OVERHEAD))
                 current[forwarder] = _Seen(forwarder.packets_sent, forwarder.nack_packets_served,
-                                           forwarder.keyframe_requests_sent)
+                                           forwarder.keyframe_requests_sent, forwarder.send_errors)
         self._seen = current
         self.forwarded_packets += d_sent
         self.egress_bytes += d_bytes
@@ -101,6 +103,8 @@ class MediaTelemetry:
             m.nacks_served.inc(d_nacks)
         if d_plis:
             m.plis_sent_upstream.inc(d_plis)
+        if d_errors:
+            m.send_errors.inc(d_errors)
 
     def egress_bps(self, min_interval: float = 0.5) -> float:
         """Sample the counters and return the egress rate over at least `min_interval` seconds

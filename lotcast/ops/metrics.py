@@ -77,6 +77,11 @@ class NodeMetrics:
         self.nacks_served = Counter(
             "lotcast_nacks_served", "Packets retransmitted in answer to NACKs.", registry=r
         )
+        self.send_errors = Counter(
+            "lotcast_send_errors",
+            "Packet copies skipped because a send failed on a live transport (the viewer stays).",
+            registry=r,
+        )
         self.plis_sent_upstream = Counter(
             "lotcast_plis_sent_upstream", "Keyframe requests (PLI) sent upstream.", registry=r
         )
