@@ -103,6 +103,10 @@ class RelayUpstreams:
             if isinstance(exc, NotLiveError):
                 raise
             raise NotLiveError(f"upstream unreachable: {exc!r}", retry_after=2) from exc
+        if not any(s.stream is stream for s in self._sessions.sessions(EgressSession)):
+            # the viewer that asked may still fail to negotiate and never become a session:
+            # then nothing would ever release this pull (the timer finds the viewer if it came)
+            self._arm_release(stream_id)
         return stream
 
     def _start_pull(self, stream: MediaStream, upstream: Upstream) -> UpstreamPull:
@@ -199,6 +203,10 @@ class RelayUpstreams:
         if any(s.stream.id == stream_id for s in self._sessions.sessions(EgressSession)
                if s is not session):
             return
+        self._arm_release(stream_id)
+
+    def _arm_release(self, stream_id: str) -> None:
+        """Release the stream's pull after the linger period unless a viewer uses it by then."""
         if stream_id in self._pulls and stream_id not in self._release_timers:
             loop = asyncio.get_running_loop()
             self._release_timers[stream_id] = loop.call_later(self._linger, self._release, stream_id)
@@ -216,6 +224,9 @@ class RelayUpstreams:
         if self._pulls.get(stream_id) is pull:
             del self._pulls[stream_id]
             self._upstreams.pop(stream_id, None)
+            lock = self._locks.get(stream_id)
+            if lock is not None and not lock.locked():
+                del self._locks[stream_id]
         task = asyncio.ensure_future(pull.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)

@@ -361,3 +361,29 @@ async def test_rsa_and_ecdsa_peers_connect_in_either_dtls_role(
         await pc.close()
         if feeder is not None:
             await feeder.stop()
+
+
+async def test_a_pull_no_viewer_ever_used_is_released_after_the_linger(
+    redis_server: RedisServer,
+) -> None:
+    """A WHEP POST on a relay can start a pull and then fail to negotiate (codec mismatch, a
+    bad offer): no viewer session ever exists, and the pull must still be let go."""
+    with running_cluster(redis_server, relays=0) as cluster:
+        publisher = Publisher(cluster.origin.url, "unused", host_token())
+        await publisher.start()
+        router = StreamRouter(grace=5.0)
+        sessions = SessionTable(session_timeout=30.0)
+        upstreams = RelayUpstreams(router, sessions, cluster.origin.url, retry_window=5.0,
+                                   linger=0.5)
+        try:
+            await upstreams.acquire("unused")
+            assert len(upstreams.pulls()) == 1
+            await _until_async(lambda: _origin_sessions(cluster), 1, 10)
+            await _until(lambda: not upstreams.pulls() and router.get("unused") is None, 10,
+                         "the unused pull was never released")
+            await _until_async(lambda: _origin_sessions(cluster), 0, 10)  # DELETEd upstream
+        finally:
+            await upstreams.close()
+            await sessions.close()
+            router.close()
+            await publisher.stop()
