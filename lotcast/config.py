@@ -25,6 +25,13 @@ class Settings:
     ice_ip: str = "127.0.0.1"
     # STUN/TURN URLs advertised in the WHIP/WHEP `Link: rel="ice-server"` header.
     ice_servers: list[str] = field(default_factory=list)
+    # TURN servers (coturn with use-auth-secret) advertised with credentials minted per answer,
+    # e.g. turn:turn.example.com:3478?transport=udp (lotcast/turn.py). The secret is coturn's
+    # static-auth-secret; it never leaves this process. TTL: seconds a minted credential may be
+    # used to create an allocation (coturn checks it then, not for the allocation's lifetime).
+    turn_urls: list[str] = field(default_factory=list)
+    turn_secret: str = ""
+    turn_ttl: float = 12 * 3600.0
     redis_url: str = "redis://127.0.0.1:6379/0"
     jwt_secret: str = DEV_JWT_SECRET
     # Relay: where to pull streams from (origin or parent relay base URL).
