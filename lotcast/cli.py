@@ -31,6 +31,8 @@ SERVICE_FLAGS = {
     "broadcaster": [f.name for f in fields(Settings) if f.name not in RELAY_ONLY],
     "relay": [f.name for f in fields(Settings)],
 }
+# Shorter spellings of some settings flags (the long form works too).
+FLAG_ALIASES = {"tls_cert": ["--cert"], "tls_key": ["--key"]}
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
@@ -39,16 +41,18 @@ def _add_settings_flags(parser: argparse.ArgumentParser, names: list[str]) -> No
         if f.name not in names:
             continue
         flag = "--" + f.name.replace("_", "-")
+        flags = [flag, *FLAG_ALIASES.get(f.name, [])]
         env = f"LOTCAST_{f.name.upper()}"
         default = getattr(defaults, f.name)
         help_text = f"(env {env}; default {default!r})"
         if f.type == "bool":
-            parser.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
+            parser.add_argument(*flags, dest=f.name, action="store_true", default=None,
+                                help=help_text)
         elif f.type.startswith("list"):
-            parser.add_argument(flag, dest=f.name, action="append", default=None, help=help_text)
+            parser.add_argument(*flags, dest=f.name, action="append", default=None, help=help_text)
         else:
             kind: Any = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+            parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=help_text)
 
 
 def _settings_from(args: argparse.Namespace, names: list[str]) -> Settings:

@@ -50,6 +50,15 @@ class Settings:
     drain_timeout: float = 30.0
     node_id: str = ""
     log_level: str = "info"
+    # --- TLS (lotcast/tls.py) ---
+    # PEM certificate (chain) and key: the node serves HTTPS/WSS only (flags --cert/--key too).
+    # Renewed files are loaded without dropping connections, checked every tls_reload_interval s.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_reload_interval: float = 5.0
+    # PEM CA bundle trusted for this node's own HTTPS requests (WHEP pulls from the origin or a
+    # parent relay); empty = the system store.
+    ca_file: str = ""
     # --- Interactive layer (lotcast/interactive) ---
     # Per user per room token buckets, enforced in Redis across nodes (rate <= 0 disables).
     bid_rate: float = 5.0
@@ -93,7 +102,8 @@ class Settings:
             if value is not None:
                 setattr(settings, name, value)
         if not settings.public_url:
-            settings.public_url = f"http://{settings.host}:{settings.port}"
+            scheme = "https" if settings.tls_cert else "http"
+            settings.public_url = f"{scheme}://{settings.host}:{settings.port}"
         return settings
 
 
