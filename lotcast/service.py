@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
@@ -23,6 +24,7 @@ from lotcast.config import Settings
 from lotcast.media.aiortc_hooks import check_hooks, restrict_host_addresses
 from lotcast.netutil import bind_tcp
 from lotcast.supervisor import announce_ready
+from lotcast.tls import CertificateReloader, server_context
 from viewer_web import STATIC_DIR
 
 
@@ -69,9 +71,49 @@ def stats_route(collect: Callable[[], dict[str, Any]]) -> BaseRoute:
     return Route("/api/stats", stats)
 
 
+def ca_route(ca_file: str) -> BaseRoute:
+    async def ca(request: Request) -> Response:
+        return FileResponse(ca_file, media_type="application/x-x509-ca-cert",
+                            filename="lotcast-ca.crt")
+
+    return Route("/ca.crt", ca)
+
+
 def prepare_media(settings: Settings) -> None:
     check_hooks()
     restrict_host_addresses([settings.ice_ip])
+
+
+def prepare_tls(settings: Settings) -> CertificateReloader | None:
+    """The node's TLS context wrapped in its reloader, or None for plain HTTP.
+
+    `ca_file` becomes SSL_CERT_FILE, the CA bundle httpx (and Python's default contexts) verify
+    this process's own HTTPS requests against: the relay's WHEP pulls from an https origin or
+    parent relay.
+    """
+    if settings.ca_file:
+        os.environ["SSL_CERT_FILE"] = settings.ca_file
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise SystemExit("TLS needs both --cert (LOTCAST_TLS_CERT) and --key (LOTCAST_TLS_KEY)")
+    if not settings.tls_cert:
+        return None
+    try:
+        context = server_context(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"cannot load TLS certificate {settings.tls_cert} / key "
+                         f"{settings.tls_key}: {exc}") from exc
+    return CertificateReloader(context, settings.tls_cert, settings.tls_key,
+                               settings.tls_reload_interval)
+
+
+def node_url(settings: Settings, port: int) -> str:
+    """The public URL once the port is bound: a configured URL ending in ":0" gets the port."""
+    scheme = "https" if settings.tls_cert else "http"
+    if not settings.public_url:
+        return f"{scheme}://{settings.host}:{port}"
+    if settings.public_url.endswith(":0"):
+        return f"{settings.public_url[:-2]}:{port}"
+    return settings.public_url
 
 
 def run_service(kind: str, settings: Settings) -> None:
@@ -80,11 +122,11 @@ def run_service(kind: str, settings: Settings) -> None:
         format=f"%(asctime)s {kind} %(levelname)s %(name)s: %(message)s",
     )
     prepare_media(settings)
+    tls = prepare_tls(settings)
     sock = bind_tcp(settings.host, settings.port)
     port = sock.getsockname()[1]
     settings.port = port
-    if not settings.public_url or settings.public_url.endswith(":0"):
-        settings.public_url = f"http://{settings.host}:{port}"
+    settings.public_url = node_url(settings, port)
     if not settings.node_id:
         settings.node_id = f"{kind}-{settings.host}-{port}"
     app: Starlette
@@ -96,17 +138,23 @@ def run_service(kind: str, settings: Settings) -> None:
         from relay.app import create_app as create_relay_app
 
         app = create_relay_app(settings)
+    if tls is not None and settings.ca_file:
+        # A phone opens https://<node>/ca.crt (past one warning) to install the CA `up` made.
+        app.router.routes.insert(0, ca_route(settings.ca_file))
     config = uvicorn.Config(app, log_level=settings.log_level.lower(), lifespan="on",
                             ws="websockets-sansio", timeout_graceful_shutdown=5,
                             # one frame encoding shared by every socket needs no per-socket
                             # compression; client frames are small by protocol
-                            ws_per_message_deflate=False, ws_max_size=65536)
+                            ws_per_message_deflate=False, ws_max_size=65536,
+                            # the reloader's context, so renewals reach the live listener
+                            ssl_context_factory=(None if tls is None
+                                                 else lambda _config, _default: tls.context))
     server = DrainingServer(config, getattr(app.state, "drain", None))
     _use_uvloop()
     # Ctrl-C in a terminal (or `up` stopping its children) is a normal stop: uvicorn has shut
     # down cleanly by the time the interrupt surfaces, so no traceback
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(server, sock, kind, settings, app))
+        asyncio.run(_serve(server, sock, kind, settings, app, tls))
 
 
 def _use_uvloop() -> None:
@@ -165,15 +213,19 @@ class DrainingServer(uvicorn.Server):
 
 
 async def _serve(server: uvicorn.Server, sock: Any, kind: str, settings: Settings,
-                 app: Starlette) -> None:
+                 app: Starlette, tls: CertificateReloader | None) -> None:
     async def announce() -> None:
         while not server.started:  # noqa: ASYNC110 - uvicorn exposes no startup event
             await asyncio.sleep(0.02)
         announce_ready(kind=kind, url=settings.public_url, node_id=settings.node_id, pid=os.getpid())
 
     announcer = asyncio.ensure_future(announce())
+    if tls is not None:
+        tls.start()
     try:
         await server.serve(sockets=[sock])
     finally:
         announcer.cancel()
+        if tls is not None:
+            await tls.close()
 
