@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from lotcast.media.sdp import SdpError, check_offer, parse_trickle
 from lotcast.media.stream import MediaStream, StreamRouter
 from lotcast.media.upstream import NotLiveError
 from lotcast.tasks import cancel_and_wait
+from lotcast.turn import check_turn_settings, mint_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +176,7 @@ class WebRtcEndpoints:
         self.accept_publish = accept_publish
         self.accepting_viewers = accepting_viewers or (lambda: None)
         self.on_first_frame = on_first_frame
+        check_turn_settings(settings.turn_urls, settings.turn_secret, settings.turn_ttl)
 
     @property
     def routes(self) -> list[BaseRoute]:
@@ -194,9 +197,18 @@ class WebRtcEndpoints:
         return routes
 
     def _link_headers(self) -> dict[str, str]:
-        if not self.settings.ice_servers:
-            return {}
-        return {"Link": ", ".join(f'<{url}>; rel="ice-server"' for url in self.settings.ice_servers)}
+        """`Link: rel="ice-server"` (RFC 9725 §4.6): the configured STUN/TURN URLs, then the TURN
+        servers with a credential pair minted for this answer alone. The user part is random, not
+        the session id: STUN carries the username in clear, and a WHEP session URL is a capability.
+        """
+        links = [f'<{url}>; rel="ice-server"' for url in self.settings.ice_servers]
+        if self.settings.turn_urls:
+            s = self.settings
+            creds = mint_credentials(s.turn_secret, secrets.token_urlsafe(9), s.turn_ttl)
+            links += [f'<{url}>; rel="ice-server"; username="{creds.username}"; '
+                      f'credential="{creds.credential}"; credential-type="password"'
+                      for url in s.turn_urls]
+        return {"Link": ", ".join(links)} if links else {}
 
     async def options(self, request: Request) -> Response:
         # Allow: what this URL takes. Access-Control-Allow-Methods also covers the session
