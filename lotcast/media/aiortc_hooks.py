@@ -22,6 +22,7 @@ import pylibsrtp
 from aiortc import (
     MediaStreamTrack,
     RTCConfiguration,
+    RTCIceGatherer,
     RTCPeerConnection,
     RTCRtpCodecParameters,
     RTCRtpReceiver,
@@ -112,6 +113,11 @@ def check_hooks() -> None:
     ice_src = inspect.getsource(aioice.ice.Connection)
     if "self._nominated" not in ice_src:
         problems.append("aioice.ice.Connection._nominated")
+    if "self._connection = Connection(" not in inspect.getsource(RTCIceGatherer):
+        problems.append("RTCIceGatherer._connection")
+    pair_src = inspect.getsource(aioice.ice.CandidatePair)
+    if "self.remote_candidate = " not in pair_src or "def local_candidate" not in pair_src:
+        problems.append("aioice.ice.CandidatePair candidates")
     import asyncio.selector_events as selector_events
 
     selector_transport = getattr(selector_events, "_SelectorTransport", None)
@@ -191,6 +197,26 @@ def _refuse_oversize(unprotect: Callable[[bytes], bytes]) -> Callable[[bytes], b
 def negotiated_codecs(transceiver: RTCRtpTransceiver) -> list[RTCRtpCodecParameters]:
     """The media codecs (no RTX) a transceiver settled on, in preference order."""
     return [c for c in transceiver._codecs if not c.mimeType.lower().endswith("/rtx")]
+
+
+def selected_candidate_types(pc: RTCPeerConnection) -> tuple[str, str] | None:
+    """The (local, remote) ICE candidate types ("host", "srflx", "prflx", "relay") of the pair
+    ICE nominated for ``pc``'s media (bundled: the first transport), None until there is one."""
+    for transceiver in pc.getTransceivers():
+        dtls = transceiver.receiver.transport
+        if dtls is None:
+            continue
+        pair = dtls.transport._connection._nominated.get(1)
+        if pair is None:
+            return None
+        return pair.local_candidate.type, pair.remote_candidate.type
+    return None
+
+
+def relayed_through_turn(pc: RTCPeerConnection) -> bool:
+    """Does ``pc``'s media go through a TURN server (either side's candidate is a relay)?"""
+    types = selected_candidate_types(pc)
+    return types is not None and "relay" in types
 
 
 def restrict_host_addresses(addresses: list[str]) -> None:
