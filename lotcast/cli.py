@@ -24,6 +24,7 @@ from lotcast.devsecret import (
     read_secret,
     secret_path,
 )
+from lotcast.exposure import phone_hint, plan_exposure
 
 # Every Settings field is a flag on both services; these only mean something on a relay.
 RELAY_ONLY = {"origin_url", "max_viewers", "drain_timeout", "origin_fanout"}
@@ -79,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis-url", default=None,
                     help="use this Redis instead of starting one (env LOTCAST_REDIS_URL)")
     up.add_argument("--max-viewers", type=int, default=500)
+    tls = up.add_argument_group("HTTPS", "serve every node over HTTPS/WSS (automatic when "
+                                "--host is not a loopback address)")
+    tls.add_argument("--host", default="127.0.0.1",
+                     help="address the nodes listen on (0.0.0.0: every interface)")
+    tls.add_argument("--public-host", default=None,
+                     help="host name or address in the URLs (default: --host, or the first LAN "
+                     "address for 0.0.0.0)")
+    tls.add_argument("--tls", action="store_true",
+                     help="HTTPS with a certificate from a local CA kept in the data dir")
+    tls.add_argument("--cert", default=None, help="your PEM certificate (chain) instead")
+    tls.add_argument("--key", default=None, help="its PEM key")
+    tls.add_argument("--ca-file", default=None,
+                     help="CA bundle the nodes trust for their requests to each other")
 
     for name, names in SERVICE_FLAGS.items():
         p = sub.add_parser(name, help=f"run one {name} node",
@@ -151,6 +165,12 @@ def run_up(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         _log(f"cannot read or create the JWT secret: {exc}")
         return 1
+    try:
+        exposure = plan_exposure(data, args.host, args.public_host, args.tls, args.cert, args.key,
+                                 args.ca_file)
+    except (OSError, ValueError) as exc:
+        _log(f"cannot set up HTTPS: {exc}")
+        return 1
     supervisor = Supervisor(_log)
     stop = threading.Event()
 
@@ -165,8 +185,9 @@ def run_up(args: argparse.Namespace) -> int:
             redis = RedisServer(data_dir=data / "redis", supervised=True)
             supervisor.start(redis)
             redis_url = redis.url
-        env = {"LOTCAST_JWT_SECRET": secret, "LOTCAST_REDIS_URL": redis_url}
-        origin = ServiceProcess("broadcaster", ["--port", str(args.broadcaster_port)],
+        env = {"LOTCAST_JWT_SECRET": secret, "LOTCAST_REDIS_URL": redis_url, **exposure.env()}
+        origin = ServiceProcess("broadcaster", ["--port", str(args.broadcaster_port),
+                                                *exposure.url_args(args.broadcaster_port)],
                                 env=env, echo=True, supervised=True)
         supervisor.start(origin)
         relays: list[ServiceProcess] = []
@@ -174,7 +195,7 @@ def run_up(args: argparse.Namespace) -> int:
             port = args.relay_port + i if args.relay_port else 0
             relay = ServiceProcess("relay", ["--port", str(port), "--origin-url", origin.url,
                                              "--max-viewers", str(args.max_viewers),
-                                             "--node-id", f"relay-{i}"],
+                                             "--node-id", f"relay-{i}", *exposure.url_args(port)],
                                    env=env, echo=True, name=f"relay-{i}", supervised=True)
             supervisor.start(relay)
             relays.append(relay)
@@ -197,6 +218,11 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"  Host token:   {host_token}")
         print(f"  JWT secret:   {secret_note}")
         print(f"  Mint more:    lotcast token bidder --name Alice --data-dir {data}")
+        for note in exposure.notes:
+            print(f"  HTTPS:        {note}")
+        hint = phone_hint(exposure, origin.url)
+        if hint:
+            print(f"  On a phone:   {hint}")
         print("Press Ctrl-C to stop (a child that exits is restarted on the same port).", flush=True)
         supervisor.run(stop)
         return 0
