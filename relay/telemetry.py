@@ -18,9 +18,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from lotcast.media.aiortc_hooks import relayed_through_turn
 from lotcast.media.endpoints import SessionTable
 from lotcast.media.forwarder import TrackForwarder
-from lotcast.media.peer import EgressSession
+from lotcast.media.peer import EgressSession, IngestSession, PeerSession
 from lotcast.media.stream import StreamRouter
 from lotcast.ops.metrics import EgressRate, NodeMetrics
 from lotcast.ops.node import NodeInfo
@@ -124,10 +125,15 @@ class MediaTelemetry:
         m.viewers.set(self._viewers())
         m.streams.set(len(self.router))
         m.sockets.set(self._websockets())
+        m.turn_viewers.set(self._through_turn(EgressSession))
+        m.turn_publishers.set(self._through_turn(IngestSession))
         if self.last_node is not None and self.last_node.capacity > 0:
             m.relay_load_ratio.set(self._viewers() / self.last_node.capacity)
         if self._udp_sockets is not None:
             self.udp_gauge.set(self._udp_sockets())
+
+    def _through_turn(self, kind: type[PeerSession]) -> int:
+        return sum(1 for s in self.sessions.sessions(kind) if relayed_through_turn(s.pc))
 
     async def endpoint(self, request: Request) -> Response:
         self.sample()

@@ -43,6 +43,8 @@ class NodeMetrics:
     - interactive layer: `sockets.set(n)` or inc/dec, `outbox_drops.inc()` when a message is
       dropped or a slow socket is cut for a full outbox, `bid_ack_latency_seconds.observe(s)`
       (bid received to personal ack sent);
+    - telemetry (each heartbeat and scrape): `turn_viewers` / `turn_publishers`, the sessions
+      whose nominated ICE pair has a relay candidate (a TURN allocation) on either side;
     - heartbeat (relay app, once per interval): `update_load(registry_snapshot)` sets viewers,
       streams, egress bits/s, capacity, load ratio and draining.
     """
@@ -89,6 +91,16 @@ class NodeMetrics:
             "lotcast_first_frame_seconds",
             "Time from a viewer's WHEP request to its first keyframe sent.",
             buckets=FIRST_FRAME_BUCKETS,
+            registry=r,
+        )
+        self.turn_viewers = Gauge(
+            "lotcast_turn_viewers",
+            "WHEP sessions (viewers, child relays) whose media goes through a TURN server.",
+            registry=r,
+        )
+        self.turn_publishers = Gauge(
+            "lotcast_turn_publishers",
+            "WHIP publishers whose media goes through a TURN server.",
             registry=r,
         )
         self.sockets = Gauge(
