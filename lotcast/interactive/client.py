@@ -1,4 +1,5 @@
-"""A Python reference client of docs/protocol.md: RoomState (pure reducer) and RoomClient (I/O).
+"""A Python reference client of docs/protocol.md: RoomState (pure reducer), RoomClient (over a
+WebSocket) and HttpRoomClient (over the HTTP fallback transport).
 
 Used by the tests and load tools; a browser client follows the same rules.
 """
@@ -12,9 +13,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import websockets
 
-from lotcast.interactive.protocol import decode_server_frame, encode_client
+from lotcast.interactive.protocol import (
+    SESSION_HEADER,
+    decode_server_frame,
+    encode_client,
+    split_records,
+)
 
 LOG_EVENT_LOT_FIELDS = ("price", "leader", "leader_name", "next_min", "bids", "reserve_met",
                         "ends_at")
@@ -183,3 +190,160 @@ class RoomClient:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
+
+
+class HttpRoomClient:
+    """The same protocol over the HTTP fallback: one stream response, one POST per message."""
+
+    def __init__(self, base_url: str, room: str, token: str | None = None) -> None:
+        self.base = base_url.rstrip("/")
+        self.room = room
+        self.token = token
+        self.state = RoomState()
+        self.welcome: dict[str, Any] = {}
+        self.received: list[tuple[float, dict[str, Any]]] = []
+        self.records: list[bytes] = []  # every record payload as received (b"": keepalive)
+        self.session_id: str | None = None
+        self.stream_status: int | None = None
+        self.close_code: int | None = None  # from the `close` record
+        self.ended = False  # the stream ended (with or without a `close` record)
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None))
+        self._response: httpx.Response | None = None
+        self._cids = itertools.count(1)
+        self._waiting: dict[Any, asyncio.Future[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self._session = asyncio.Event()
+
+    @property
+    def stream_url(self) -> str:
+        return f"{self.base}/room/{self.room}/stream"
+
+    @property
+    def send_url(self) -> str:
+        return f"{self.base}/room/{self.room}/send"
+
+    async def open(self, first: bytes = b"") -> httpx.Response:
+        """Open the stream with `first` as its body; returns once the response headers are in
+        (and, for a 200, once the session record arrived)."""
+        request = self._http.build_request("POST", self.stream_url, content=first)
+        self._response = await self._http.send(request, stream=True)
+        self.stream_status = self._response.status_code
+        if self._response.status_code == 200:
+            self._reader = asyncio.create_task(self._read(self._response))
+            await asyncio.wait_for(self._session.wait(), 10.0)
+        return self._response
+
+    async def connect(self, resume: tuple[str, int] | None = None, **hello: Any) -> dict[str, Any]:
+        fields: dict[str, Any] = dict(hello)
+        if self.token:
+            fields.setdefault("token", self.token)
+        if resume is not None:
+            self.state.epoch, self.state.offset = resume
+            fields["epoch"], fields["offset"] = resume
+        cid = f"c{next(self._cids)}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[cid] = future
+        try:
+            response = await self.open(encode_client("hello", cid=cid, **fields))
+            if response.status_code != 200:
+                raise ConnectionError(f"stream refused: {response.status_code}")
+            self.welcome = await asyncio.wait_for(future, 10.0)
+        finally:
+            self._waiting.pop(cid, None)
+        return self.welcome
+
+    async def post(self, body: bytes, session: str | None = None,
+                   headers: dict[str, str] | None = None) -> httpx.Response:
+        sent = {SESSION_HEADER: session if session is not None else (self.session_id or "")}
+        return await self._http.post(self.send_url, content=body, headers={**sent,
+                                                                           **(headers or {})})
+
+    async def send_raw(self, frame: bytes) -> httpx.Response:
+        return await self.post(frame)
+
+    async def request(self, kind: str, within: float = 10.0, **fields: Any) -> dict[str, Any]:
+        cid = f"c{next(self._cids)}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[cid] = future
+        try:
+            response = await self.post(encode_client(kind, cid=cid, **fields))
+            if response.status_code != 202:
+                raise ConnectionError(f"POST refused: {response.status_code} {response.text}")
+            return await asyncio.wait_for(future, within)
+        finally:
+            self._waiting.pop(cid, None)
+
+    async def next_reply(self, within: float = 10.0) -> dict[str, Any]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[None] = future
+        try:
+            return await asyncio.wait_for(future, within)
+        finally:
+            self._waiting.pop(None, None)
+
+    async def wait_for(self, predicate: Any, within: float = 10.0) -> None:
+        async with asyncio.timeout(within):
+            while not predicate(self.state):
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def _read(self, response: httpx.Response) -> None:
+        buffer = bytearray()
+        try:
+            async for chunk in response.aiter_raw():
+                buffer += chunk
+                now = time.time()
+                for record in split_records(buffer):
+                    self.records.append(record)
+                    for msg in decode_server_frame(record) if record else []:
+                        self._on_message(now, msg)
+                self._changed.set()
+        except (httpx.HTTPError, OSError):
+            pass
+        finally:
+            self.ended = True
+            self._changed.set()
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(ConnectionError(f"stream ended ({self.close_code})"))
+
+    def _on_message(self, now: float, msg: dict[str, Any]) -> None:
+        self.received.append((now, msg))
+        kind = msg["type"]
+        if kind == "session":
+            self.session_id = msg["session"]
+            self._session.set()
+            return
+        if kind == "close":
+            self.close_code = msg["code"]
+            return
+        if kind in ("ack", "error", "pong", "welcome"):
+            future = self._waiting.get(msg.get("cid")) or self._waiting.get(None)
+            if future is not None and not future.done():
+                future.set_result(msg)
+            if kind != "welcome":
+                return
+        self.state.apply(msg)
+
+    async def wait_closed(self, within: float = 10.0) -> int | None:
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._reader), within)
+        return self.close_code
+
+    async def drop(self) -> None:
+        """End the stream from this side (as a network drop would); the client stays usable."""
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+            self._reader = None
+        if self._response is not None:
+            await self._response.aclose()
+            self._response = None
+        self._session.clear()
+
+    async def close(self) -> None:
+        await self.drop()
+        await self._http.aclose()

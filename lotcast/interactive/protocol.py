@@ -2,6 +2,8 @@
 
 Client frames: one binary WebSocket frame holds exactly one msgpack map.
 Server frames: one binary frame holds one or more msgpack maps back to back (batched sends).
+HTTP fallback transport: the same frames, as length-prefixed records of one response stream
+(server -> client) and one POST body per client message (docs/protocol.md, "HTTP fallback").
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ MAX_DURATION_MS = 24 * 3600 * 1000
 MAX_EXTEND_MS = 3600 * 1000
 MAX_INCREMENT_ROWS = 20
 MAX_TOKEN_CHARS = 4096
+TRANSPORT_CAP_BYTES = 64 * 1024  # the most a transport reads of one client message
+
+# HTTP fallback: each record of the stream is a 4-byte big-endian payload length, then the payload
+RECORD_HEADER_BYTES = 4
+KEEPALIVE_RECORD = bytes(RECORD_HEADER_BYTES)  # length 0: nothing but "still here"
+STREAM_CONTENT_TYPE = "application/vnd.lotcast.room-stream"
+SESSION_HEADER = "Lotcast-Session"
 
 
 class CloseCode(enum.IntEnum):
@@ -460,3 +469,34 @@ def decode_server_frame(frame: bytes) -> list[dict[str, Any]]:
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
     unpacker.feed(frame)
     return list(unpacker)
+
+
+# --- HTTP fallback transport ------------------------------------------------------------------
+
+def encode_session(*, session: str, keepalive_ms: int) -> bytes:
+    """The first record of an HTTP stream: the id its POSTs must carry."""
+    return _pack({"type": "session", "session": session, "keepalive_ms": keepalive_ms,
+                  "version": PROTOCOL_VERSION})
+
+
+def encode_close(*, code: int, reason: str) -> bytes:
+    """The last record of an HTTP stream the server ends: a WebSocket close code and reason."""
+    return _pack({"type": "close", "code": code, "reason": reason})
+
+
+def stream_record(payload: bytes) -> bytes:
+    """One record of the HTTP stream: the payload (a server frame, unchanged) behind its length."""
+    return len(payload).to_bytes(RECORD_HEADER_BYTES, "big") + payload
+
+
+def split_records(buffer: bytearray) -> list[bytes]:
+    """Take every complete record off the front of `buffer` (tests and Python clients); a
+    keepalive record yields b""."""
+    out: list[bytes] = []
+    while len(buffer) >= RECORD_HEADER_BYTES:
+        size = int.from_bytes(buffer[:RECORD_HEADER_BYTES], "big")
+        if len(buffer) < RECORD_HEADER_BYTES + size:
+            break
+        out.append(bytes(buffer[RECORD_HEADER_BYTES:RECORD_HEADER_BYTES + size]))
+        del buffer[:RECORD_HEADER_BYTES + size]
+    return out

@@ -23,12 +23,14 @@ from lotcast.auth import TokenAuthority
 from lotcast.config import Settings
 from lotcast.ids import STREAM_ID_RULE, is_valid_stream_id
 from lotcast.interactive.functions import RoomFunctions
+from lotcast.interactive.httpstream import AsgiEndpoint, HttpRoomEndpoints
 from lotcast.interactive.hub import RoomHub, RoomSubscriptions
 from lotcast.interactive.polls import PollStore
 from lotcast.interactive.protocol import CloseCode
 from lotcast.interactive.roomlog import RoomLog
 from lotcast.interactive.session import ClientSession, InteractiveStats, SessionDeps
 from lotcast.interactive.store import AuctionStore, RateLimit
+from lotcast.interactive.transport import RoomTransport, WebSocketTransport
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,9 @@ class InteractiveService:
         self._redis: aioredis.Redis | None = None
         self._subscriptions: RoomSubscriptions | None = None
         self._deps: SessionDeps | None = None
+        # the HTTP fallback transport; `http.count_observers` get its open stream count
+        self.http = HttpRoomEndpoints(self.run_session,
+                                      lambda: self.state is ServiceState.RUNNING, self.stats)
 
     def _set_state(self, new: ServiceState) -> None:
         log.debug("interactive service %s: %s -> %s", self.node_id, self.state.value, new.value)
@@ -71,7 +76,10 @@ class InteractiveService:
 
     @property
     def routes(self) -> list[BaseRoute]:
+        methods = ["POST", "OPTIONS"]
         return [WebSocketRoute("/ws/{room}", self._ws_endpoint),
+                Route("/room/{room}/stream", AsgiEndpoint(self.http.stream), methods=methods),
+                Route("/room/{room}/send", AsgiEndpoint(self.http.post), methods=methods),
                 Route("/interactive/stats", self._stats_endpoint)]
 
     def _bid_acked(self, seconds: float) -> None:
@@ -142,12 +150,19 @@ class InteractiveService:
         if self.state is not ServiceState.RUNNING or self._deps is None:
             await websocket.close(code=int(CloseCode.GOING_AWAY), reason="not serving")
             return
-        session = ClientSession(websocket, room, self._deps)
+        await self.run_session(WebSocketTransport(websocket), room)
+
+    async def run_session(self, transport: RoomTransport, room: str) -> ClientSession | None:
+        """Serve one client connection of `room` (any transport) until it ends."""
+        if self.state is not ServiceState.RUNNING or self._deps is None:
+            return None
+        session = ClientSession(transport, room, self._deps)
         self._sessions.add(session)
         try:
             await session.run()
         finally:
             self._sessions.discard(session)
+        return session
 
     async def _stats_endpoint(self, request: Request) -> JSONResponse:
         body = asdict(self.stats)

@@ -1,4 +1,6 @@
-"""ClientSession: one viewer's WebSocket, from hello to close. Explicit state machine."""
+"""ClientSession: one viewer's room connection (WebSocket or HTTP fallback), from hello to close.
+
+Explicit state machine; the transport (transport.py, httpstream.py) only moves frames."""
 
 from __future__ import annotations
 
@@ -12,18 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
-from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from lotcast.auth import ANONYMOUS, AuthError, Identity, Role, TokenAuthority
 from lotcast.config import Settings
-from lotcast.interactive import frameguard
 from lotcast.interactive import protocol as p
 from lotcast.interactive.hub import RoomHub
-from lotcast.interactive.outbox import Outbox, abort_transport, direct_writer
+from lotcast.interactive.outbox import Outbox
 from lotcast.interactive.polls import PollStore
 from lotcast.interactive.ratelimit import FloodGuard
 from lotcast.interactive.roomlog import HistoryGone, RoomLog
 from lotcast.interactive.store import AuctionStore
+from lotcast.interactive.transport import Inbound, RoomTransport, TransportClosed
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ _TRANSITIONS = {
 
 @dataclass
 class InteractiveStats:
-    sockets: int = 0
+    sockets: int = 0  # open sessions, every transport
+    http_sessions: int = 0  # of which on the HTTP fallback transport
+    http_sessions_opened: int = 0
     direct_writer_sockets: int = 0  # sockets that got the synchronous fan-out write path
     slow_disconnects: int = 0
     flood_disconnects: int = 0
@@ -79,24 +82,22 @@ class SessionDeps:
 
 
 class ClientSession:
-    def __init__(self, websocket: WebSocket, room: str, deps: SessionDeps) -> None:
-        self.ws = websocket
+    def __init__(self, transport: RoomTransport, room: str, deps: SessionDeps) -> None:
+        self.transport = transport
         self.room = room
         self.deps = deps
         self.state = SessionState.AWAITING_HELLO
         self.identity: Identity = ANONYMOUS
         self.hub: RoomHub | None = None
-        direct = direct_writer(websocket)
-        if direct is not None:
+        if transport.direct is not None:
             deps.stats.direct_writer_sockets += 1
-        self.outbox = Outbox(websocket.send_bytes, deps.settings.ws_outbox_bytes, direct)
+        self.outbox = Outbox(transport.send, deps.settings.ws_outbox_bytes, transport.direct)
         self.flood = FloodGuard(deps.settings.ws_msg_rate, deps.settings.ws_msg_burst)
         self._held: list[bytes] = []
         self._held_bytes = 0
         self._close_code: p.CloseCode | None = None
         self._close_reason = ""
         self._closing = asyncio.Event()
-        self._guard: frameguard.FrameGuard | None = None
 
     def _set_state(self, new: SessionState) -> None:
         if new is self.state:
@@ -127,9 +128,12 @@ class ClientSession:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def close_code(self) -> p.CloseCode | None:
+        return self._close_code
+
     async def run(self) -> None:
-        self._guard = frameguard.install(self.ws)
-        await self.ws.accept()
+        await self.transport.accept()
         self.deps.stats.sockets += 1
         self.outbox.start()
         receiver = asyncio.create_task(self._receive_loop(), name="ws-receive")
@@ -157,12 +161,7 @@ class ClientSession:
             await self.outbox.flush(within=1.0)  # let the error explaining the close go out
         await self.outbox.close()
         if code is not None:
-            try:
-                await asyncio.wait_for(self.ws.close(int(code), self._close_reason), timeout=1.0)
-            except (TimeoutError, Exception):
-                abort_transport(self.ws)  # the peer is not reading; its buffer would never drain
-            if code is p.CloseCode.MESSAGE_TOO_BIG and self._guard is not None:
-                self._guard.finish()
+            await self.transport.close(code, self._close_reason)
         self.deps.stats.sockets -= 1
         self._set_state(SessionState.CLOSED)
 
@@ -172,22 +171,20 @@ class ClientSession:
             try:
                 if self.state is SessionState.AWAITING_HELLO:
                     remaining = hello_deadline - asyncio.get_running_loop().time()
-                    message = await asyncio.wait_for(self.ws.receive(), max(0.0, remaining))
+                    inbound = await asyncio.wait_for(self.transport.receive(),
+                                                     max(0.0, remaining))
                 else:
-                    message = await self.ws.receive()
+                    inbound = await self.transport.receive()
             except TimeoutError:
                 self.close_soon(p.CloseCode.HELLO_TIMEOUT, "no hello")
                 return
-            except (WebSocketDisconnect, RuntimeError):
+            except TransportClosed:
                 return
-            if message["type"] == "websocket.disconnect":
-                return
-            oversize = message.get(frameguard.OVERSIZE)
-            if oversize is not None:
-                self._refuse_oversize(str(oversize))
+            if inbound.oversize is not None and inbound.fatal:
+                self._refuse_oversize(inbound.oversize)
                 return
             try:
-                await self._handle(self._admit(message.get("bytes")))
+                await self._handle(self._admit(inbound))
             except (RedisError, OSError) as exc:
                 log.warning("room %s: storage failed during hello: %r", self.room, exc)
                 self.close_soon(p.CloseCode.INTERNAL_ERROR, "storage unavailable")
@@ -204,13 +201,18 @@ class ClientSession:
             if self._closing.is_set():
                 return
 
-    def _admit(self, frame: bytes | None) -> p.ClientMessage:
+    def _admit(self, inbound: Inbound) -> p.ClientMessage:
         """Parse one frame and apply the per-connection flood guard (which counts every frame).
 
         The frame is parsed first so that a `rate_limited` refusal carries its cid and type."""
         msg: p.ClientMessage | None = None
         refused: p.ProtocolError | None = None
-        if frame is None:
+        frame = inbound.data
+        if inbound.oversize is not None:
+            refused = p.ProtocolError(
+                p.ErrorCode.TOO_LARGE, f"message over {self._cap_text()} ({inbound.oversize}); "
+                "refused unread")
+        elif frame is None:
             refused = p.ProtocolError(p.ErrorCode.BAD_FRAME,
                                       "text frames are not accepted; send binary msgpack")
         else:
@@ -234,11 +236,13 @@ class ClientSession:
         """A message over the transport cap: the connection cannot go on reading (the rest of
         that message is unread). Every reply owed so far is already queued; this error follows
         them, then close 1009."""
-        cap = self._guard.transport_cap if self._guard is not None else None
-        limit = f"the {cap}-byte transport limit" if cap else "the transport limit"
         self._send_error(p.ProtocolError(
-            p.ErrorCode.TOO_LARGE, f"message over {limit} ({detail}); closing with 1009"))
+            p.ErrorCode.TOO_LARGE, f"message over {self._cap_text()} ({detail}); closing with 1009"))
         self.close_soon(p.CloseCode.MESSAGE_TOO_BIG, "message too big")
+
+    def _cap_text(self) -> str:
+        cap = self.transport.transport_cap
+        return f"the {cap}-byte transport limit" if cap else "the transport limit"
 
     # --- messages ----------------------------------------------------------------------------
 
@@ -331,7 +335,7 @@ class ClientSession:
             self._ack(msg, poll=result["poll"], offset=result["offset"])
 
     async def _hello(self, msg: p.Hello) -> None:
-        token = msg.token or self.ws.query_params.get("token")
+        token = msg.token or self.transport.token_param
         if token:
             try:
                 self.identity = self.deps.authority.verify(token)
