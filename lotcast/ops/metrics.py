@@ -40,7 +40,8 @@ class NodeMetrics:
     - relay media path: `forwarded_packets.inc(n)`, `nacks_served.inc(n)`,
       `plis_sent_upstream.inc()`, `egress_bytes.inc(n)`, `first_frame_seconds.observe(s)` (time
       from WHEP POST to the first keyframe sent to that viewer);
-    - interactive layer: `sockets.set(n)` or inc/dec, `outbox_drops.inc()` when a message is
+    - interactive layer: `sockets.set(n)` or inc/dec, `room_http_sessions.set(n)` (append it to
+      `InteractiveService.http.count_observers`), `outbox_drops.inc()` when a message is
       dropped or a slow socket is cut for a full outbox, `bid_ack_latency_seconds.observe(s)`
       (bid received to personal ack sent);
     - telemetry (each heartbeat and scrape): `turn_viewers` / `turn_publishers`, the sessions
@@ -105,6 +106,12 @@ class NodeMetrics:
         )
         self.sockets = Gauge(
             "lotcast_websockets", "Open interactive WebSocket connections.", registry=r
+        )
+        self.room_http_sessions = Gauge(
+            "lotcast_room_http_sessions",
+            "Interactive sessions on the HTTP fallback transport (no WebSocket); also counted in "
+            "lotcast_websockets.",
+            registry=r,
         )
         self.outbox_drops = Counter(
             "lotcast_outbox_drops", "Messages dropped for a full socket outbox.", registry=r
