@@ -42,6 +42,8 @@ from aiortc.rtp import (
 )
 from pylibsrtp import _binding as pylibsrtp_binding
 
+from lotcast.media.native import NativeTarget
+
 _JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
 _SR_FIELDS = (
     "_RTCRtpSender__ntp_timestamp",
@@ -132,6 +134,16 @@ def check_hooks() -> None:
         problems.append("pylibsrtp.Session buffer limit")
     if not hasattr(pylibsrtp, "SRTP_MAX_TRAILER_LEN"):
         problems.append("pylibsrtp.SRTP_MAX_TRAILER_LEN")
+    # the native fan-out calls srtp_protect through its address: the C side assumes this ABI
+    try:
+        signature = pylibsrtp_binding.ffi.getctype(pylibsrtp_binding.ffi.typeof(
+            pylibsrtp_binding.lib.srtp_protect))
+        status = pylibsrtp_binding.ffi.typeof("srtp_err_status_t")
+        if (signature != _SRTP_PROTECT_CTYPE or status.kind != "enum"
+                or pylibsrtp_binding.ffi.sizeof(status) != 4 or not srtp_protect_address()):
+            problems.append(f"pylibsrtp srtp_protect signature {signature!r}")
+    except (AttributeError, TypeError) as exc:
+        problems.append(f"pylibsrtp srtp_protect address ({exc})")
     if problems:
         raise HookError("aiortc/aioice internals changed: " + ", ".join(problems))
 
@@ -315,7 +327,7 @@ def fast_protect(session: Any) -> Callable[[bytes], bytes]:
     limit = len(cdata) - pylibsrtp.SRTP_MAX_TRAILER_LEN
     length = ffi.new("int *")
 
-    def protect(data: bytes) -> bytes:
+    def protect(data: bytes, _session: Any = session) -> bytes:  # holds the srtp_t alive
         size = len(data)
         if size > limit:
             raise ValueError(f"RTP packet of {size} bytes exceeds the {limit}-byte SRTP buffer")
@@ -328,6 +340,30 @@ def fast_protect(session: Any) -> Callable[[bytes], bytes]:
     return protect
 
 
+_SRTP_PROTECT_CTYPE = "srtp_err_status_t(*)(struct srtp_ctx_t_ *, void *, int *)"
+
+
+def srtp_protect_address() -> int:
+    """Address of srtp_protect in the libsrtp that pylibsrtp ships (for the native path)."""
+    ffi, lib = pylibsrtp_binding.ffi, pylibsrtp_binding.lib
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, "srtp_protect")))
+
+
+def native_target(session: Any, fd: int, addr: tuple[Any, ...]) -> NativeTarget:
+    """Everything the native fan-out needs to protect and send for one sink: the session's
+    srtp_t (kept alive through the target), its buffer limit as `fast_protect` computes it,
+    the socket's fd and the destination address (IPv4, IPv6 with scope, or an AF_UNIX path)."""
+    ffi = pylibsrtp_binding.ffi
+    srtp = int(ffi.cast("uintptr_t", session._srtp[0]))
+    limit = len(session._cdata) - pylibsrtp.SRTP_MAX_TRAILER_LEN
+    if isinstance(addr, str):
+        host, port, scope_id = addr, 0, 0
+    else:
+        host, port = str(addr[0]), int(addr[1])
+        scope_id = int(addr[3]) if len(addr) >= 4 else 0
+    return NativeTarget(srtp_protect_address(), srtp, fd, host, port, scope_id, limit, (session,))
+
+
 class PacketSender:
     """Sends already-built RTP on one peer connection: SRTP protect, then UDP sendto.
 
@@ -336,7 +372,7 @@ class PacketSender:
     a full socket buffer raises BlockingIOError, which callers count as a loss, as UDP would.
     """
 
-    __slots__ = ("_dtls", "_transport", "addr", "protect", "sendto")
+    __slots__ = ("_dtls", "_transport", "addr", "native", "protect", "sendto")
 
     def __init__(self, dtls: RTCDtlsTransport) -> None:
         self._dtls = dtls
@@ -344,6 +380,8 @@ class PacketSender:
         self.protect: Callable[[bytes], bytes] | None = None
         self.sendto: Callable[[bytes, Any], Any] | None = None
         self.addr: tuple[str, int] | None = None
+        # what the native fan-out needs (None: this sink stays on the Python path)
+        self.native: NativeTarget | None = None
 
     def alive(self) -> bool:
         """The transport can still carry packets (a failed send on a live one is one lost
@@ -368,6 +406,11 @@ class PacketSender:
         self.protect = fast_protect(srtp)
         self.sendto = sock.sendto if sock is not None else transport.sendto
         self.addr = pair.remote_addr
+        # the UDP socket under either transport; the C loop sends on its fd and checks, per
+        # send, that the fd still is this socket (not a closed one's number reused)
+        raw = sock if sock is not None else transport.get_extra_info("socket")
+        fd = raw.fileno() if raw is not None else -1
+        self.native = native_target(srtp, fd, pair.remote_addr) if fd >= 0 else None
         return True
 
     def send(self, packet: bytes) -> None:

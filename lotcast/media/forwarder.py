@@ -2,7 +2,10 @@
 
 One source (a publisher's or an upstream's receiver) feeds a TrackForwarder; every viewer is a
 ForwardSink on it. Each source packet is rewritten once (output SSRC, continuous seq/timestamp,
-payload type, no header extensions) and then only SRTP-protected and sent per viewer. Joining
+payload type, no header extensions) and then only SRTP-protected and sent per viewer: by the
+native fan-out (lotcast/media/native.py: one C call per packet per payload-type group) for every
+sink whose sender has a native target, else by the Python loop here (the fallback when the
+extension is missing or LOTCAST_NATIVE_FANOUT=0; both produce the same SRTP bytes). Joining
 video viewers wait for the next key frame; NACKs are answered from a shared history; PLI/FIR
 from any number of viewers collapse into one throttled upstream request.
 """
@@ -20,6 +23,7 @@ from aiortc import RTCRtpCodecParameters, RTCRtpSender
 from aiortc.clock import current_ntp_time
 from aiortc.rtp import RtpPacket
 
+from lotcast.media import native
 from lotcast.media.aiortc_hooks import PacketSender, set_sender_report
 from lotcast.media.rtp import SequenceMapper, build_packet, keyframe_detector, with_payload_type
 
@@ -35,6 +39,26 @@ GOP_CACHE_PACKETS = 400
 ERROR_LOG_INTERVAL = 5.0  # seconds between log lines about failed sends of one track
 
 SendEntry = tuple[Callable[[bytes], bytes], Callable[[bytes, Any], None], Any]
+
+
+class SendGroup:
+    """The sinks of one payload type, prepared for the per-packet loop: a native SinkSet for
+    those with a native target, Python (protect, sendto, addr) entries for the rest."""
+
+    __slots__ = ("entries", "native", "native_sinks", "payload_type", "sinks")
+
+    def __init__(self, payload_type: int, rewrite: bool, sinks: list[ForwardSink],
+                 use_native: bool) -> None:
+        self.payload_type = payload_type
+        on_native = [s for s in sinks if use_native and s.native_target() is not None]
+        on_python = [s for s in sinks if not (use_native and s.native_target() is not None)]
+        self.native: native.SinkSet | None = None
+        if on_native:
+            targets = [t for t in (s.native_target() for s in on_native) if t is not None]
+            self.native = native.SinkSet(targets, payload_type if rewrite else None)
+        self.native_sinks = tuple(on_native)
+        self.entries = tuple(s.entry() for s in on_python)
+        self.sinks = tuple(on_python)
 
 
 class ForwardSink:
@@ -59,6 +83,9 @@ class ForwardSink:
         assert ps.protect is not None and ps.sendto is not None
         return (ps.protect, ps.sendto, ps.addr)
 
+    def native_target(self) -> native.NativeTarget | None:
+        return getattr(self.packet_sender, "native", None)
+
 
 class TrackForwarder:
     """Source packets in, per-viewer SRTP out, for one kind of one stream."""
@@ -73,7 +100,7 @@ class TrackForwarder:
         self._base_pt: int = codec.payloadType
         self._sinks: list[ForwardSink] = []
         self._waiting: list[ForwardSink] = []
-        self._groups: tuple[tuple[int, tuple[SendEntry, ...], tuple[ForwardSink, ...]], ...] = ()
+        self._groups: tuple[SendGroup, ...] = ()
         self._history: list[bytes | None] = [None] * HISTORY_SIZE
         self._history_seq: list[int] = [-1] * HISTORY_SIZE
         self._pending: deque[tuple[bytes, bool]] = deque()
@@ -92,6 +119,7 @@ class TrackForwarder:
         self.packets_in = 0
         self.octets_in = 0
         self.packets_sent = 0
+        self.native_packets_sent = 0  # of packets_sent, those sent by the native fan-out
         self.nack_packets_served = 0
         self.send_drops = 0
         self.send_errors = 0
@@ -155,9 +183,9 @@ class TrackForwarder:
         for sink in self._sinks:
             if not sink.waiting_keyframe and not sink.closed:
                 by_pt.setdefault(sink.payload_type, []).append(sink)
-        self._groups = tuple(
-            (pt, tuple(s.entry() for s in sinks), tuple(sinks)) for pt, sinks in by_pt.items()
-        )
+        use_native = native.enabled()
+        self._groups = tuple(SendGroup(pt, pt != self._base_pt, sinks, use_native)
+                             for pt, sinks in by_pt.items())
 
     def _admit_waiting(self) -> None:
         for sink in self._waiting:
@@ -227,7 +255,19 @@ class TrackForwarder:
                     self._gop.append(data)
                 else:
                     self._gop = None
-            for pt, entries, sinks in self._groups:
+            for group in self._groups:
+                sink_set = group.native
+                if sink_set is not None:
+                    result = sink_set.send(data)
+                    if result is not None:
+                        self._native_failed(group, result)
+                    budget -= sink_set.size
+                    self.packets_sent += sink_set.size
+                    self.native_packets_sent += sink_set.size
+                entries = group.entries
+                if not entries:
+                    continue
+                pt = group.payload_type
                 out = data if pt == self._base_pt else with_payload_type(data, pt)
                 for index, (protect, sendto, addr) in enumerate(entries):
                     try:
@@ -235,13 +275,21 @@ class TrackForwarder:
                     except BlockingIOError:  # socket buffer full: a loss, as on the wire
                         self.send_drops += 1
                     except Exception as exc:  # one bad packet or dying peer must not stop the others
-                        self._send_failed(sinks[index], exc)
+                        self._send_failed(group.sinks[index], exc)
                 budget -= len(entries)
                 self.packets_sent += len(entries)
         if pending:
             self._drain_scheduled = True
             assert self._loop is not None
             self._loop.call_soon(self._drain)
+
+    def _native_failed(self, group: SendGroup, result: native.SendResult) -> None:
+        """Apply the Python path's rules to what the native call reports."""
+        assert result is not None
+        drops, failures = result
+        self.send_drops += drops
+        for index, kind, code in failures:
+            self._send_failed(group.native_sinks[index], native.failure_exception(kind, code))
 
     def _send_failed(self, sink: ForwardSink, exc: Exception) -> None:
         """A send raised. Only a dead transport loses its sink; anything else (a packet the

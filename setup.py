@@ -1,0 +1,19 @@
+"""Build config beyond pyproject.toml: the optional native fan-out extension.
+
+`optional=True`: a machine without a C compiler or the Python headers still installs lotcast,
+and the forwarder falls back to its pure-Python path (lotcast/media/native.py).
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "lotcast.media._fanout",
+            sources=["lotcast/media/_fanout.c"],
+            extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra",
+                                "-Wno-missing-field-initializers"],
+            optional=True,
+        )
+    ],
+)
