@@ -214,6 +214,8 @@ class HttpRoomClient:
         self._reader: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._session = asyncio.Event()
+        # ack/error/pong that no request waited for, in arrival order (for raw POSTs)
+        self._unclaimed: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     @property
     def stream_url(self) -> str:
@@ -275,12 +277,8 @@ class HttpRoomClient:
             self._waiting.pop(cid, None)
 
     async def next_reply(self, within: float = 10.0) -> dict[str, Any]:
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[None] = future
-        try:
-            return await asyncio.wait_for(future, within)
-        finally:
-            self._waiting.pop(None, None)
+        """The next ack/error whose cid no request waits for (for raw POSTs)."""
+        return await asyncio.wait_for(self._unclaimed.get(), within)
 
     async def wait_for(self, predicate: Any, within: float = 10.0) -> None:
         async with asyncio.timeout(within):
@@ -319,9 +317,11 @@ class HttpRoomClient:
             self.close_code = msg["code"]
             return
         if kind in ("ack", "error", "pong", "welcome"):
-            future = self._waiting.get(msg.get("cid")) or self._waiting.get(None)
+            future = self._waiting.get(msg.get("cid"))
             if future is not None and not future.done():
                 future.set_result(msg)
+            elif kind != "welcome":
+                self._unclaimed.put_nowait(msg)
             if kind != "welcome":
                 return
         self.state.apply(msg)

@@ -26,11 +26,15 @@ from lotcast.auth import TokenAuthority
 from lotcast.config import Settings
 from lotcast.interactive.service import InteractiveService
 from lotcast.netutil import bind_tcp
+from lotcast.ops.metrics import NodeMetrics
 from lotcast.supervisor import READY_PREFIX, announce_ready
 
 
 def build_app(settings: Settings) -> tuple[Starlette, InteractiveService]:
     service = InteractiveService(settings, TokenAuthority(settings.jwt_secret), "relay")
+    metrics = NodeMetrics(service.node_id, "interactive-dev")
+    service.http.count_observers.append(metrics.room_http_sessions.set)
+    service.bid_ack_observers.append(metrics.bid_ack_latency_seconds.observe)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -40,7 +44,7 @@ def build_app(settings: Settings) -> tuple[Starlette, InteractiveService]:
         finally:
             await service.close()
 
-    return Starlette(routes=service.routes, lifespan=lifespan), service
+    return Starlette(routes=[*service.routes, metrics.route()], lifespan=lifespan), service
 
 
 async def serve(settings: Settings) -> None:

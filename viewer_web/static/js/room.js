@@ -3,6 +3,8 @@
 // One RoomClient per page. It keeps the room state (lots, polls, viewer count) by applying the
 // room log exactly once in offset order, reconnects by itself with backoff and resumes with its
 // last (epoch, offset), so after a drop it holds exactly the state it would have had.
+// A WebSocket that cannot connect, or says nothing within FIRST_FRAME_MS of its hello, is replaced
+// by the HTTP fallback transport (room_http.js) with the same protocol; the page stays on it.
 //
 // Events (EventTarget):
 //   "change"   {}                        state changed (coalesced to one per task)
@@ -14,10 +16,12 @@
 //   "authfailed" {reason}                the token was refused (4501); now watching anonymously
 
 import { decodeAll, encode } from "./msgpack.js";
+import { HttpRoomConnection } from "./room_http.js";
 
 const BACKOFF_S = [0.25, 0.5, 1, 2, 4];
 const PING_INTERVAL_MS = 10000;
 const REQUEST_TIMEOUT_MS = 10000;
+const FIRST_FRAME_MS = 5000; // a WebSocket silent this long after its hello counts as blocked
 
 export class RequestError extends Error {
   constructor(message, code, fields = {}) {
@@ -57,8 +61,10 @@ export class RoomClient extends EventTarget {
     this.node = null;
     this.status = "idle";
     this.statusDetail = "";
-    this.ws = null;
+    this.ws = null; // the connection: a WebSocket or an HttpRoomConnection
     this.url = null;
+    this.transport = opts.transport || "websocket"; // the transport of the next connection
+    this.fallbacks = 0; // times a failed WebSocket made us switch to HTTP
     this.clockOffsetMs = 0; // server_ts - local time
     this.connects = 0;
     this.resumes = 0; // reconnects answered with a replay
@@ -73,6 +79,7 @@ export class RoomClient extends EventTarget {
     this._stopped = true;
     this._timer = null;
     this._pingTimer = null;
+    this._firstFrameTimer = null;
     this._changeQueued = false;
     this._awaitingSnapshot = false;
   }
@@ -149,56 +156,109 @@ export class RoomClient extends EventTarget {
     return base.href;
   }
 
+  _hello() {
+    const hello = { type: "hello", cid: this._nextCid() };
+    if (this.token) hello.token = this.token;
+    if (this.epoch !== null && this.offset !== null && !this._awaitingSnapshot) {
+      hello.epoch = this.epoch;
+      hello.offset = this.offset;
+    }
+    return hello;
+  }
+
   _connect() {
     if (this._stopped) return;
     clearInterval(this._pingTimer);
-    this.url = this._wsUrl();
+    clearTimeout(this._firstFrameTimer);
     this.connects += 1;
-    this._setStatus(this.connects === 1 ? "connecting" : "reconnecting", this.url);
+    const http = this.transport === "http";
     let ws;
     try {
-      ws = new WebSocket(this.url);
+      if (http) {
+        ws = new HttpRoomConnection(new URL(this.baseUrl(), location.href).origin, this.room,
+          encode(this._hello()));
+        this.url = ws.url;
+      } else {
+        this.url = this._wsUrl();
+        ws = new WebSocket(this.url);
+        ws.binaryType = "arraybuffer";
+      }
     } catch (err) {
       this.lastError = String(err);
       this._scheduleReconnect();
       return;
     }
-    ws.binaryType = "arraybuffer";
+    this._setStatus(this.connects === 1 ? "connecting" : "reconnecting", this.url);
     this.ws = ws;
+    let frames = 0;
     ws.onopen = () => {
-      const hello = { type: "hello", cid: this._nextCid() };
-      if (this.token) hello.token = this.token;
-      if (this.epoch !== null && this.offset !== null && !this._awaitingSnapshot) {
-        hello.epoch = this.epoch;
-        hello.offset = this.offset;
-      }
-      this._sendRaw(hello);
+      if (http) return; // the hello was the stream request's body
+      this._sendRaw(this._hello());
+      this._firstFrameTimer = setTimeout(() => {
+        if (ws !== this.ws || frames > 0) return;
+        // Upgraded, but nothing comes through (a proxy that swallows frames): treat as refused.
+        ws.onclose = null;
+        ws.onmessage = null;
+        ws.close(4000, "no frames");
+        this._transportFailed(ws, 1006, `no frame within ${FIRST_FRAME_MS} ms of hello`);
+      }, FIRST_FRAME_MS);
     };
     ws.onmessage = (ev) => {
       if (ws !== this.ws) return;
-      if (typeof ev.data === "string") {
-        console.warn("room: ignoring text frame");
-        return;
-      }
-      let messages;
-      try {
-        messages = decodeAll(new Uint8Array(ev.data));
-      } catch (err) {
-        console.error("room: undecodable frame", err);
-        return;
+      frames += 1;
+      let messages = ev.messages;
+      if (!messages) {
+        if (typeof ev.data === "string") {
+          console.warn("room: ignoring text frame");
+          return;
+        }
+        try {
+          messages = decodeAll(new Uint8Array(ev.data));
+        } catch (err) {
+          console.error("room: undecodable frame", err);
+          return;
+        }
       }
       for (const msg of messages) this._handle(msg);
     };
     ws.onclose = (ev) => {
       if (ws !== this.ws) return;
+      if (frames === 0 && !this._stopped && ev.code !== 1000) {
+        this._transportFailed(ws, ev.code, ev.reason);
+        return;
+      }
       this.ws = null;
       clearInterval(this._pingTimer);
+      clearTimeout(this._firstFrameTimer);
       this.lastClose = { code: ev.code, reason: ev.reason };
       this._failPending(false);
       if (this._stopped) return;
       this._onClose(ev.code, ev.reason);
     };
-    ws.onerror = () => { this.lastError = `WebSocket error on ${this.url}`; };
+    ws.onerror = (ev) => { this.lastError = ev?.message || `${http ? "HTTP stream" : "WebSocket"} error on ${this.url}`; };
+  }
+
+  /** A connection that failed before its first frame: switch transports (a blocked WebSocket
+   * goes to HTTP at once; an HTTP stream that failed tries the WebSocket again, with backoff). */
+  _transportFailed(ws, code, reason) {
+    if (ws !== this.ws) return;
+    this.ws = null;
+    clearInterval(this._pingTimer);
+    clearTimeout(this._firstFrameTimer);
+    this.lastClose = { code, reason };
+    this._failPending(false);
+    if (this._stopped) return;
+    if (this.transport === "websocket") {
+      this.transport = "http";
+      this.fallbacks += 1;
+      console.warn(`room: WebSocket failed before its first frame (${code}${reason ? ` ${reason}` : ""}); falling back to HTTP`);
+      this._setStatus("reconnecting", "WebSocket blocked; trying HTTP");
+      clearTimeout(this._timer);
+      this._timer = setTimeout(() => this._connect(), 0);
+      return;
+    }
+    this.transport = "websocket";
+    this._scheduleReconnect(0, `HTTP stream failed (${code}${reason ? ` ${reason}` : ""})`);
   }
 
   _onClose(code, reason) {
@@ -256,7 +316,7 @@ export class RoomClient extends EventTarget {
   }
 
   _sendRaw(msg) {
-    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return false;
+    if (!this.ws || this.ws.readyState !== 1) return false; // OPEN, for both transports
     this.ws.send(encode(msg));
     return true;
   }
@@ -426,6 +486,7 @@ export class RoomClient extends EventTarget {
     if (typeof msg.server_ts === "number") this.clockOffsetMs = msg.server_ts - Date.now();
     if (this.epoch !== null && msg.epoch !== this.epoch) this._awaitingSnapshot = true;
     this._attempt = 0;
+    clearTimeout(this._firstFrameTimer);
     this._setStatus("open", this.url);
     this.dispatchEvent(new CustomEvent("welcome", { detail: { message: msg } }));
     clearInterval(this._pingTimer);
@@ -579,6 +640,8 @@ export class RoomClient extends EventTarget {
     return {
       epoch: this.epoch, offset: this.offset, viewers: this.viewers, status: this.status,
       identity: this.identity, node: this.node, url: this.url,
+      transport: this.ws?.kind === "http" ? "http" : this.ws ? "websocket" : this.transport,
+      fallbacks: this.fallbacks,
       lots: [...this.lots.values()], polls: [...this.polls.values()],
       connects: this.connects, resumes: this.resumes, snapshots: this.snapshots,
       eventsApplied: this.eventsApplied,
