@@ -107,8 +107,6 @@ async def test_records_carry_the_websocket_frames_byte_for_byte(
             raw = bytearray()
             records: list[bytes] = []
             lot = await open_lot(host)
-            for amount in (1000, 1100, 1200):
-                assert (await host.request("ping"))["type"] == "pong"
             bidder = HttpRoomClient(server.url, room, AUTHORITY.mint(Role.BIDDER, "b", "B"))
             await bidder.connect()
             for amount in (1000, 1100, 1200):
@@ -135,8 +133,7 @@ async def test_records_carry_the_websocket_frames_byte_for_byte(
             await response.aclose()
     await ws.close()
     ws_reader.cancel()
-    with_suppress = asyncio.gather(ws_reader, return_exceptions=True)
-    await with_suppress
+    await asyncio.gather(ws_reader, return_exceptions=True)
 
     session = p.decode_server_frame(records[0])
     assert len(session) == 1
@@ -269,7 +266,7 @@ async def test_resume_after_a_dropped_stream(server: DevServerProcess, room: str
     gone = await bidder.post(p.encode_client("ping", cid="old"))
     assert gone.status_code == 404  # the dropped stream's session ended with it
 
-    for amount in (1100, 1200, 1300):
+    for _ in range(3):
         assert (await host.request("lot_extend", lot=lot, by_ms=1000))["type"] == "ack"
     other = RoomClient(server.url, room, AUTHORITY.mint(Role.BIDDER, "bob", "Bob"))
     await other.connect()
