@@ -125,6 +125,7 @@ class TrackForwarder:
         self.send_errors = 0
         self.largest_packet = 0  # bytes of the largest (rewritten) RTP packet forwarded
         self._last_error_log = 0.0
+        self._path_logged = False
         self.keyframe_requests_sent = 0
         self.keyframe_replays = 0
         self.last_packet_time = 0.0
@@ -186,6 +187,13 @@ class TrackForwarder:
         use_native = native.enabled()
         self._groups = tuple(SendGroup(pt, pt != self._base_pt, sinks, use_native)
                              for pt, sinks in by_pt.items())
+        if not self._path_logged and self._groups:
+            self._path_logged = True
+            on_native = sum(len(g.native_sinks) for g in self._groups)
+            on_python = sum(len(g.sinks) for g in self._groups)
+            reason = "" if use_native else f" (native off: {native.disabled_reason()})"
+            logger.info("%s fan-out: %d sinks on the native path, %d on the Python path%s",
+                        self.kind, on_native, on_python, reason)
 
     def _admit_waiting(self) -> None:
         for sink in self._waiting:

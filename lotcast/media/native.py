@@ -62,6 +62,12 @@ def enabled() -> bool:
     return _fanout is not None and os.environ.get(ENV, "1").strip().lower() not in _OFF
 
 
+def disabled_reason() -> str:
+    if _fanout is None:
+        return f"extension not importable: {IMPORT_ERROR}"
+    return f"{ENV}={os.environ.get(ENV, '')}"
+
+
 class SinkSet:
     """Prepared sinks of one payload-type group; `send(packet)` is the per-packet call."""
 
