@@ -30,7 +30,9 @@ OVERLAYS = ["dev", "prod"]
 # A current Kubernetes release whose schemas kubernetes-validate ships.
 K8S_VERSION = "1.34.0"
 # Secrets that an overlay expects ops to create out of band (documented in docs/operations.md).
-EXTERNAL_SECRETS = {"prod": {"lotcast-secrets"}}
+EXTERNAL_SECRETS = {"prod": {"lotcast-secrets", "lotcast-tls"}}
+# Custom resources kubernetes-validate has no schema for (checked by the tests below instead).
+CRD_GROUPS = ("monitoring.coreos.com", "cert-manager.io")
 # Every checkov check we skip (each skip carries its reason in a checkov.io/skipN annotation).
 DOCUMENTED_SKIPS = {
     "CKV_K8S_19",  # hostNetwork: WebRTC media on the node's UDP ports (broadcaster, relays)
@@ -166,7 +168,7 @@ def test_monitoring_component_is_optional_and_builds(tmp_path: Path) -> None:
 
 
 def test_kubernetes_validate_strict(overlay: str, tmp_path: Path) -> None:
-    builtin = [o for o in objects(overlay) if "monitoring.coreos.com" not in o["apiVersion"]]
+    builtin = [o for o in objects(overlay) if not o["apiVersion"].startswith(CRD_GROUPS)]
     path = tmp_path / f"{overlay}.yaml"
     path.write_text(yaml.safe_dump_all(builtin))
     proc = run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", K8S_VERSION,
@@ -308,6 +310,7 @@ def test_references_resolve(overlay: str) -> None:
     configmaps = {o["metadata"]["name"] for o in of_kind(objs, "ConfigMap")}
     accounts = {o["metadata"]["name"] for o in of_kind(objs, "ServiceAccount")}
     services = {o["metadata"]["name"] for o in of_kind(objs, "Service")}
+    secrets |= {c["spec"]["secretName"] for c in of_kind(objs, "Certificate")}
     for w in workloads(objs):
         spec = pod_spec(w)
         if "serviceAccountName" in spec:
@@ -317,6 +320,8 @@ def test_references_resolve(overlay: str) -> None:
         for v in spec.get("volumes", []):
             if "configMap" in v:
                 assert v["configMap"]["name"] in configmaps, v
+            if "secret" in v:
+                assert v["secret"]["secretName"] in secrets, v
         for c in spec["containers"] + spec.get("initContainers", []):
             for source in c.get("envFrom", []):
                 assert source["configMapRef"]["name"] in configmaps
@@ -358,7 +363,10 @@ def test_redis_is_durable_and_reachable(overlay: str) -> None:
     assert named(objs, "Service", "redis")["spec"]["ports"][0]["port"] == 6379
     _, relay = lotcast_container(objs, "relay")
     origin = container_env(objs, relay)["LOTCAST_ORIGIN_URL"]
-    assert origin == "http://lotcast-broadcaster:8080"
+    if overlay == "dev":
+        assert origin == "http://lotcast-broadcaster:8080"
+    else:  # over TLS: by a public name the certificate covers (test_nodes_serve_tls)
+        assert re.fullmatch(r"https://[a-z0-9.-]+:8080", origin), origin
     assert named(objs, "Service", "lotcast-broadcaster")["spec"]["ports"][0]["port"] == 8080
     if overlay == "dev":
         assert redis["spec"]["replicas"] == 1
@@ -392,11 +400,132 @@ def test_service_monitor_crd(overlay: str) -> None:
                 if selector_matches(monitor["spec"]["selector"], s["metadata"]["labels"])]
     assert {s["metadata"]["name"] for s in services} == {"lotcast-broadcaster", "lotcast-relay"}
     for endpoint in monitor["spec"]["endpoints"]:
-        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
+        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme",
+                                 "tlsConfig"}
         assert endpoint["path"] == "/metrics"
         assert re.fullmatch(r"\d+s", endpoint["interval"])
         for s in services:
             assert endpoint["port"] in {p["name"] for p in s["spec"]["ports"]}
+
+
+# --- TLS: the nodes serve HTTPS/WSS themselves (components/tls, components/cert-manager) ------
+
+TLS_OVERLAYS = {"dev": False, "prod": True}
+
+
+def https_host(url: str) -> str:
+    """The host of an https URL, with $(NODE_NAME) as a sample node name."""
+    m = re.fullmatch(r"https://([^/:]+)(?::\d+)?/?", url.replace("$(NODE_NAME)", "node-1"))
+    assert m, f"not an https base URL: {url}"
+    return m.group(1)
+
+
+def covered(host: str, dns_names: list[str]) -> bool:
+    """TLS name matching: exact, or a wildcard standing for exactly one leftmost label."""
+    return any(host == n or (n.startswith("*.") and host.split(".", 1)[-1] == n[2:]
+                             and "." in host) for n in dns_names)
+
+
+def node_tls(objs: tuple[Obj, ...], component: str) -> tuple[Obj, dict[str, str], list[str]]:
+    """A node's pod spec, its literal env and the https hosts it serves or calls."""
+    workload, container = lotcast_container(objs, component)
+    env = container_env(objs, container)
+    hosts = [https_host(env["LOTCAST_PUBLIC_URL"])]
+    if component == "relay":
+        hosts.append(https_host(env["LOTCAST_ORIGIN_URL"]))
+    return workload, env, hosts
+
+
+def test_nodes_serve_tls_from_a_mounted_secret(overlay: str) -> None:
+    objs = objects(overlay)
+    for component in ("broadcaster", "relay"):
+        workload, container = lotcast_container(objs, component)
+        spec, env = pod_spec(workload), container_env(objs, container)
+        probes = [container[p]["httpGet"] for p in ("readinessProbe", "livenessProbe",
+                                                    "startupProbe")]
+        if not TLS_OVERLAYS[overlay]:
+            assert "LOTCAST_TLS_CERT" not in env and "LOTCAST_TLS_KEY" not in env
+            assert env["LOTCAST_PUBLIC_URL"].startswith("http://")
+            assert all(p.get("scheme", "HTTP") == "HTTP" for p in probes)
+            continue
+        node_tls(objs, component)  # every URL it serves or calls is https
+        assert all(p["scheme"] == "HTTPS" for p in probes), probes
+        cert, key = Path(env["LOTCAST_TLS_CERT"]), Path(env["LOTCAST_TLS_KEY"])
+        assert (cert.name, key.name) == ("tls.crt", "tls.key")  # a kubernetes.io/tls Secret
+        assert cert.parent == key.parent
+        (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == cert.parent]
+        # A subPath mount never sees a renewed Secret: the whole directory, read-only.
+        assert "subPath" not in mount and mount["readOnly"] is True
+        (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == "lotcast-tls"
+        # Secret files are root-owned: readable through the pod's fsGroup, by no one else.
+        assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+        assert volume["secret"]["defaultMode"] & 0o047 == 0o040
+        assert "LOTCAST_TLS_RELOAD_INTERVAL" not in env or float(
+            env["LOTCAST_TLS_RELOAD_INTERVAL"]) <= 60
+    if TLS_OVERLAYS[overlay]:
+        for monitor in of_kind(objs, "ServiceMonitor"):
+            for endpoint in monitor["spec"]["endpoints"]:
+                assert endpoint["scheme"] == "https"
+                server_name = endpoint["tlsConfig"]["serverName"]
+                _, _, relay_hosts = node_tls(objs, "relay")
+                # The name Prometheus verifies is one the relays' certificate has.
+                assert server_name.split(".", 1)[1] == relay_hosts[0].split(".", 1)[1]
+
+
+def _build_with(tmp_path: Path, overlay: str, components: list[str]) -> tuple[Obj, ...]:
+    base = os.path.relpath(K8S / "overlays" / overlay, tmp_path)
+    comps = ", ".join(os.path.relpath(K8S / "components" / c, tmp_path) for c in components)
+    namespace = "lotcast" if overlay == "prod" else "lotcast-dev"
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"namespace: {namespace}\nresources: [{base}]\ncomponents: [{comps}]\n")
+    proc = run([tool("kubectl"), "kustomize", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def test_cert_manager_component_is_optional_and_covers_every_https_name(tmp_path: Path) -> None:
+    for overlay in OVERLAYS:
+        assert not of_kind(objects(overlay), "Certificate")
+    objs = _build_with(tmp_path, "prod", ["cert-manager"])
+    (cert,) = of_kind(objs, "Certificate")
+    assert cert["apiVersion"] == "cert-manager.io/v1"
+    assert cert["metadata"]["namespace"] == "lotcast"
+    spec = cert["spec"]
+    assert set(spec) <= {"secretName", "secretTemplate", "dnsNames", "duration", "renewBefore",
+                         "privateKey", "usages", "issuerRef", "commonName", "ipAddresses"}
+    # The Secret it writes is the one both nodes mount.
+    for component in ("broadcaster", "relay"):
+        workload, _ = lotcast_container(objs, component)
+        secrets = {v["secret"]["secretName"] for v in pod_spec(workload)["volumes"] if "secret" in v}
+        assert spec["secretName"] in secrets
+        _, _, hosts = node_tls(objs, component)
+        for host in hosts:
+            assert covered(host, spec["dnsNames"]), f"{component}: {host} not in {spec['dnsNames']}"
+    (monitor,) = of_kind(objs, "ServiceMonitor")
+    assert covered(monitor["spec"]["endpoints"][0]["tlsConfig"]["serverName"], spec["dnsNames"])
+    hours = {k: int(re.fullmatch(r"(\d+)h", spec[k]).group(1))  # type: ignore[union-attr]
+             for k in ("duration", "renewBefore")}
+    assert 0 < hours["renewBefore"] < hours["duration"] <= 397 * 24
+    assert spec["privateKey"]["rotationPolicy"] == "Always"
+    assert "server auth" in spec["usages"]
+    assert spec["issuerRef"]["kind"] in ("Issuer", "ClusterIssuer") and spec["issuerRef"]["name"]
+    # The component also fits an overlay of its own (dev + tls + cert-manager).
+    dev = _build_with(tmp_path, "dev", ["tls", "cert-manager"])
+    (dev_cert,) = of_kind(dev, "Certificate")
+    _, container = lotcast_container(dev, "relay")
+    assert container_env(dev, container)["LOTCAST_TLS_CERT"] == "/etc/lotcast/tls/tls.crt"
+    assert dev_cert["metadata"]["namespace"] == "lotcast-dev"
+
+
+def test_covered_matches_like_tls_clients() -> None:
+    names = ["*.edge.example.com", "origin.example.com"]
+    assert covered("node-1.edge.example.com", names)
+    assert covered("origin.example.com", names)
+    assert not covered("a.b.edge.example.com", names)  # one label only
+    assert not covered("edge.example.com", names)
+    assert not covered("other.example.com", names)
 
 
 # --- the Redis files, run for real ------------------------------------------------------------
