@@ -9,7 +9,7 @@ import sys
 import threading
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lotcast.auth import Role, TokenAuthority
 from lotcast.config import DEV_JWT_SECRET, Settings
@@ -25,6 +25,10 @@ from lotcast.devsecret import (
     secret_path,
 )
 from lotcast.exposure import phone_hint, plan_exposure
+
+if TYPE_CHECKING:
+    from lotcast.supervisor import Supervisor
+    from lotcast.turn import CoturnServer
 
 # Every Settings field is a flag on both services; these only mean something on a relay.
 RELAY_ONLY = {"origin_url", "max_viewers", "drain_timeout", "origin_fanout"}
@@ -94,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--ca-file", default=None,
                      help="CA bundle the nodes trust for their requests to each other")
 
+    turn = up.add_argument_group("TURN", "run coturn on loopback and advertise it to every "
+                                 "node (credentials minted per WHIP/WHEP answer)")
+    turn.add_argument("--turn", action="store_true",
+                      help="start coturn (UDP and TCP on --turn-port, TLS on --turn-tls-port)")
+    turn.add_argument("--turn-port", type=int, default=3478, help="0 = any free port")
+    turn.add_argument("--turn-tls-port", type=int, default=5349, help="0 = any free port")
+
     for name, names in SERVICE_FLAGS.items():
         p = sub.add_parser(name, help=f"run one {name} node",
                            description=f"Run one {name} node (HTTP + WebRTC).")
@@ -155,6 +166,23 @@ def _dev_secret(data_dir: Path) -> tuple[str, str]:
     return dev.value, f"{dev.path} ({how}; mode 0600; {SECRET_ENV} overrides it)"
 
 
+def _start_turn(args: argparse.Namespace, data: Path, cert: str, key: str,
+                supervisor: Supervisor, env: dict[str, str]) -> CoturnServer | None:
+    """`up --turn`: coturn on loopback (a new secret per run), advertised to the nodes via `env`;
+    TURNS uses the HTTPS certificate when `up` serves one, else coturn's own self-signed one."""
+    if not args.turn:
+        return None
+    from lotcast.turn import CoturnServer, free_udp_tcp_port
+
+    coturn = CoturnServer(data_dir=data / "turn", port=args.turn_port or free_udp_tcp_port(),
+                          tls_port=args.turn_tls_port or free_udp_tcp_port(),
+                          cert=Path(cert) if cert else None, key=Path(key) if key else None,
+                          supervised=True)
+    supervisor.start(coturn)
+    env |= {"LOTCAST_TURN_URLS": ",".join(coturn.urls), "LOTCAST_TURN_SECRET": coturn.secret}
+    return coturn
+
+
 def run_up(args: argparse.Namespace) -> int:
     from lotcast.redis_server import RedisServer
     from lotcast.supervisor import ServiceProcess, Supervisor
@@ -186,6 +214,7 @@ def run_up(args: argparse.Namespace) -> int:
             supervisor.start(redis)
             redis_url = redis.url
         env = {"LOTCAST_JWT_SECRET": secret, "LOTCAST_REDIS_URL": redis_url, **exposure.env()}
+        coturn = _start_turn(args, data, exposure.cert, exposure.key, supervisor, env)
         origin = ServiceProcess("broadcaster", ["--port", str(args.broadcaster_port),
                                                 *exposure.url_args(args.broadcaster_port)],
                                 env=env, echo=True, supervised=True)
@@ -209,6 +238,9 @@ def run_up(args: argparse.Namespace) -> int:
             print(f"  Redis:        {redis_url} (pid {redis.pid}; AOF in {redis.data_dir})")
         else:
             print(f"  Redis:        {redis_url} (not started by up)")
+        if coturn is not None:
+            print(f"  TURN:         {', '.join(coturn.urls)} (pid {coturn.pid}; "
+                  f"secret in {coturn.data_dir / 'turnserver.conf'})")
         print(f"  broadcaster:  {origin.url} (pid {origin.pid})")
         for relay in relays:
             print(f"  {relay.name + ':':<13} {relay.url} (pid {relay.pid})")

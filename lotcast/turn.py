@@ -111,6 +111,19 @@ def free_udp_tcp_port(host: str = "127.0.0.1") -> int:
     raise RuntimeError("no port free for both TCP and UDP")
 
 
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Nothing listens on `port` over TCP or UDP (a TCP port in TIME_WAIT counts as free)."""
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
 def self_signed_certificate(cert_path: Path, key_path: Path, names: list[str]) -> None:
     """A self-signed certificate for the TURNS listener (loopback: nothing verifies it against
     a CA; `up --tls` may pass its own certificate instead). Key written mode 0600."""
@@ -239,6 +252,12 @@ class CoturnServer:
         return cert, key
 
     def start(self, timeout: float = 10.0) -> None:
+        # coturn logs a port it cannot bind and runs on; another server's answer on that port
+        # must not pass for ours
+        for port in (self.port, self.tls_port):
+            if not port_free(port):
+                raise RuntimeError(f"TURN port {port} is in use on 127.0.0.1 (a system coturn? "
+                                   "`systemctl disable --now coturn`)")
         conf = self.data_dir / "turnserver.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -13,15 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import signal
 import ssl
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from aioice import stun, turn
 from media_support import SECRET, Publisher, Viewer, host_token, http_client, running_cluster
+from up_support import CHILD_LINE, SCRUBBED, UpProcess, wait_gone
 
 from lotcast.redis_server import RedisServer
 from lotcast.supervisor import ServiceProcess
@@ -232,3 +240,78 @@ def test_a_node_with_turn_urls_but_no_secret_refuses_to_start(redis_server: Redi
     with pytest.raises(RuntimeError, match="turn_secret is empty"):
         node.start(timeout=20)
     assert node.returncode not in (None, 0)
+
+
+def turn_pids(conf: Path) -> set[int]:
+    """Running turnserver processes started with this config file."""
+    found = set()
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if proc.info["name"] == "turnserver" and str(conf) in (proc.info["cmdline"] or []):
+            found.add(proc.pid)
+    return found
+
+
+class TurnUp(UpProcess):
+    """tests/up_support's `up`, with --turn on free ports."""
+
+    def start(self, timeout: float = 90.0) -> UpProcess:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "lotcast", "up", "--broadcaster-port", "0", "--relay-port", "0",
+             "--relays", "1", "--data-dir", str(self.data_dir),
+             "--turn", "--turn-port", "0", "--turn-tls-port", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env, bufsize=1)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.wait_line(re.compile(r"Press Ctrl-C to stop"), timeout)
+        for line in self.snapshot():
+            m = CHILD_LINE.match(line)
+            if m:
+                self.urls[m.group(1)] = m.group(2)
+                self.every_pid.add(int(m.group(3)))
+        return self
+
+
+@pytest.mark.timeout(90)
+async def test_up_turn_runs_coturn_and_advertises_it(tmp_path: Path) -> None:
+    """`lotcast up --turn`: coturn on loopback, supervised (restarted after kill -9 on its ports),
+    its URLs advertised with working credentials by every node, stopped with `up`."""
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
+    up = TurnUp(tmp_path / "data", env=env)
+    try:
+        up.start()
+        line = up.wait_line(re.compile(r"^\s+TURN:\s+(.+) \(pid (\d+);"), 5)
+        urls, pid = line.group(1).split(", "), int(line.group(2))
+        up.every_pid.add(pid)
+        assert [u.split("?")[0].split(":")[0] for u in urls] == ["turn", "turn", "turns"]
+        assert all(u.startswith(("turn:127.0.0.1:", "turns:127.0.0.1:")) for u in urls)
+        conf = (tmp_path / "data" / "turn" / "turnserver.conf")
+        assert conf.stat().st_mode & 0o077 == 0
+        secret = re.search(r"^static-auth-secret=(\S+)$", conf.read_text(), re.M)
+        assert secret and "allow-loopback-peers" in conf.read_text()
+        async with http_client() as http:
+            for node in ("broadcaster", "relay-0"):
+                probe = await http.options(f"{up.urls[node]}/whep/main")
+                links = turn_links(probe, urls)
+                assert_no_secret(probe, secret.group(1))
+        name, cred = links[0][1:]
+        server = CoturnServer(port=int(urls[0].split(":")[2].split("?")[0]),
+                              tls_port=int(urls[2].split(":")[2].split("?")[0]))
+        try:
+            await allocate(server, name, cred, "udp")
+            await allocate(server, name, cred, "tls")
+            mark = len(up.snapshot())
+            os.kill(pid, signal.SIGKILL)
+            up.wait_line(re.compile(r"^\[up\] turn restarted"), 30, mark)
+            for _ in range(50):  # the restarted coturn accepts the same credentials
+                with contextlib.suppress(OSError, asyncio.TimeoutError):
+                    await allocate(server, name, cred, "tcp")
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError(f"restarted coturn refused the credentials:\n{up.text()}")
+        finally:
+            server.close()
+        assert up.stop() == 0
+        assert not wait_gone({pid, *turn_pids(conf)}, 10), "coturn outlived up"
+    finally:
+        up.close()
