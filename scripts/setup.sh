@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what lotcast needs on a Debian machine: redis-server and a virtualenv in .venv with the
+# Installs what lotcast needs on a Debian machine: redis-server, coturn and a virtualenv in .venv with the
 # package. With --tests, also what the test suite needs: chromium, the dev extras and the offline
 # Kubernetes manifest tools.
 set -euo pipefail
@@ -12,6 +12,8 @@ if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# coturn: the TURN server `lotcast up --turn` runs (and the TURN tests)
+command -v turnserver >/dev/null 2>&1 || need_apt+=(coturn)
 if [ "$TESTS" = 1 ]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
   # GStreamer webrtcbin: the second WebRTC stack of the interop tests (tests/gst_support.py)
@@ -25,8 +27,16 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
-# The redis-server package starts a system instance on :6379; lotcast runs its own.
-if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true; fi
+# The redis-server package starts a system instance on :6379, and the coturn package may start
+# one on :3478/:5349; lotcast runs its own of both.
+if command -v systemctl >/dev/null 2>&1; then
+  $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true
+  $SUDO systemctl disable --now coturn >/dev/null 2>&1 || true
+fi
+# Without systemd (containers) the package's init script may still have started it.
+if [ -x /etc/init.d/coturn ] && ! command -v systemctl >/dev/null 2>&1; then
+  $SUDO /etc/init.d/coturn stop >/dev/null 2>&1 || true
+fi
 
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
