@@ -33,8 +33,8 @@ if command -v systemctl >/dev/null 2>&1; then
   $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || true
   $SUDO systemctl disable --now coturn >/dev/null 2>&1 || true
 fi
-# Without systemd (containers) the package's init script may still have started it.
-if [ -x /etc/init.d/coturn ] && ! command -v systemctl >/dev/null 2>&1; then
+# Without systemd running (containers) the package's init script may have started it instead.
+if [ -x /etc/init.d/coturn ]; then
   $SUDO /etc/init.d/coturn stop >/dev/null 2>&1 || true
 fi
 
