@@ -320,7 +320,7 @@ def test_references_resolve(overlay: str) -> None:
         for v in spec.get("volumes", []):
             if "configMap" in v:
                 assert v["configMap"]["name"] in configmaps, v
-            if "secret" in v:
+            if "secret" in v and not v["secret"].get("optional"):
                 assert v["secret"]["secretName"] in secrets, v
         for c in spec["containers"] + spec.get("initContainers", []):
             for source in c.get("envFrom", []):
