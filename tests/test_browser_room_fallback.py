@@ -243,4 +243,4 @@ async def _offset_at_least(page: Any, offset: int) -> bool:
 
 async def _resumed(page: Any) -> bool:
     s = await _room(page)
-    return s["status"] == "open" and s["resumes"] >= 1
+    return bool(s["status"] == "open" and s["resumes"] >= 1)

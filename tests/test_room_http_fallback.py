@@ -25,8 +25,9 @@ from lotcast.interactive.devserver import DevServerProcess
 from lotcast.redis_server import RedisServer
 
 AUTHORITY = TokenAuthority(DEV_JWT_SECRET)
-LOT = {"title": "Poster", "start_price": 1000, "increments": [[0, 100]], "duration_ms": 600_000,
-       "soft_close_ms": 0}
+LOT: dict[str, Any] = {"title": "Poster", "start_price": 1000, "increments": [[0, 100]],
+                       "duration_ms": 600_000,
+                       "soft_close_ms": 0}
 OUTBOX = 256 * 1024
 
 
