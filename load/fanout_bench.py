@@ -1,36 +1,55 @@
 """Fan-out benchmark: one publisher (~1.5 Mbps VP8 + Opus) → broadcaster → relay → N viewers.
 
-Prints, for each N: the relay's CPU per viewer-second, packets/s it sends, glass-to-glass p50/p95
-through the relay and directly from the origin (same run), time to first frame p95, and the ratio
-of the relay's CPU per viewer-second to a raw floor (SRTP protect + sendto of the same packets in
-a tight loop, measured here). Most viewers only count packets; two decode and read the capture
-time painted into each frame.
+Two relays pull the same stream from the same origin: one on the native fan-out path
+(lotcast/media/_fanout.c) and one forced onto the Python path (LOTCAST_NATIVE_FANOUT=0). For each
+N the same viewer farm is pointed at each in turn, and the bench prints: the relay's CPU per
+delivered packet and per viewer-second, packets/s it delivers, the farm's own CPU (when the farm
+is near a full core, the farm, not the relay, was the limit), glass-to-glass p50/p95 through the
+relay and directly from the origin (same run), time to first frame p95, and ratios to two floors
+measured here: SRTP protect + sendto of same-sized packets in a plain C loop (the C floor,
+libsrtp from pylibsrtp, compiled with the extension) and in a tight Python loop. Most viewers
+only count packets; two decode and read the capture time painted into each frame.
 
-    .venv/bin/python load/fanout_bench.py --viewers 10 50 100 --seconds 10
+    .venv/bin/python load/fanout_bench.py --viewers 30 60 --seconds 15
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
 import json
 import os
+import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psutil
 import pylibsrtp
+from aiortc import RTCRtpCodecParameters
+from aiortc.rtp import RtpPacket
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from media_support import Publisher, Viewer, host_token, http_client, running_cluster
 
-from lotcast.media.aiortc_hooks import fast_protect, set_encoder_bitrate
+from lotcast.media import native
+from lotcast.media.aiortc_hooks import (
+    _widen_srtp_session,
+    fast_protect,
+    native_target,
+    set_encoder_bitrate,
+)
+from lotcast.media.forwarder import ForwardSink, TrackForwarder
 from lotcast.redis_server import RedisServer
+from lotcast.supervisor import ServiceProcess
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,31 +63,127 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def srtp_send_floor(packet_size: int, count: int = 20000) -> float:
-    """CPU seconds per packet to SRTP-protect and sendto one packet on loopback."""
-    key = os.urandom(30)
-    policy = pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
+def _bench_session() -> Any:
+    policy = pylibsrtp.Policy(key=os.urandom(30), ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
                               srtp_profile=pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80)
     session = pylibsrtp.Session(policy)
+    _widen_srtp_session(session)
+    return session
+
+
+def _loopback_sink() -> socket.socket:
     sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sink.bind(("127.0.0.1", 0))
-    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    addr = sink.getsockname()
-    header = bytes([0x80, 96])
-    payload = os.urandom(packet_size - 12)
-    packets = [header + (i & 0xFFFF).to_bytes(2, "big") + bytes(8) + payload for i in range(count)]
-    start = time.process_time()
-    protect, sendto = fast_protect(session), sender.sendto  # the relay's own protect path
-    for packet in packets:
-        sendto(protect(packet), addr)
-    elapsed = time.process_time() - start
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    sink.setblocking(False)
+    return sink
+
+
+def _empty(sink: socket.socket) -> None:
+    """Read what arrived (untimed), so every timed send is a delivery, not a full-queue drop."""
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            sink.recv(65536)
+
+
+def _floor_packets(packet_size: int, chunk: int = 100) -> list[bytes]:
+    return [bytes([0x80, 96]) + i.to_bytes(2, "big") + bytes(8) + os.urandom(packet_size - 12)
+            for i in range(chunk)]
+
+
+def c_floor(packet_size: int, count: int = 20000) -> float:
+    """CPU seconds per packet to SRTP-protect and sendto one packet on loopback, in C."""
+    if not native.available():
+        return float("nan")
+    sink, sender = _loopback_sink(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    packets = _floor_packets(packet_size)
+    target = native_target(_bench_session(), sender.fileno(), sink.getsockname())
+    native.protect_send_loop(target, packets[:1], 1, 0xFFFF)  # the session's stream set up
+    elapsed, sent = 0.0, 0
+    for chunk in range(count // len(packets)):
+        start = time.process_time()
+        sent += native.protect_send_loop(target, packets, 1, chunk * len(packets))
+        elapsed += time.process_time() - start
+        _empty(sink)
     sink.close()
     sender.close()
-    return elapsed / count
+    return elapsed / max(1, sent)
 
 
-async def measure(relay_url: str, origin_url: str, n: int, seconds: float) -> dict[str, float]:
+def srtp_send_floor(packet_size: int, count: int = 20000) -> float:
+    """CPU seconds per packet to SRTP-protect and sendto one packet on loopback (Python)."""
+    sink, sender = _loopback_sink(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    addr = sink.getsockname()
+    template = _floor_packets(packet_size)
+    protect, sendto = fast_protect(_bench_session()), sender.sendto  # the relay's own path
+    protect(template[0][:2] + b"\xff\xff" + template[0][4:])  # the session's stream set up
+    elapsed, sent = 0.0, 0
+    for chunk in range(count // len(template)):
+        packets = [p[:2] + ((chunk * len(template) + i) & 0xFFFF).to_bytes(2, "big") + p[4:]
+                   for i, p in enumerate(template)]
+        start = time.process_time()
+        for packet in packets:
+            sendto(protect(packet), addr)
+        elapsed += time.process_time() - start
+        sent += len(packets)
+        _empty(sink)
+    sink.close()
+    sender.close()
+    return elapsed / max(1, sent)
+
+
+class _BenchSender:
+    """A viewer's send side without a peer connection: its own SRTP session and UDP socket,
+    with the same fast_protect and native target a resolved PacketSender has."""
+
+    def __init__(self, dest: tuple[str, int]) -> None:
+        self.session = _bench_session()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.addr = dest
+        self.protect = fast_protect(self.session)
+        self.sendto = self.sock.sendto
+        self.native = native_target(self.session, self.sock.fileno(), dest)
+
+    def send(self, data: bytes) -> None:
+        self.sendto(self.protect(data), self.addr)
+
+    def alive(self) -> bool:
+        return True
+
+
+async def fanout_loop_cost(viewers: int, path: str, size: int, packets: int = 400) -> float:
+    """CPU seconds per packet-copy of TrackForwarder's per-packet loop alone (no RTCP, no
+    receive path), on one path, with ``viewers`` sinks of their own socket and session."""
+    os.environ[native.ENV] = "1" if path == "native" else "0"
+    try:
+        codec = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2,
+                                      payloadType=111)
+        forwarder = TrackForwarder("audio", codec, output_ssrc=1)
+        sink_socket = _loopback_sink()
+        senders = [_BenchSender(sink_socket.getsockname()) for _ in range(viewers)]
+        for sender in senders:
+            forwarder.add_sink(ForwardSink(sender, SimpleNamespace(), 111))  # type: ignore[arg-type]
+        payload = os.urandom(size - 12)
+        elapsed = 0.0
+        for seq in range(packets):
+            forwarder.on_source_packet(RtpPacket(payload_type=111, sequence_number=seq,
+                                                 timestamp=960 * seq, ssrc=7, payload=payload))
+            start = time.process_time()
+            forwarder._drain()
+            elapsed += time.process_time() - start
+            _empty(sink_socket)
+        forwarder.close()
+        for sender in senders:
+            sender.sock.close()
+        sink_socket.close()
+        return elapsed / (forwarder.packets_sent or 1)
+    finally:
+        os.environ.pop(native.ENV, None)
+
+
+async def measure(relay_url: str, origin_url: str, n: int, seconds: float,
+                  profile: str | None = None) -> dict[str, float]:
     relay_proc = psutil.Process(_PIDS[relay_url])
     farm = await asyncio.create_subprocess_exec(
         sys.executable, str(HERE / "viewer_farm.py"), relay_url, STREAM, str(max(0, n - 1)),
@@ -77,6 +192,7 @@ async def measure(relay_url: str, origin_url: str, n: int, seconds: float) -> di
     assert farm.stdout is not None and farm.stdin is not None
     ready = await asyncio.wait_for(farm.stdout.readline(), 120)
     assert ready.strip() == b"READY", ready
+    farm_proc = psutil.Process(farm.pid)
     async with http_client() as http:
         decoding_relay = Viewer(relay_url, STREAM)
         decoding_origin = Viewer(origin_url, STREAM)
@@ -85,14 +201,20 @@ async def measure(relay_url: str, origin_url: str, n: int, seconds: float) -> di
         await asyncio.sleep(3.0)  # settle: ICE, key frames
         stats_before = (await http.get(f"{relay_url}/api/stats")).json()
         cpu_before = relay_proc.cpu_times()
+        farm_before = farm_proc.cpu_times()
         wall_before = time.monotonic()
         decoding_relay.delays_ms.clear()
         decoding_origin.delays_ms.clear()
+        profiler = await _start_profile(profile, relay_proc.pid, seconds)
         await asyncio.sleep(seconds)
         cpu_after = relay_proc.cpu_times()
+        farm_after = farm_proc.cpu_times()
         wall = time.monotonic() - wall_before
         stats_after = (await http.get(f"{relay_url}/api/stats")).json()
+        if profiler is not None:
+            await asyncio.wait_for(profiler.wait(), 120)
     cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    farm_cpu = (farm_after.user + farm_after.system) - (farm_before.user + farm_before.system)
     farm.stdin.close()
     farm_result = json.loads(await asyncio.wait_for(farm.stdout.readline(), 60))
     await farm.wait()
@@ -106,10 +228,18 @@ async def measure(relay_url: str, origin_url: str, n: int, seconds: float) -> di
         stream = next(s for s in stats["streams"] if s["id"] == STREAM)
         return sum(int(v) for k, v in stream.items() if k.endswith(suffix))
 
+    def delta(suffix: str) -> int:
+        return counter(stats_after, suffix) - counter(stats_before, suffix)
+
+    delivered = delta("_packets_sent") - delta("_send_drops") - delta("_send_errors")
     return {
         "viewers": n,
         "relay_cpu_s": cpu,
         "wall_s": wall,
+        "relay_cpu_pct": 100 * cpu / wall,
+        "farm_cpu_pct": 100 * farm_cpu / wall,
+        "us_per_delivered": 1e6 * cpu / max(1, delivered),
+        "delivered_per_s": delivered / wall,
         "cpu_ms_per_viewer_s": 1000 * cpu / (n * wall),
         "packets_sent_per_s": (counter(stats_after, "_packets_sent")
                                - counter(stats_before, "_packets_sent")) / wall,
@@ -124,17 +254,88 @@ async def measure(relay_url: str, origin_url: str, n: int, seconds: float) -> di
 
 
 _PIDS: dict[str, int] = {}
+PATHS = ("native", "python")
+
+
+async def _start_profile(profile: str | None, pid: int,
+                         seconds: float) -> asyncio.subprocess.Process | None:
+    """py-spy (Python stacks with native frames) or perf (C and kernel symbols) on the relay."""
+    if profile is None:
+        return None
+    kind, _, out = profile.partition(":")
+    if kind == "py-spy":
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        command = [py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                   "--rate", "100", "--native", "--format", "raw", "--output", out]
+    else:
+        # DWARF unwinding: libpython and the extension have no frame pointers
+        command = ["perf", "record", "-F", "199", "--call-graph", "dwarf,16384", "-p", str(pid),
+                   "-o", out, "--", "sleep", str(int(seconds))]
+    return await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.DEVNULL)
+
+
+def summarize_profile(profile: str) -> str:
+    """Top frames of a finished profile, as text for docs/benchmarks.md."""
+    kind, _, out = profile.partition(":")
+    if kind == "perf":
+        lines = []
+        for title, sort, children, limit in (("self time by object", "dso", "--no-children", "0.5"),
+                                             ("self time by symbol", "dso,sym", "--no-children", "1.5"),
+                                             ("inclusive by symbol", "sym", "--children", "4")):
+            report = subprocess.run(["perf", "report", "-i", out, "--stdio", children, "--sort", sort,
+                                     "-g", "none", "--percent-limit", limit],
+                                    capture_output=True, text=True, timeout=600, check=False)
+            lines.append(f"{title}:")
+            lines += [line.rstrip() for line in report.stdout.splitlines()
+                      if line.strip() and not line.startswith("#")][:30]
+        return "\n".join(lines)
+    self_time: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in Path(out).read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        total += count
+        frames = [f.split(" (")[0] for f in stack.split(";")]
+        self_time[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    lines = [f"{total} samples; self time:"]
+    lines += [f"  {100 * c / total:5.1f}%  {f}" for f, c in self_time.most_common(20)]
+    lines.append("inclusive:")
+    lines += [f"  {100 * c / total:5.1f}%  {f}" for f, c in inclusive.most_common(30)]
+    return "\n".join(lines)
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--viewers", type=int, nargs="+", default=[10, 50, 100])
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--viewers", type=int, nargs="+", default=[30, 60])
+    parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--bitrate", type=int, default=1_500_000, help="publisher video bits/s")
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                        help="fan-out paths to measure (each on its own relay, same farm)")
+    parser.add_argument("--floor-size", type=int, default=1100, help="floor packet bytes")
+    parser.add_argument("--profile", choices=("py-spy", "perf"),
+                        help="profile the relay during the last viewer count, each path")
     args = parser.parse_args()
+    os.environ.pop(native.ENV, None)  # the native relay must not inherit an off switch
+    if "native" in args.paths and not native.available():
+        raise SystemExit(f"native fan-out not built here: {native.IMPORT_ERROR}")
 
-    with RedisServer() as redis, running_cluster(redis, relay_args=["--max-viewers", "5000"]) as cluster:
-        _PIDS[cluster.relay.url] = cluster.relay.pid
+    relay_args = ["--max-viewers", "5000"]
+    profiles: dict[str, str] = {}
+    with RedisServer() as redis, running_cluster(redis, relay_args=relay_args) as cluster:
+        relays = {"native": cluster.relay}
+        python_relay = ServiceProcess("relay", ["--port", "0", "--origin-url", cluster.origin.url,
+                                                "--node-id", "relay-python", *relay_args],
+                                      env={**cluster.env, native.ENV: "0"}).start()
+        cluster.extra.append(python_relay)
+        relays["python"] = python_relay
+        for relay in relays.values():
+            _PIDS[relay.url] = relay.pid
         publisher = Publisher(cluster.origin.url, STREAM, host_token())
         publisher.video.__init__(fps=30, width=320, height=240, noisy=True)  # type: ignore[misc]
         await publisher.start()
@@ -144,34 +345,61 @@ async def main() -> None:
             if set_encoder_bitrate(video_sender, args.bitrate):
                 break
         await asyncio.sleep(3.0)
-        rows = []
+        rows: list[tuple[str, dict[str, float]]] = []
         try:
             for n in args.viewers:
-                rows.append(await measure(cluster.relay.url, cluster.origin.url, n, args.seconds))
-                await asyncio.sleep(2.0)
+                for path in args.paths:
+                    profile = None
+                    if args.profile and n == args.viewers[-1]:
+                        suffix = "txt" if args.profile == "py-spy" else "data"
+                        profile = f"{args.profile}:/tmp/fanout-{path}-{n}.{suffix}"
+                        profiles[path] = profile
+                    rows.append((path, await measure(relays[path].url, cluster.origin.url, n,
+                                                     args.seconds, profile)))
+                    await asyncio.sleep(2.0)
         except Exception:
-            print("".join(cluster.relay.output[-30:]), file=sys.stderr)
+            for relay in relays.values():
+                print("".join(relay.output[-30:]), file=sys.stderr)
             raise
         await publisher.stop()
 
-    in_pps = statistics.mean(r["packets_in_per_s"] for r in rows)
-    floor_per_packet = srtp_send_floor(1100)
+    in_pps = statistics.mean(r["packets_in_per_s"] for _, r in rows)
+    floor_c = c_floor(args.floor_size)
+    floor_py = srtp_send_floor(args.floor_size)
+    loop_costs = {(n, path): await fanout_loop_cost(n, path, args.floor_size)
+                  for n in args.viewers for path in args.paths}
     print()
-    print(f"source: ~{in_pps:.0f} packets/s into the relay (video+audio)")
-    print(f"raw floor: SRTP protect + sendto = {floor_per_packet * 1e6:.2f} µs/packet "
-          f"→ {floor_per_packet * in_pps * 1000:.2f} ms CPU per viewer-second at this packet rate")
-    header = (f"{'viewers':>7} {'relay CPU ms/viewer-s':>22} {'x floor':>8} {'pkts sent/s':>12} "
-              f"{'g2g relay p50/p95 ms':>21} {'g2g direct p50/p95 ms':>22} {'relay adds p95':>15} "
-              f"{'TTFF p95 s':>11}")
+    print(f"source: ~{in_pps:.0f} packets/s into each relay (video+audio); "
+          f"{args.seconds:.0f} s windows; relays on uvloop")
+    print(f"C floor: memcpy + srtp_protect + sendto of {args.floor_size}-byte packets in C "
+          f"= {floor_c * 1e6:.2f} µs/packet; the same in a Python loop (fast_protect + "
+          f"socket.sendto) = {floor_py * 1e6:.2f} µs/packet")
+    print(f"TrackForwarder's per-packet loop alone ({args.floor_size}-byte packets, a socket and "
+          "an SRTP session per sink), µs CPU per packet-copy:")
+    for (n, path), cost in loop_costs.items():
+        print(f"  {path:>6} {n:>4} sinks: {cost * 1e6:5.2f} µs ({cost / floor_c:.2f}x C floor)")
+    header = (f"{'path':>6} {'viewers':>7} {'µs CPU/delivered pkt':>21} {'x C floor':>9} "
+              f"{'ms/viewer-s':>11} {'delivered/s':>11} {'relay CPU':>9} {'farm CPU':>8} "
+              f"{'g2g relay p50/p95':>18} {'direct p50/p95':>15} {'adds p95':>8} {'TTFF p95':>8}")
     print(header)
-    for r in rows:
-        floor_ms = floor_per_packet * r["packets_in_per_s"] * 1000
-        print(f"{r['viewers']:>7} {r['cpu_ms_per_viewer_s']:>22.2f} "
-              f"{r['cpu_ms_per_viewer_s'] / floor_ms:>8.2f} {r['packets_sent_per_s']:>12.0f} "
-              f"{r['g2g_relay_p50']:>10.0f}/{r['g2g_relay_p95']:<10.0f} "
-              f"{r['g2g_direct_p50']:>11.0f}/{r['g2g_direct_p95']:<10.0f} "
-              f"{r['g2g_relay_p95'] - r['g2g_direct_p95']:>14.1f} {r['ttff_p95_s']:>11.3f}")
-    print("targets: ≤ 2x floor at 100 viewers; relay adds ≤ 10 ms p95; TTFF ≤ 0.5 s p95")
+    for path, r in rows:
+        print(f"{path:>6} {r['viewers']:>7} {r['us_per_delivered']:>21.2f} "
+              f"{r['us_per_delivered'] / (floor_c * 1e6):>9.2f} {r['cpu_ms_per_viewer_s']:>11.2f} "
+              f"{r['delivered_per_s']:>11.0f} {r['relay_cpu_pct']:>8.0f}% {r['farm_cpu_pct']:>7.0f}% "
+              f"{r['g2g_relay_p50']:>8.0f}/{r['g2g_relay_p95']:<9.0f} "
+              f"{r['g2g_direct_p50']:>6.0f}/{r['g2g_direct_p95']:<8.0f} "
+              f"{r['g2g_relay_p95'] - r['g2g_direct_p95']:>8.1f} {r['ttff_p95_s']:>7.3f}s")
+    by_n: dict[int, dict[str, float]] = {}
+    for path, r in rows:
+        by_n.setdefault(int(r["viewers"]), {})[path] = r["us_per_delivered"]
+    for n, per in sorted(by_n.items()):
+        if "native" in per and "python" in per:
+            print(f"{n} viewers: native path {per['native']:.2f} µs vs Python path "
+                  f"{per['python']:.2f} µs per delivered packet ({per['native'] / per['python']:.2f}x)")
+    print("farm CPU near 100% of a core means the farm, not the relay, was the limit")
+    for path, profile in profiles.items():
+        print(f"\n--- profile of the {path} relay at {args.viewers[-1]} viewers ({profile}) ---")
+        print(summarize_profile(profile))
 
 
 if __name__ == "__main__":

@@ -343,18 +343,19 @@ static PyTypeObject SinkSetType = {
     .tp_as_sequence = &SinkSet_as_sequence,
 };
 
-/* protect_send_loop(protect, srtp, fd, host, port, packets, rounds) -> sent
+/* protect_send_loop(protect, srtp, fd, host, port, packets, rounds, first_seq=0) -> sent
  * The benchmark's floor: memcpy + srtp_protect + sendto per packet in a plain C loop, with no
- * per-sink bookkeeping. Sequence numbers are rewritten 0, 1, 2, ... (a fresh session wants
- * them new). */
+ * per-sink bookkeeping. Sequence numbers are rewritten first_seq, first_seq + 1, ... (libsrtp
+ * refuses to protect one index twice). */
 static PyObject *
 protect_send_loop(PyObject *Py_UNUSED(module), PyObject *args)
 {
     unsigned long long protect, srtp;
     int fd, port, rounds;
+    unsigned int next_seq = 0;
     PyObject *host, *packets;
-    if (!PyArg_ParseTuple(args, "KKiUiOi", &protect, &srtp, &fd, &host, &port, &packets,
-                          &rounds))
+    if (!PyArg_ParseTuple(args, "KKiUiOi|I", &protect, &srtp, &fd, &host, &port, &packets,
+                          &rounds, &next_seq))
         return NULL;
     sink_t sink = {.srtp = (void *)(uintptr_t)srtp, .fd = fd};
     if (build_addr(host, port, 0, &sink) < 0)
@@ -364,7 +365,6 @@ protect_send_loop(PyObject *Py_UNUSED(module), PyObject *args)
         return NULL;
     unsigned char buffer[65536];
     long sent = 0;
-    unsigned int next_seq = 0;
     srtp_protect_fn fn = (srtp_protect_fn)(uintptr_t)protect;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     for (int r = 0; r < rounds; r++) {

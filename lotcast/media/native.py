@@ -100,9 +100,11 @@ def failure_exception(kind: int, code: int) -> Exception:
     return ValueError(f"RTP packet exceeds the {code}-byte SRTP buffer")
 
 
-def protect_send_loop(target: NativeTarget, packets: Sequence[bytes], rounds: int) -> int:
-    """Benchmark floor: protect + sendto of every packet ``rounds`` times in plain C."""
+def protect_send_loop(target: NativeTarget, packets: Sequence[bytes], rounds: int,
+                      first_seq: int = 0) -> int:
+    """Benchmark floor: protect + sendto of every packet ``rounds`` times in plain C, with
+    sequence numbers rewritten from ``first_seq`` on."""
     if _fanout is None:
         raise RuntimeError(f"native fan-out is not built: {IMPORT_ERROR}")
     return int(_fanout.protect_send_loop(target.protect, target.srtp, target.fd, target.host,
-                                         target.port, list(packets), rounds))
+                                         target.port, list(packets), rounds, first_seq))
