@@ -87,6 +87,7 @@ def create_app(settings: Settings) -> Starlette:
     metrics = NodeMetrics(settings.node_id, "relay")
     interactive = InteractiveService(settings, authority, "relay")
     interactive.bid_ack_observers.append(metrics.bid_ack_latency_seconds.observe)
+    interactive.http.count_observers.append(metrics.room_http_sessions.set)
 
     def viewer_count() -> int:
         """Viewers (child relays pulling from us are not viewers)."""

@@ -7,7 +7,7 @@ import pytest
 from media_support import SECRET, Publisher, Viewer, host_token, http_client, running_cluster
 
 from lotcast.auth import Role, TokenAuthority
-from lotcast.interactive.client import RoomClient
+from lotcast.interactive.client import HttpRoomClient, RoomClient
 from lotcast.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,3 +49,16 @@ async def test_relay_metrics_count_bids_viewers_and_packets(redis_server: RedisS
             await viewer.stop()
             await publisher.stop()
 
+
+
+async def test_every_node_counts_its_http_fallback_room_sessions(redis_server: RedisServer) -> None:
+    with running_cluster(redis_server) as cluster:
+        for node in (cluster.origin, cluster.relay):
+            client = HttpRoomClient(node.url, "fallback")
+            await client.connect()
+            try:
+                async with http_client() as http:
+                    text = (await http.get(f"{node.url}/metrics")).text
+                assert sample(text, "lotcast_room_http_sessions") == 1, node.url
+            finally:
+                await client.close()
