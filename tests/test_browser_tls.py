@@ -9,9 +9,6 @@ import asyncio
 import base64
 import hashlib
 import re
-import subprocess
-import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,34 +17,12 @@ import pytest
 from browser_support import CHROMIUM_ARGS, PageLog, chromium_path, open_page, wait_for
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from up_support import CHILD_LINE, UpProcess
+from up_support import UpProcess
 
 from lotcast import tls
 from lotcast.auth import Role
 
 STREAM = "main"
-
-
-class TlsUpProcess(UpProcess):
-    """UpProcess run with `--tls` (UpProcess.start builds a fixed command line)."""
-
-    def start(self, timeout: float = 90.0) -> UpProcess:
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "lotcast", "up", "--tls", "--broadcaster-port", "0",
-             "--relay-port", "0", "--relays", str(self.relays), "--data-dir", str(self.data_dir)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env, bufsize=1)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.wait_line(re.compile(r"Press Ctrl-C to stop"), timeout)
-        for line in self.snapshot():
-            m = CHILD_LINE.match(line)
-            if m:
-                name = "redis" if m.group(1) == "Redis" else m.group(1)
-                self.urls[name] = m.group(2)
-                self.pids[name] = int(m.group(3))
-                self.every_pid.add(int(m.group(3)))
-        assert set(self.pids) == {"redis", "broadcaster", *(f"relay-{i}" for i in range(self.relays))}
-        return self
 
 
 def _spki_hash(cert_path: Path) -> str:
@@ -87,7 +62,7 @@ async def test_up_tls_serves_every_node_over_https_and_chromium_publishes_and_pl
     from playwright.async_api import async_playwright
 
     data = tmp_path / "data"
-    up = TlsUpProcess(data, relays=1)
+    up = UpProcess(data, relays=1, args=["--tls"])
     log = PageLog()
     try:
         up.start()

@@ -17,9 +17,6 @@ import os
 import re
 import signal
 import ssl
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -29,7 +26,7 @@ import psutil
 import pytest
 from aioice import stun, turn
 from media_support import SECRET, Publisher, Viewer, host_token, http_client, running_cluster
-from up_support import CHILD_LINE, SCRUBBED, UpProcess, wait_gone
+from up_support import SCRUBBED, UpProcess, wait_gone
 
 from lotcast.redis_server import RedisServer
 from lotcast.supervisor import ServiceProcess
@@ -251,32 +248,13 @@ def turn_pids(conf: Path) -> set[int]:
     return found
 
 
-class TurnUp(UpProcess):
-    """tests/up_support's `up`, with --turn on free ports."""
-
-    def start(self, timeout: float = 90.0) -> UpProcess:
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "lotcast", "up", "--broadcaster-port", "0", "--relay-port", "0",
-             "--relays", "1", "--data-dir", str(self.data_dir),
-             "--turn", "--turn-port", "0", "--turn-tls-port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env, bufsize=1)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.wait_line(re.compile(r"Press Ctrl-C to stop"), timeout)
-        for line in self.snapshot():
-            m = CHILD_LINE.match(line)
-            if m:
-                self.urls[m.group(1)] = m.group(2)
-                self.every_pid.add(int(m.group(3)))
-        return self
-
-
 @pytest.mark.timeout(90)
 async def test_up_turn_runs_coturn_and_advertises_it(tmp_path: Path) -> None:
     """`lotcast up --turn`: coturn on loopback, supervised (restarted after kill -9 on its ports),
     its URLs advertised with working credentials by every node, stopped with `up`."""
     env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
-    up = TurnUp(tmp_path / "data", env=env)
+    up = UpProcess(tmp_path / "data", env=env,
+                   args=["--turn", "--turn-port", "0", "--turn-tls-port", "0"])
     try:
         up.start()
         line = up.wait_line(re.compile(r"^\s+TURN:\s+(.+) \(pid (\d+);"), 5)

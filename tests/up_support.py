@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
@@ -26,9 +27,11 @@ SCRUBBED = ("LOTCAST_JWT_SECRET", "LOTCAST_DATA_DIR", "LOTCAST_REDIS_URL")
 class UpProcess:
     """One `lotcast up --relays N` with every port free and its data dir under the test's tmp."""
 
-    def __init__(self, data_dir: Path, relays: int = 1, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, relays: int = 1, env: dict[str, str] | None = None,
+                 args: Sequence[str] = ()) -> None:
         self.data_dir = data_dir
         self.relays = relays
+        self.args = list(args)  # more `up` options (--tls, --turn, ...)
         base = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
         self.env = {**base, "LOTCAST_LOG_LEVEL": "warning", **(env or {})}
         self.lines: list[str] = []
@@ -47,7 +50,7 @@ class UpProcess:
     def start(self, timeout: float = 90.0) -> UpProcess:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "lotcast", "up", "--broadcaster-port", "0", "--relay-port", "0",
-             "--relays", str(self.relays), "--data-dir", str(self.data_dir)],
+             "--relays", str(self.relays), "--data-dir", str(self.data_dir), *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env, bufsize=1)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
