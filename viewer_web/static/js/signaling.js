@@ -51,6 +51,18 @@ export function parseIceServerLinks(header) {
 }
 
 /**
+ * True when a TURN credential among `servers` expires within `marginSec` (TURN REST usernames
+ * are "<expiry unix seconds>:<user>"): a new session must ask the node for fresh ones first.
+ */
+export function iceServersStale(servers, marginSec = 300) {
+  const now = Date.now() / 1000;
+  return (servers || []).some((s) => {
+    const m = /^(\d+):/.exec(s.username || "");
+    return m !== null && Number(m[1]) - now < marginSec;
+  });
+}
+
+/**
  * The ICE servers an endpoint advertises (`Link: <...>; rel="ice-server"` on OPTIONS, RFC 9725
  * §4.6), or null when it cannot tell (unreachable, or no answer within `timeoutMs`).
  */

@@ -18,7 +18,7 @@
 // reconnecting, failed, stopped. Events: "statechange" {state, detail}, "relaychange" {origin}.
 
 import {
-  SignalingError, deleteSession, discoverIceServers, iceCredentials, newPeerConnection, postOffer,
+  SignalingError, deleteSession, discoverIceServers, iceCredentials, iceServersStale, newPeerConnection, postOffer,
   preferCodecs, sleep, waitForIceGathering,
 } from "./signaling.js";
 
@@ -308,6 +308,10 @@ export class WhepPlayer extends EventTarget {
   }
 
   async _openSession(run, endpoint) {
+    if (iceServersStale(this.iceServers)) {
+      // a reconnect hours after the last 201: its TURN credentials are about to expire
+      this.iceServers = (await discoverIceServers(endpoint, { token: this.token })) ?? this.iceServers;
+    }
     const pc = newPeerConnection(this.iceServers);
     const audioTx = pc.addTransceiver("audio", { direction: "recvonly" });
     const videoTx = pc.addTransceiver("video", { direction: "recvonly" });

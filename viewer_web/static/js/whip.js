@@ -5,7 +5,8 @@
 // everything up front and our loopback candidates are normally all in the offer).
 
 import {
-  deleteSession, discoverIceServers, iceCredentials, newPeerConnection, patchCandidates, postOffer, preferCodecs,
+  deleteSession, discoverIceServers, iceCredentials, iceServersStale, newPeerConnection, patchCandidates, postOffer,
+  preferCodecs,
   waitForIceGathering,
 } from "./signaling.js";
 
@@ -44,8 +45,9 @@ export class WhipPublisher extends EventTarget {
   async publish(stream) {
     if (this.pc) throw new Error(`already publishing (state ${this.state})`);
     this._setState("connecting");
-    if (this.iceServers === null) {
-      this.iceServers = (await discoverIceServers(this.endpoint, { token: this.token })) ?? [];
+    if (this.iceServers === null || iceServersStale(this.iceServers)) {
+      this.iceServers = (await discoverIceServers(this.endpoint, { token: this.token }))
+        ?? this.iceServers ?? [];
       if (this.state !== "connecting") return; // stopped meanwhile
     }
     const pc = newPeerConnection(this.iceServers);
