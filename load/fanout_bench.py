@@ -364,9 +364,11 @@ async def main() -> None:
         await publisher.stop()
 
     in_pps = statistics.mean(r["packets_in_per_s"] for _, r in rows)
-    floor_c = c_floor(args.floor_size)
-    floor_py = srtp_send_floor(args.floor_size)
-    loop_costs = {(n, path): await fanout_loop_cost(n, path, args.floor_size)
+    # the least of three: other processes on a shared machine only ever add to a CPU figure
+    floor_c = min(c_floor(args.floor_size) for _ in range(3))
+    floor_py = min(srtp_send_floor(args.floor_size) for _ in range(3))
+    loop_costs = {(n, path): min([await fanout_loop_cost(n, path, args.floor_size)
+                                  for _ in range(3)])
                   for n in args.viewers for path in args.paths}
     print()
     print(f"source: ~{in_pps:.0f} packets/s into each relay (video+audio); "
