@@ -15,8 +15,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
+from lotcast.daemon import OwnedDaemon
 from lotcast.netutil import free_tcp_port
 from lotcast.supervisor import die_with_parent
 
@@ -49,7 +49,7 @@ def find_redis_server() -> str:
     )
 
 
-class RedisServer:
+class RedisServer(OwnedDaemon):
     """One redis-server process bound to loopback, owned by whoever created it."""
 
     name = "redis"
@@ -58,14 +58,13 @@ class RedisServer:
                  supervised: bool = False) -> None:
         # supervised: own session, and SIGTERM when the process that started it dies (`up`).
         self.supervised = supervised
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        super().__init__()
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="lotcast-redis-")
             data_dir = Path(self._tmp.name)
         self.data_dir = data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_tcp_port()
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -97,16 +96,6 @@ class RedisServer:
         self.stop()
         raise RuntimeError(f"redis-server did not answer PING on port {self.port} in {timeout}s")
 
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self._proc is None else self._proc.poll()
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.url}, AOF in {self.data_dir}"
@@ -119,40 +108,10 @@ class RedisServer:
         except OSError:
             return False
 
-    def stop(self, kill: bool = False) -> None:
-        """Stop the server: SIGTERM (clean shutdown, AOF flushed) or SIGKILL (a crash)."""
-        if self._proc is None:
-            return
-        if kill:
-            self._proc.kill()
-        else:
-            self._proc.terminate()
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._proc = None
 
     def restart(self, kill: bool = False) -> None:
         """Stop and start again on the same port and data directory."""
         self.stop(kill=kill)
         self.start()
 
-    def close(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
 
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

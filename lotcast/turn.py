@@ -30,10 +30,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from aioice import stun
 
+from lotcast.daemon import OwnedDaemon
 from lotcast.supervisor import die_with_parent
 
 TURN_SCHEMES = ("turn:", "turns:")
@@ -154,7 +154,7 @@ def self_signed_certificate(cert_path: Path, key_path: Path, names: list[str]) -
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-class CoturnServer:
+class CoturnServer(OwnedDaemon):
     """One coturn process on loopback, owned by whoever created it.
 
     Listens on `port` (UDP and TCP) and `tls_port` (TLS), relays from 127.0.0.1 and allows
@@ -170,7 +170,7 @@ class CoturnServer:
                  key: Path | None = None, realm: str = DEFAULT_REALM,
                  supervised: bool = False) -> None:
         self.supervised = supervised
-        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        super().__init__()
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="lotcast-turn-")
             data_dir = Path(self._tmp.name)
@@ -185,7 +185,6 @@ class CoturnServer:
         self.tls_port = tls_port or free_udp_tcp_port()
         self.realm = realm
         self.cert, self.key = cert, key
-        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def urls(self) -> list[str]:
@@ -305,45 +304,9 @@ class CoturnServer:
         except OSError:
             return False
 
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self._proc is None else self._proc.poll()
 
     def describe(self) -> str:
         return f"pid {self.pid}; " + ", ".join(self.urls)
-
-    def stop(self) -> None:
-        if self._proc is None:
-            return
-        if self._proc.poll() is None:
-            self._proc.terminate()
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._proc = None
-
-    def close(self) -> None:
-        self.stop()
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> CoturnServer:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
 
 
 def _is_binding_success(data: bytes) -> bool:
