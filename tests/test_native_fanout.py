@@ -159,6 +159,27 @@ def test_native_srtp_is_byte_identical_to_the_python_path_up_to_the_largest_pack
         sock.close()
 
 
+def test_ipv6_destinations_get_the_same_srtp_as_on_the_python_path(native_on: None) -> None:
+    key = os.urandom(30)
+    rx = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    rx.bind(("::1", 0))
+    rx.settimeout(5)
+    tx_python = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    tx_native = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    protect = fast_protect(_session(key))
+    sink_set = native.SinkSet([native_target(_session(key), tx_native.fileno(),
+                                             rx.getsockname())], None)
+    for seq in range(1, 4):
+        packet = _packet(seq, 1400)
+        tx_python.sendto(protect(packet), rx.getsockname())
+        assert sink_set.send(packet) is None
+        from_python, from_native = rx.recvfrom(65536), rx.recvfrom(65536)
+        assert from_native[0] == from_python[0]
+        assert from_native[1][1] == tx_native.getsockname()[1]  # sent on the sink's own socket
+    for sock in (rx, tx_python, tx_native):
+        sock.close()
+
+
 def _forwarder_run(use_native: bool, keys: list[bytes], sizes: list[int],
                    monkeypatch: pytest.MonkeyPatch) -> tuple[TrackForwarder, list[list[bytes]]]:
     """One forwarder, four sinks (two payload types), the same packets; what each sink got."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -361,6 +362,9 @@ def native_target(session: Any, fd: int, addr: tuple[Any, ...]) -> NativeTarget:
     else:
         host, port = str(addr[0]), int(addr[1])
         scope_id = int(addr[3]) if len(addr) >= 4 else 0
+        if "%" in host and not scope_id:  # fe80::1%eth0: the zone as an interface index
+            zone = host.split("%", 1)[1]
+            scope_id = int(zone) if zone.isdigit() else socket.if_nametoindex(zone)
     return NativeTarget(srtp_protect_address(), srtp, fd, host, port, scope_id, limit, (session,))
 
 
