@@ -2,8 +2,9 @@
 
 aiortc decodes what it receives and encodes what it sends; a relay must do neither. These hooks
 tap RTP after SRTP decryption (at the receiver's jitter buffer, after RTX unwrap and NACK
-generation), send pre-built RTP through a peer's SRTP context and UDP socket directly, and catch
-RTCP feedback (NACK, PLI/FIR, SR) that aiortc would otherwise route to its encoder.
+generation), send pre-built RTP through a peer's SRTP context and UDP socket directly (in Python,
+or by handing the native fan-out the srtp_protect address, the session's srtp_t and the socket's
+fd), and catch RTCP feedback (NACK, PLI/FIR, SR) that aiortc would otherwise route to its encoder.
 
 The versions are pinned in pyproject.toml. `check_hooks()` fails loudly if a name moved; it runs at
 service start and in tests/test_aiortc_hooks.py.
@@ -371,9 +372,12 @@ def native_target(session: Any, fd: int, addr: tuple[Any, ...]) -> NativeTarget:
 class PacketSender:
     """Sends already-built RTP on one peer connection: SRTP protect, then UDP sendto.
 
-    Resolved once the DTLS transport is connected; `protect` and `sendto` are the per-packet hot
-    path. `sendto` is the raw socket's (asyncio's transport wrapper costs more than the send);
-    a full socket buffer raises BlockingIOError, which callers count as a loss, as UDP would.
+    Resolved once the DTLS transport is connected; `protect` and `sendto` are the Python
+    per-packet path. `sendto` is the raw socket's (asyncio's transport wrapper costs more than
+    the send); a full socket buffer raises BlockingIOError, which callers count as a loss, as UDP
+    would. `native` is the same session, socket and address for the native fan-out
+    (lotcast/media/native.py); a forwarder reads it when it rebuilds its sink sets, so whoever
+    calls `resolve()` again must have the forwarder rebuild.
     """
 
     __slots__ = ("_dtls", "_transport", "addr", "native", "protect", "sendto")
