@@ -393,6 +393,16 @@ async def test_a_real_packet_sender_resolves_a_native_target_on_its_ice_socket(n
         # decrypted by aiortc's own SRTP receive path: the same packets
         assert [(p.sequence_number, len(p.payload)) for p in got] == [(1, 88), (2, 1188), (3, 1388)]
         assert got[2].payload == _packet(3, 1400, pt=pt)[12:]
+        # a forwarder re-prepares its native set whenever the sender resolves again
+        forwarder = TrackForwarder("audio", OPUS, output_ssrc=5)
+        assert OPUS.payloadType is not None
+        forwarder.add_sink(ForwardSink(packet_sender, transceiver.sender, OPUS.payloadType))
+        before = forwarder._groups[0].native
+        assert before is not None and not forwarder._groups[0].entries
+        assert packet_sender.resolve()
+        assert forwarder._groups[0].native is not before
+        forwarder.close()
+        assert packet_sender.resolve() and not packet_sender._on_resolve  # unhooked on close
     finally:
         await sender_pc.close()
         await receiver_pc.close()

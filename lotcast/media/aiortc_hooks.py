@@ -376,11 +376,11 @@ class PacketSender:
     per-packet path. `sendto` is the raw socket's (asyncio's transport wrapper costs more than
     the send); a full socket buffer raises BlockingIOError, which callers count as a loss, as UDP
     would. `native` is the same session, socket and address for the native fan-out
-    (lotcast/media/native.py); a forwarder reads it when it rebuilds its sink sets, so whoever
-    calls `resolve()` again must have the forwarder rebuild.
+    (lotcast/media/native.py); a forwarder reads it when it rebuilds its sink sets, and rebuilds
+    them whenever `resolve()` runs again (`on_resolve`).
     """
 
-    __slots__ = ("_dtls", "_transport", "addr", "native", "protect", "sendto")
+    __slots__ = ("_dtls", "_on_resolve", "_transport", "addr", "native", "protect", "sendto")
 
     def __init__(self, dtls: RTCDtlsTransport) -> None:
         self._dtls = dtls
@@ -390,6 +390,17 @@ class PacketSender:
         self.addr: tuple[str, int] | None = None
         # what the native fan-out needs (None: this sink stays on the Python path)
         self.native: NativeTarget | None = None
+        self._on_resolve: list[Callable[[], None]] = []
+
+    def on_resolve(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` after every successful `resolve()`; returns its canceller."""
+        self._on_resolve.append(callback)
+
+        def cancel() -> None:
+            if callback in self._on_resolve:
+                self._on_resolve.remove(callback)
+
+        return cancel
 
     def alive(self) -> bool:
         """The transport can still carry packets (a failed send on a live one is one lost
@@ -419,6 +430,8 @@ class PacketSender:
         raw = sock if sock is not None else transport.get_extra_info("socket")
         fd = raw.fileno() if raw is not None else -1
         self.native = native_target(srtp, fd, pair.remote_addr) if fd >= 0 else None
+        for callback in list(self._on_resolve):
+            callback()
         return True
 
     def send(self, packet: bytes) -> None:

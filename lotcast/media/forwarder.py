@@ -64,7 +64,7 @@ class SendGroup:
 class ForwardSink:
     """One viewer's copy of one track."""
 
-    __slots__ = ("base_octets", "base_packets", "closed", "on_first_packet",
+    __slots__ = ("base_octets", "base_packets", "cancel_refresh", "closed", "on_first_packet",
                  "packet_sender", "payload_type", "rtp_sender", "waiting_keyframe")
 
     def __init__(self, packet_sender: PacketSender, rtp_sender: RTCRtpSender, payload_type: int,
@@ -77,6 +77,7 @@ class ForwardSink:
         self.base_packets = 0
         self.base_octets = 0
         self.on_first_packet = on_first_packet
+        self.cancel_refresh: Callable[[], None] | None = None
 
     def entry(self) -> SendEntry:
         ps = self.packet_sender
@@ -141,6 +142,9 @@ class TrackForwarder:
         sink.base_packets = self.packets_in
         sink.base_octets = self.octets_in
         self._sinks.append(sink)
+        on_resolve = getattr(sink.packet_sender, "on_resolve", None)
+        if on_resolve is not None:  # its socket or SRTP context may change: re-prepare the sets
+            sink.cancel_refresh = on_resolve(self._rebuild)
         if self.kind == "video" and not self._replay_keyframe(sink):
             sink.waiting_keyframe = True
             self._waiting.append(sink)
@@ -173,6 +177,9 @@ class TrackForwarder:
 
     def remove_sink(self, sink: ForwardSink) -> None:
         sink.closed = True
+        if sink.cancel_refresh is not None:
+            sink.cancel_refresh()
+            sink.cancel_refresh = None
         if sink in self._sinks:
             self._sinks.remove(sink)
         if sink in self._waiting:
@@ -397,6 +404,9 @@ class TrackForwarder:
         self._gop = None
         for sink in self._sinks:
             sink.closed = True
+            if sink.cancel_refresh is not None:
+                sink.cancel_refresh()
+                sink.cancel_refresh = None
         self._sinks.clear()
         self._waiting.clear()
         self._groups = ()
