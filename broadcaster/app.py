@@ -16,10 +16,10 @@ from lotcast.media.endpoints import SessionTable, WebRtcEndpoints
 from lotcast.media.peer import EgressSession, IngestSession
 from lotcast.media.stream import MediaStream, StreamRouter
 from lotcast.media.upstream import NotLiveError
+from lotcast.node.routes import health_routes, page_routes, stats_route, udp_socket_count
+from lotcast.node.telemetry import MediaTelemetry
 from lotcast.ops.metrics import NodeMetrics
-from lotcast.service import health_routes, page_routes, stats_route, udp_socket_count
-from relay.placement import Placer, selector_for
-from relay.telemetry import MediaTelemetry
+from lotcast.ops.placement_http import Placer, selector_for
 
 
 def create_app(settings: Settings) -> Starlette:

@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> None:
         secret = _token_secret(args)
         print(TokenAuthority(secret).mint(Role(args.role), args.user_id, args.name, args.ttl))
     elif args.command in ("broadcaster", "relay"):
-        from lotcast.service import run_service
+        from lotcast.launch import run_node
 
-        run_service(args.command, _settings_from(args, SERVICE_FLAGS[args.command]))
+        run_node(args.command, _settings_from(args, SERVICE_FLAGS[args.command]))
     elif args.command == "up":
         sys.exit(run_up(args))
 

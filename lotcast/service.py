@@ -1,4 +1,8 @@
-"""Runs one node (broadcaster or relay) under uvicorn on a pre-bound socket."""
+"""Runs one Starlette app (a node, or one worker of a relay node) under uvicorn on pre-bound
+sockets: TLS with live renewal, the drain-on-SIGTERM server, the ready line.
+
+Which app runs is the launcher's choice (lotcast.launch); this module imports no node app.
+"""
 
 from __future__ import annotations
 
@@ -7,81 +11,22 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import FrameType
 from typing import Any
 
-import psutil
 import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
-from starlette.staticfiles import StaticFiles
 
 from lotcast.config import Settings
-from lotcast.media.aiortc_hooks import check_hooks, restrict_host_addresses
 from lotcast.netutil import bind_tcp
+from lotcast.node.routes import ca_route
 from lotcast.supervisor import announce_ready
 from lotcast.tls import CertificateReloader, server_context
-from viewer_web import STATIC_DIR
 
-
-def page_routes() -> list[BaseRoute]:
-    """The host and viewer pages and their static assets (no build step)."""
-
-    async def host(request: Request) -> Response:
-        return FileResponse(STATIC_DIR / "host.html")
-
-    async def watch(request: Request) -> Response:
-        return FileResponse(STATIC_DIR / "viewer.html")
-
-    return [
-        Route("/host", host),
-        Route("/watch", watch),
-        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
-    ]
-
-
-def health_routes(ready: Callable[[], str | None]) -> list[BaseRoute]:
-    """/healthz: the process serves. /readyz: it takes new work (fails while draining)."""
-
-    async def healthz(request: Request) -> Response:
-        return PlainTextResponse("ok\n")
-
-    async def readyz(request: Request) -> Response:
-        problem = ready()
-        if problem is not None:
-            return PlainTextResponse(problem + "\n", status_code=503)
-        return PlainTextResponse("ready\n")
-
-    return [Route("/healthz", healthz), Route("/readyz", readyz)]
-
-
-def udp_socket_count() -> int:
-    """Open UDP sockets of this process (what per-session cleanup must give back)."""
-    return sum(1 for c in psutil.Process(os.getpid()).net_connections(kind="udp"))
-
-
-def stats_route(collect: Callable[[], dict[str, Any]]) -> BaseRoute:
-    async def stats(request: Request) -> Response:
-        return JSONResponse({**collect(), "udp_sockets": udp_socket_count()})
-
-    return Route("/api/stats", stats)
-
-
-def ca_route(ca_file: str) -> BaseRoute:
-    async def ca(request: Request) -> Response:
-        return FileResponse(ca_file, media_type="application/x-x509-ca-cert",
-                            filename="lotcast-ca.crt")
-
-    return Route("/ca.crt", ca)
-
-
-def prepare_media(settings: Settings) -> None:
-    check_hooks()
-    restrict_host_addresses([settings.ice_ip])
+AppFactory = Callable[[Settings], Starlette]
 
 
 def prepare_tls(settings: Settings) -> CertificateReloader | None:
@@ -116,28 +61,27 @@ def node_url(settings: Settings, port: int) -> str:
     return settings.public_url
 
 
-def run_service(kind: str, settings: Settings) -> None:
+def run_app(kind: str, settings: Settings, factory: AppFactory, *,
+            listen: socket.socket | None = None, extra: Sequence[socket.socket] = (),
+            label: str | None = None, ready_info: dict[str, Any] | None = None) -> None:
+    """Serve `factory(settings)` until it stops.
+
+    listen: the node's pre-bound TCP socket (default: bind host:port now); extra: more sockets
+    served by the same app (a relay worker's private unix socket). `label` names the process
+    in log lines; `ready_info` is added to its ready line.
+    """
     logging.basicConfig(
         level=settings.log_level.upper(),
-        format=f"%(asctime)s {kind} %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {label or kind} %(levelname)s %(name)s: %(message)s",
     )
-    prepare_media(settings)
     tls = prepare_tls(settings)
-    sock = bind_tcp(settings.host, settings.port)
+    sock = listen if listen is not None else bind_tcp(settings.host, settings.port)
     port = sock.getsockname()[1]
     settings.port = port
     settings.public_url = node_url(settings, port)
     if not settings.node_id:
         settings.node_id = f"{kind}-{settings.host}-{port}"
-    app: Starlette
-    if kind == "broadcaster":
-        from broadcaster.app import create_app
-
-        app = create_app(settings)
-    else:
-        from relay.app import create_app as create_relay_app
-
-        app = create_relay_app(settings)
+    app = factory(settings)
     if tls is not None and settings.ca_file:
         # A phone opens https://<node>/ca.crt (past one warning) to install the CA `up` made.
         app.router.routes.insert(0, ca_route(settings.ca_file))
@@ -151,10 +95,12 @@ def run_service(kind: str, settings: Settings) -> None:
                                                  else lambda _config, _default: tls.context))
     server = DrainingServer(config, getattr(app.state, "drain", None))
     _use_uvloop()
+    info = {"kind": kind, "url": settings.public_url, "node_id": settings.node_id,
+            **(ready_info or {})}
     # Ctrl-C in a terminal (or `up` stopping its children) is a normal stop: uvicorn has shut
     # down cleanly by the time the interrupt surfaces, so no traceback
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(server, sock, kind, settings, app, tls))
+        asyncio.run(_serve(server, [sock, *extra], info, tls))
 
 
 def _use_uvloop() -> None:
@@ -212,20 +158,19 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-async def _serve(server: uvicorn.Server, sock: Any, kind: str, settings: Settings,
-                 app: Starlette, tls: CertificateReloader | None) -> None:
+async def _serve(server: uvicorn.Server, sockets: list[socket.socket], info: dict[str, Any],
+                 tls: CertificateReloader | None) -> None:
     async def announce() -> None:
         while not server.started:  # noqa: ASYNC110 - uvicorn exposes no startup event
             await asyncio.sleep(0.02)
-        announce_ready(kind=kind, url=settings.public_url, node_id=settings.node_id, pid=os.getpid())
+        announce_ready(**info, pid=os.getpid())
 
     announcer = asyncio.ensure_future(announce())
     if tls is not None:
         tls.start()
     try:
-        await server.serve(sockets=[sock])
+        await server.serve(sockets=sockets)
     finally:
         announcer.cancel()
         if tls is not None:
             await tls.close()
-

@@ -2,7 +2,7 @@
 
 Scale-out wiring (issue 4): the relay heartbeats into the Redis registry, answers placement
 (`/api/streams/{id}/edge`, and 307 instead of 503 when it is full or draining), drains on SIGTERM
-(`app.state.drain`, called by lotcast.service) and serves Prometheus `/metrics`.
+(`app.state.drain`, called by lotcast.service.DrainingServer) and serves Prometheus `/metrics`.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from lotcast.interactive.service import InteractiveService
 from lotcast.media.endpoints import CORS, SessionTable, WebRtcEndpoints
 from lotcast.media.peer import EgressSession, PeerSession
 from lotcast.media.stream import StreamRouter
+from lotcast.node.routes import health_routes, page_routes, stats_route, udp_socket_count
+from lotcast.node.telemetry import MediaTelemetry
 from lotcast.ops.metrics import NodeMetrics
 from lotcast.ops.node import NodeLoad
+from lotcast.ops.placement_http import Placer, selector_for, whep_url
 from lotcast.ops.registry import NodeRegistry
-from lotcast.service import health_routes, page_routes, stats_route, udp_socket_count
 from relay.cascade import RELAY_AUTH_HEADER, RELAY_HEADER, CascadePlanner, child_headers, verified_child
 from relay.drain import Drainer
-from relay.placement import Placer, selector_for, whep_url
-from relay.telemetry import MediaTelemetry
 from relay.upstreams import PARENT_CHECK_INTERVAL_S, RelayUpstreams
 
 # A WHEP POST bounced between full relays stops after this many redirects.

@@ -1,4 +1,4 @@
-"""Relay drain: what SIGTERM starts (lotcast.service routes the signal to `Drainer.run`).
+"""Relay drain: what SIGTERM starts (lotcast.service.DrainingServer routes the signal to `Drainer.run`).
 
 1. The node turns DRAINING: the registry shows it at once (placement skips it), /readyz answers
    503, and new WHEP POSTs are redirected to another relay (or refused with 503 + Retry-After).
