@@ -101,6 +101,53 @@ def room_viewers(room: str) -> str:
     return room_prefix(room) + "viewers"
 
 
+# --- reactions, giveaways, pre-bids (issue 10) -------------------------------------------
+
+def lot_prebids(room: str, lot_id: str) -> str:
+    """Hash user id -> msgpack {max, name}: each user's pre-bid on a draft lot."""
+    return room_prefix(room) + f"prebids:{lot_id}"
+
+
+def lot_prebid_order(room: str, lot_id: str) -> str:
+    """Sorted set user id scored by the receipt sequence of their current pre-bid."""
+    return room_prefix(room) + f"prebid_order:{lot_id}"
+
+
+def room_reactions(room: str) -> str:
+    """Hash reaction name -> cumulative count for the room."""
+    return room_prefix(room) + "reactions"
+
+
+def room_giveaways(room: str) -> str:
+    """List of giveaway ids in creation order (the last one is the current giveaway)."""
+    return room_prefix(room) + "giveaways"
+
+
+def giveaway(room: str, giveaway_id: str) -> str:
+    """Hash: id, item, status, seed (secret until drawn), commitment, and the draw's record."""
+    return room_prefix(room) + f"giveaway:{giveaway_id}"
+
+
+def giveaway_entries(room: str, giveaway_id: str) -> str:
+    """Hash user id -> display name: one entry per user."""
+    return giveaway(room, giveaway_id) + ":entries"
+
+
+def giveaway_eligible(room: str, giveaway_id: str) -> str:
+    """Sorted set (all scores 0, so byte-ordered) of the entrants eligible at the draw."""
+    return giveaway(room, giveaway_id) + ":eligible"
+
+
+def room_online(room: str, node_id: str) -> str:
+    """Set of user ids with at least one open session of the room on that node; trusted only
+    while the node's room_viewers entry is fresh (a crashed node's set is ignored)."""
+    return room_prefix(room) + f"online:{node_id}"
+
+
+# Library of the reaction and giveaway Functions (lua/common.lua + reactions.lua + giveaway.lua)
+SHOW_FUNCTION_LIBRARY = "lotcast_show_v1"
+
+
 # Sorted set of rooms with open lots/polls, scored by their next deadline (ms): the settle loop's
 # work list. The room Functions keep it exact atomically, which needs a non-cluster Redis
 # (standalone or Sentinel); on Redis Cluster it would have to move into the room's slot.

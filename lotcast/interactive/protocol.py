@@ -77,6 +77,17 @@ class ErrorCode(enum.StrEnum):
     DUPLICATE_VOTE = "duplicate_vote"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    # --- reactions, giveaways, auction additions (issue 10) ---
+    ALREADY_RERUN = "already_rerun"
+    UNKNOWN_GIVEAWAY = "unknown_giveaway"
+    GIVEAWAY_CLOSED = "giveaway_closed"
+    GIVEAWAY_IN_PROGRESS = "giveaway_in_progress"
+    GIVEAWAY_FULL = "giveaway_full"
+    DUPLICATE_ENTRY = "duplicate_entry"
+    LOT_IS_OPEN = "lot_is_open"
+    NO_ELIGIBLE_ENTRANTS = "no_eligible_entrants"
+    NOT_DRAWN = "not_drawn"
+    # --- end reactions, giveaways ---
 
 
 class ProtocolError(Exception):
@@ -129,6 +140,7 @@ class CreateLot:
     soft_close_ms: int
     reserve: int | None = None
     buy_now: int | None = None
+    sudden_death: bool = False  # no soft close: the lot ends at ends_at whatever the bids
 
 
 @dataclass(frozen=True)
@@ -170,10 +182,78 @@ class Ping:
     ts: int | float | None = None
 
 
+# --- reactions, giveaways, auction additions (issue 10) ---
+
+REACTIONS = ("heart", "fire", "laugh", "clap")  # wire values of the fixed reaction set
+GIVEAWAY_PROOF_PAGE = 500  # user ids per giveaway_proof ack
+
+
+@dataclass(frozen=True)
+class PreBid:
+    """A max bid on a draft lot, applied in received order when the lot opens."""
+    cid: str | int
+    lot: str
+    max: int
+
+
+@dataclass(frozen=True)
+class RerunLot:
+    cid: str | int
+    lot: str
+    open: bool = False
+
+
+@dataclass(frozen=True)
+class React:
+    cid: str | int
+    reaction: str
+
+
+@dataclass(frozen=True)
+class OpenGiveaway:
+    cid: str | int
+    item: str
+
+
+@dataclass(frozen=True)
+class EnterGiveaway:
+    cid: str | int
+    giveaway: str
+
+
+@dataclass(frozen=True)
+class DrawGiveaway:
+    cid: str | int
+    giveaway: str
+
+
+@dataclass(frozen=True)
+class CancelGiveaway:
+    cid: str | int
+    giveaway: str
+
+
+@dataclass(frozen=True)
+class GiveawayProof:
+    cid: str | int
+    giveaway: str
+    start: int = 0
+
+
+SHOW_MESSAGES = (PreBid | RerunLot | React | OpenGiveaway | EnterGiveaway | DrawGiveaway
+                 | CancelGiveaway | GiveawayProof)
+SHOW_HOST_ONLY: frozenset[type] = frozenset({RerunLot, OpenGiveaway, DrawGiveaway, CancelGiveaway})
+SHOW_BIDDER_ONLY: frozenset[type] = frozenset({PreBid, EnterGiveaway})
+# `react` needs a signed-in user of any role (the per-user limit needs a user id)
+SIGNED_IN_ONLY: frozenset[type] = frozenset({React})
+
+# --- end reactions, giveaways ---
+
 ClientMessage = (Hello | PlaceBid | Vote | CreateLot | OpenLot | ExtendLot | CloseLot | OpenPoll
-                 | ClosePoll | Ping)
-HOST_ONLY: frozenset[type] = frozenset({CreateLot, OpenLot, ExtendLot, CloseLot, OpenPoll, ClosePoll})
-BIDDER_ONLY: frozenset[type] = frozenset({PlaceBid, Vote})
+                 | ClosePoll | Ping | SHOW_MESSAGES)
+HOST_ONLY: frozenset[type] = frozenset({CreateLot, OpenLot, ExtendLot, CloseLot, OpenPoll,
+                                        ClosePoll}) | SHOW_HOST_ONLY
+BIDDER_ONLY: frozenset[type] = frozenset({PlaceBid, Vote}) | SHOW_BIDDER_ONLY
 
 Check = Callable[[str, Any], Any]
 
@@ -288,6 +368,21 @@ def _options(name: str, v: Any) -> tuple[str, ...]:
     return tuple(_text(1, 100)(f"{name}[{i}]", o) for i, o in enumerate(v))
 
 
+def _bool(name: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ProtocolError(ErrorCode.WRONG_TYPE, f"{name} must be a boolean", field=name)
+    return v
+
+
+def _reaction(name: str, v: Any) -> str:
+    if not isinstance(v, str):
+        raise ProtocolError(ErrorCode.WRONG_TYPE, f"{name} must be a string", field=name)
+    if v not in REACTIONS:
+        raise ProtocolError(ErrorCode.INVALID_FIELD,
+                            f"{name} must be one of {', '.join(REACTIONS)}", field=name)
+    return v
+
+
 _ID = _text(1, 64)
 _DURATION = _int(1000, MAX_DURATION_MS)
 
@@ -302,7 +397,7 @@ SCHEMAS: dict[str, tuple[type, dict[str, tuple[Check, bool]]]] = {
         "title": (_text(1, 200), True), "start_price": (_amount, True),
         "increments": (_increments, True), "duration_ms": (_DURATION, True),
         "soft_close_ms": (_int(0, MAX_EXTEND_MS), True), "reserve": (_amount, False),
-        "buy_now": (_amount, False)}),
+        "buy_now": (_amount, False), "sudden_death": (_bool, False)}),
     "lot_open": (OpenLot, {"lot": (_ID, True)}),
     "lot_extend": (ExtendLot, {"lot": (_ID, True), "by_ms": (_int(1, MAX_EXTEND_MS), True)}),
     "lot_close": (CloseLot, {"lot": (_ID, True)}),
@@ -310,6 +405,16 @@ SCHEMAS: dict[str, tuple[type, dict[str, tuple[Check, bool]]]] = {
                              "duration_ms": (_DURATION, True)}),
     "poll_close": (ClosePoll, {"poll": (_ID, True)}),
     "ping": (Ping, {"ts": (_ts, False)}),
+    # --- reactions, giveaways, auction additions (issue 10) ---
+    "prebid": (PreBid, {"lot": (_ID, True), "max": (_amount, True)}),
+    "lot_rerun": (RerunLot, {"lot": (_ID, True), "open": (_bool, False)}),
+    "react": (React, {"reaction": (_reaction, True)}),
+    "giveaway_open": (OpenGiveaway, {"item": (_text(1, 200), True)}),
+    "giveaway_enter": (EnterGiveaway, {"giveaway": (_ID, True)}),
+    "giveaway_draw": (DrawGiveaway, {"giveaway": (_ID, True)}),
+    "giveaway_cancel": (CancelGiveaway, {"giveaway": (_ID, True)}),
+    "giveaway_proof": (GiveawayProof, {"giveaway": (_ID, True), "start": (_int(0, 2**31), False)}),
+    # --- end reactions, giveaways ---
 }
 
 
@@ -380,6 +485,10 @@ def _check_cross_fields(msg: ClientMessage) -> None:
         if msg.soft_close_ms > msg.duration_ms:
             raise ProtocolError(ErrorCode.INVALID_FIELD, "soft_close_ms must be <= duration_ms",
                                 field="soft_close_ms")
+        if msg.sudden_death and msg.soft_close_ms != 0:
+            raise ProtocolError(ErrorCode.INVALID_FIELD,
+                                "a sudden_death lot has no soft close: soft_close_ms must be 0",
+                                field="soft_close_ms")
 
 
 def message_type(msg: ClientMessage) -> str:
@@ -438,14 +547,27 @@ def encode_pong(*, cid: Any, ts: Any, server_ts: int, epoch: str, offset: int) -
 
 
 def encode_snapshot(*, epoch: str, offset: int, lots: list[dict[str, Any]],
-                    polls: list[dict[str, Any]], viewers: int, server_ts: int) -> bytes:
+                    polls: list[dict[str, Any]], viewers: int, server_ts: int,
+                    **extra: Any) -> bytes:
+    """`extra`: further room state (e.g. `reactions`, `giveaway`); None values are left out."""
     return _pack({"type": "snapshot", "epoch": epoch, "offset": offset, "lots": lots,
-                   "polls": polls, "viewers": viewers, "server_ts": server_ts})
+                  "polls": polls, "viewers": viewers, "server_ts": server_ts, **extra})
 
 
 def encode_tally(*, epoch: str, offset: int, poll: str, counts: list[int]) -> bytes:
     return _pack({"type": "tally", "epoch": epoch, "offset": offset, "poll": poll,
                   "counts": counts, "total": sum(counts)})
+
+
+# --- reactions, giveaways ---
+
+def encode_reactions(*, epoch: str, offset: int, counts: dict[str, int]) -> bytes:
+    """The room's cumulative reaction counts (coalesced; every reaction of REACTIONS present)."""
+    full = {name: int(counts.get(name, 0)) for name in REACTIONS}
+    return _pack({"type": "reactions", "epoch": epoch, "offset": offset, "counts": full,
+                  "total": sum(full.values())})
+
+# --- end reactions, giveaways ---
 
 
 def encode_viewers(*, epoch: str, offset: int, count: int) -> bytes:
