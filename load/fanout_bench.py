@@ -136,9 +136,9 @@ class _BenchSender:
     """A viewer's send side without a peer connection: its own SRTP session and UDP socket,
     with the same fast_protect and native target a resolved PacketSender has."""
 
-    def __init__(self, dest: tuple[str, int]) -> None:
+    def __init__(self, dest: tuple[str, int], sock: socket.socket | None = None) -> None:
         self.session = _bench_session()
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
         self.addr = dest
         self.protect = fast_protect(self.session)
@@ -152,16 +152,19 @@ class _BenchSender:
         return True
 
 
-async def fanout_loop_cost(viewers: int, path: str, size: int, packets: int = 400) -> float:
+async def fanout_loop_cost(viewers: int, path: str, size: int, packets: int = 400,
+                           shared: bool = False) -> float:
     """CPU seconds per packet-copy of TrackForwarder's per-packet loop alone (no RTCP, no
-    receive path), on one path, with ``viewers`` sinks of their own socket and session."""
+    receive path), on one path, with ``viewers`` sinks of their own session and socket (or,
+    ``shared``, one socket for all: what one UDP port per worker gives, sendmmsg)."""
     os.environ[native.ENV] = "1" if path == "native" else "0"
     try:
         codec = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2,
                                       payloadType=111)
         forwarder = TrackForwarder("audio", codec, output_ssrc=1)
         sink_socket = _loopback_sink()
-        senders = [_BenchSender(sink_socket.getsockname()) for _ in range(viewers)]
+        one = socket.socket(socket.AF_INET, socket.SOCK_DGRAM) if shared else None
+        senders = [_BenchSender(sink_socket.getsockname(), one) for _ in range(viewers)]
         for sender in senders:
             forwarder.add_sink(ForwardSink(sender, SimpleNamespace(), 111))  # type: ignore[arg-type]
         payload = os.urandom(size - 12)
@@ -370,6 +373,8 @@ async def main() -> None:
     loop_costs = {(n, path): min([await fanout_loop_cost(n, path, args.floor_size)
                                   for _ in range(3)])
                   for n in args.viewers for path in args.paths}
+    shared_costs = {n: min([await fanout_loop_cost(n, "native", args.floor_size, shared=True)
+                            for _ in range(3)]) for n in args.viewers} if native.available() else {}
     print()
     print(f"source: ~{in_pps:.0f} packets/s into each relay (video+audio); "
           f"{args.seconds:.0f} s windows; relays on uvloop")
@@ -380,6 +385,9 @@ async def main() -> None:
           "an SRTP session per sink), µs CPU per packet-copy:")
     for (n, path), cost in loop_costs.items():
         print(f"  {path:>6} {n:>4} sinks: {cost * 1e6:5.2f} µs ({cost / floor_c:.2f}x C floor)")
+    for n, cost in shared_costs.items():
+        print(f"  native {n:>4} sinks on one shared socket (sendmmsg): {cost * 1e6:5.2f} µs "
+              f"({cost / floor_c:.2f}x C floor)")
     header = (f"{'path':>6} {'viewers':>7} {'µs CPU/delivered pkt':>21} {'x C floor':>9} "
               f"{'ms/viewer-s':>11} {'delivered/s':>11} {'relay CPU':>9} {'farm CPU':>8} "
               f"{'g2g relay p50/p95':>18} {'direct p50/p95':>15} {'adds p95':>8} {'TTFF p95':>8}")

@@ -226,6 +226,78 @@ async def test_the_forwarder_sends_the_same_srtp_on_both_paths_with_payload_type
     assert python_fwd.send_drops == native_fwd.send_drops == 0
 
 
+class SharedSocketSender(SocketSender):
+    """A sink on a socket other sinks use too (one UDP port for many viewers)."""
+
+    def __init__(self, key: bytes, dest: Any, sock: socket.socket) -> None:
+        self.session = _session(key)
+        self.sock = sock
+        self.addr = dest
+        self.protect = fast_protect(self.session)
+        self.sendto = sock.sendto
+        self.native = native_target(self.session, sock.fileno(), dest)
+
+
+async def test_sinks_sharing_a_socket_go_out_by_sendmmsg_with_the_same_bytes(
+    native_on: None,
+) -> None:
+    keys = [os.urandom(30) for _ in range(100)]
+    receivers = [_receiver() for _ in range(5)]
+    shared = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dests = [receivers[i % 5].getsockname() for i in range(100)]
+    native_sinks = [SharedSocketSender(k, d, shared) for k, d in zip(keys, dests, strict=True)]
+    python_sinks = [SharedSocketSender(k, d, shared) for k, d in zip(keys, dests, strict=True)]
+    sink_set = native.SinkSet([s.native for s in native_sinks], None)  # type: ignore[misc]
+    for seq in (1, 2):
+        packet = _packet(seq, 1400)
+        assert sink_set.send(packet) is None
+        from_native = [_drain(rx) for rx in receivers]
+        for sink in python_sinks:
+            sink.send(packet)
+        assert [_drain(rx) for rx in receivers] == from_native
+        assert [len(got) for got in from_native] == [20] * 5
+    assert sink_set.syscalls() == (0, 4)  # 64 + 36 sinks per packet, two packets
+    for sock in (*receivers, shared):
+        sock.close()
+
+
+async def test_a_shared_socket_that_fills_or_closes_is_handled_per_sink_as_on_the_python_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    results = []
+    for use_native in (False, True):
+        monkeypatch.setenv(native.ENV, "1" if use_native else "0")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "viewers")
+            unread = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            unread.bind(path)
+            shared = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            shared.setblocking(False)
+            forwarder = TrackForwarder("audio", OPUS, output_ssrc=5)
+            for i in range(3):
+                sender = SharedSocketSender(bytes([i]) * 30, path, shared)
+                forwarder.add_sink(ForwardSink(sender, SimpleNamespace(), 111))  # type: ignore[arg-type]
+            for seq in range(200):
+                forwarder.on_source_packet(RtpPacket(payload_type=111, sequence_number=seq,
+                                                     ssrc=9, payload=bytes(500)))
+            forwarder._drain()
+            queued = len(_drain(unread))
+            full = (forwarder.send_drops, forwarder.send_errors, forwarder.sink_count, queued)
+            shared.close()  # the one socket goes away: every sink on it is gone
+            forwarder.on_source_packet(RtpPacket(payload_type=111, sequence_number=200, ssrc=9,
+                                                 payload=bytes(500)))
+            forwarder._drain()
+            await asyncio.sleep(0.01)
+            results.append((full, forwarder.sink_count, forwarder.send_errors))
+            forwarder.close()
+            unread.close()
+    python_result, native_result = results
+    (drops, errors, sinks, queued), sinks_after, errors_after = python_result
+    assert drops > 300 and errors == 0 and sinks == 3 and drops + queued == 600
+    assert sinks_after == 0 and errors_after == 0
+    assert native_result == python_result
+
+
 def _run(code: str, env: dict[str, str]) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=REPO, env={**os.environ, **env}, check=False)

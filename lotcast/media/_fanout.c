@@ -1,5 +1,9 @@
 /* Native fan-out: one call per source packet protects it for every sink and sends it.
  *
+ * Sinks that share a UDP socket (consecutive in the set) go out in one sendmmsg per up to
+ * BATCH of them; a sink on a socket of its own (aiortc binds one per peer connection) is one
+ * sendto. Either way each sink's result (sent, EAGAIN, error) is reported on its own.
+ *
  * libsrtp is not linked here: the caller passes the address of srtp_protect from the libsrtp
  * that pylibsrtp ships (through its cffi binding) and each sink's srtp_t, as integers, so this
  * module needs only libc and the Python headers. The Python side (lotcast/media/native.py and
@@ -32,6 +36,7 @@ typedef int (*srtp_protect_fn)(void *ctx, void *rtp_hdr, int *len_ptr);
 #define FAIL_SIZE 2 /* packet longer than this sink's SRTP buffer allows: code is the limit */
 
 #define MAX_TRAILER 144 /* SRTP_MAX_TRAILER_LEN in libsrtp 2.x (checked by native.py) */
+#define BATCH 64        /* messages per sendmmsg */
 
 typedef struct {
     void *srtp;
@@ -44,14 +49,24 @@ typedef struct {
 } sink_t;
 
 typedef struct {
+    int fd;
+    int count;
+    int index[BATCH];
+    struct iovec iov[BATCH];
+    struct mmsghdr msgs[BATCH];
+} batch_t;
+
+typedef struct {
     PyObject_HEAD
     srtp_protect_fn protect;
     Py_ssize_t count;
     sink_t *sinks;
-    unsigned char *scratch;
-    Py_ssize_t scratch_size;
+    unsigned char *arena; /* BATCH protected copies, grown to the packet size on demand */
+    Py_ssize_t arena_size;
     int payload_type; /* rewritten into byte 1 (marker kept); -1: unchanged */
     PyObject *keep;   /* objects the pointers belong to (sessions, sockets) */
+    unsigned long long sendto_calls, sendmmsg_calls;
+    batch_t *batch; /* the sendmmsg vectors, reused by every call */
 } SinkSet;
 
 typedef struct {
@@ -119,7 +134,8 @@ static void
 SinkSet_dealloc(SinkSet *self)
 {
     PyMem_Free(self->sinks);
-    PyMem_Free(self->scratch);
+    PyMem_Free(self->arena);
+    PyMem_Free(self->batch);
     Py_XDECREF(self->keep);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -156,7 +172,6 @@ SinkSet_init(SinkSet *self, PyObject *args, PyObject *kwds)
         PyErr_NoMemory();
         return -1;
     }
-    Py_ssize_t largest = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
         unsigned long long srtp;
         int fd, port;
@@ -183,22 +198,19 @@ SinkSet_init(SinkSet *self, PyObject *args, PyObject *kwds)
         }
         if (build_addr(host, port, scope_id, sink) < 0)
             goto fail;
-        if (limit > largest)
-            largest = limit;
     }
     Py_DECREF(seq);
-    unsigned char *scratch = PyMem_Malloc((size_t)largest + MAX_TRAILER + 16);
-    if (scratch == NULL) {
+    if (self->batch == NULL && (self->batch = PyMem_Malloc(sizeof(batch_t))) == NULL) {
         PyMem_Free(table);
         PyErr_NoMemory();
         return -1;
     }
     PyMem_Free(self->sinks);
-    PyMem_Free(self->scratch);
+    PyMem_Free(self->arena);
+    self->arena = NULL;
+    self->arena_size = 0;
     self->sinks = table;
     self->count = count;
-    self->scratch = scratch;
-    self->scratch_size = largest + MAX_TRAILER + 16;
     self->protect = (srtp_protect_fn)(uintptr_t)protect;
     self->payload_type = payload_type;
     Py_INCREF(keep);
@@ -219,6 +231,55 @@ same_socket(const sink_t *sink)
     return st.st_ino == sink->ino && st.st_dev == sink->dev;
 }
 
+
+typedef struct {
+    failure_t *failures;
+    Py_ssize_t failed;
+    Py_ssize_t drops;
+} outcome_t;
+
+static void
+send_failed(outcome_t *out, int index, int err)
+{
+    if (err == EAGAIN || err == EWOULDBLOCK)
+        out->drops++;
+    else
+        out->failures[out->failed++] = (failure_t){index, FAIL_OS, (long)err};
+}
+
+static void
+flush(SinkSet *self, batch_t *batch, outcome_t *out)
+{
+    int n = batch->count;
+    batch->count = 0;
+    if (n == 1) {
+        self->sendto_calls++;
+        struct msghdr *hdr = &batch->msgs[0].msg_hdr;
+        ssize_t sent;
+        do {
+            sent = sendto(batch->fd, batch->iov[0].iov_base, batch->iov[0].iov_len, MSG_DONTWAIT,
+                          (struct sockaddr *)hdr->msg_name, hdr->msg_namelen);
+        } while (sent < 0 && errno == EINTR);
+        if (sent < 0)
+            send_failed(out, batch->index[0], errno);
+        return;
+    }
+    int done = 0;
+    while (done < n) {
+        self->sendmmsg_calls++;
+        int sent = sendmmsg(batch->fd, &batch->msgs[done], (unsigned int)(n - done), MSG_DONTWAIT);
+        if (sent < 0) {
+            if (errno == EINTR)
+                continue;
+            /* the first unsent message failed: report it, go on with the next */
+            send_failed(out, batch->index[done], errno);
+            done++;
+        } else {
+            done += sent;
+        }
+    }
+}
+
 /* send(packet) -> None when every sink sent it, else (drops, ((index, kind, code), ...)):
  * drops are sinks whose socket buffer was full (EAGAIN), a loss as on the wire. */
 static PyObject *
@@ -233,78 +294,112 @@ SinkSet_send(SinkSet *self, PyObject *arg)
         return NULL;
     }
     Py_ssize_t count = self->count;
+    Py_ssize_t size = view.len;
+    /* one slot per batched copy, each with room for the SRTP trailer */
+    Py_ssize_t stride = (size + MAX_TRAILER + 15) & ~(Py_ssize_t)15;
+    Py_ssize_t slots = count < BATCH ? (count > 0 ? count : 1) : BATCH;
+    if (self->arena_size < stride * slots) {
+        unsigned char *arena = PyMem_Realloc(self->arena, (size_t)(stride * slots));
+        if (arena == NULL) {
+            PyBuffer_Release(&view);
+            return PyErr_NoMemory();
+        }
+        self->arena = arena;
+        self->arena_size = stride * slots;
+    }
     failure_t small[16];
-    failure_t *failures = small;
-    Py_ssize_t failed = 0, drops = 0;
+    outcome_t out = {small, 0, 0};
     if (count > 16) {
         /* worst case every sink fails; allocated only for large sets */
-        failures = PyMem_Malloc((size_t)count * sizeof(failure_t));
-        if (failures == NULL) {
+        out.failures = PyMem_Malloc((size_t)count * sizeof(failure_t));
+        if (out.failures == NULL) {
             PyBuffer_Release(&view);
             return PyErr_NoMemory();
         }
     }
+    batch_t *batch = self->batch;
+    if (batch == NULL) {
+        if (out.failures != small)
+            PyMem_Free(out.failures);
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_RuntimeError, "SinkSet not initialised");
+        return NULL;
+    }
+    batch->count = 0;
+    batch->fd = -1;
     const unsigned char *data = view.buf;
-    Py_ssize_t size = view.len;
-    unsigned char *scratch = self->scratch;
     srtp_protect_fn protect = self->protect;
     int pt = self->payload_type;
+    const sink_t *checked = NULL; /* the sink whose socket identity the batch was checked on */
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < count; i++) {
-        sink_t *sink = &self->sinks[i];
+        const sink_t *sink = &self->sinks[i];
         if (size > sink->limit) {
-            failures[failed++] = (failure_t){(int)i, FAIL_SIZE, (long)sink->limit};
+            out.failures[out.failed++] = (failure_t){(int)i, FAIL_SIZE, (long)sink->limit};
             continue;
         }
-        memcpy(scratch, data, (size_t)size);
+        if (batch->count > 0 && (sink->fd != batch->fd || batch->count == BATCH))
+            flush(self, batch, &out);
+        unsigned char *buf = self->arena + stride * batch->count;
+        memcpy(buf, data, (size_t)size);
         if (pt >= 0)
-            scratch[1] = (unsigned char)((scratch[1] & 0x80) | pt);
+            buf[1] = (unsigned char)((buf[1] & 0x80) | pt);
         int len = (int)size;
-        int status = protect(sink->srtp, scratch, &len);
+        int status = protect(sink->srtp, buf, &len);
         if (status != 0) {
-            failures[failed++] = (failure_t){(int)i, FAIL_SRTP, (long)status};
+            out.failures[out.failed++] = (failure_t){(int)i, FAIL_SRTP, (long)status};
             continue;
         }
-        if (!same_socket(sink)) {
-            failures[failed++] = (failure_t){(int)i, FAIL_OS, (long)EBADF};
+        /* one fstat per batch: sinks on one fd were recorded with one socket identity */
+        int same;
+        if (batch->count > 0)
+            same = sink->ino == checked->ino && sink->dev == checked->dev;
+        else if ((same = same_socket(sink)))
+            checked = sink;
+        if (!same) {
+            out.failures[out.failed++] = (failure_t){(int)i, FAIL_OS, (long)EBADF};
             continue;
         }
-        ssize_t sent;
-        do {
-            sent = sendto(sink->fd, scratch, (size_t)len, MSG_DONTWAIT,
-                          (struct sockaddr *)&sink->addr, sink->addrlen);
-        } while (sent < 0 && errno == EINTR);
-        if (sent < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                drops++;
-            else
-                failures[failed++] = (failure_t){(int)i, FAIL_OS, (long)errno};
-        }
+        int k = batch->count++;
+        batch->fd = sink->fd;
+        batch->index[k] = (int)i;
+        batch->iov[k] = (struct iovec){buf, (size_t)len};
+        batch->msgs[k] = (struct mmsghdr){
+            .msg_hdr = {.msg_name = (void *)&sink->addr, .msg_namelen = sink->addrlen,
+                        .msg_iov = &batch->iov[k], .msg_iovlen = 1}};
     }
+    if (batch->count > 0)
+        flush(self, batch, &out);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     PyObject *result = NULL;
-    if (failed == 0 && drops == 0) {
+    if (out.failed == 0 && out.drops == 0) {
         result = Py_NewRef(Py_None);
         goto done;
     }
-    PyObject *list = PyTuple_New(failed);
+    PyObject *list = PyTuple_New(out.failed);
     if (list == NULL)
         goto done;
-    for (Py_ssize_t j = 0; j < failed; j++) {
-        PyObject *item = Py_BuildValue("(iil)", failures[j].index, failures[j].kind,
-                                       failures[j].code);
+    for (Py_ssize_t j = 0; j < out.failed; j++) {
+        PyObject *item = Py_BuildValue("(iil)", out.failures[j].index, out.failures[j].kind,
+                                       out.failures[j].code);
         if (item == NULL) {
             Py_DECREF(list);
             goto done;
         }
         PyTuple_SET_ITEM(list, j, item);
     }
-    result = Py_BuildValue("(nN)", drops, list);
+    result = Py_BuildValue("(nN)", out.drops, list);
 done:
-    if (failures != small)
-        PyMem_Free(failures);
+    if (out.failures != small)
+        PyMem_Free(out.failures);
     return result;
+}
+
+static PyObject *
+SinkSet_syscalls(SinkSet *self, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("(KK)", self->sendto_calls, self->sendmmsg_calls);
 }
 
 static PyObject *
@@ -323,6 +418,8 @@ static PyMethodDef SinkSet_methods[] = {
     {"send", (PyCFunction)SinkSet_send, METH_O,
      "send(packet) -> None | (drops, ((index, kind, code), ...))"},
     {"size", (PyCFunction)SinkSet_len, METH_NOARGS, "number of sinks"},
+    {"syscalls", (PyCFunction)SinkSet_syscalls, METH_NOARGS,
+     "(sendto calls, sendmmsg calls) made so far"},
     {NULL, NULL, 0, NULL},
 };
 

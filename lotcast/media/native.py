@@ -1,8 +1,10 @@
 """The native fan-out path: protect + send of one packet for a whole group of sinks in one call.
 
 `lotcast/media/_fanout.c` (built by `pip install` when a C compiler and the Python headers are
-there; optional) walks a prepared `SinkSet`: per sink it copies the packet into a scratch buffer,
-calls libsrtp's `srtp_protect` on that sink's context and `sendto`s it on that sink's UDP socket.
+there; optional) walks a prepared `SinkSet`: per sink it copies the packet into a scratch buffer
+and calls libsrtp's `srtp_protect` on that sink's context; sinks that share a UDP socket go out
+in one `sendmmsg` per 64, a sink on a socket of its own (today: aiortc binds one per peer
+connection) with one `sendto`.
 libsrtp is the one pylibsrtp ships, reached through the function address its cffi binding
 exposes (aiortc_hooks.native_target builds the per-sink data); nothing here links it.
 
@@ -71,7 +73,7 @@ def disabled_reason() -> str:
 class SinkSet:
     """Prepared sinks of one payload-type group; `send(packet)` is the per-packet call."""
 
-    __slots__ = ("_set", "send", "size")
+    __slots__ = ("_set", "send", "size", "syscalls")
 
     def __init__(self, targets: Sequence[NativeTarget], payload_type: int | None) -> None:
         if _fanout is None:
@@ -86,6 +88,7 @@ class SinkSet:
         self._set = _fanout.SinkSet(protects.pop() if protects else 1, rows,
                                     -1 if payload_type is None else payload_type, keep)
         self.send = self._set.send
+        self.syscalls = self._set.syscalls  # () -> (sendto calls, sendmmsg calls) so far
         self.size = len(targets)
 
 
