@@ -1,4 +1,4 @@
-"""HS256 JWTs with three roles: host, bidder, viewer (anonymous watchers carry no token)."""
+"""HS256 JWTs with four roles: host, moderator, bidder, viewer (anonymous watchers carry no token)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ ISSUER = "lotcast"
 class Role(enum.StrEnum):
     HOST = "host"
     BIDDER = "bidder"
+    MODERATOR = "moderator"  # chat moderation in every room (the host may revoke it per room)
     VIEWER = "viewer"
 
 

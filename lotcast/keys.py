@@ -15,6 +15,12 @@ def node(node_id: str) -> str:
     return f"{PREFIX}:node:{node_id}"
 
 
+# Hash of a multi-worker node's per-worker heartbeats: field ``w<i>`` -> JSON of that worker's
+# NodeInfo fields. `node(node_id)` then holds their sum (lotcast/ops/registry.py).
+def node_workers(node_id: str) -> str:
+    return f"{PREFIX}:node-workers:{node_id}"
+
+
 # Sorted set of node ids scored by last heartbeat (ms), for listing without SCAN.
 NODES_INDEX = f"{PREFIX}:nodes"
 
@@ -92,8 +98,79 @@ def poll_voters(room: str, poll_id: str) -> str:
 
 
 def rate_bucket(room: str, action: str, user_id: str) -> str:
-    """Token bucket of one user's ``bid`` / ``vote`` actions in a room."""
+    """Token bucket of one user's ``bid`` / ``vote`` / ``chat`` / ``upvote`` actions in a room."""
     return room_prefix(room) + f"rl:{action}:{user_id}"
+
+
+# --- chat, moderation, Q&A (lua/moderation.lua, lua/chat.lua) ---
+
+
+def room_members(room: str) -> str:
+    """Hash user id -> token role last seen in the room (a moderation target's role)."""
+    return room_prefix(room) + "members"
+
+
+def room_moderators(room: str) -> str:
+    """Hash user id -> ``granted`` | ``revoked``: the host's moderator grants in this room."""
+    return room_prefix(room) + "mods"
+
+
+def room_token_moderators(room: str) -> str:
+    """Set of users seen in the room with a ``moderator`` token."""
+    return room_prefix(room) + "token_mods"
+
+
+def room_muted(room: str) -> str:
+    """Hash user id -> muted until (ms, server clock)."""
+    return room_prefix(room) + "muted"
+
+
+def room_banned(room: str) -> str:
+    """Set of banned user ids."""
+    return room_prefix(room) + "banned"
+
+
+def chat_conf(room: str) -> str:
+    """Hash: ``slow_s`` (slow mode seconds), ``words`` / ``norm`` (blocked words, msgpack)."""
+    return room_prefix(room) + "chat_conf"
+
+
+def chat_ids(room: str) -> str:
+    """List of the newest chat message ids (oldest first)."""
+    return room_prefix(room) + "chat"
+
+
+def chat_messages(room: str) -> str:
+    """Hash message id -> msgpack message (the `chat` event, plus ``question``)."""
+    return room_prefix(room) + "chat_msgs"
+
+
+def chat_deleted(room: str) -> str:
+    """Sorted set: deleted message id scored by its `chat` event's offset (replay redaction)."""
+    return room_prefix(room) + "chat_deleted"
+
+
+def chat_last(room: str) -> str:
+    """Hash user id -> ms of their last chat message (slow mode)."""
+    return room_prefix(room) + "chat_last"
+
+
+def questions(room: str) -> str:
+    """Hash question id (= message id) -> msgpack question."""
+    return room_prefix(room) + "questions"
+
+
+def open_questions(room: str) -> str:
+    """Sorted set: open question id scored by its upvotes."""
+    return room_prefix(room) + "q_open"
+
+
+def question_voters(room: str, question_id: str) -> str:
+    """Set of user ids that upvoted the question (one upvote per user)."""
+    return room_prefix(room) + f"qv:{question_id}"
+
+
+# --- end chat, moderation, Q&A ---
 
 
 def room_viewers(room: str) -> str:

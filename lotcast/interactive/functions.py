@@ -13,7 +13,8 @@ from lotcast import keys
 
 log = logging.getLogger(__name__)
 
-LUA_FILES = ("common.lua", "auction.lua", "polls.lua", "room.lua")
+# moderation.lua wraps bid/vote before room.lua registers them; chat.lua extends room.lua's snapshot.
+LUA_FILES = ("common.lua", "auction.lua", "polls.lua", "moderation.lua", "room.lua", "chat.lua")
 
 
 def library_source() -> str:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import enum
 import math
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
+
+from lotcast.interactive import chatnorm
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 8 * 1024
@@ -44,6 +47,7 @@ class CloseCode(enum.IntEnum):
     RESYNC = 4010  # room epoch changed under a live socket; reconnect and resume
     FLOOD = 4029  # sustained flood of messages / rate-limit violations; back off >= 5 s
     AUTH_FAILED = 4501  # token invalid or expired; get a new token before reconnecting
+    BANNED = 4503  # chat, moderation, Q&A: the user is banned from this room
 
 
 class ErrorCode(enum.StrEnum):
@@ -88,6 +92,16 @@ class ErrorCode(enum.StrEnum):
     NO_ELIGIBLE_ENTRANTS = "no_eligible_entrants"
     NOT_DRAWN = "not_drawn"
     # --- end reactions, giveaways ---
+    # --- chat, moderation, Q&A ---
+    MUTED = "muted"
+    BANNED = "banned"
+    SLOW_MODE = "slow_mode"
+    BLOCKED_WORD = "blocked_word"
+    UNKNOWN_MESSAGE = "unknown_message"
+    UNKNOWN_QUESTION = "unknown_question"
+    DUPLICATE_UPVOTE = "duplicate_upvote"
+    OWN_QUESTION = "own_question"
+    # --- end chat, moderation, Q&A ---
 
 
 class ProtocolError(Exception):
@@ -249,10 +263,111 @@ SIGNED_IN_ONLY: frozenset[type] = frozenset({React})
 
 # --- end reactions, giveaways ---
 
+# --- chat, moderation, Q&A ---
+
+MAX_CHAT_CHARS = 500
+MAX_BLOCKED_WORDS = 200
+MAX_BLOCKED_WORD_CHARS = 50
+MAX_MUTE_MS = 7 * 24 * 3600 * 1000
+MAX_SLOW_MODE_S = 3600
+
+
+@dataclass(frozen=True)
+class SendChat:
+    cid: str | int
+    text: str
+
+
+@dataclass(frozen=True)
+class DeleteChat:
+    cid: str | int
+    message: str
+
+
+@dataclass(frozen=True)
+class MuteUser:
+    cid: str | int
+    user: str
+    duration_ms: int
+
+
+@dataclass(frozen=True)
+class UnmuteUser:
+    cid: str | int
+    user: str
+
+
+@dataclass(frozen=True)
+class BanUser:
+    cid: str | int
+    user: str
+
+
+@dataclass(frozen=True)
+class UnbanUser:
+    cid: str | int
+    user: str
+
+
+@dataclass(frozen=True)
+class GrantModerator:
+    cid: str | int
+    user: str
+
+
+@dataclass(frozen=True)
+class RevokeModerator:
+    cid: str | int
+    user: str
+
+
+@dataclass(frozen=True)
+class SetSlowMode:
+    cid: str | int
+    seconds: int
+
+
+@dataclass(frozen=True)
+class SetBlockedWords:
+    cid: str | int
+    words: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MarkQuestion:
+    cid: str | int
+    message: str
+
+
+@dataclass(frozen=True)
+class UpvoteQuestion:
+    cid: str | int
+    question: str
+
+
+@dataclass(frozen=True)
+class AnswerQuestion:
+    cid: str | int
+    question: str
+
+
+ModerationRequest = (MuteUser | UnmuteUser | BanUser | UnbanUser | GrantModerator
+                     | RevokeModerator)
+ChatRequest = (SendChat | DeleteChat | ModerationRequest | SetSlowMode | SetBlockedWords
+               | MarkQuestion | UpvoteQuestion | AnswerQuestion)
+# any signed-in role (bidder, moderator, host); whether one may moderate is decided in Redis
+CHAT_SIGNED_IN: frozenset[type] = frozenset({SendChat, DeleteChat, MuteUser, UnmuteUser, BanUser,
+                                             UnbanUser, SetBlockedWords, MarkQuestion,
+                                             UpvoteQuestion})
+CHAT_HOST_ONLY: frozenset[type] = frozenset({GrantModerator, RevokeModerator, SetSlowMode,
+                                             AnswerQuestion})
+
+# --- end chat, moderation, Q&A ---
+
 ClientMessage = (Hello | PlaceBid | Vote | CreateLot | OpenLot | ExtendLot | CloseLot | OpenPoll
-                 | ClosePoll | Ping | SHOW_MESSAGES)
+                 | ClosePoll | Ping | SHOW_MESSAGES | ChatRequest)
 HOST_ONLY: frozenset[type] = frozenset({CreateLot, OpenLot, ExtendLot, CloseLot, OpenPoll,
-                                        ClosePoll}) | SHOW_HOST_ONLY
+                                        ClosePoll}) | SHOW_HOST_ONLY | CHAT_HOST_ONLY
 BIDDER_ONLY: frozenset[type] = frozenset({PlaceBid, Vote}) | SHOW_BIDDER_ONLY
 
 Check = Callable[[str, Any], Any]
@@ -417,6 +532,57 @@ SCHEMAS: dict[str, tuple[type, dict[str, tuple[Check, bool]]]] = {
     # --- end reactions, giveaways ---
 }
 
+# --- chat, moderation, Q&A: schemas ---
+
+
+def _chat_text(name: str, v: Any) -> str:
+    text: str = _text(1, MAX_CHAT_CHARS)(name, v)
+    if not text.strip():
+        raise ProtocolError(ErrorCode.INVALID_FIELD, f"{name} must not be only whitespace",
+                            field=name)
+    if any(unicodedata.category(ch) == "Cc" for ch in text):
+        raise ProtocolError(ErrorCode.INVALID_FIELD,
+                            f"{name} must not contain control characters (newlines included)",
+                            field=name)
+    return text
+
+
+def _blocked_words(name: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list):
+        raise ProtocolError(ErrorCode.WRONG_TYPE, f"{name} must be a list of strings", field=name)
+    if len(v) > MAX_BLOCKED_WORDS:
+        raise ProtocolError(ErrorCode.INVALID_FIELD,
+                            f"{name} must have 0..{MAX_BLOCKED_WORDS} entries", field=name)
+    out = []
+    for i, word in enumerate(v):
+        entry = _text(1, MAX_BLOCKED_WORD_CHARS)(f"{name}[{i}]", word)
+        if not chatnorm.blocked_entry(entry):
+            raise ProtocolError(ErrorCode.INVALID_FIELD,
+                                f"{name}[{i}] must contain a letter or digit", field=f"{name}[{i}]")
+        out.append(entry)
+    return tuple(out)
+
+
+_USER: dict[str, tuple[Check, bool]] = {"user": (_ID, True)}
+SCHEMAS.update({
+    "chat": (SendChat, {"text": (_chat_text, True)}),
+    "chat_delete": (DeleteChat, {"message": (_ID, True)}),
+    "user_mute": (MuteUser, {"user": (_ID, True),
+                             "duration_ms": (_int(1000, MAX_MUTE_MS), True)}),
+    "user_unmute": (UnmuteUser, _USER),
+    "user_ban": (BanUser, _USER),
+    "user_unban": (UnbanUser, _USER),
+    "moderator_grant": (GrantModerator, _USER),
+    "moderator_revoke": (RevokeModerator, _USER),
+    "slow_mode": (SetSlowMode, {"seconds": (_int(0, MAX_SLOW_MODE_S), True)}),
+    "blocked_words": (SetBlockedWords, {"words": (_blocked_words, True)}),
+    "question_mark": (MarkQuestion, {"message": (_ID, True)}),
+    "question_upvote": (UpvoteQuestion, {"question": (_ID, True)}),
+    "question_answer": (AnswerQuestion, {"question": (_ID, True)}),
+})
+
+# --- end chat, moderation, Q&A: schemas ---
+
 
 def parse_client_frame(frame: bytes) -> ClientMessage:
     """Decode and validate one client frame, or raise ProtocolError saying exactly what is wrong."""
@@ -568,6 +734,14 @@ def encode_reactions(*, epoch: str, offset: int, counts: dict[str, int]) -> byte
                   "total": sum(full.values())})
 
 # --- end reactions, giveaways ---
+
+# --- chat, moderation, Q&A ---
+
+def encode_question_votes(*, epoch: str, offset: int, votes: dict[str, int]) -> bytes:
+    """Coalesced upvote counts of open questions: question id -> votes."""
+    return _pack({"type": "question_votes", "epoch": epoch, "offset": offset, "votes": votes})
+
+# --- end chat, moderation, Q&A ---
 
 
 def encode_viewers(*, epoch: str, offset: int, count: int) -> bytes:
