@@ -23,6 +23,7 @@ from lotcast.interactive.outbox import Outbox
 from lotcast.interactive.polls import PollStore
 from lotcast.interactive.ratelimit import FloodGuard
 from lotcast.interactive.roomlog import HistoryGone, RoomLog
+from lotcast.interactive.show import ShowStores
 from lotcast.interactive.store import AuctionStore
 from lotcast.interactive.transport import Inbound, RoomTransport, TransportClosed
 
@@ -79,6 +80,13 @@ class SessionDeps:
     stats: InteractiveStats
     # seconds from a bid's arrival to its ack (fed to the node's latency histogram)
     on_bid_ack: Callable[[float], None] = lambda seconds: None
+    # reactions, giveaways, pre-bids, presence (issue 10); built from `auctions` when not given
+    show: ShowStores | None = None
+
+    def __post_init__(self) -> None:
+        if self.show is None:
+            self.show = ShowStores.build(self.auctions.functions, self.auctions.bid_limit,
+                                         self.node_id)
 
 
 class ClientSession:
@@ -98,6 +106,9 @@ class ClientSession:
         self._close_code: p.CloseCode | None = None
         self._close_reason = ""
         self._closing = asyncio.Event()
+        assert deps.show is not None
+        self.show: ShowStores = deps.show
+        self._present = False  # counted in RoomPresence (a signed-in user past hello)
 
     def _set_state(self, new: SessionState) -> None:
         if new is self.state:
@@ -156,6 +167,9 @@ class ClientSession:
             self.hub.detach(self)
             await self.deps.release_hub(self.room)
             self.hub = None
+        if self._present:
+            self._present = False
+            await self.show.presence.leave(self.room, self.identity.user_id)
         code = self._close_code
         if code is not None and code is not p.CloseCode.SLOW_CONSUMER:
             await self.outbox.flush(within=1.0)  # let the error explaining the close go out
@@ -288,6 +302,9 @@ class ClientSession:
                 raise p.ProtocolError(p.ErrorCode.FORBIDDEN,
                                       f"{kind!r} needs role {needed.value!r}; this connection "
                                       f"is {self.identity.role.value!r}")
+            if type(msg) in p.SIGNED_IN_ONLY and self.identity.anonymous:
+                raise p.ProtocolError(p.ErrorCode.FORBIDDEN,
+                                      f"{kind!r} needs a signed-in user (a token)")
             await self._dispatch(msg)
         except p.ProtocolError as err:
             err.cid = msg.cid
@@ -318,7 +335,7 @@ class ClientSession:
             result = await d.polls.vote(room, self.identity, msg)
             self._ack(msg, poll=result["poll"], option=result["option"])
         elif isinstance(msg, p.CreateLot):
-            result = await d.auctions.create_lot(room, msg)
+            result = await self.show.lots.create_lot(room, msg)  # with sudden_death
             self._ack(msg, lot=result["lot"], offset=result["offset"])
         elif isinstance(msg, p.OpenLot | p.ExtendLot):
             result = await (d.auctions.open_lot(room, msg) if isinstance(msg, p.OpenLot)
@@ -333,6 +350,43 @@ class ClientSession:
         elif isinstance(msg, p.ClosePoll):
             result = await d.polls.close_poll(room, msg)
             self._ack(msg, poll=result["poll"], offset=result["offset"])
+        elif isinstance(msg, p.SHOW_MESSAGES):
+            await self._dispatch_show(msg)
+
+    # --- reactions, giveaways, pre-bids, re-run (issue 10) -----------------------------------
+
+    async def _dispatch_show(self, msg: p.SHOW_MESSAGES) -> None:
+        room, show, who = self.room, self.show, self.identity
+        if isinstance(msg, p.React):
+            result = await show.reactions.react(room, who, msg)
+            self._ack(msg, reaction=msg.reaction, count=result["count"])
+        elif isinstance(msg, p.PreBid):
+            result = await show.lots.prebid(room, who, msg)
+            self._ack(msg, lot=result["lot"], max=result["max"], prebids=result["prebids"],
+                      duplicate=result["duplicate"], offset=result["offset"])
+        elif isinstance(msg, p.RerunLot):
+            result = await show.lots.rerun(room, msg)
+            self._ack(msg, lot=result["lot"], rerun_of=result["rerun_of"],
+                      status=result["status"], ends_at=result.get("ends_at"),
+                      offset=result["offset"])
+        elif isinstance(msg, p.OpenGiveaway):
+            result = await show.giveaways.open(room, msg)
+            self._ack(msg, giveaway=result["giveaway"], commitment=result["commitment"],
+                      offset=result["offset"])
+        elif isinstance(msg, p.EnterGiveaway):
+            result = await show.giveaways.enter(room, who, msg)
+            self._ack(msg, giveaway=result["giveaway"], entrants=result["entrants"])
+        elif isinstance(msg, p.DrawGiveaway):
+            result = await show.giveaways.draw(room, msg)
+            self._ack(msg, **{k: result[k] for k in ("giveaway", "winner", "winner_name",
+                                                     "entrants", "eligible", "index", "offset")})
+        elif isinstance(msg, p.CancelGiveaway):
+            result = await show.giveaways.cancel(room, msg)
+            self._ack(msg, giveaway=result["giveaway"], offset=result["offset"])
+        elif isinstance(msg, p.GiveawayProof):
+            self._ack(msg, **await show.giveaways.proof(room, msg))
+
+    # --- end issue 10 --------------------------------------------------------------------------
 
     async def _hello(self, msg: p.Hello) -> None:
         token = msg.token or self.transport.token_param
@@ -346,6 +400,9 @@ class ClientSession:
         self.hub = await self.deps.acquire_hub(self.room)
         self._set_state(SessionState.SYNCING)
         self.hub.attach(self)
+        if self.identity.user_id:  # issue 10: giveaway entrants must be connected at the draw
+            await self.show.presence.join(self.room, self.identity.user_id)
+            self._present = True
         # Count this socket in Redis now, not at the next heartbeat, so the snapshot (ours, and
         # every other node's from now on) includes it. Any `viewers` change is held until LIVE.
         self.hub.set_viewers(await self.deps.count_viewers(self.room), joining=self)
@@ -353,7 +410,9 @@ class ClientSession:
         s = self.deps.settings
         limits = {"bids_per_s": s.bid_rate, "bid_burst": s.bid_burst, "votes_per_s": s.vote_rate,
                   "vote_burst": s.vote_burst, "msgs_per_s": s.ws_msg_rate,
-                  "msg_burst": s.ws_msg_burst}
+                  "msg_burst": s.ws_msg_burst,
+                  "reactions_per_s": self.show.reactions.limit.per_second,
+                  "reaction_burst": self.show.reactions.limit.burst}
         who = self.identity
         self._send(p.encode_welcome(
             cid=msg.cid, room=self.room, role=who.role.value, user=who.user_id or None,
@@ -396,13 +455,20 @@ class ClientSession:
         for tally in await self.deps.roomlog.open_tallies(self.room):
             self._send(p.encode_tally(epoch=epoch, offset=after, poll=tally["poll"],
                                       counts=tally["counts"]))
+        shown = await self.show.giveaways.room_state(self.room, self.identity)  # issue 10
+        self._send(p.encode_reactions(epoch=epoch, offset=after, counts=shown["reactions"]))
         self.deps.stats.replays += 1
         return True
 
     async def _snapshot(self, viewers: int) -> None:
         snap = await self.deps.roomlog.snapshot(self.room)
+        # issue 10: read after the snapshot, so at least as new as its offset (giveaway events
+        # set absolute state and reaction counts only grow: later events re-applied are harmless)
+        shown = await self.show.giveaways.room_state(self.room, self.identity)
         self.deps.stats.snapshots += 1
         self._send(p.encode_snapshot(
             epoch=snap["epoch"], offset=snap["offset"], lots=snap["lots"], polls=snap["polls"],
             viewers=viewers,
-            server_ts=snap["server_ts"]))
+            server_ts=snap["server_ts"],
+            reactions={name: int(shown["reactions"].get(name, 0)) for name in p.REACTIONS},
+            giveaway=shown.get("giveaway")))
