@@ -19,6 +19,7 @@ from typing import Protocol
 import msgpack  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 
+from lotcast.interactive import protocol as wire
 from lotcast.interactive.protocol import CloseCode, encode_events, encode_tally, encode_viewers
 from lotcast.interactive.roomlog import HistoryGone, RoomLog
 
@@ -41,6 +42,7 @@ class HubStats:
     events: int = 0
     gap_fills: int = 0
     tallies: int = 0
+    reactions: int = 0  # `reactions` frames broadcast (issue 10)
 
 
 class RoomHub:
@@ -68,6 +70,12 @@ class RoomHub:
         self._flush_after_fanout = False
         self._tallies_after_fanout: set[str] = set()
         self._fanout_handle: asyncio.Handle | None = None
+        # issue 10: the room's cumulative reaction counts, coalesced like poll tallies
+        self._reactions: dict[str, int] = {}
+        self._reactions_total = -1  # the largest total seen (counts only grow)
+        self._reactions_handle: asyncio.TimerHandle | None = None
+        self._reactions_last = 0.0
+        self._reactions_after_fanout = False
 
     async def start(self) -> None:
         """Call after subscribing: messages queued meanwhile at or below the head are dropped."""
@@ -89,6 +97,10 @@ class RoomHub:
         self._tally_handles.clear()
         self._tallies_after_fanout.clear()
         self._flush_after_fanout = False
+        if self._reactions_handle is not None:  # issue 10
+            self._reactions_handle.cancel()
+            self._reactions_handle = None
+        self._reactions_after_fanout = False
 
     def feed(self, data: bytes) -> None:
         """A pub/sub message for this room (`<epoch>|<msgpack>`), or CATCH_UP."""
@@ -131,6 +143,9 @@ class RoomHub:
         if event.get("type") == "tally":
             self._on_tally(str(event["poll"]), list(event["counts"]))
             return
+        if event.get("type") == "reactions":  # issue 10
+            self._on_reactions(event["counts"])
+            return
         offset = int(event["offset"])
         if offset <= self.offset:
             return
@@ -144,6 +159,7 @@ class RoomHub:
                     len(self.sockets))
         self.epoch, self.offset = epoch, 0
         self._pending.clear()
+        self._reactions, self._reactions_total = {}, -1  # issue 10: counts restart with the log
         self._drop_all(CloseCode.RESYNC, "room log epoch changed")
 
     def _drop_all(self, code: CloseCode, reason: str) -> None:
@@ -215,6 +231,32 @@ class RoomHub:
         self._broadcast(encode_tally(epoch=self.epoch, offset=self.offset, poll=poll,
                                      counts=self._tallies[poll]))
 
+    # --- reactions (issue 10) ---
+
+    def _on_reactions(self, counts: dict[str, int]) -> None:
+        total = sum(int(v) for v in counts.values())
+        if total <= max(self._reactions_total, sum(self._reactions.values())):
+            return  # counts only grow; an older publish arrived late
+        self._reactions = {str(k): int(v) for k, v in counts.items()}
+        self._reactions_total = total
+        if self._reactions_handle is None:
+            loop = asyncio.get_running_loop()
+            due = self._reactions_last + self.tally_interval
+            self._reactions_handle = loop.call_later(max(0.0, due - loop.time()),
+                                                     self._flush_reactions)
+
+    def _flush_reactions(self) -> None:
+        self._reactions_handle = None
+        if self._fanout_jobs:
+            self._reactions_after_fanout = True  # sent, newest counts, once the queue drains
+            return
+        self._reactions_last = asyncio.get_running_loop().time()
+        self.stats.reactions += 1
+        self._broadcast(wire.encode_reactions(epoch=self.epoch, offset=self.offset,
+                                              counts=self._reactions))
+
+    # --- end reactions ---
+
     def _broadcast(self, frame: bytes, skip: Subscriber | None = None) -> None:
         """Hand `frame` to every socket, FANOUT_CHUNK sockets per loop turn (tunable: bigger
         chunks deliver a batch sooner under CPU starvation, smaller ones let acks through sooner).
@@ -245,6 +287,9 @@ class RoomHub:
         if self._flush_after_fanout:
             self._flush_after_fanout = False
             self._flush()
+        if self._reactions_after_fanout and not self._fanout_jobs:  # issue 10
+            self._reactions_after_fanout = False
+            self._flush_reactions()
         for poll in list(self._tallies_after_fanout):
             self._tallies_after_fanout.discard(poll)
             if not self._fanout_jobs:
