@@ -20,7 +20,13 @@ import msgpack  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 
 from lotcast.interactive import protocol as wire
-from lotcast.interactive.protocol import CloseCode, encode_events, encode_tally, encode_viewers
+from lotcast.interactive.protocol import (
+    CloseCode,
+    encode_events,
+    encode_question_votes,
+    encode_tally,
+    encode_viewers,
+)
 from lotcast.interactive.roomlog import HistoryGone, RoomLog
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,9 @@ class Subscriber(Protocol):
 
     def close_soon(self, code: CloseCode, reason: str) -> None: ...
 
+    @property
+    def user_id(self) -> str: ...  # "" for anonymous sockets
+
 
 @dataclass
 class HubStats:
@@ -43,6 +52,8 @@ class HubStats:
     gap_fills: int = 0
     tallies: int = 0
     reactions: int = 0  # `reactions` frames broadcast (issue 10)
+    question_votes: int = 0
+    bans: int = 0  # sockets closed because their user was banned
 
 
 class RoomHub:
@@ -76,6 +87,12 @@ class RoomHub:
         self._reactions_handle: asyncio.TimerHandle | None = None
         self._reactions_last = 0.0
         self._reactions_after_fanout = False
+        # chat, moderation, Q&A: upvote counts coalesced room-wide, like poll tallies
+        self._qvotes: dict[str, int] = {}
+        self._qvotes_dirty: set[str] = set()
+        self._qvotes_handle: asyncio.TimerHandle | None = None
+        self._qvotes_last = 0.0
+        self._qvotes_after_fanout = False
 
     async def start(self) -> None:
         """Call after subscribing: messages queued meanwhile at or below the head are dropped."""
@@ -89,10 +106,11 @@ class RoomHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for handle in [self._flush_handle, self._fanout_handle, *self._tally_handles.values()]:
+        for handle in [self._flush_handle, self._fanout_handle, self._qvotes_handle,
+                       *self._tally_handles.values()]:
             if handle is not None:
                 handle.cancel()
-        self._flush_handle = self._fanout_handle = None
+        self._flush_handle = self._fanout_handle = self._qvotes_handle = None
         self._fanout_jobs.clear()
         self._tally_handles.clear()
         self._tallies_after_fanout.clear()
@@ -146,6 +164,9 @@ class RoomHub:
         if event.get("type") == "reactions":  # issue 10
             self._on_reactions(event["counts"])
             return
+        if event.get("type") == "question_votes":
+            self._on_question_votes(str(event["question"]), int(event["votes"]))
+            return
         offset = int(event["offset"])
         if offset <= self.offset:
             return
@@ -184,6 +205,10 @@ class RoomHub:
                 return
 
     def _append(self, offset: int, payload: bytes) -> None:
+        if b"user_banned" in payload:  # cheap pre-check; decode only candidates
+            event = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+            if event.get("type") == "user_banned":
+                self._close_user(str(event["user"]))
         self._pending.append(payload)
         self.offset = offset
         self.stats.events += 1
@@ -230,6 +255,43 @@ class RoomHub:
         self.stats.tallies += 1
         self._broadcast(encode_tally(epoch=self.epoch, offset=self.offset, poll=poll,
                                      counts=self._tallies[poll]))
+
+    # --- chat, moderation, Q&A ---
+
+    def _close_user(self, user: str) -> None:
+        """A ban: close every socket of `user` here (every node does the same on the event)."""
+        for sub in [s for s in self.sockets if s.user_id == user]:
+            self.sockets.discard(sub)
+            sub.close_soon(CloseCode.BANNED, "banned from this room")
+            self.stats.bans += 1
+
+    def _on_question_votes(self, question: str, votes: int) -> None:
+        if votes <= self._qvotes.get(question, 0):
+            return  # counts only grow; an older publish arrived late
+        self._qvotes[question] = votes
+        self._qvotes_dirty.add(question)
+        if self._qvotes_handle is None:
+            loop = asyncio.get_running_loop()
+            due = self._qvotes_last + self.tally_interval
+            self._qvotes_handle = loop.call_later(max(0.0, due - loop.time()),
+                                                  self._flush_question_votes)
+
+    def _flush_question_votes(self) -> None:
+        self._qvotes_handle = None
+        if self._fanout_jobs:
+            self._qvotes_after_fanout = True
+            return
+        self._qvotes_last = asyncio.get_running_loop().time()
+        if self._pending:
+            self._flush()  # the `question` event must reach clients before its votes
+        votes = {q: self._qvotes[q] for q in sorted(self._qvotes_dirty)}
+        self._qvotes_dirty.clear()
+        if votes:
+            self.stats.question_votes += 1
+            self._broadcast(encode_question_votes(epoch=self.epoch, offset=self.offset,
+                                                  votes=votes))
+
+    # --- end chat, moderation, Q&A ---
 
     # --- reactions (issue 10) ---
 
@@ -290,6 +352,9 @@ class RoomHub:
         if self._reactions_after_fanout and not self._fanout_jobs:  # issue 10
             self._reactions_after_fanout = False
             self._flush_reactions()
+        if self._qvotes_after_fanout and not self._fanout_jobs:
+            self._qvotes_after_fanout = False
+            self._flush_question_votes()
         for poll in list(self._tallies_after_fanout):
             self._tallies_after_fanout.discard(poll)
             if not self._fanout_jobs:

@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 from lotcast.auth import ANONYMOUS, AuthError, Identity, Role, TokenAuthority
 from lotcast.config import Settings
 from lotcast.interactive import protocol as p
+from lotcast.interactive.chat import SNAPSHOT_FIELDS, ChatStore
 from lotcast.interactive.hub import RoomHub
 from lotcast.interactive.outbox import Outbox
 from lotcast.interactive.polls import PollStore
@@ -82,11 +83,15 @@ class SessionDeps:
     on_bid_ack: Callable[[float], None] = lambda seconds: None
     # reactions, giveaways, pre-bids, presence (issue 10); built from `auctions` when not given
     show: ShowStores | None = None
+    # chat, moderation, Q&A; built on the auctions' Functions when not given
+    chat: ChatStore | None = None
 
     def __post_init__(self) -> None:
         if self.show is None:
             self.show = ShowStores.build(self.auctions.functions, self.auctions.bid_limit,
                                          self.node_id)
+        if self.chat is None:
+            self.chat = ChatStore(self.auctions.functions)
 
 
 class ClientSession:
@@ -108,6 +113,8 @@ class ClientSession:
         self._closing = asyncio.Event()
         assert deps.show is not None
         self.show: ShowStores = deps.show
+        assert deps.chat is not None
+        self.chat: ChatStore = deps.chat
         self._present = False  # counted in RoomPresence (a signed-in user past hello)
 
     def _set_state(self, new: SessionState) -> None:
@@ -117,6 +124,11 @@ class ClientSession:
             raise RuntimeError(f"session cannot go from {self.state.value} to {new.value}")
         log.debug("session %s: %s -> %s", self.room, self.state.value, new.value)
         self.state = new
+
+    @property
+    def user_id(self) -> str:
+        """"" for anonymous sockets (the hub closes a banned user's sockets by it)."""
+        return self.identity.user_id
 
     # --- called by the hub (sync, never blocks) ----------------------------------------------
 
@@ -207,6 +219,9 @@ class ClientSession:
                 self._send_error(err)
                 if err.code is p.ErrorCode.AUTH_FAILED:
                     self.close_soon(p.CloseCode.AUTH_FAILED, "auth failed")
+                    return
+                if err.code is p.ErrorCode.BANNED and err.request == "hello":
+                    self.close_soon(p.CloseCode.BANNED, "banned from this room")
                     return
                 if err.code is p.ErrorCode.RATE_LIMITED and not self.flood.record_violation():
                     self.deps.stats.flood_disconnects += 1
@@ -305,6 +320,10 @@ class ClientSession:
             if type(msg) in p.SIGNED_IN_ONLY and self.identity.anonymous:
                 raise p.ProtocolError(p.ErrorCode.FORBIDDEN,
                                       f"{kind!r} needs a signed-in user (a token)")
+            if type(msg) in p.CHAT_SIGNED_IN and self.identity.anonymous:
+                raise p.ProtocolError(p.ErrorCode.FORBIDDEN,
+                                      f"{kind!r} needs a signed-in user (bidder, moderator or "
+                                      "host); this connection is anonymous")
             await self._dispatch(msg)
         except p.ProtocolError as err:
             err.cid = msg.cid
@@ -352,6 +371,8 @@ class ClientSession:
             self._ack(msg, poll=result["poll"], offset=result["offset"])
         elif isinstance(msg, p.SHOW_MESSAGES):
             await self._dispatch_show(msg)
+        elif isinstance(msg, p.ChatRequest):  # chat, moderation, Q&A
+            self._ack(msg, **await self.chat.handle(room, self.identity, msg))
 
     # --- reactions, giveaways, pre-bids, re-run (issue 10) -----------------------------------
 
@@ -400,6 +421,9 @@ class ClientSession:
         self.hub = await self.deps.acquire_hub(self.room)
         self._set_state(SessionState.SYNCING)
         self.hub.attach(self)
+        if not self.identity.anonymous:
+            # chat, moderation: after attach, so a ban from now on reaches us through the hub
+            await self.chat.join(self.room, self.identity)
         if self.identity.user_id:  # issue 10: giveaway entrants must be connected at the draw
             await self.show.presence.join(self.room, self.identity.user_id)
             self._present = True
@@ -412,7 +436,9 @@ class ClientSession:
                   "vote_burst": s.vote_burst, "msgs_per_s": s.ws_msg_rate,
                   "msg_burst": s.ws_msg_burst,
                   "reactions_per_s": self.show.reactions.limit.per_second,
-                  "reaction_burst": self.show.reactions.limit.burst}
+                  "reaction_burst": self.show.reactions.limit.burst,
+                  "chat_per_s": self.chat.chat_limit.per_second,
+                  "chat_burst": self.chat.chat_limit.burst}
         who = self.identity
         self._send(p.encode_welcome(
             cid=msg.cid, room=self.room, role=who.role.value, user=who.user_id or None,
@@ -443,8 +469,9 @@ class ClientSession:
                 events = await self.deps.roomlog.read_after(self.room, after, None, REPLAY_CHUNK)
                 if not events:
                     break
+                raw_events = await self.chat.redact(self.room, events)  # deleted chat messages
                 self._send(p.encode_events(epoch=epoch, offset=events[-1][0],
-                                           raw_events=[e for _, e in events], count=len(events),
+                                           raw_events=raw_events, count=len(events),
                                            replay=True))
                 after = events[-1][0]
                 if len(events) < REPLAY_CHUNK:
@@ -457,11 +484,15 @@ class ClientSession:
                                       counts=tally["counts"]))
         shown = await self.show.giveaways.room_state(self.room, self.identity)  # issue 10
         self._send(p.encode_reactions(epoch=epoch, offset=after, counts=shown["reactions"]))
+        votes = await self.chat.question_votes(self.room)  # chat, moderation, Q&A
+        if votes:
+            self._send(p.encode_question_votes(epoch=epoch, offset=after, votes=votes))
         self.deps.stats.replays += 1
         return True
 
     async def _snapshot(self, viewers: int) -> None:
-        snap = await self.deps.roomlog.snapshot(self.room)
+        # roomlog's snapshot plus chat, Q&A and moderation state, in one Function call
+        snap = await self.chat.snapshot(self.room)
         # issue 10: read after the snapshot, so at least as new as its offset (giveaway events
         # set absolute state and reaction counts only grow: later events re-applied are harmless)
         shown = await self.show.giveaways.room_state(self.room, self.identity)
@@ -471,4 +502,4 @@ class ClientSession:
             viewers=viewers,
             server_ts=snap["server_ts"],
             reactions={name: int(shown["reactions"].get(name, 0)) for name in p.REACTIONS},
-            giveaway=shown.get("giveaway")))
+            giveaway=shown.get("giveaway"), **{k: snap[k] for k in SNAPSHOT_FIELDS}))
