@@ -63,10 +63,13 @@ def raise_lua_error(result: dict[str, Any], *, what: str, ident: str, field: str
         "poll_closed": f"poll {ident} is closed",
         "bad_option": f"option out of range: poll {ident} has {result.get('options')} options",
         "duplicate_vote": f"you already voted in poll {ident} (option {result.get('option')})",
+        # moderation (lua/moderation.lua refuses bids and votes of banned and muted users)
+        "banned": "you are banned from this room",
+        "muted": f"you are muted until {result.get('until')} (server clock)",
     }
     fields = {"bid_too_low": "amount", "bad_option": "option", "rate_limited": None,
-              "invalid_state": None, "duplicate_vote": None}
-    extra = {k: v for k, v in result.items() if k in ("min", "retry_ms", "state")}
+              "invalid_state": None, "duplicate_vote": None, "banned": None, "muted": None}
+    extra = {k: v for k, v in result.items() if k in ("min", "retry_ms", "state", "until")}
     raise ProtocolError(ErrorCode(code), messages.get(code, code),
                         field=fields.get(code, field), **extra)
 
