@@ -359,7 +359,8 @@ class ClientSession:
         elif isinstance(msg, p.OpenLot | p.ExtendLot):
             result = await (d.auctions.open_lot(room, msg) if isinstance(msg, p.OpenLot)
                             else d.auctions.extend_lot(room, msg))
-            self._ack(msg, lot=result["lot"], ends_at=result["ends_at"], offset=result["offset"])
+            self._ack(msg, lot=result["lot"], ends_at=result["ends_at"], offset=result["offset"],
+                      prebids=result.get("prebids"))  # lot_open: pre-bids applied (issue 10)
         elif isinstance(msg, p.CloseLot):
             result = await d.auctions.close_lot(room, msg)
             self._ack(msg, lot=result["lot"], status=result["status"], offset=result["offset"])
