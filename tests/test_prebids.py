@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from show_support import show_client
 
 from lotcast.auth import Role, TokenAuthority
 from lotcast.config import DEV_JWT_SECRET
@@ -15,7 +16,6 @@ from lotcast.interactive import protocol as p
 from lotcast.interactive.client import RoomClient
 from lotcast.interactive.devserver import DevServerProcess
 from lotcast.redis_server import RedisServer
-from show_support import show_client
 
 AUTHORITY = TokenAuthority(DEV_JWT_SECRET)
 LOT = {"title": "Lamp", "start_price": 100, "increments": [[0, 10]], "duration_ms": 60000,
