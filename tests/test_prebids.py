@@ -82,8 +82,8 @@ async def test_prebids_apply_in_received_order_with_proxy_rules(
     assert (state["price"], state["leader"], state["next_min"]) == (310, "e", 320)
     assert not any(e["type"] == "lot_extended" for e in watcher.state.applied)
 
-    # the proxy goes on live: b's max was 250, a live bid by a at 320 with max 350 takes the
-    # lead from e (max 400)? no: e keeps it at 360.
+    # the proxy rules go on live: a live bid by a at 320 with max 350 stays under e.s max (400),
+    # so e keeps the lead at 350 + 10.
     live = await people["a"].request("bid", lot=lot, amount=320, max=350)
     assert (live["status"], live["price"], live["leader"]) == ("outbid", 360, "e")
     late = await people["b"].request("prebid", lot=lot, max=500)
