@@ -2,13 +2,16 @@
 
 Two relays pull the same stream from the same origin: one on the native fan-out path
 (lotcast/media/_fanout.c) and one forced onto the Python path (LOTCAST_NATIVE_FANOUT=0). For each
-N the same viewer farm is pointed at each in turn, and the bench prints: the relay's CPU per
+N both are measured at once, each with its own farm of N viewers (same farm code, same source
+packets, same machine load; --one-at-a-time measures them in turn), and the bench prints: the
+relay's CPU per
 delivered packet and per viewer-second, packets/s it delivers, the farm's own CPU (when the farm
 is near a full core, the farm, not the relay, was the limit), glass-to-glass p50/p95 through the
 relay and directly from the origin (same run), time to first frame p95, and ratios to two floors
 measured here: SRTP protect + sendto of same-sized packets in a plain C loop (the C floor,
-libsrtp from pylibsrtp, compiled with the extension) and in a tight Python loop. Most viewers
-only count packets; two decode and read the capture time painted into each frame.
+libsrtp from pylibsrtp, compiled with the extension) and in a tight Python loop; and the
+forwarder's per-packet loop alone on both paths. Most viewers only count packets; per relay two
+decode and read the capture time painted into each frame (one through it, one from the origin).
 
     .venv/bin/python load/fanout_bench.py --viewers 30 60 --seconds 15
 """
@@ -185,6 +188,16 @@ async def fanout_loop_cost(viewers: int, path: str, size: int, packets: int = 40
         os.environ.pop(native.ENV, None)
 
 
+def _tree_cpu(proc: psutil.Process) -> float:
+    """CPU seconds of a node and its worker processes (a relay may run its workers as children)."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = p.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 async def measure(relay_url: str, origin_url: str, n: int, seconds: float,
                   profile: str | None = None) -> dict[str, float]:
     relay_proc = psutil.Process(_PIDS[relay_url])
@@ -203,20 +216,20 @@ async def measure(relay_url: str, origin_url: str, n: int, seconds: float,
         await decoding_origin.start()
         await asyncio.sleep(3.0)  # settle: ICE, key frames
         stats_before = (await http.get(f"{relay_url}/api/stats")).json()
-        cpu_before = relay_proc.cpu_times()
+        cpu_before = _tree_cpu(relay_proc)
         farm_before = farm_proc.cpu_times()
         wall_before = time.monotonic()
         decoding_relay.delays_ms.clear()
         decoding_origin.delays_ms.clear()
-        profiler = await _start_profile(profile, relay_proc.pid, seconds)
+        profiler = await _start_profile(profile, relay_proc, seconds)
         await asyncio.sleep(seconds)
-        cpu_after = relay_proc.cpu_times()
+        cpu_after = _tree_cpu(relay_proc)
         farm_after = farm_proc.cpu_times()
         wall = time.monotonic() - wall_before
         stats_after = (await http.get(f"{relay_url}/api/stats")).json()
         if profiler is not None:
             await asyncio.wait_for(profiler.wait(), 120)
-    cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+    cpu = cpu_after - cpu_before
     farm_cpu = (farm_after.user + farm_after.system) - (farm_before.user + farm_before.system)
     farm.stdin.close()
     farm_result = json.loads(await asyncio.wait_for(farm.stdout.readline(), 60))
@@ -260,19 +273,22 @@ _PIDS: dict[str, int] = {}
 PATHS = ("native", "python")
 
 
-async def _start_profile(profile: str | None, pid: int,
+async def _start_profile(profile: str | None, proc: psutil.Process,
                          seconds: float) -> asyncio.subprocess.Process | None:
-    """py-spy (Python stacks with native frames) or perf (C and kernel symbols) on the relay."""
+    """py-spy (Python stacks with native frames) or perf (C and kernel symbols) on the relay
+    and its worker processes."""
     if profile is None:
         return None
     kind, _, out = profile.partition(":")
+    pids = ",".join(str(p.pid) for p in [proc, *proc.children(recursive=True)])
     if kind == "py-spy":
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        command = [py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+        command = [py_spy, "record", "--pid", str(proc.pid), "--subprocesses",
+                   "--duration", str(int(seconds)),
                    "--rate", "100", "--native", "--format", "raw", "--output", out]
     else:
         # DWARF unwinding: libpython and the extension have no frame pointers
-        command = ["perf", "record", "-F", "199", "--call-graph", "dwarf,16384", "-p", str(pid),
+        command = ["perf", "record", "-F", "199", "--call-graph", "dwarf,16384", "-p", pids,
                    "-o", out, "--", "sleep", str(int(seconds))]
     return await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.DEVNULL,
                                                 stderr=asyncio.subprocess.DEVNULL)
@@ -321,6 +337,8 @@ async def main() -> None:
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
                         help="fan-out paths to measure (each on its own relay, same farm)")
     parser.add_argument("--floor-size", type=int, default=1100, help="floor packet bytes")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="measure the relays one after the other (default: both at once)")
     parser.add_argument("--profile", choices=("py-spy", "perf"),
                         help="profile the relay during the last viewer count, each path")
     args = parser.parse_args()
@@ -329,6 +347,9 @@ async def main() -> None:
         raise SystemExit(f"native fan-out not built here: {native.IMPORT_ERROR}")
 
     relay_args = ["--max-viewers", "5000"]
+    if "--workers" in subprocess.run([sys.executable, "-m", "lotcast", "relay", "--help"],
+                                     capture_output=True, text=True, check=False).stdout:
+        relay_args += ["--workers", "1"]  # one event loop per relay: the paths compared alike
     profiles: dict[str, str] = {}
     with RedisServer() as redis, running_cluster(redis, relay_args=relay_args) as cluster:
         relays = {"native": cluster.relay}
@@ -351,15 +372,23 @@ async def main() -> None:
         rows: list[tuple[str, dict[str, float]]] = []
         try:
             for n in args.viewers:
+                runs = {}
                 for path in args.paths:
                     profile = None
                     if args.profile and n == args.viewers[-1]:
                         suffix = "txt" if args.profile == "py-spy" else "data"
                         profile = f"{args.profile}:/tmp/fanout-{path}-{n}.{suffix}"
                         profiles[path] = profile
-                    rows.append((path, await measure(relays[path].url, cluster.origin.url, n,
-                                                     args.seconds, profile)))
-                    await asyncio.sleep(2.0)
+                    runs[path] = measure(relays[path].url, cluster.origin.url, n, args.seconds,
+                                         profile)
+                if args.one_at_a_time:
+                    results = [await run for run in runs.values()]
+                else:
+                    # both relays at once, one farm each: the same source packets and the same
+                    # machine load for both paths (the machine's noise cancels in the ratio)
+                    results = list(await asyncio.gather(*runs.values()))
+                rows += zip(runs, results, strict=True)
+                await asyncio.sleep(2.0)
         except Exception:
             for relay in relays.values():
                 print("".join(relay.output[-30:]), file=sys.stderr)
