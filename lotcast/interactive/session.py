@@ -484,7 +484,8 @@ class ClientSession:
             self._send(p.encode_tally(epoch=epoch, offset=after, poll=tally["poll"],
                                       counts=tally["counts"]))
         shown = await self.show.giveaways.room_state(self.room, self.identity)  # issue 10
-        self._send(p.encode_reactions(epoch=epoch, offset=after, counts=shown["reactions"]))
+        if any(shown["reactions"].values()):  # all zero: the client has zeros too (same epoch)
+            self._send(p.encode_reactions(epoch=epoch, offset=after, counts=shown["reactions"]))
         votes = await self.chat.question_votes(self.room)  # chat, moderation, Q&A
         if votes:
             self._send(p.encode_question_votes(epoch=epoch, offset=after, votes=votes))
