@@ -46,10 +46,35 @@ const REASONS = {
   poll_closed: () => "The poll is closed.",
   bad_option: () => "That option does not exist.",
   unavailable: () => "The auction service is unavailable; try again.",
+  // chat, moderation, Q&A
+  muted: (e) => `You are muted until ${clockTime(e.fields?.until)}.`,
+  banned: () => "You are banned from this room.",
+  slow_mode: (e) => `Slow mode: one message every ${e.fields?.seconds ?? "few"} s; try again in ${Math.ceil((e.fields?.retry_ms ?? 1000) / 1000)} s.`,
+  blocked_word: (e) => `Not sent: "${e.fields?.word ?? "a word"}" is not allowed in this chat.`,
+  unknown_message: () => "That message is gone (deleted, or too old).",
+  unknown_question: () => "That question is gone.",
+  duplicate_upvote: () => "You already upvoted this question.",
+  own_question: () => "You can't upvote your own question.",
+  invalid_state: (e) => `Not possible now (it is ${e.fields?.state ?? "in another state"}).`,
+  // giveaways, pre-bids, re-run
+  duplicate_entry: () => "You are already in this giveaway.",
+  giveaway_closed: (e) => `The giveaway is ${e.fields?.state ?? "closed"}.`,
+  giveaway_full: () => "The giveaway is full.",
+  unknown_giveaway: () => "That giveaway does not exist.",
+  giveaway_in_progress: () => "A giveaway is still open: draw or cancel it first.",
+  lot_is_open: () => "A lot is open: giveaways run between lots.",
+  no_eligible_entrants: () => "None of the entrants is connected right now.",
+  not_drawn: () => "The giveaway has not been drawn yet.",
+  already_rerun: (e) => `This lot was already re-run (${e.fields?.rerun ?? "as a new lot"}).`,
   disconnected: () => "Connection lost before the server answered.",
   not_connected: () => "Not connected to the room yet.",
   timeout: () => "No answer from the server.",
 };
+
+function clockTime(ms) {
+  if (typeof ms !== "number") return "later";
+  return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
 
 /** A readable reason for a RequestError (falls back to the server's precise message). */
 export function reasonText(err) {

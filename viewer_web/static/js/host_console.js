@@ -1,8 +1,13 @@
-// Host console: create/open/extend/close lots, open/close polls, watch bids and tallies live.
-// Talks to the room with the host token (docs/protocol.md: lot_* and poll_* requests).
+// Host console: create/open/extend/close/re-run lots (sudden death, pre-bid counts), open/close
+// polls, watch bids and tallies live; chat with moderation, the moderation panel, Q&A and
+// giveaways. Talks to the room with the host token (docs/protocol.md).
 
 import { formatCountdown, lotResultText, reasonText, renderPollOptions } from "./auction_ui.js";
+import { mountChat } from "./chat_ui.js";
+import { mountGiveawayHost } from "./giveaway_ui.js";
+import { mountModeration } from "./moderation_ui.js";
 import { $, formatMoney, parseMoney, setText } from "./params.js";
+import { mountQuestions } from "./qa_ui.js";
 
 /** "0: 1.00\n100: 5.00" -> [[0, 100], [10000, 500]] (cents), or throws with a readable message. */
 export function parseIncrements(text) {
@@ -77,6 +82,18 @@ export function mountHostConsole(room) {
   api.closeLot = (lot) => run("lot_close", { lot });
   api.openPoll = (fields) => run("poll_open", fields);
   api.closePoll = (poll) => run("poll_close", { poll });
+  api.rerunLot = (lot, open = false) => run("lot_rerun", open ? { lot, open: true } : { lot });
+  api.run = run;
+
+  const moderation = mountModeration(room, { run, showError });
+  api.chat = mountChat(room, { muteMs: moderation.muteMs, onError: showError });
+  api.questions = mountQuestions(room, { prefix: "hqa", host: true, onError: showError });
+  mountGiveawayHost(room, { run, showError });
+
+  const sudden = $("lot-sudden-death");
+  sudden.addEventListener("change", () => {
+    $("lot-soft-close").disabled = sudden.checked; // a sudden-death lot has no soft close
+  });
 
   $("lot-create").addEventListener("click", async () => {
     let fields;
@@ -88,9 +105,10 @@ export function mountHostConsole(room) {
         start_price: start,
         increments: parseIncrements($("lot-increments").value),
         duration_ms: seconds("lot-duration", "duration"),
-        soft_close_ms: Math.round(Number($("lot-soft-close").value || 0) * 1000),
+        soft_close_ms: sudden.checked ? 0 : Math.round(Number($("lot-soft-close").value || 0) * 1000),
         reserve: optionalMoney("lot-reserve", "reserve"),
         buy_now: optionalMoney("lot-buy-now", "buy it now"),
+        sudden_death: sudden.checked ? true : undefined,
       };
       if (!fields.title) throw new Error("the lot needs a title");
     } catch (err) {
@@ -146,6 +164,8 @@ export function mountHostConsole(room) {
             <span><span class="bids"></span> bids</span>
             <span class="countdown-small"></span>
             <span class="reserve"></span>
+            <span class="prebids"></span>
+            <span class="mode"></span>
           </div>
           <div class="result"></div>
           <div class="actions"></div>`;
@@ -153,6 +173,7 @@ export function mountHostConsole(room) {
         item.querySelector(".leader").id = `lot-leader-${id}`;
         item.querySelector(".countdown-small").id = `lot-countdown-${id}`;
         item.querySelector(".result").id = `lot-result-${id}`;
+        item.querySelector(".prebids").id = `lot-prebids-${id}`;
         const actions = item.querySelector(".actions");
         actions.append(
           button(`lot-open-${id}`, "Open", "primary", () => api.openLot(id).catch(() => {})),
@@ -162,6 +183,8 @@ export function mountHostConsole(room) {
             api.extendLot(id, by).catch(() => {});
           }),
           button(`lot-close-${id}`, "Close now", "danger", () => api.closeLot(id).catch(() => {})),
+          button(`lot-rerun-${id}`, "Re-run", "", () => api.rerunLot(id).catch(() => {})),
+          button(`lot-rerun-open-${id}`, "Re-run and open", "primary", () => api.rerunLot(id, true).catch(() => {})),
         );
         box.prepend(item);
       }
@@ -175,6 +198,14 @@ export function mountHostConsole(room) {
       item.querySelector(".leader").textContent = lot.leader_name || lot.leader || "–";
       item.querySelector(".bids").textContent = String(lot.bids ?? 0);
       item.querySelector(".reserve").textContent = lot.has_reserve ? (lot.reserve_met ? "reserve met" : "reserve not met") : "";
+      const prebids = lot.prebids ?? 0;
+      const pre = item.querySelector(".prebids");
+      pre.textContent = lot.status === "draft" || prebids ? `${prebids} pre-bid${prebids === 1 ? "" : "s"}` : "";
+      pre.dataset.count = String(prebids);
+      item.dataset.suddenDeath = String(!!lot.sudden_death);
+      item.querySelector(".mode").textContent = [lot.sudden_death ? "sudden death" : "",
+        lot.rerun_of ? `re-run of ${room.lots.get(lot.rerun_of)?.title ?? lot.rerun_of}` : "",
+        lot.rerun ? `re-run as ${lot.rerun}` : ""].filter(Boolean).join(" · ");
       const result = item.querySelector(".result");
       result.textContent = lotResultText(lot);
       result.dataset.result = lot.status;
@@ -182,6 +213,9 @@ export function mountHostConsole(room) {
       $(`lot-open-${id}`).classList.toggle("hidden", lot.status !== "draft");
       $(`lot-extend-${id}`).classList.toggle("hidden", lot.status !== "open");
       $(`lot-close-${id}`).classList.toggle("hidden", lot.status !== "open");
+      const rerunnable = lot.status === "unsold" && !lot.rerun;
+      $(`lot-rerun-${id}`).classList.toggle("hidden", !rerunnable);
+      $(`lot-rerun-open-${id}`).classList.toggle("hidden", !rerunnable);
     }
     for (const item of [...box.querySelectorAll(".item[data-lot]")]) {
       if (!seen.has(item.dataset.lot)) item.remove();

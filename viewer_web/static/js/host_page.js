@@ -289,6 +289,7 @@ window.lotcast = {
     return out;
   },
   roomState() { return room.snapshot(); },
+  chatView: () => hostConsole.chat.view(),
   startPreview,
   goLive,
   stop,

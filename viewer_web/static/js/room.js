@@ -14,9 +14,13 @@
 //                                        the page should re-run placement, then the socket follows
 //   "welcome"  {message}
 //   "authfailed" {reason}                the token was refused (4501); now watching anonymously
+//   "banned"   {reason}                  this user is banned from the room (4503); now watching
+//                                        anonymously
+//   "reactions" {deltas}                 a coalesced `reactions` frame: new taps per reaction
 
 import { decodeAll, encode } from "./msgpack.js";
 import { HttpRoomConnection } from "./room_http.js";
+import { ShowState } from "./show_state.js";
 
 const BACKOFF_S = [0.25, 0.5, 1, 2, 4];
 const PING_INTERVAL_MS = 10000;
@@ -56,6 +60,8 @@ export class RoomClient extends EventTarget {
     this.viewers = null;
     this.myBidLots = new Set(); // lots I placed a bid on (for "outbid")
     this.myVotes = new Map(); // poll id -> option
+    this.show = new ShowState(); // chat, moderation, Q&A, reactions, giveaway
+    this.bannedReason = null; // set when the server closed us with 4503
     // Connection state.
     this.identity = null; // {role, user, name} from welcome
     this.node = null;
@@ -104,6 +110,7 @@ export class RoomClient extends EventTarget {
   setToken(token) {
     this.token = token || null;
     this.authError = null;
+    this.bannedReason = null;
     this.reconnectNow("new token");
   }
 
@@ -276,6 +283,17 @@ export class RoomClient extends EventTarget {
       }
       return;
     }
+    if (code === 4503) {
+      // Banned from this room: its chat, bids and votes are closed to this user; the page keeps
+      // watching anonymously (anyone may), and a new token may be given.
+      this.bannedReason = reason || "banned from this room";
+      this.token = null;
+      this._setStatus("reconnecting", `banned (${this.bannedReason}); watching anonymously`);
+      this.dispatchEvent(new CustomEvent("banned", { detail: { reason: this.bannedReason } }));
+      clearTimeout(this._timer);
+      this._timer = setTimeout(() => this._connect(), 500);
+      return;
+    }
     if (code === 4010) {
       this._resetState();
     }
@@ -304,6 +322,7 @@ export class RoomClient extends EventTarget {
     this.offset = null;
     this.lots.clear();
     this.polls.clear();
+    this.show.reset();
     this._awaitingSnapshot = false;
     this._changed();
   }
@@ -390,6 +409,67 @@ export class RoomClient extends EventTarget {
     });
   }
 
+  // --- chat, Q&A, reactions, giveaway (state in this.show) --------------------------------------
+
+  /** Post a chat message; its outbox entry goes pending -> sent | refused (with the error). */
+  sendChat(text) {
+    this._outboxSeq = (this._outboxSeq || 0) + 1;
+    const entry = this.show.queueChat(`o${this._outboxSeq}`, text);
+    this._changed();
+    return this.request("chat", { text }).then((ack) => {
+      this.show.chatSent(entry, ack);
+      this._changed();
+      return ack;
+    }, (err) => {
+      this.show.chatRefused(entry, err);
+      if (err.code === "muted" && this.identity?.user && typeof err.fields?.until === "number") {
+        this.show.muted.set(this.identity.user, err.fields.until);
+      }
+      this._changed();
+      throw err;
+    });
+  }
+
+  react(reaction) {
+    return this.request("react", { reaction });
+  }
+
+  upvote(question) {
+    return this.request("question_upvote", { question }).then((ack) => {
+      this.show.upvoted.add(question);
+      this._changed();
+      return ack;
+    }, (err) => {
+      if (err.code === "duplicate_upvote") this.show.upvoted.add(question);
+      this._changed();
+      throw err;
+    });
+  }
+
+  enterGiveaway(giveaway) {
+    const mark = () => {
+      const g = this.show.giveaway;
+      if (g && g.giveaway === giveaway) g.entered = true;
+      this._changed();
+    };
+    return this.request("giveaway_enter", { giveaway }).then((ack) => {
+      mark();
+      if (this.show.giveaway && typeof ack.entrants === "number") this.show.giveaway.entrants = ack.entrants;
+      return ack;
+    }, (err) => {
+      if (err.code === "duplicate_entry") mark();
+      throw err;
+    });
+  }
+
+  /** Host and moderators (the host may grant or revoke it live). */
+  canModerate() {
+    const who = this.identity;
+    if (!who || !who.user) return false;
+    if (who.role === "host") return true;
+    return this.show.moderators.has(who.user);
+  }
+
   // --- server messages -------------------------------------------------------------------------
 
   _handle(msg) {
@@ -414,6 +494,17 @@ export class RoomClient extends EventTarget {
         poll.total = msg.total ?? msg.counts.reduce((a, b) => a + b, 0);
         this._changed();
       }
+      return;
+    }
+    if (type === "reactions") {
+      const deltas = this.show.applyReactions(msg.counts);
+      this.dispatchEvent(new CustomEvent("reactions", { detail: { deltas } }));
+      this._changed();
+      return;
+    }
+    if (type === "question_votes") {
+      this.show.applyQuestionVotes(msg.votes);
+      this._changed();
       return;
     }
     if (type === "viewers") {
@@ -505,6 +596,7 @@ export class RoomClient extends EventTarget {
     for (const lot of msg.lots || []) this.lots.set(lot.lot, { ...lot });
     this.polls.clear();
     for (const poll of msg.polls || []) this.polls.set(poll.poll, { ...poll });
+    this.show.applySnapshot(msg);
     if (typeof msg.viewers === "number") this.viewers = msg.viewers;
     if (typeof msg.server_ts === "number") this.clockOffsetMs = msg.server_ts - Date.now();
     this._changed();
@@ -541,8 +633,12 @@ export class RoomClient extends EventTarget {
       case "lot_created": {
         const { type, offset, ts, ...fields } = e;
         this.lots.set(e.lot, { ...fields, status: fields.status || "draft", bids: fields.bids ?? 0 });
+        if (fields.rerun_of && this.lots.has(fields.rerun_of)) this.lots.get(fields.rerun_of).rerun = e.lot;
         break;
       }
+      case "prebid":
+        if (lot) lot.prebids = e.prebids;
+        break;
       case "lot_opened":
         if (lot) Object.assign(lot, { status: "open", ends_at: e.ends_at, next_min: e.next_min ?? lot.next_min });
         break;
@@ -585,7 +681,7 @@ export class RoomClient extends EventTarget {
         break;
       }
       default:
-        console.warn("room: unknown log event", e.type);
+        if (!this.show.applyEvent(e)) console.warn("room: unknown log event", e.type);
     }
   }
 
@@ -643,6 +739,7 @@ export class RoomClient extends EventTarget {
       transport: this.ws?.kind === "http" ? "http" : this.ws ? "websocket" : this.transport,
       fallbacks: this.fallbacks,
       lots: [...this.lots.values()], polls: [...this.polls.values()],
+      show: this.show.toJSON(), banned: this.bannedReason,
       connects: this.connects, resumes: this.resumes, snapshots: this.snapshots,
       eventsApplied: this.eventsApplied,
     };

@@ -1,9 +1,14 @@
-// Viewer page: WHEP player + room (auction, poll, viewer count). Element ids: see viewer.html.
+// Viewer page: WHEP player + room (auction, poll, viewer count, chat, Q&A, reactions, giveaway).
+// Element ids: see viewer.html.
 
 import {
   formatCountdown, lotResultText, quickBids, reasonText, renderPollOptions,
 } from "./auction_ui.js";
+import { mountChat } from "./chat_ui.js";
+import { mountGiveawayBanner } from "./giveaway_ui.js";
 import { $, formatMoney, pageParams, parseMoney, setText, tokenClaims } from "./params.js";
+import { mountQuestions } from "./qa_ui.js";
+import { mountReactions } from "./reactions_ui.js";
 import { RoomClient } from "./room.js";
 import { PlayerStats, formatBitrate, formatMs } from "./stats.js";
 import { WhepPlayer } from "./whep.js";
@@ -135,6 +140,17 @@ room.addEventListener("authfailed", (ev) => {
   setText("identity", `token rejected (${ev.detail.reason}); watching anonymously`);
 });
 
+room.addEventListener("banned", () => {
+  token = null;
+  sessionStorage.removeItem(TOKEN_KEY);
+  render();
+});
+
+const chat = mountChat(room);
+const questions = mountQuestions(room);
+const reactions = mountReactions(room);
+const giveaway = mountGiveawayBanner(room);
+
 const feeds = new Map(); // lot id -> [{name, amount, price, ts}]
 room.addEventListener("logevent", (ev) => {
   const e = ev.detail.event;
@@ -247,7 +263,8 @@ async function vote(option) {
 function render() {
   setText("viewer-count", room.viewers ?? "–");
   const who = room.identity;
-  if (room.authError && !token) setText("identity", `token rejected (${room.authError}); watching anonymously`);
+  if (room.bannedReason && !token) setText("identity", `banned from this room (${room.bannedReason}); watching anonymously`);
+  else if (room.authError && !token) setText("identity", `token rejected (${room.authError}); watching anonymously`);
   else if (who && who.role !== "viewer") setText("identity", `${who.name || who.user} (${who.role})`);
   else if (token) {
     const claims = tokenClaims(token);
@@ -420,6 +437,11 @@ window.lotcast = {
     return out;
   },
   roomState() { return room.snapshot(); },
+  chat,
+  questions,
+  reactions,
+  giveaway,
+  chatView: () => chat.view(),
   bid: placeBid,
   vote,
 };
