@@ -7,8 +7,13 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
+# gcc + libc headers build the native fan-out extension (lotcast/media/_fanout.c); without
+# them pip silently installs the pure-Python path
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml setup.py ./
 COPY lotcast ./lotcast
 COPY broadcaster ./broadcaster
 COPY relay ./relay

@@ -12,6 +12,11 @@ if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# a C compiler and the Python headers build the native fan-out extension (optional: without
+# them the install falls back to the pure-Python path)
+command -v gcc >/dev/null 2>&1 || need_apt+=(gcc libc6-dev)
+python3 -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || need_apt+=(python3-dev)
 # coturn: the TURN server `lotcast up --turn` runs (and the TURN tests)
 command -v turnserver >/dev/null 2>&1 || need_apt+=(coturn)
 if [ "$TESTS" = 1 ]; then

@@ -100,6 +100,7 @@ class MediaStream:
             out[f"{kind}_send_drops"] = t.send_drops
             out[f"{kind}_send_errors"] = t.send_errors
             out[f"{kind}_largest_packet"] = t.largest_packet
+            out[f"{kind}_native_packets_sent"] = t.native_packets_sent
         return out
 
     def on_end(self, callback: Callable[[], None]) -> Callable[[], None]:
