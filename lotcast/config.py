@@ -49,6 +49,9 @@ class Settings:
     # Relay: seconds to wait for viewers to move away after SIGTERM before exiting.
     drain_timeout: float = 30.0
     node_id: str = ""
+    # Relay: worker processes serving this node (lotcast/workers.py); 0 = one per usable CPU
+    # (affinity and cgroup quota). max_viewers is the node's total, split between them.
+    workers: int = 0
     log_level: str = "info"
     # --- TLS (lotcast/tls.py) ---
     # PEM certificate (chain) and key: the node serves HTTPS/WSS only (flags --cert/--key too).

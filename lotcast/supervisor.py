@@ -27,8 +27,12 @@ PR_SET_PDEATHSIG = 1
 
 
 def announce_ready(**info: Any) -> None:
-    """Printed by a service once it accepts connections; `ServiceProcess` waits for it."""
-    print(READY_PREFIX + json.dumps(info), flush=True)
+    """Printed by a service once it accepts connections; `ServiceProcess` waits for it.
+
+    One write of the whole line: a relay parent echoes its workers' output from other threads,
+    and `print` writes the text and its newline separately."""
+    sys.stdout.write(READY_PREFIX + json.dumps(info) + "\n")
+    sys.stdout.flush()
 
 
 def die_with_parent(sig: int) -> Callable[[], None]:

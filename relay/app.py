@@ -10,18 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 
 from lotcast.auth import TokenAuthority
 from lotcast.config import Settings
@@ -30,14 +34,16 @@ from lotcast.interactive.service import InteractiveService
 from lotcast.media.endpoints import CORS, SessionTable, WebRtcEndpoints
 from lotcast.media.peer import EgressSession, PeerSession
 from lotcast.media.stream import StreamRouter
-from lotcast.node.routes import health_routes, page_routes, stats_route, udp_socket_count
+from lotcast.node.routes import health_routes, page_routes, udp_socket_count
 from lotcast.node.telemetry import MediaTelemetry
 from lotcast.ops.metrics import NodeMetrics
 from lotcast.ops.node import NodeLoad
 from lotcast.ops.placement_http import Placer, selector_for, whep_url
 from lotcast.ops.registry import NodeRegistry
+from lotcast.workers import WorkerSpec
 from relay.cascade import RELAY_AUTH_HEADER, RELAY_HEADER, CascadePlanner, child_headers, verified_child
 from relay.drain import Drainer
+from relay.siblings import SiblingRouter, Siblings, node_metrics, node_stats, relayed, via_sibling
 from relay.upstreams import PARENT_CHECK_INTERVAL_S, RelayUpstreams
 
 # A WHEP POST bounced between full relays stops after this many redirects.
@@ -47,7 +53,12 @@ logger = logging.getLogger(__name__)
 _child_pull: ContextVar[str | None] = ContextVar("child_pull", default=None)
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, worker: WorkerSpec | None = None) -> Starlette:
+    """The relay app; `worker` when this process is one worker of a multi-worker node."""
+    mesh = worker if worker is not None and worker.count > 1 else None
+    # a worker takes its share of the node's viewers; the registry shows the node's sum
+    capacity = settings.max_viewers if mesh is None else mesh.share(settings.max_viewers)
+    siblings = None if mesh is None else Siblings(mesh, tls=bool(settings.tls_cert))
     authority = TokenAuthority(settings.jwt_secret)
     router = StreamRouter(grace=settings.stream_grace)
     redis = aioredis.Redis.from_url(settings.redis_url)
@@ -85,7 +96,10 @@ def create_app(settings: Settings) -> Starlette:
                                parent_ok=planner.parent_ok,
                                headers=child_headers(settings.jwt_secret, settings.node_id))
     metrics = NodeMetrics(settings.node_id, "relay")
-    interactive = InteractiveService(settings, authority, "relay")
+    # room socket counts are kept per process: each worker under its own id
+    interactive = InteractiveService(
+        settings if mesh is None else replace(settings, node_id=mesh.worker_id(settings.node_id)),
+        authority, "relay")
     interactive.bid_ack_observers.append(metrics.bid_ack_latency_seconds.observe)
     interactive.http.count_observers.append(metrics.room_http_sessions.set)
 
@@ -106,8 +120,9 @@ def create_app(settings: Settings) -> Starlette:
                         streams=upstreams.carried(), sockets=websocket_count())
 
     registry = NodeRegistry(redis, node_id=settings.node_id, url=settings.public_url,
-                            kind="relay", capacity=settings.max_viewers,
-                            heartbeat_interval=settings.heartbeat_interval, load_probe=load)
+                            kind="relay", capacity=capacity,
+                            heartbeat_interval=settings.heartbeat_interval, load_probe=load,
+                            worker=None if mesh is None else mesh.name)
     placer = Placer(redis, selector)
 
     async def tell_clients() -> None:
@@ -123,8 +138,8 @@ def create_app(settings: Settings) -> Starlette:
             return "relay is draining"
         if _child_pull.get() is not None:
             return None
-        if viewer_count() >= settings.max_viewers:
-            return f"relay at capacity ({settings.max_viewers} viewers)"
+        if viewer_count() >= capacity:
+            return f"relay at capacity ({capacity} viewers)"
         return None
 
     endpoints = WebRtcEndpoints(settings, authority, router, sessions, upstreams.acquire,
@@ -145,8 +160,18 @@ def create_app(settings: Settings) -> Starlette:
                 children[response.headers["location"].rsplit("/", 1)[-1]] = child
             return response
         stream = str(request.path_params["stream"])
+        # a POST a sibling forwarded is answered here, whatever the answer
+        local_only = via_sibling(request.scope)
+        if (siblings is not None and not local_only and not drainer.draining
+                and viewer_count() >= capacity and is_valid_stream_id(stream)):
+            query = request.url.query
+            answer = await siblings.first("POST", request.url.path + (f"?{query}" if query else ""),
+                                          request.headers, await request.body(),
+                                          accept=lambda status: status == 201)
+            if answer is not None:
+                return relayed(answer)
         # an invalid id is not placed anywhere: endpoints.play answers it 400 right here
-        if accepting_viewers() is not None and is_valid_stream_id(stream):
+        if accepting_viewers() is not None and is_valid_stream_id(stream) and not local_only:
             seen = [x for x in request.query_params.get("from", "").split(",") if x]
             if len(seen) < MAX_REDIRECT_HOPS:
                 try:
@@ -175,11 +200,12 @@ def create_app(settings: Settings) -> Starlette:
     def stats() -> dict[str, Any]:
         return {
             "node_id": settings.node_id,
+            **({} if mesh is None else {"worker": mesh.index, "pid": os.getpid()}),
             "kind": "relay",
             "state": registry.state.value,
             "draining": drainer.draining,
             "viewers": viewer_count(),
-            "capacity": settings.max_viewers,
+            "capacity": capacity,
             "sessions": sessions.count(),
             "websockets": websocket_count(),
             "children": sorted(children.values()),
@@ -210,15 +236,36 @@ def create_app(settings: Settings) -> Starlette:
             await sessions.close()
             router.close()
             await upstreams.close()
+            if siblings is not None:
+                await siblings.close()
             await redis.aclose()
 
-    app = Starlette(
-        routes=[Route("/whep/{stream}", play, methods=["POST"]),
-                *endpoints.routes, *interactive.routes, *page_routes(),
-                *health_routes(drainer.readiness), stats_route(stats),
-                placer.route(), telemetry.route()],
-        lifespan=lifespan,
-    )
+    async def stats_endpoint(request: Request) -> Response:
+        own = {**stats(), "udp_sockets": udp_socket_count()}
+        if siblings is None or via_sibling(request.scope):
+            return JSONResponse(own)
+        others = [answer.json() for _, answer in await siblings.gather("/api/stats")]
+        return JSONResponse(node_stats(settings.node_id, [own, *others]))
+
+    async def metrics_endpoint(request: Request) -> Response:
+        own = telemetry.render(registry.last_published)
+        if siblings is None or mesh is None or via_sibling(request.scope):
+            return Response(own, media_type=CONTENT_TYPE_LATEST)
+        texts = [(w, answer.text) for w, answer in await siblings.gather("/metrics")]
+        return Response(node_metrics([(mesh.index, own.decode()), *texts]),
+                        media_type=CONTENT_TYPE_LATEST)
+
+    routes: list[BaseRoute] = [
+        Route("/whep/{stream}", play, methods=["POST"]),
+        *endpoints.routes, *interactive.routes, *page_routes(),
+        *health_routes(drainer.readiness), Route("/api/stats", stats_endpoint),
+        placer.route(), Route("/metrics", metrics_endpoint, methods=["GET"])]
+    middleware = [] if siblings is None else [Middleware(
+        SiblingRouter, siblings=siblings,
+        holds_whep=lambda session_id: sessions.get(session_id) is not None,
+        holds_room=lambda session_id: session_id in interactive.http.streams)]
+
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.settings = settings
     app.state.router = router
     app.state.sessions = sessions

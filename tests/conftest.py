@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
 
 from lotcast.redis_server import RedisServer
+
+# `lotcast relay` runs one worker per usable CPU by default; the suite's relays are one process
+# each (what every existing test assumes) unless a test passes --workers (test_relay_workers.py).
+# Inherited by every node a test starts (ServiceProcess copies os.environ).
+os.environ.setdefault("LOTCAST_WORKERS", "1")
 
 
 @pytest.fixture(scope="session")

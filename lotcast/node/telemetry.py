@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import Gauge
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -135,10 +135,15 @@ class MediaTelemetry:
     def _through_turn(self, kind: type[PeerSession]) -> int:
         return sum(1 for s in self.sessions.sessions(kind) if relayed_through_turn(s.pc))
 
-    async def endpoint(self, request: Request) -> Response:
+    def render(self, node: NodeInfo | None = None) -> bytes:
+        """The exposition text, counters and gauges brought up to date first."""
         self.sample()
-        self.refresh_gauges(self._node() if self._node is not None else None)
-        return await self.metrics.endpoint(request)
+        self.refresh_gauges(node if node is not None
+                            else self._node() if self._node is not None else None)
+        return self.metrics.render()
+
+    async def endpoint(self, request: Request) -> Response:
+        return Response(self.render(), media_type=CONTENT_TYPE_LATEST)
 
     def route(self) -> Route:
         return Route("/metrics", self.endpoint, methods=["GET"])

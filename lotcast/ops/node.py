@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -57,7 +57,8 @@ class NodeInfo:
     state: NodeState = NodeState.SERVING
     viewers: int = 0
     capacity: int = 0
-    # CPU load of the node process: fraction of one core (1.0 = one core fully busy).
+    # CPU load of the node process: fraction of one core (1.0 = one core fully busy); of a
+    # multi-worker node, the mean over its workers (each one process, one core at most).
     cpu: float = 0.0
     egress_bps: float = 0.0
     streams: Mapping[str, int] = field(default_factory=dict)
@@ -126,6 +127,34 @@ class NodeInfo:
             )
         except KeyError as exc:
             raise ValueError(f"heartbeat is missing field {exc.args[0]!r}") from exc
+
+
+def combine_workers(node_id: str, url: str, parts: Sequence[NodeInfo]) -> NodeInfo:
+    """One node as placement sees it, from the heartbeats of its workers (non-empty): viewers,
+    capacity, egress and sockets summed; CPU the mean; DRAINING as soon as one worker drains
+    (drain is node-wide); each stream at its deepest worker's depth (a cascade child of this
+    node may land on any worker, and must stay within the depth limit from each)."""
+    if not parts:
+        raise ValueError("combine_workers() needs at least one worker heartbeat")
+    streams: dict[str, int] = {}
+    for part in parts:
+        for stream, depth in part.streams.items():
+            streams[stream] = max(depth, streams.get(stream, depth))
+    draining = any(p.state is NodeState.DRAINING for p in parts)
+    return NodeInfo(
+        node_id=node_id,
+        url=url,
+        kind=parts[0].kind,
+        state=NodeState.DRAINING if draining else NodeState.SERVING,
+        viewers=sum(p.viewers for p in parts),
+        capacity=sum(p.capacity for p in parts),
+        cpu=sum(p.cpu for p in parts) / len(parts),
+        egress_bps=sum(p.egress_bps for p in parts),
+        streams=streams,
+        sockets=sum(p.sockets for p in parts),
+        heartbeat_ms=max(p.heartbeat_ms for p in parts),
+        started_ms=min(p.started_ms for p in parts),
+    )
 
 
 def _text(value: bytes | str) -> str:

@@ -9,11 +9,18 @@ Layout (names in `lotcast.keys`):
 
 One heartbeat is one MULTI/EXEC (HSET + PEXPIRE + ZADD + ZREMRANGEBYSCORE), so a reader never sees
 a hash without its TTL.
+
+A node served by several worker processes (lotcast/workers.py) is still one node to readers:
+each worker writes its own heartbeat into `node_workers(node_id)` (field `w<i>`), reads its
+siblings' back in the same MULTI, and publishes their sum (`combine_workers`) as the node's
+hash. A worker's entry older than the TTL (a killed worker) is left out of the sum and deleted;
+the last worker to deregister deletes the node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -32,6 +39,7 @@ from lotcast.ops.node import (
     NodeKind,
     NodeLoad,
     NodeState,
+    combine_workers,
 )
 from lotcast.ops.placement import Placement, RelaySelector
 
@@ -124,6 +132,7 @@ class NodeRegistry:
         load_probe: LoadProbe | None = None,
         cpu_probe: CpuProbe | None = None,
         clock: Callable[[], float] = time.time,
+        worker: str | None = None,
     ) -> None:
         if heartbeat_interval <= 0:
             raise ValueError("heartbeat_interval must be positive")
@@ -143,7 +152,10 @@ class NodeRegistry:
         self._started_ms = self._now_ms()
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        # this process's own heartbeat; for a worker, `last_node` is the node's sum
         self.last_published: NodeInfo | None = None
+        self.last_node: NodeInfo | None = None
+        self.worker = worker
 
     @property
     def state(self) -> NodeState:
@@ -194,6 +206,9 @@ class NodeRegistry:
         self._set_state(NodeState.STOPPED)
         if deregister:
             try:
+                if self.worker is not None:
+                    await self._leave_node()
+                    return
                 async with self.redis.pipeline(transaction=True) as pipe:
                     pipe.delete(self.key)
                     pipe.zrem(keys.NODES_INDEX, self.node_id)
@@ -205,7 +220,7 @@ class NodeRegistry:
         """The heartbeat this node would publish now."""
         load = self._load_probe()
         return NodeInfo(
-            node_id=self.node_id,
+            node_id=self.node_id if self.worker is None else f"{self.node_id}/{self.worker}",
             url=self.url,
             kind=self.kind,
             state=self._state,
@@ -224,16 +239,73 @@ class NodeRegistry:
         if self._state not in (NodeState.SERVING, NodeState.DRAINING):
             raise InvalidStateError(f'Cannot heartbeat in node state "{self._state.value}"')
         info = self.snapshot()
-        fields: dict[Any, Any] = info.to_fields()
+        node = info if self.worker is None else await self._join_node(info)
+        await self._publish(node)
+        self.last_published = info
+        self.last_node = node
+        return info
+
+    async def _publish(self, node: NodeInfo) -> None:
+        fields: dict[Any, Any] = node.to_fields()
         ttl_ms = int(self.ttl * 1000)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.key, mapping=fields)
             pipe.pexpire(self.key, ttl_ms)
-            pipe.zadd(keys.NODES_INDEX, {self.node_id: info.heartbeat_ms})
-            pipe.zremrangebyscore(keys.NODES_INDEX, "-inf", info.heartbeat_ms - 10 * ttl_ms)
+            pipe.zadd(keys.NODES_INDEX, {self.node_id: node.heartbeat_ms})
+            pipe.zremrangebyscore(keys.NODES_INDEX, "-inf", node.heartbeat_ms - 10 * ttl_ms)
             await pipe.execute()
-        self.last_published = info
-        return info
+
+    @property
+    def workers_key(self) -> str:
+        return keys.node_workers(self.node_id)
+
+    async def _join_node(self, info: NodeInfo) -> NodeInfo:
+        """Write this worker's heartbeat, and the node as the sum of its fresh workers."""
+        assert self.worker is not None
+        ttl_ms = int(self.ttl * 1000)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.workers_key, self.worker, json.dumps(info.to_fields()))
+            pipe.pexpire(self.workers_key, ttl_ms)
+            pipe.hgetall(self.workers_key)
+            raw = (await pipe.execute())[-1]
+        return await self._sum_fresh(raw, info.heartbeat_ms) or info
+
+    async def _sum_fresh(self, raw: dict[Any, Any], now_ms: int) -> NodeInfo | None:
+        fresh: list[NodeInfo] = []
+        expired: list[str] = []
+        for name, value in raw.items():
+            try:
+                part = NodeInfo.from_fields(json.loads(value))
+            except ValueError as exc:  # json.JSONDecodeError is a ValueError too
+                log.warning("dropping malformed worker heartbeat of %s: %s", self.node_id, exc)
+                expired.append(_text(name))
+                continue
+            if now_ms - part.heartbeat_ms <= self.ttl * 1000:
+                fresh.append(part)
+            else:
+                expired.append(_text(name))
+        if expired:
+            log.info("node %s: worker heartbeats expired: %s", self.node_id, ", ".join(expired))
+            await self.redis.hdel(self.workers_key, *expired)
+        if not fresh:
+            return None
+        return combine_workers(self.node_id, self.url, fresh)
+
+    async def _leave_node(self) -> None:
+        """Remove this worker; the node goes when its last worker does."""
+        assert self.worker is not None
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.workers_key, self.worker)
+            pipe.hgetall(self.workers_key)
+            raw = (await pipe.execute())[-1]
+        node = await self._sum_fresh(raw, self._now_ms())
+        if node is not None:
+            await self._publish(node)
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(self.key, self.workers_key)
+            pipe.zrem(keys.NODES_INDEX, self.node_id)
+            await pipe.execute()
 
     async def live_nodes(self) -> list[NodeInfo]:
         return await read_live_nodes(self.redis)
