@@ -39,7 +39,8 @@ from lotcast.redis_server import RedisServer
 
 AUTHORITY = TokenAuthority(DEV_JWT_SECRET)
 EXAMPLES = 400
-SERVER_TYPES = {"welcome", "snapshot", "events", "tally", "viewers", "ack", "error", "pong"}
+SERVER_TYPES = {"welcome", "snapshot", "events", "tally", "viewers", "ack", "error", "pong",
+                "question_votes"}
 ERROR_CODES = {str(code) for code in p.ErrorCode}
 # Close codes a fuzz socket may see (docs/protocol.md, "Close codes"); 1000 is our own close.
 CLOSE_CODES = {1000, 1009, 4029, 4501}
@@ -56,7 +57,8 @@ VALUES = st.recursive(LEAVES, lambda inner: st.lists(inner, max_size=4)
 KEYS = st.sampled_from(["type", "cid", "lot", "amount", "max", "key", "poll", "option", "token",
                         "epoch", "offset", "ts", "title", "increments", "start_price", "reserve",
                         "buy_now", "duration_ms", "soft_close_ms", "by_ms", "question",
-                        "options"]) | st.text(max_size=10)
+                        "options", "text", "message", "user", "duration_ms", "seconds", "words",
+                        "question"]) | st.text(max_size=10)
 CIDS = st.one_of(st.text(min_size=1, max_size=64), st.integers(0, 2**53 - 1),
                  st.sampled_from(["c", 0, 2**53 - 1, "x" * 64]), VALUES)
 # values close to the edges of the schema's rules: lengths, ranges, types that nearly fit
@@ -78,6 +80,20 @@ BASES: dict[str, dict[str, Any]] = {
     "lot_close": {"lot": "L1"},
     "poll_open": {"question": "q", "options": ["a", "b"], "duration_ms": 60000},
     "poll_close": {"poll": "P1"},
+    # chat, moderation, Q&A
+    "chat": {"text": "hello"},
+    "chat_delete": {"message": "M1"},
+    "user_mute": {"user": "normal", "duration_ms": 1000},
+    "user_unmute": {"user": "normal"},
+    "user_ban": {"user": "someone"},
+    "user_unban": {"user": "someone"},
+    "moderator_grant": {"user": "someone"},
+    "moderator_revoke": {"user": "someone"},
+    "slow_mode": {"seconds": 0},
+    "blocked_words": {"words": ["spam"]},
+    "question_mark": {"message": "M1"},
+    "question_upvote": {"question": "M1"},
+    "question_answer": {"question": "M1"},
 }
 
 
