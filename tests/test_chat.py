@@ -181,8 +181,8 @@ async def test_rate_limit_slow_mode_and_blocked_words(
     assert set_words["type"] == "ack" and set_words["count"] == 2
     bob = client(a.url, room, Role.BIDDER, "bob", "Bob")
     await bob.connect()
-    for text, word in [("SPÁM here", "spam"), ("ｓｐａｍ", "spam"), ("Buy   NÓW!", "buy now"),
-                       ("ſpam", "spam")]:
+    for text, word in [("SPÁM here", "spam"), ("\uff53\uff50\uff41\uff4d", "spam"), ("Buy   NÓW!", "buy now"),
+                       ("\u017fpam", "spam")]:
         r = await bob.request("chat", text=text)
         assert (r["type"], r["code"], r["word"], r["field"]) == ("error", "blocked_word", word,
                                                                  "text"), (text, r)

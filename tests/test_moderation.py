@@ -16,8 +16,8 @@ from lotcast.auth import Identity, Role
 from lotcast.interactive.client import RoomClient
 from lotcast.interactive.devserver import DevServerProcess
 from lotcast.interactive.functions import RoomFunctions
-from lotcast.interactive.protocol import PlaceBid, ProtocolError, Vote
 from lotcast.interactive.polls import PollStore
+from lotcast.interactive.protocol import PlaceBid, ProtocolError, Vote
 from lotcast.interactive.store import AuctionStore, RateLimit
 from lotcast.redis_server import RedisServer
 

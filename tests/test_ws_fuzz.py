@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import msgpack
 import pytest
 import websockets
+from chat_support import ChatState
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -319,6 +320,8 @@ def test_room_socket_fuzz(server: DevServerProcess) -> None:
         host = RoomClient(server.url, room, AUTHORITY.mint(Role.HOST, "host", "Host"))
         bidder = RoomClient(server.url, room, AUTHORITY.mint(Role.BIDDER, "normal", "Normal"))
         watcher = RoomClient(server.url, room)
+        for normal in (host, bidder, watcher):
+            normal.state = ChatState()  # the fuzz's chat/moderation events reach them too
 
         async def setup() -> NormalPair:
             for client in (host, bidder, watcher):
