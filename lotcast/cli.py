@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                     f"(env {DATA_DIR_ENV}; default {DEFAULT_DATA_DIR})")
     up.add_argument("--redis-url", default=None,
                     help="use this Redis instead of starting one (env LOTCAST_REDIS_URL)")
-    up.add_argument("--max-viewers", type=int, default=500)
+    up.add_argument("--max-viewers", type=int, default=500,
+                    help="viewers per relay (split between its workers)")
+    up.add_argument("--workers", type=int, default=1,
+                    help="worker processes per relay, sharing its port (0 = one per usable CPU)")
     tls = up.add_argument_group("HTTPS", "serve every node over HTTPS/WSS (automatic when "
                                 "--host is not a loopback address)")
     tls.add_argument("--host", default="127.0.0.1",
@@ -224,6 +227,7 @@ def run_up(args: argparse.Namespace) -> int:
             port = args.relay_port + i if args.relay_port else 0
             relay = ServiceProcess("relay", ["--port", str(port), "--origin-url", origin.url,
                                              "--max-viewers", str(args.max_viewers),
+                                             "--workers", str(args.workers),
                                              "--node-id", f"relay-{i}", *exposure.url_args(port)],
                                    env=env, echo=True, name=f"relay-{i}", supervised=True)
             supervisor.start(relay)

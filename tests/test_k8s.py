@@ -588,3 +588,16 @@ def test_redis_init_scripts_are_valid_shell() -> None:
     cfg = (K8S / "redis/sentinel/haproxy.cfg").read_text()
     assert "tcp-check expect string role:master" in cfg
     assert cfg.count("server redis-") == 3
+
+
+def test_relay_workers_follow_the_cpu_limit(overlay: str) -> None:
+    """One relay worker per CPU of the relay container's own limit (lotcast/workers.py)."""
+    _, container = lotcast_container(objects(overlay), "relay")
+    workers = next(e for e in container["env"] if e["name"] == "LOTCAST_WORKERS")
+    ref = workers["valueFrom"]["resourceFieldRef"]
+    assert (ref["containerName"], ref["resource"]) == (container["name"], "limits.cpu")
+    assert str(ref.get("divisor", "1")) == "1"
+    # a whole number of CPUs: resourceFieldRef rounds up, the cgroup quota check rounds down,
+    # and both must give the same count
+    limit = str(container["resources"]["limits"]["cpu"])
+    assert re.fullmatch(r"[1-9]\d*", limit), limit
