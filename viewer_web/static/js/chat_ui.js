@@ -123,7 +123,8 @@ export function mountChat(room, opts = {}) {
       out.push(iconButton("question", "?", `Mark the message from ${who} as a question`,
         () => moderate("question_mark", { message: m.id })));
     }
-    if (mod && !mine && m.role !== "host") {
+    // only the host acts on a moderator (docs/protocol.md "Moderation": On whom)
+    if (mod && !mine && m.role !== "host" && (host || m.role !== "moderator")) {
       out.push(iconButton("delete", "🗑", `Delete the message from ${who}`,
         () => moderate("chat_delete", { message: m.id })));
       out.push(iconButton("mute", "🔇", `Mute ${who} for ${Math.round(muteMs() / 60000)} min`,

@@ -47,7 +47,8 @@ export function mountQuestions(room, { prefix = "qa", host = false, onError = nu
       b.textContent = done ? "▲ voted" : "▲";
       b.setAttribute("aria-label", done ? "You upvoted this question" : `Upvote the question from ${q.name || q.user}`);
       b.setAttribute("aria-pressed", String(done));
-      b.disabled = done || q.user === me || !me || room.status !== "open";
+      b.disabled = done || q.user === me || !me || room.status !== "open" ||
+        !!room.show.mutedUntil(me, room.serverNow()); // a muted user's upvote is refused
       b.addEventListener("click", () => room.upvote(q.question).catch(fail));
       li.append(b);
     }
