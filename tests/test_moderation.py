@@ -232,3 +232,23 @@ async def test_anonymous_viewers_cannot_chat_or_moderate(room: Room) -> None:
                          ("question_upvote", {"question": "M1"})]:
         reply = await viewer.request(kind, **fields)
         assert (reply["type"], reply["code"], reply["for"]) == ("error", "forbidden", kind)
+
+
+async def test_a_muted_or_banned_user_can_not_prebid_react_or_enter_a_giveaway(room: Room) -> None:
+    eve = room.user(room.b, "eve2")
+    await eve.connect()
+    draft = (await room.host.request("lot_create", **LOT))["lot"]
+    muted = await room.mod.request("user_mute", user="eve2", duration_ms=60_000)
+    assert muted["type"] == "ack"
+    await room.host.request("lot_close", lot=room.lot)  # giveaways run between lots
+    giveaway = await room.host.request("giveaway_open", item="Tote bag")
+    assert giveaway["type"] == "ack", giveaway
+    replies = [await eve.request("prebid", lot=draft, max=500),
+               await eve.request("react", reaction="heart"),
+               await eve.request("giveaway_enter", giveaway=giveaway["giveaway"])]
+    for reply in replies:
+        assert (reply["type"], reply["code"], reply["until"]) == ("error", "muted",
+                                                                   muted["until"]), reply
+    assert (await room.host.request("user_unmute", user="eve2"))["type"] == "ack"
+    assert (await eve.request("react", reaction="heart"))["type"] == "ack"
+    assert (await eve.request("giveaway_enter", giveaway=giveaway["giveaway"]))["type"] == "ack"

@@ -268,10 +268,12 @@ end
 local function prebid(keys, args)
   local R = room_ctx(keys, args)
   local id, user, name, maxb = args[5], args[6], args[7], tonumber(args[8])
+  local now = now_ms()
+  local refusal = participation_refusal(R, user, now)
+  if refusal then return refusal end
   local L = load_lot(R, id)
   if not L then return err('unknown_lot') end
   if L.status ~= 'draft' then return err('invalid_state', {state = L.status}) end
-  local now = now_ms()
   if maxb < L.start_price then return err('bid_too_low', {min = L.start_price}) end
   local prebids = R.prefix .. 'prebids:' .. id
   local order = R.prefix .. 'prebid_order:' .. id

@@ -87,3 +87,13 @@ local function err(code, extra)
   r.err = code
   return cmsgpack.pack(r)
 end
+
+-- nil when `user` may take part in the room (chat, bid, pre-bid, vote, Q&A, react, enter a
+-- giveaway); else the refusal: banned, or muted with until when (lua/moderation.lua sets both).
+local function participation_refusal(R, user, now)
+  if redis.call('SISMEMBER', R.prefix .. 'banned', user) == 1 then return err('banned') end
+  local until_ms = tonumber(redis.call('HGET', R.prefix .. 'muted', user) or '0')
+  if until_ms > now then return err('muted', {['until'] = until_ms}) end
+  if until_ms > 0 then redis.call('HDEL', R.prefix .. 'muted', user) end
+  return nil
+end

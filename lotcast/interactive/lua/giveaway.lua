@@ -147,6 +147,8 @@ end
 -- args: prefix, channel, maxlen, room, giveaway, user, name, max entries
 local function giveaway_enter(keys, args)
   local R = room_ctx(keys, args)
+  local refusal = participation_refusal(R, args[6], now_ms())
+  if refusal then return refusal end
   local G, e = open_giveaway(R, args[5])
   if not G then return e end
   local entries = giveaway_key(R, G.id) .. ':entries'

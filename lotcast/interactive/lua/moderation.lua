@@ -20,14 +20,8 @@ local function effective_role(R, user, token_role)
   return token_role
 end
 
--- nil when `user` may take part (chat, bid, vote, Q&A); else the refusal.
-local function participation_refusal(R, user, now)
-  if redis.call('SISMEMBER', R.prefix .. 'banned', user) == 1 then return err('banned') end
-  local until_ms = tonumber(redis.call('HGET', R.prefix .. 'muted', user) or '0')
-  if until_ms > now then return err('muted', {['until'] = until_ms}) end
-  if until_ms > 0 then redis.call('HDEL', R.prefix .. 'muted', user) end
-  return nil
-end
+-- participation_refusal (ban/mute check) lives in common.lua: the show library's Functions
+-- (reactions, giveaway entries) and pre-bids need it too.
 
 -- The actor's effective role when they may moderate (and act on `target`, if given).
 local function moderation_check(R, actor, actor_token_role, target)

@@ -13,6 +13,8 @@ end
 local function react(keys, args)
   local R = room_ctx(keys, args)
   local now = now_ms()
+  local refusal = participation_refusal(R, args[5], now)
+  if refusal then return refusal end
   local ok, retry = take_token(R.prefix .. 'rl:react:' .. args[5], tonumber(args[7]),
                                tonumber(args[8]), now)
   if not ok then return err('rate_limited', {retry_ms = retry}) end
