@@ -82,7 +82,9 @@ class RoomState:
             poll = self.polls[ev["poll"]]
             poll.update(status="closed", counts=list(ev["counts"]), total=ev["total"])
             return
-        lot = self.lots[ev["lot"]]
+        lot = self.lots.get(ev["lot"]) if "lot" in ev else None
+        if lot is None:
+            return  # not a lot event (chat, moderation, giveaway, ...): kept in `applied` only
         if kind == "lot_opened":
             lot.update(status="open", ends_at=ev["ends_at"], next_min=ev["next_min"])
         elif kind == "bid":
