@@ -68,6 +68,12 @@ class Settings:
     bid_burst: int = 10
     vote_rate: float = 2.0
     vote_burst: int = 4
+    chat_rate: float = 2.0
+    chat_burst: int = 5
+    upvote_rate: float = 5.0
+    upvote_burst: int = 10
+    reaction_rate: float = 5.0
+    reaction_burst: int = 10
     # Per connection: any client messages beyond this are refused; sustained floods close 4029.
     ws_msg_rate: float = 30.0
     ws_msg_burst: int = 60

@@ -22,6 +22,7 @@ from lotcast import keys
 from lotcast.auth import TokenAuthority
 from lotcast.config import Settings
 from lotcast.ids import STREAM_ID_RULE, is_valid_stream_id
+from lotcast.interactive.chat import ChatStore
 from lotcast.interactive.functions import RoomFunctions
 from lotcast.interactive.httpstream import AsgiEndpoint, HttpRoomEndpoints
 from lotcast.interactive.hub import RoomHub, RoomSubscriptions
@@ -29,6 +30,8 @@ from lotcast.interactive.polls import PollStore
 from lotcast.interactive.protocol import CloseCode
 from lotcast.interactive.roomlog import RoomLog
 from lotcast.interactive.session import ClientSession, InteractiveStats, SessionDeps
+from lotcast.interactive.show import ShowStores
+from lotcast.interactive.showlib import ShowFunctions
 from lotcast.interactive.store import AuctionStore, RateLimit
 from lotcast.interactive.transport import RoomTransport, WebSocketTransport
 
@@ -97,14 +100,21 @@ class InteractiveService:
         self._redis = aioredis.Redis(connection_pool=pool)
         functions = RoomFunctions(self._redis, s.room_history)
         await functions.load()
+        show_functions = ShowFunctions(self._redis, s.room_history)
+        await show_functions.load()
+        bid_limit = RateLimit(s.bid_rate, s.bid_burst)
         roomlog = RoomLog(self._redis, functions)
         self._subscriptions = RoomSubscriptions(self._redis)
         self._deps = SessionDeps(
             settings=s, node_id=self.node_id, authority=self.authority,
-            auctions=AuctionStore(functions, RateLimit(s.bid_rate, s.bid_burst)),
+            auctions=AuctionStore(functions, bid_limit),
             polls=PollStore(functions, RateLimit(s.vote_rate, s.vote_burst)),
             roomlog=roomlog, acquire_hub=self._acquire_hub, release_hub=self._release_hub,
-            count_viewers=self._count_viewers, stats=self.stats, on_bid_ack=self._bid_acked)
+            count_viewers=self._count_viewers, stats=self.stats, on_bid_ack=self._bid_acked,
+            show=ShowStores.build(functions, bid_limit, self.node_id,
+                                  RateLimit(s.reaction_rate, s.reaction_burst), show_functions),
+            chat=ChatStore(functions, RateLimit(s.chat_rate, s.chat_burst),
+                           RateLimit(s.upvote_rate, s.upvote_burst)))
         self._tasks = [asyncio.create_task(self._settle_loop(), name="interactive-settle"),
                        asyncio.create_task(self._viewers_loop(), name="interactive-viewers")]
         self._set_state(ServiceState.RUNNING)

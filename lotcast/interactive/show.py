@@ -9,7 +9,7 @@ from lotcast.interactive.functions import RoomFunctions
 from lotcast.interactive.giveaway import GiveawayStore
 from lotcast.interactive.lotextras import LotExtrasStore
 from lotcast.interactive.presence import RoomPresence
-from lotcast.interactive.reactions import ReactionStore
+from lotcast.interactive.reactions import REACTION_LIMIT, ReactionStore
 from lotcast.interactive.showlib import ShowFunctions
 from lotcast.interactive.store import RateLimit
 
@@ -26,9 +26,11 @@ class ShowStores:
     presence: RoomPresence
 
     @classmethod
-    def build(cls, functions: RoomFunctions, bid_limit: RateLimit, node_id: str) -> ShowStores:
-        show = ShowFunctions(functions.redis, functions.history)
-        return cls(reactions=ReactionStore(show),
+    def build(cls, functions: RoomFunctions, bid_limit: RateLimit, node_id: str,
+              reaction_limit: RateLimit = REACTION_LIMIT,
+              show: ShowFunctions | None = None) -> ShowStores:
+        show = show if show is not None else ShowFunctions(functions.redis, functions.history)
+        return cls(reactions=ReactionStore(show, reaction_limit),
                    giveaways=GiveawayStore(show, PRESENCE_FRESH_MS),
                    lots=LotExtrasStore(functions, bid_limit),
                    presence=RoomPresence(functions.redis, node_id))
