@@ -636,7 +636,8 @@ def run(args: argparse.Namespace) -> int:
             if args.flush_ms:
                 env["LOTCAST_WS_FLUSH_INTERVAL_MS"] = str(args.flush_ms)
             relay = ServiceProcess("relay", ["--port", "0", "--max-viewers", "1000000",
-                                             "--node-id", "bench-relay-0", "--log-level", "warning"],
+                                             "--node-id", "bench-relay-0", "--log-level", "warning",
+                                             "--workers", "1"],
                                    env=env).start()
             http_url, relay_pid = relay.url, relay.pid
         if relay_pid:

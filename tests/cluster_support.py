@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import itertools
 import statistics
 import time
@@ -67,7 +68,9 @@ class ScaledCluster:
 
 def cluster_env(redis: RedisServer, heartbeat: float) -> dict[str, str]:
     return {"LOTCAST_JWT_SECRET": SECRET, "LOTCAST_REDIS_URL": redis.url,
-            "LOTCAST_LOG_LEVEL": "warning", "LOTCAST_HEARTBEAT_INTERVAL": str(heartbeat)}
+            "LOTCAST_LOG_LEVEL": "warning", "LOTCAST_HEARTBEAT_INTERVAL": str(heartbeat),
+            # one process per relay (also when load/cluster_bench.py runs this outside pytest)
+            "LOTCAST_WORKERS": os.environ.get("LOTCAST_WORKERS", "1")}
 
 
 @contextlib.contextmanager
