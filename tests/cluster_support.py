@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import itertools
+import os
 import statistics
 import time
 from collections.abc import Iterator
