@@ -52,6 +52,9 @@ class Settings:
     # Relay: worker processes serving this node (lotcast/workers.py); 0 = one per usable CPU
     # (affinity and cgroup quota). max_viewers is the node's total, split between them.
     workers: int = 0
+    # Relay: serve every viewer's ICE/DTLS/SRTP through one UDP port per worker (worker i binds
+    # udp_port + i on ice_ip, advertised as the host candidate); 0 = a socket per peer connection.
+    udp_port: int = 0
     log_level: str = "info"
     # --- TLS (lotcast/tls.py) ---
     # PEM certificate (chain) and key: the node serves HTTPS/WSS only (flags --cert/--key too).

@@ -19,6 +19,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import aioice.candidate
 import aioice.ice
 import pylibsrtp
 from aiortc import (
@@ -45,6 +46,7 @@ from aiortc.rtp import (
 from pylibsrtp import _binding as pylibsrtp_binding
 
 from lotcast.media.native import NativeTarget
+from lotcast.media.udpmux import UdpMux
 
 _JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
 _SR_FIELDS = (
@@ -146,6 +148,7 @@ def check_hooks() -> None:
             problems.append(f"pylibsrtp srtp_protect signature {signature!r}")
     except (AttributeError, TypeError) as exc:
         problems.append(f"pylibsrtp srtp_protect address ({exc})")
+    problems += _udp_mux_problems()
     if problems:
         raise HookError("aiortc/aioice internals changed: " + ", ".join(problems))
 
@@ -486,3 +489,117 @@ def drop_incoming_rtp(dtls: RTCDtlsTransport, should_drop: Callable[[bytes], boo
                 return data
 
     ice._recv = recv
+
+
+# --- One UDP port per worker (lotcast/media/udpmux.py) ---------------------------------------
+# A peer connection put on the mux (`use_udp_mux`, before its local description is set) gathers
+# its host candidate on the worker's one shared socket instead of a socket of its own: aioice's
+# host gathering for that Connection is replaced by one StunProtocol whose transport is the mux's
+# per-connection MuxTransport, registered under the Connection's local ufrag. STUN, DTLS, SRTP
+# and SRTCP then all flow through aioice as before (StunProtocol.datagram_received), and the
+# pair's `protocol.transport._sock` is the shared socket, so PacketSender and the native fan-out
+# send every viewer's packets on one fd. TURN relay candidates, if configured, are still
+# gathered by aioice on their own sockets.
+
+_mux_address: tuple[str, int] | None = None
+_mux: UdpMux | None = None
+_mux_loop: asyncio.AbstractEventLoop | None = None
+_mux_lock: asyncio.Lock | None = None
+
+
+def _udp_mux_problems() -> list[str]:
+    problems: list[str] = []
+    ice_src = inspect.getsource(aioice.ice.Connection)
+    for needle in ("self._protocols", "self.get_component_candidates(",
+                   "def get_component_candidates(", "def local_username("):
+        if needle not in ice_src:
+            problems.append(f"aioice.ice.Connection {needle}")
+    stun_src = inspect.getsource(aioice.ice.StunProtocol)
+    for needle in ("def datagram_received(self, data", "def connection_made(self, transport",
+                   "self.transport.sendto(", "self.receiver.protocol_lost(self)"):
+        if needle not in stun_src:
+            problems.append(f"aioice.ice.StunProtocol {needle}")
+    for name in ("candidate_foundation", "candidate_priority", "Candidate"):
+        if not hasattr(aioice.candidate, name):
+            problems.append(f"aioice.candidate.{name}")
+    return problems
+
+
+def configure_udp_mux(host: str, port: int) -> None:
+    """Serve every peer connection put on the mux from one UDP socket bound to (host, port),
+    opened with the first of them (port 0: any free port, for tests)."""
+    global _mux_address
+    _mux_address = (host, port)
+
+
+def udp_mux_enabled() -> bool:
+    return _mux_address is not None
+
+
+def current_udp_mux() -> UdpMux | None:
+    """The open mux of this process, if any (its routing tables, for stats and tests)."""
+    return _mux if _mux is not None and not _mux.closed else None
+
+
+async def _shared_mux() -> UdpMux:
+    global _mux, _mux_loop, _mux_lock
+    loop = asyncio.get_running_loop()
+    if _mux_loop is not loop:  # a new event loop (tests): the old mux died with the old loop
+        _mux, _mux_loop, _mux_lock = None, loop, asyncio.Lock()
+    assert _mux_lock is not None and _mux_address is not None
+    async with _mux_lock:
+        if _mux is None or _mux.closed:
+            _mux = await UdpMux.open(*_mux_address)
+            logger.info("udp mux: serving peer connections on %s:%d", *_mux.sockname[:2])
+        return _mux
+
+
+def close_udp_mux() -> None:
+    """Close this process's mux socket (service shutdown, tests); connections on it close."""
+    global _mux
+    if _mux is not None:
+        _mux.close()
+        _mux = None
+
+
+def use_udp_mux(pc: RTCPeerConnection) -> bool:
+    """Put ``pc``'s ICE transports on the shared socket, if a mux is configured; call after
+    setRemoteDescription (which settles the bundled transports) and before setLocalDescription
+    (which gathers). False when no mux is configured."""
+    if _mux_address is None:
+        return False
+    seen: set[int] = set()
+    transports = [t.receiver.transport for t in pc.getTransceivers()]
+    if pc.sctp is not None:
+        transports.append(pc.sctp.transport)
+    for dtls in transports:
+        if dtls is None or id(dtls.transport) in seen:
+            continue
+        seen.add(id(dtls.transport))
+        _gather_on_mux(dtls.transport._connection)
+    return True
+
+
+def _gather_on_mux(connection: aioice.ice.Connection) -> None:
+    original = connection.get_component_candidates
+
+    async def get_component_candidates(component: int, addresses: list[str],
+                                       timeout: int = 5,  # noqa: ASYNC109 (aioice's own)
+                                       ) -> list[aioice.candidate.Candidate]:
+        if component != 1 or not addresses:  # rtcp-mux: component 1 only; relay-only policy
+            return await original(component=component, addresses=addresses, timeout=timeout)
+        mux = await _shared_mux()
+        protocol = aioice.ice.StunProtocol(connection)
+        protocol.connection_made(mux.register(connection.local_username, protocol))
+        host, port = mux.sockname[0], int(mux.sockname[1])
+        protocol.local_candidate = aioice.candidate.Candidate(
+            foundation=aioice.candidate.candidate_foundation("host", "udp", host),
+            component=component, transport="udp",
+            priority=aioice.candidate.candidate_priority(component, "host"),
+            host=host, port=port, type="host")
+        connection._protocols.append(protocol)
+        # no host sockets of its own; TURN (if any) as aioice does it
+        others = await original(component=component, addresses=[], timeout=timeout)
+        return [protocol.local_candidate, *others]
+
+    connection.get_component_candidates = get_component_candidates  # type: ignore[method-assign]

@@ -29,6 +29,7 @@ from lotcast.media.aiortc_hooks import (
     hook_sender,
     negotiated_codecs,
     new_peer_connection,
+    use_udp_mux,
 )
 from lotcast.media.forwarder import ForwardSink, TrackForwarder
 from lotcast.media.sdp import (
@@ -247,6 +248,9 @@ class EgressSession(PeerSession):
             transceiver.setCodecPreferences([codec_capability(forwarder.codec)])
             self._hook(forwarder, transceiver.sender)
             self._wiring.append((forwarder, transceiver))
+
+    def prepare(self) -> None:
+        use_udp_mux(self.pc)  # the worker's one media port, when configured (--udp-port)
 
     def _hook(self, forwarder: TrackForwarder, sender: RTCRtpSender) -> None:
         session = self
