@@ -4,7 +4,12 @@
 // Viewer elements: #giveaway (data-state = none|open|entered|won|drawn|cancelled,
 // data-giveaway = id), #giveaway-item, #giveaway-text (role=status), #giveaway-enter.
 // Host elements: #hg-item (input), #hg-open, #hg-current (data-state = none|open|drawn|cancelled,
-// data-giveaway), #hg-text, #hg-draw, #hg-cancel, #hg-proof (the recorded draw).
+// data-giveaway), #hg-text, #hg-draw, #hg-cancel, #hg-proof (the recorded draw), #hg-entrants.
+//
+// The host's entrant count is not live: the server logs no event per entry and sends no count
+// frame (docs/protocol.md "Giveaways": entries are counted in the snapshot, the draw and the
+// `no_eligible_entrants` refusal only). #hg-entrants shows the last known count and where it came
+// from (data-source = none|opened|snapshot|draw_attempt|draw) and says it is not live.
 
 import { reasonText } from "./auction_ui.js";
 
@@ -63,8 +68,29 @@ export function mountGiveawayBanner(room) {
   return { view: () => giveawayView(room) };
 }
 
+const COUNT_SOURCES = {
+  opened: "when it opened",
+  snapshot: "at the console's last (re)connect",
+  draw_attempt: "at the last draw attempt",
+  draw: "at the draw",
+};
+
 export function mountGiveawayHost(room, { run, showError }) {
   const current = document.getElementById("hg-current");
+  const entrants = document.getElementById("hg-entrants");
+  const known = { giveaway: null, count: null, source: "none", at: null }; // the last known count
+  let snapshots = room.snapshots;
+
+  function learn(source, count) {
+    const g = room.show.giveaway;
+    if (!g || typeof count !== "number") return;
+    Object.assign(known, { giveaway: g.giveaway, count, source, at: Date.now() });
+  }
+  room.addEventListener("logevent", (ev) => {
+    const e = ev.detail.event;
+    if (e.type === "giveaway_opened") learn("opened", 0);
+    else if (e.type === "giveaway_drawn") learn("draw", e.entrants);
+  });
   document.getElementById("hg-open").addEventListener("click", () => {
     const item = document.getElementById("hg-item").value.trim();
     if (!item) {
@@ -75,22 +101,49 @@ export function mountGiveawayHost(room, { run, showError }) {
   });
   document.getElementById("hg-draw").addEventListener("click", () => {
     const g = room.show.giveaway;
-    if (g) run("giveaway_draw", { giveaway: g.giveaway }).catch(() => {});
+    if (!g) return;
+    run("giveaway_draw", { giveaway: g.giveaway }).catch((err) => {
+      if (err.code === "no_eligible_entrants" && typeof err.fields?.entrants === "number") {
+        g.entrants = err.fields.entrants;
+        learn("draw_attempt", err.fields.entrants);
+        render();
+      }
+    });
   });
   document.getElementById("hg-cancel").addEventListener("click", () => {
     const g = room.show.giveaway;
     if (g) run("giveaway_cancel", { giveaway: g.giveaway }).catch(() => {});
   });
 
+  function renderCount(g) {
+    if (room.snapshots !== snapshots) { // a fresh snapshot: its giveaway carries the count
+      snapshots = room.snapshots;
+      learn("snapshot", g?.entrants);
+    }
+    const mine = g && known.giveaway === g.giveaway;
+    const source = mine ? known.source : "none";
+    entrants.dataset.source = source;
+    entrants.dataset.count = mine ? String(known.count) : "";
+    let text = "";
+    if (g && g.status === "open") {
+      text = mine
+        ? `${known.count} entered ${COUNT_SOURCES[source]} (${new Date(known.at).toLocaleTimeString()}). `
+        : "";
+      text += "Not a live count: the server sends no update per entry; it refreshes when the console reconnects and on a draw attempt.";
+    }
+    if (entrants.textContent !== text) entrants.textContent = text;
+  }
+
   function render() {
     const g = room.show.giveaway;
     const state = g ? g.status : "none";
+    renderCount(g);
     current.dataset.state = state;
     if (g) current.dataset.giveaway = g.giveaway;
     else delete current.dataset.giveaway;
     const lotOpen = [...room.lots.values()].some((l) => l.status === "open");
     let text = "No giveaway yet.";
-    if (g && g.status === "open") text = `${g.item}: open${typeof g.entrants === "number" && g.entrants ? ` (${g.entrants} entered at the last count)` : ""}`;
+    if (g && g.status === "open") text = `${g.item}: open`;
     else if (g && g.status === "drawn") text = `${g.item}: won by ${g.winner_name || g.winner} (${g.eligible} eligible of ${g.entrants} entrants)`;
     else if (g) text = `${g.item}: cancelled`;
     const t = document.getElementById("hg-text");
@@ -110,4 +163,5 @@ export function mountGiveawayHost(room, { run, showError }) {
 
   room.addEventListener("change", render);
   render();
+  return { entrants: () => ({ ...known }) };
 }

@@ -8,6 +8,7 @@ import { mountGiveawayHost } from "./giveaway_ui.js";
 import { mountModeration } from "./moderation_ui.js";
 import { $, formatMoney, parseMoney, setText } from "./params.js";
 import { mountQuestions } from "./qa_ui.js";
+import { mountReactions } from "./reactions_ui.js";
 
 /** "0: 1.00\n100: 5.00" -> [[0, 100], [10000, 500]] (cents), or throws with a readable message. */
 export function parseIncrements(text) {
@@ -88,7 +89,8 @@ export function mountHostConsole(room) {
   const moderation = mountModeration(room, { run, showError });
   api.chat = mountChat(room, { muteMs: moderation.muteMs, onError: showError });
   api.questions = mountQuestions(room, { prefix: "hqa", host: true, onError: showError });
-  mountGiveawayHost(room, { run, showError });
+  api.giveaway = mountGiveawayHost(room, { run, showError });
+  api.reactions = mountReactions(room, { prefix: "hreact" });
 
   const sudden = $("lot-sudden-death");
   sudden.addEventListener("change", () => {

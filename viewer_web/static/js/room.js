@@ -60,6 +60,7 @@ export class RoomClient extends EventTarget {
     this.viewers = null;
     this.myBidLots = new Set(); // lots I placed a bid on (for "outbid")
     this.myVotes = new Map(); // poll id -> option
+    this.myPrebids = new Map(); // lot id -> my pre-bid max (the server never says it back)
     this.show = new ShowState(); // chat, moderation, Q&A, reactions, giveaway
     this.bannedReason = null; // set when the server closed us with 4503
     // Connection state.
@@ -393,6 +394,24 @@ export class RoomClient extends EventTarget {
     });
   }
 
+  /** A max pre-bid on a draft lot (docs/protocol.md "Pre-bids"); a new max replaces mine. */
+  prebid(lot, max) {
+    return this.request("prebid", { lot, max }).then((ack) => {
+      this.myPrebids.set(lot, ack.max ?? max);
+      this._saveMine();
+      const l = this.lots.get(lot);
+      if (l && typeof ack.prebids === "number") l.prebids = ack.prebids;
+      this._changed();
+      return ack;
+    }, (err) => {
+      if (err.code === "muted" && this.identity?.user && typeof err.fields?.until === "number") {
+        this.show.muted.set(this.identity.user, err.fields.until);
+        this._changed();
+      }
+      throw err;
+    });
+  }
+
   vote(poll, option) {
     return this.request("vote", { poll, option }).then((ack) => {
       this.myVotes.set(poll, option);
@@ -546,6 +565,9 @@ export class RoomClient extends EventTarget {
       const saved = JSON.parse(sessionStorage.getItem(key) || "null");
       if (!saved || saved.epoch !== epoch) return;
       for (const lot of saved.bids || []) this.myBidLots.add(lot);
+      for (const [lot, max] of Object.entries(saved.prebids || {})) {
+        if (!this.myPrebids.has(lot)) this.myPrebids.set(lot, max);
+      }
       for (const [poll, option] of Object.entries(saved.votes || {})) {
         if (!this.myVotes.has(poll)) this.myVotes.set(poll, option);
       }
@@ -560,6 +582,7 @@ export class RoomClient extends EventTarget {
     try {
       sessionStorage.setItem(key, JSON.stringify({
         epoch: this.epoch, bids: [...this.myBidLots], votes: Object.fromEntries(this.myVotes),
+        prebids: Object.fromEntries(this.myPrebids),
       }));
     } catch {
       // ignore
@@ -570,6 +593,7 @@ export class RoomClient extends EventTarget {
     if ((this.identity?.user ?? null) !== (msg.user ?? null)) {
       this.myBidLots.clear(); // someone else signed in on this page
       this.myVotes.clear();
+      this.myPrebids.clear();
     }
     this.identity = { role: msg.role, user: msg.user ?? null, name: msg.name ?? null };
     this._loadMine(msg.epoch);
@@ -739,6 +763,7 @@ export class RoomClient extends EventTarget {
       transport: this.ws?.kind === "http" ? "http" : this.ws ? "websocket" : this.transport,
       fallbacks: this.fallbacks,
       lots: [...this.lots.values()], polls: [...this.polls.values()],
+      myPrebids: Object.fromEntries(this.myPrebids),
       show: this.show.toJSON(), banned: this.bannedReason,
       connects: this.connects, resumes: this.resumes, snapshots: this.snapshots,
       eventsApplied: this.eventsApplied,

@@ -7,6 +7,7 @@ import {
 import { mountChat } from "./chat_ui.js";
 import { mountGiveawayBanner } from "./giveaway_ui.js";
 import { $, formatMoney, pageParams, parseMoney, setText, tokenClaims } from "./params.js";
+import { mountPrebids, prebidNote } from "./prebid_ui.js";
 import { mountQuestions } from "./qa_ui.js";
 import { mountReactions } from "./reactions_ui.js";
 import { RoomClient } from "./room.js";
@@ -150,6 +151,7 @@ const chat = mountChat(room);
 const questions = mountQuestions(room);
 const reactions = mountReactions(room);
 const giveaway = mountGiveawayBanner(room);
+const prebids = mountPrebids(room);
 
 const feeds = new Map(); // lot id -> [{name, amount, price, ts}]
 room.addEventListener("logevent", (ev) => {
@@ -184,18 +186,21 @@ function statusView(lot) {
     return { status: "rejected", text: "Bid rejected", reason: rejection.reason };
   }
   const price = formatMoney(lot.price);
+  const pre = prebidNote(room, lot, derived);
   switch (derived) {
-    case "winning": return { status: "winning", text: `You're winning at ${price}`, reason: "" };
+    case "winning": return { status: "winning", text: `You're winning at ${price}`, reason: pre };
     case "outbid": return {
       status: "outbid", text: "You've been outbid",
-      reason: `${lot.leader_name || "Someone"} leads at ${price}`,
+      reason: pre || `${lot.leader_name || "Someone"} leads at ${price}`,
     };
     case "won": return { status: "won", text: `You won at ${price}`, reason: "" };
     case "bought": return { status: "bought", text: `You bought it at ${price}`, reason: "" };
     case "lost": return {
       status: "lost", text: "You did not win this lot", reason: lot.status === "sold" ? lotResultText(lot) : "",
     };
-    default: return { status: "none", text: canBid() ? "You have not bid on this lot." : "Sign in with a bidder token to bid.", reason: "" };
+    default:
+      if (pre) return { status: "outbid", text: "Your pre-bid was not placed", reason: pre };
+      return { status: "none", text: canBid() ? "You have not bid on this lot." : "Sign in with a bidder token to bid.", reason: "" };
   }
 }
 
@@ -441,6 +446,7 @@ window.lotcast = {
   questions,
   reactions,
   giveaway,
+  prebids,
   chatView: () => chat.view(),
   bid: placeBid,
   vote,
