@@ -122,6 +122,7 @@ class UdpMux(asyncio.DatagramProtocol):
         self._by_ufrag: dict[str, MuxTransport] = {}
         self._by_addr: dict[Addr, MuxTransport] = {}
         self.dropped = 0  # datagrams no connection claimed
+        self._sock: socket.socket | None = None  # the raw socket, sent on directly
 
     @classmethod
     async def open(cls, host: str, port: int) -> UdpMux:
@@ -136,6 +137,7 @@ class UdpMux(asyncio.DatagramProtocol):
             sock.close()
             raise
         _, mux = await loop.create_datagram_endpoint(cls, sock=sock)
+        mux._sock = sock
         return mux
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -143,9 +145,8 @@ class UdpMux(asyncio.DatagramProtocol):
 
     @property
     def sock(self) -> socket.socket:
-        assert self._transport is not None
-        sock: socket.socket = self._transport.get_extra_info("socket")
-        return sock
+        assert self._sock is not None
+        return self._sock
 
     @property
     def sockname(self) -> tuple[Any, ...]:
