@@ -100,3 +100,51 @@ async def test_sudden_death_prebid_count_and_rerun(redis_server: RedisServer) ->
             assert again == "already_rerun"
             for page in (host, alice):
                 await page.context.close()
+
+
+@pytest.mark.timeout(150)
+async def test_giveaway_entrant_count_says_where_it_came_from(redis_server: RedisServer) -> None:
+    """The server sends the host no update per giveaway entry (docs/protocol.md "Giveaways"), so
+    the console shows the last known count, where it came from, and that it is not live."""
+    stream = "browser-console-entrants"
+    log = PageLog()
+    with cluster(redis_server.url, relays=1) as c:
+        async with chromium() as browser:
+            host = await open_page(
+                browser, f"{c.origin.url}/host?stream={stream}#token={c.host_token()}", log, "host")
+            alice = await open_page(
+                browser,
+                f"{c.relay.url}/watch?stream={stream}#token={c.bidder_token('u-alice', 'Alice')}",
+                log, "alice")
+            for name, page in (("host", host), ("alice", alice)):
+                await wait_for(attr_is(page, "#room-state", "data-state", "open"), 30,
+                               f"{name} room open", log)
+            assert await host.get_attribute("#hg-entrants", "data-source") == "none"
+            await host.fill("#hg-item", "Tote bag")
+            await host.click("#hg-open")
+            await wait_for(attr_is(host, "#hg-entrants", "data-source", "opened"), 20,
+                           "opened count", log)
+            assert await host.get_attribute("#hg-entrants", "data-count") == "0"
+            text = await host.text_content("#hg-entrants") or ""
+            assert text.startswith("0 entered when it opened") and "Not a live count" in text, text
+
+            await wait_for(attr_is(alice, "#giveaway", "data-state", "open"), 20, "banner", log)
+            await alice.click("#giveaway-enter")
+            await wait_for(attr_is(alice, "#giveaway", "data-state", "entered"), 20, "entered", log)
+
+            # A reconnect brings the snapshot's count.
+            await host.reload()
+            await wait_for(attr_is(host, "#hg-entrants", "data-source", "snapshot"), 30,
+                           "snapshot count", log)
+            assert await host.get_attribute("#hg-entrants", "data-count") == "1"
+            text = await host.text_content("#hg-entrants") or ""
+            assert text.startswith("1 entered at the console's last (re)connect"), text
+
+            await host.click("#hg-draw")
+            await wait_for(attr_is(host, "#hg-current", "data-state", "drawn"), 20, "drawn", log)
+            assert await host.get_attribute("#hg-entrants", "data-source") == "draw"
+            assert await host.get_attribute("#hg-entrants", "data-count") == "1"
+            assert await host.text_content("#hg-entrants") == ""  # the draw line says it all
+            assert "(1 eligible of 1 entrants)" in (await host.text_content("#hg-text") or "")
+            for page in (host, alice):
+                await page.context.close()
