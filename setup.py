@@ -1,7 +1,8 @@
-"""Build config beyond pyproject.toml: the optional native fan-out extension.
+"""Build config beyond pyproject.toml: the optional native fan-out extensions.
 
-`optional=True`: a machine without a C compiler or the Python headers still installs lotcast,
-and the forwarder falls back to its pure-Python path (lotcast/media/native.py).
+`optional=True`: a machine without a C compiler or the Python headers still installs lotcast;
+the media forwarder falls back to its pure-Python path (lotcast/media/native.py) and the room
+sockets to their transport writes (lotcast/interactive/wswrite.py).
 """
 
 from setuptools import Extension, setup
@@ -14,6 +15,12 @@ setup(
             extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra",
                                 "-Wno-missing-field-initializers"],
             optional=True,
-        )
+        ),
+        Extension(
+            "lotcast.interactive._wswrite",
+            sources=["lotcast/interactive/_wswrite.c"],
+            extra_compile_args=["-O2", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Wextra"],
+            optional=True,
+        ),
     ],
 )

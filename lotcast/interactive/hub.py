@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import msgpack  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 
 from lotcast.interactive import protocol as wire
+from lotcast.interactive import wswrite
 from lotcast.interactive.protocol import (
     CloseCode,
     encode_events,
@@ -33,11 +35,26 @@ log = logging.getLogger(__name__)
 
 CATCH_UP = b""  # inbox marker: read the log after our offset (pub/sub may have dropped messages)
 RETRY_AFTER = 0.5
-FANOUT_CHUNK = 1024  # sockets served per event-loop turn (about 20-25 ms of sends)
+# A fan-out turn (one event-loop callback) serves at most FANOUT_CHUNK sockets and ends once it
+# has run FANOUT_TURN seconds (checked every FANOUT_SLICE sockets, one native call each), so an
+# ack or error whose Redis reply arrives meanwhile waits for at most about one turn.
+FANOUT_CHUNK = 1024
+FANOUT_SLICE = 128
+FANOUT_TURN = 0.002
+# Under load the batch interval stretches (the next batch waits until the previous one is
+# written to every socket) from flush_interval to at most BATCH_STRETCH_MAX: then the remaining
+# fan-out is finished in one turn and the merged batch goes out. Never more than one batch per
+# socket is waiting in the hub. docs/protocol.md and docs/benchmarks.md state it.
+BATCH_STRETCH_MAX = 0.5
 
 
 class Subscriber(Protocol):
     def push(self, frame: bytes) -> None: ...
+
+    # Optional (ClientSession has them; the hub checks once per attach): the native batch
+    # writer's hooks, see wswrite.BatchSubscriber. Without them a socket gets every frame by push.
+    # def native_fd(self) -> int: ...
+    # def native_rest(self, wire: bytes, result: int) -> None: ...
 
     def close_soon(self, code: CloseCode, reason: str) -> None: ...
 
@@ -54,6 +71,22 @@ class HubStats:
     reactions: int = 0  # `reactions` frames broadcast (issue 10)
     question_votes: int = 0
     bans: int = 0  # sockets closed because their user was banned
+    native_writes: int = 0  # frames written to a socket by the native batch writer
+    short_writes: int = 0  # of which the kernel took only part (the rest went to the transport)
+    fanout_turns: int = 0
+    fanout_turn_max_ms: float = 0.0  # the longest turn: what an ack could wait behind
+    stretch_drains: int = 0  # batches the BATCH_STRETCH_MAX bound forced out
+    batch_gap_max_ms: float = 0.0  # the longest time between two event batches while pending
+
+
+@dataclass
+class _Job:
+    """One frame to write to `subs`: the first `native` of them may take the native path."""
+
+    frame: bytes
+    subs: list[Subscriber]
+    native: int
+    pos: int = 0
 
 
 class RoomHub:
@@ -69,6 +102,8 @@ class RoomHub:
         self.viewers_frame: bytes | None = None  # the last `viewers` frame broadcast
         self.stats = HubStats()
         self.sockets: set[Subscriber] = set()
+        self._native_subs: set[Subscriber] = set()  # those with the native writer's hooks
+        self._native_on = wswrite.enabled()
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue()
         self._pending: list[bytes] = []
         self._flush_handle: asyncio.TimerHandle | None = None
@@ -77,7 +112,8 @@ class RoomHub:
         self._tally_handles: dict[str, asyncio.TimerHandle] = {}
         self._tally_last: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
-        self._fanout_jobs: deque[tuple[bytes, list[Subscriber]]] = deque()
+        self._fanout_jobs: deque[_Job] = deque()
+        self._stretch_handle: asyncio.TimerHandle | None = None
         self._flush_after_fanout = False
         self._tallies_after_fanout: set[str] = set()
         self._fanout_handle: asyncio.Handle | None = None
@@ -107,10 +143,11 @@ class RoomHub:
                 await self._task
             self._task = None
         for handle in [self._flush_handle, self._fanout_handle, self._qvotes_handle,
-                       *self._tally_handles.values()]:
+                       self._stretch_handle, *self._tally_handles.values()]:
             if handle is not None:
                 handle.cancel()
         self._flush_handle = self._fanout_handle = self._qvotes_handle = None
+        self._stretch_handle = None
         self._fanout_jobs.clear()
         self._tally_handles.clear()
         self._tallies_after_fanout.clear()
@@ -126,9 +163,12 @@ class RoomHub:
 
     def attach(self, sub: Subscriber) -> None:
         self.sockets.add(sub)
+        if self._native_on and hasattr(sub, "native_fd") and hasattr(sub, "native_rest"):
+            self._native_subs.add(sub)
 
     def detach(self, sub: Subscriber) -> None:
         self.sockets.discard(sub)
+        self._native_subs.discard(sub)
 
     def set_viewers(self, count: int, joining: Subscriber | None = None) -> None:
         """`joining` (a socket whose snapshot will carry `count`) is not sent the change."""
@@ -187,6 +227,7 @@ class RoomHub:
         for sub in list(self.sockets):
             sub.close_soon(code, reason)
         self.sockets.clear()
+        self._native_subs.clear()
 
     async def _fill(self, upto: int | None) -> None:
         self.stats.gap_fills += 1
@@ -219,12 +260,22 @@ class RoomHub:
 
     def _flush(self) -> None:
         self._flush_handle = None
+        loop = asyncio.get_running_loop()
         if self._fanout_jobs:
             # Still writing the previous batch: keep collecting and send one merged batch when
-            # it is out, so an overloaded node sends fewer, larger frames instead of queueing.
+            # it is out, so an overloaded node sends fewer, larger frames instead of queueing;
+            # but no later than BATCH_STRETCH_MAX after the previous batch.
             self._flush_after_fanout = True
+            if self._stretch_handle is None:
+                self._stretch_handle = loop.call_at(self._last_flush + BATCH_STRETCH_MAX,
+                                                    self._stretch_limit)
             return
-        self._last_flush = asyncio.get_running_loop().time()
+        now = loop.time()
+        if self._pending and self.stats.batches:
+            gap_ms = (now - self._last_flush) * 1000
+            if gap_ms > self.stats.batch_gap_max_ms:
+                self.stats.batch_gap_max_ms = gap_ms
+        self._last_flush = now
         if not self._pending:
             return
         frame = encode_events(epoch=self.epoch, offset=self.offset, raw_events=self._pending,
@@ -261,7 +312,7 @@ class RoomHub:
     def _close_user(self, user: str) -> None:
         """A ban: close every socket of `user` here (every node does the same on the event)."""
         for sub in [s for s in self.sockets if s.user_id == user]:
-            self.sockets.discard(sub)
+            self.detach(sub)
             sub.close_soon(CloseCode.BANNED, "banned from this room")
             self.stats.bans += 1
 
@@ -320,32 +371,64 @@ class RoomHub:
     # --- end reactions ---
 
     def _broadcast(self, frame: bytes, skip: Subscriber | None = None) -> None:
-        """Hand `frame` to every socket, FANOUT_CHUNK sockets per loop turn (tunable: bigger
-        chunks deliver a batch sooner under CPU starvation, smaller ones let acks through sooner).
+        """Hand `frame` to every socket, one bounded turn at a time (see FANOUT_TURN).
 
-        One turn per chunk keeps the loop responsive (acks are not stuck behind a 10k-socket
-        fan-out); one FIFO of jobs keeps every socket's frames in order.
+        Short turns keep the loop responsive (acks are not stuck behind a 10k-socket fan-out);
+        one FIFO of jobs keeps every socket's frames in order. Sockets with the native hooks
+        come first in a job and are written FANOUT_SLICE per native call (wswrite.py).
         """
-        self._fanout_jobs.append((frame, [s for s in self.sockets if s is not skip]))
+        natives = [s for s in self._native_subs if s is not skip]
+        plain = [s for s in self.sockets if s is not skip and s not in self._native_subs]
+        self._fanout_jobs.append(_Job(frame, natives + plain, len(natives)))
         if self._fanout_handle is None:
             self._fanout_step()
 
-    def _fanout_step(self) -> None:
-        self._fanout_handle = None
-        budget = FANOUT_CHUNK
-        while self._fanout_jobs and budget > 0:
-            frame, subs = self._fanout_jobs[0]
-            chunk, rest = subs[:budget], subs[budget:]
-            for sub in chunk:
-                sub.push(frame)
-            budget -= len(chunk)
-            if rest:
-                self._fanout_jobs[0] = (frame, rest)
-            else:
-                self._fanout_jobs.popleft()
-        if self._fanout_jobs:
-            self._fanout_handle = asyncio.get_running_loop().call_soon(self._fanout_step)
+    def _stretch_limit(self) -> None:
+        """BATCH_STRETCH_MAX reached with a batch still pending: finish the fan-out now."""
+        self._stretch_handle = None
+        if not self._fanout_jobs:
             return
+        if self._fanout_handle is not None:
+            self._fanout_handle.cancel()
+        self.stats.stretch_drains += 1
+        self._fanout_step(drain=True)
+
+    def _fanout_step(self, drain: bool = False) -> None:
+        self._fanout_handle = None
+        stats = self.stats
+        started = time.perf_counter()
+        budget = FANOUT_CHUNK
+        while self._fanout_jobs and (drain or budget > 0):
+            job = self._fanout_jobs[0]
+            end = min(job.pos + (FANOUT_SLICE if drain else min(FANOUT_SLICE, budget)),
+                      len(job.subs))
+            if job.pos < job.native:
+                end = min(end, job.native)
+                written, short = wswrite.deliver_native(
+                    job.frame, job.subs[job.pos:end])  # type: ignore[arg-type]
+                stats.native_writes += written
+                stats.short_writes += short
+            else:
+                for sub in job.subs[job.pos:end]:
+                    sub.push(job.frame)
+            budget -= end - job.pos
+            job.pos = end
+            if job.pos >= len(job.subs):
+                self._fanout_jobs.popleft()
+            if not drain and time.perf_counter() - started >= FANOUT_TURN:
+                break
+        turn_ms = (time.perf_counter() - started) * 1000
+        stats.fanout_turns += 1
+        if turn_ms > stats.fanout_turn_max_ms:
+            stats.fanout_turn_max_ms = turn_ms
+        if self._fanout_jobs:
+            # call_later(0), not call_soon: I/O callbacks (a Redis reply, then the ack's task)
+            # that became ready meanwhile run before the next turn.
+            self._fanout_handle = asyncio.get_running_loop().call_later(0, self._fanout_step)
+            return
+        if self._stretch_handle is not None:
+            self._stretch_handle.cancel()
+            self._stretch_handle = None
         if self._flush_after_fanout:
             self._flush_after_fanout = False
             self._flush()

@@ -14,7 +14,7 @@ from starlette.websockets import WebSocket
 log = logging.getLogger(__name__)
 
 
-DirectWrite = Callable[[bytes], bool]
+DirectWrite = Callable[[bytes], bool]  # a DirectSocket, or any synchronous frame writer
 
 
 class Outbox:
@@ -32,6 +32,7 @@ class Outbox:
         self._direct = direct
         self._sending = False
         self.direct_frames = 0
+        self.short_writes = 0  # native batch writes whose rest went to the transport's buffer
         self.limit_bytes = limit_bytes
         self._frames: deque[bytes] = deque()
         self.queued_bytes = 0
@@ -42,6 +43,21 @@ class Outbox:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="outbox-sender")
+
+    def native_fd(self) -> int:
+        """The fd for the hub's native batch write, when nothing is queued here or in the
+        transport (so the raw write cannot overtake anything); else -1."""
+        direct = self._direct
+        if (self._frames or self._sending or self._task is None
+                or not isinstance(direct, DirectSocket)):
+            return -1
+        return direct.idle_fd()
+
+    def native_rest(self, wire: bytes, result: int) -> None:
+        """The native write took only part of `wire` (see DirectSocket.rest)."""
+        assert isinstance(self._direct, DirectSocket)
+        self.short_writes += 1
+        self._direct.rest(wire, result)
 
     def push(self, frame: bytes) -> bool:
         """Queue a frame. False means the outbox is over its limit (a slow consumer)."""
@@ -93,15 +109,69 @@ class Outbox:
         self.queued_bytes = 0
 
 
-def direct_writer(websocket: WebSocket) -> DirectWrite | None:
-    """A synchronous binary-frame writer for uvicorn's `websockets-sansio` protocol, if in use.
+class DirectSocket:
+    """Synchronous writes to one uvicorn `websockets-sansio` connection, bypassing the awaited
+    ASGI send: `__call__` frames and hands bytes to the transport (the outbox's direct write);
+    `idle_fd` / `rest` serve the hub's native batch writer (wswrite.py).
 
-    It does what that protocol's ASGI `send` does for `websocket.send`, minus the await: frame the
-    bytes and hand them to the transport, only while the transport is not paused (its buffer is
-    under the high-water mark) and the connection is open. Anything else returns False and the
-    caller falls back to the awaited send. tests/test_ws_slow.py and test_interactive_hub.py fail
-    if uvicorn renames these attributes.
+    Built by `direct_writer`, which checks every uvicorn/websockets attribute used here;
+    tests/test_ws_slow.py and test_interactive_hub.py fail if uvicorn renames them.
     """
+
+    def __init__(self, owner: Any, conn: Any) -> None:
+        self._owner = owner
+        self._conn = conn
+        self._fd = -2  # -2: not looked up yet (the transport's socket is known after accept)
+
+    def _open(self) -> bool:
+        owner = self._owner
+        return not (owner.close_sent or owner.disconnected or not owner.writable.is_set()
+                    or owner.transport.is_closing() or self._conn.state.name != "OPEN")
+
+    def __call__(self, data: bytes) -> bool:
+        """Write `data` as one binary frame now, if the transport takes data (not paused: its
+        buffer is under the high-water mark) and the connection is open; False otherwise."""
+        if not self._open():
+            return False
+        conn, transport = self._conn, self._owner.transport
+        if conn.extensions:  # e.g. permessage-deflate: frames differ per connection
+            try:
+                conn.send_binary(data)
+            except Exception:
+                return False
+            transport.write(b"".join(conn.data_to_send()))
+        else:
+            transport.write(_framed(data))
+        return True
+
+    def idle_fd(self) -> int:
+        """The socket's fd when a raw `send` cannot overtake anything: the transport holds no
+        buffered bytes, is not paused, the connection is open and frames are not transformed
+        per connection (no extension); else -1."""
+        transport = self._owner.transport
+        if (self._conn.extensions or not self._open()
+                or transport.get_write_buffer_size() != 0):
+            return -1
+        if self._fd == -2:
+            sock = transport.get_extra_info("socket")
+            fileno = getattr(sock, "fileno", None)
+            self._fd = fileno() if callable(fileno) else -1
+        return int(self._fd)
+
+    def rest(self, wire: bytes, result: int) -> None:
+        """A native write took `result` bytes of `wire` (the rest goes to the transport's buffer,
+        first in it), or failed with -errno (the connection is lost: abort, as a transport
+        write error would)."""
+        transport = self._owner.transport
+        if result < 0:
+            transport.abort()
+        else:
+            transport.write(wire[result:])
+
+
+def direct_writer(websocket: WebSocket) -> DirectSocket | None:
+    """A DirectSocket for uvicorn's `websockets-sansio` protocol, if in use (else None: the
+    caller uses the awaited send only)."""
     owner = server_protocol(websocket)
     needed = ("conn", "transport", "writable", "close_sent", "disconnected")
     if owner is None or not all(hasattr(owner, name) for name in needed):
@@ -110,22 +180,11 @@ def direct_writer(websocket: WebSocket) -> DirectWrite | None:
     if not all(hasattr(conn, name) for name in ("send_binary", "data_to_send", "extensions",
                                                   "state")):
         return None
-
-    def write(data: bytes) -> bool:
-        if (owner.close_sent or owner.disconnected or not owner.writable.is_set()
-                or owner.transport.is_closing() or conn.state.name != "OPEN"):
-            return False
-        if conn.extensions:  # e.g. permessage-deflate: frames differ per connection
-            try:
-                conn.send_binary(data)
-            except Exception:
-                return False
-            owner.transport.write(b"".join(conn.data_to_send()))
-        else:
-            owner.transport.write(_framed(data))
-        return True
-
-    return write
+    transport = owner.transport
+    if not all(hasattr(transport, name) for name in ("get_write_buffer_size", "get_extra_info",
+                                                       "abort", "is_closing", "write")):
+        return None
+    return DirectSocket(owner, conn)
 
 
 class _FrameCache:
@@ -149,6 +208,9 @@ def _framed(payload: bytes) -> bytes:
         head = bytes((0x82, 127)) + n.to_bytes(8, "big")
     _FrameCache.payload, _FrameCache.frame = payload, head + payload
     return _FrameCache.frame
+
+
+framed = _framed
 
 
 def server_protocol(websocket: WebSocket) -> Any:

@@ -144,6 +144,16 @@ class ClientSession:
             self.deps.stats.slow_disconnects += 1
             self.close_soon(p.CloseCode.SLOW_CONSUMER, "outbox overflow")
 
+    def native_fd(self) -> int:
+        """For the hub's native batch writer (wswrite.py): our fd while LIVE with nothing queued
+        here or in the transport, else -1 (the frame then comes through `push`)."""
+        if self.state is not SessionState.LIVE or self._close_code is not None:
+            return -1
+        return self.outbox.native_fd()
+
+    def native_rest(self, wire: bytes, result: int) -> None:
+        self.outbox.native_rest(wire, result)
+
     def close_soon(self, code: p.CloseCode, reason: str) -> None:
         if self._close_code is None:
             self._close_code, self._close_reason = code, reason

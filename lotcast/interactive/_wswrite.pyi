@@ -1,0 +1,3 @@
+from collections.abc import Sequence
+
+def send_many(frame: bytes, fds: Sequence[int]) -> list[tuple[int, int]]: ...

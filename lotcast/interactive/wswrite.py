@@ -1,0 +1,73 @@
+"""The hub's batch writer: one pre-framed batch to many room sockets in one native call.
+
+`lotcast/interactive/_wswrite.c` (built by `pip install` when a C compiler and the Python
+headers are there; optional) `send`s the same frame to every idle socket's fd with
+MSG_DONTWAIT | MSG_NOSIGNAL, the GIL released, and reports the sockets that took only part of it
+(or nothing: EAGAIN): their remainder goes into their transport's buffer, in order.
+
+A socket takes the native path only when nothing of it is queued anywhere: its outbox is idle,
+its transport's write buffer is empty and the transport is not paused. Otherwise it gets the
+frame through `push` (outbox, then transport), so bytes on one socket never overtake each other.
+
+The per-socket path (today's: `push` for every socket) is the fallback: taken when the
+extension is missing, and forced with LOTCAST_NATIVE_WS=0 (tests compare the two).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Protocol
+
+from lotcast.interactive.outbox import framed
+
+try:
+    from lotcast.interactive import _wswrite
+except ImportError as exc:  # not built on this machine: the per-socket path serves
+    _wswrite = None  # type: ignore[assignment]
+    IMPORT_ERROR: str | None = repr(exc)
+else:
+    IMPORT_ERROR = None
+
+ENV = "LOTCAST_NATIVE_WS"
+_OFF = {"0", "false", "no", "off"}
+
+
+class BatchSubscriber(Protocol):
+    def push(self, frame: bytes) -> None: ...
+
+    def native_fd(self) -> int:
+        """The socket's fd if a raw write now cannot overtake anything queued for it, else -1."""
+        ...
+
+    def native_rest(self, wire: bytes, result: int) -> None:
+        """`wire` went out natively only in part: `result` bytes taken, or -errno."""
+        ...
+
+
+def enabled() -> bool:
+    """The native path is built and not switched off by LOTCAST_NATIVE_WS."""
+    return _wswrite is not None and os.environ.get(ENV, "1").strip().lower() not in _OFF
+
+
+def deliver_native(payload: bytes, subs: Sequence[BatchSubscriber]) -> tuple[int, int]:
+    """Write one server frame (`payload`, framed once) to `subs`; (native writes, short ones)."""
+    assert _wswrite is not None
+    wire = framed(payload)
+    fds: list[int] = []
+    takers: list[BatchSubscriber] = []
+    queued: list[BatchSubscriber] = []
+    for sub in subs:
+        fd = sub.native_fd()
+        if fd >= 0:
+            fds.append(fd)
+            takers.append(sub)
+        else:
+            queued.append(sub)
+    # Native first: nothing between the checks above and this call can close an fd.
+    shorts = _wswrite.send_many(wire, fds) if fds else []
+    for index, result in shorts:
+        takers[index].native_rest(wire, result)
+    for sub in queued:
+        sub.push(payload)
+    return len(fds), len(shorts)
