@@ -98,6 +98,8 @@ async def test_prebid_on_the_viewer_page_and_host_reactions(redis_server: RedisS
             assert await alice.get_attribute(item, "data-max") == "3000"
             assert "Your pre-bid: max 30.00." in (await alice.text_content(f"#prebid-status-{lot}") or "")
             assert await alice.text_content(f"#prebid-submit-{lot}") == "Raise pre-bid"
+            # the keyboard focus stayed on the button through pending -> placed
+            assert await alice.evaluate("document.activeElement.id") == f"prebid-submit-{lot}"
             last = await alice.evaluate("window.lotcast.prebids.last")
             assert last["ok"] is True and last["max"] == 3000 and last["prebids"] == 1
             assert last["duplicate"] is False

@@ -35,7 +35,7 @@ export function mountPrebids(room) {
 
   async function submit(lotId) {
     const it = items.get(lotId);
-    if (!it) return;
+    if (!it || flight.get(lotId)?.state === "pending") return;
     const max = parseMoney(it.input.value);
     if (max === null || max <= 0) {
       flight.set(lotId, { state: "refused", text: "Enter a max bid like 12.50." });
@@ -112,13 +112,14 @@ export function mountPrebids(room) {
       }
     }
     const enabled = canPrebid();
-    for (const lot of drafts) {
+    drafts.forEach((lot, i) => {
       let it = items.get(lot.lot);
       if (!it) {
         it = make(lot);
         items.set(lot.lot, it);
       }
-      list.append(it.li); // keeps lot order; moving a node keeps its input's value and focus
+      // only move a node that is out of place: moving one takes the focus out of its field
+      if (list.children[i] !== it.li) list.insertBefore(it.li, list.children[i] ?? null);
       set(it.title, lot.title);
       const n = lot.prebids ?? 0;
       set(it.count, `${n} pre-bid${n === 1 ? "" : "s"}`);
@@ -139,9 +140,11 @@ export function mountPrebids(room) {
       }
       set(it.status, text);
       set(it.button, mine !== undefined ? "Raise pre-bid" : "Pre-bid");
-      it.button.disabled = !enabled || state === "pending";
+      // not `disabled` while pending: that would drop the keyboard focus from the button
+      it.button.disabled = !enabled;
+      it.button.setAttribute("aria-disabled", String(state === "pending"));
       it.input.disabled = !enabled;
-    }
+    });
     panel.classList.toggle("hidden", drafts.length === 0);
   }
 
