@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,6 +16,7 @@ from starlette.websockets import WebSocket
 log = logging.getLogger(__name__)
 
 
+SNDBUF_ENV = "LOTCAST_WS_SNDBUF"  # tests only: SO_SNDBUF (bytes) for every room socket
 DirectWrite = Callable[[bytes], bool]  # a DirectSocket, or any synchronous frame writer
 
 
@@ -184,6 +187,11 @@ def direct_writer(websocket: WebSocket) -> DirectSocket | None:
     if not all(hasattr(transport, name) for name in ("get_write_buffer_size", "get_extra_info",
                                                        "abort", "is_closing", "write")):
         return None
+    sndbuf = os.environ.get(SNDBUF_ENV)
+    if sndbuf:  # tests: a tiny kernel send buffer, so writes come up short
+        with contextlib.suppress(Exception):
+            transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                                          int(sndbuf))
     return DirectSocket(owner, conn)
 
 
