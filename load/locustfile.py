@@ -9,6 +9,10 @@ Users:
 * `BidderUser` (bidder token): places bids on the benchmark lot at `--bid-rate-per-user` and reports
   "WS bid ack" (accepted), "WS bid rejected <code>" (a valid refusal, e.g. overtaken by another
   bid) and failures (anything else, timeouts, closes).
+* `ChatterUser` (bidder token): posts chat messages at `--chat-rate-per-user` and reports
+  "WS chat ack" (accepted), "WS chat refused <code>" (`rate_limited`, `slow_mode`: a valid
+  refusal) and failures. Watchers measuring bids also report "WS chat->viewer" for every chat
+  event (the message text starts with its send time, microseconds since 00:00 UTC today).
 
 Bid -> viewer latency without a shared clock message: bidders set
 `amount = 1000 + microseconds since 00:00 UTC today` (increment table [[0, 1]]), so every receiver
@@ -22,7 +26,8 @@ Start a node first (Redis + one relay, stops by itself after --serve seconds):
 then
 
     LOTCAST_JWT_SECRET=<secret> .venv/bin/locust -f load/locustfile.py --headless \\
-        -u 200 -r 50 -t 30s --host http://127.0.0.1:<port> --bidders 20 --bid-rate-per-user 2
+        -u 200 -r 50 -t 30s --host http://127.0.0.1:<port> --bidders 20 --bid-rate-per-user 2 \
+        --chatters 20 --chat-rate-per-user 0.5
 
 locust (gevent, one blocking websocket-client per user) tops out at a few hundred sockets and a
 few thousand events/s per process on this machine; use load/ws_bench.py for 10,000 watchers.
@@ -81,6 +86,11 @@ def _args(parser: Any) -> None:
                         help="how many of the -u users are bidders (the rest watch)")
     parser.add_argument("--bid-rate-per-user", type=float, default=2.0,
                         help="bids/s per bidder (server limit: 5/s per user, burst 10)")
+    parser.add_argument("--chatters", type=int, default=5,
+                        help="how many of the -u users post chat (the rest watch)")
+    parser.add_argument("--chat-rate-per-user", type=float, default=0.5,
+                        help="messages/s per chatter (server default limit: 2/s per user, burst 5)")
+    parser.add_argument("--chat-len", type=int, default=60, help="characters per message (<= 500)")
     parser.add_argument("--measure-every", type=int, default=10,
                         help="1 watcher in N reports every bid's bid->viewer latency")
     parser.add_argument("--jwt-secret", default=os.environ.get("LOTCAST_JWT_SECRET", DEV_JWT_SECRET),
@@ -132,6 +142,7 @@ def _create_lot(environment: Environment, **_: Any) -> None:
 def _user_mix(environment: Environment, **_: Any) -> None:
     if environment.parsed_options is not None:
         BidderUser.fixed_count = environment.parsed_options.bidders
+        ChatterUser.fixed_count = environment.parsed_options.chatters
 
 
 def _fetch_node_stats(host: str) -> dict[str, Any]:
@@ -237,6 +248,11 @@ class _WsUser(User):
                     if ev["type"] == "bid":
                         self._fire("WS bid->viewer", 0,
                                    rt_ms=max(0.0, (now - bid_sent_at(ev["amount"])) * 1000))
+                    elif ev["type"] == "chat":
+                        head = str(ev.get("text", "")).split(" ", 1)[0]
+                        if head.isdigit():
+                            sent = (int(head) + T0_US) / 1_000_000
+                            self._fire("WS chat->viewer", 0, rt_ms=max(0.0, (now - sent) * 1000))
         return rest
 
     deliveries = True
@@ -300,3 +316,44 @@ class BidderUser(_WsUser):
                     self._fire("WS bid ack", sent, exc=RuntimeError(msg["code"]))
                 return
         self._fire("WS bid ack", sent, exc=TimeoutError("no reply in 10 s"))
+
+
+CHAT_FILLER = ("is the clasp original? looks great, what size is it, shipping to Lyon? "
+               "love this one, how old is it, any scratches on the back? ") * 8
+
+
+class ChatterUser(_WsUser):
+    role = Role.BIDDER
+    fixed_count = 5
+    deliveries = False  # watchers report deliveries; chatters only their acks
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.cids = itertools.count(1)
+        period = 1.0 / self.opts.chat_rate_per_user
+        self.next_at = time.time() + period * (next(_ids) % 7) / 7
+
+    @task
+    def chat(self) -> None:
+        gevent.sleep(max(0.0, self.next_at - time.time()))
+        self.next_at = max(self.next_at + 1.0 / self.opts.chat_rate_per_user, time.time() - 1.0)
+        cid = next(self.cids)
+        sent = time.time()
+        head = f"{int(sent * 1_000_000) - T0_US} "
+        text = head + CHAT_FILLER[:max(1, min(500, self.opts.chat_len) - len(head))]
+        self.ws.send_binary(msgpack.packb({"type": "chat", "cid": cid, "text": text}))
+        while time.time() - sent < 10:
+            frame = self._recv()
+            if frame is None:
+                continue
+            for msg in self._consume(frame):
+                if msg.get("cid") != cid:
+                    continue
+                if msg["type"] == "ack":
+                    self._fire("WS chat ack", sent)
+                elif msg["code"] in ("rate_limited", "slow_mode"):
+                    self._fire(f"WS chat refused {msg['code']}", sent)
+                else:
+                    self._fire("WS chat ack", sent, exc=RuntimeError(msg["code"]))
+                return
+        self._fire("WS chat ack", sent, exc=TimeoutError("no reply in 10 s"))

@@ -1004,6 +1004,10 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
               f"{row['socket_peak_second']}; batch rate {batch_rate:g}/s; hub batches "
               f"{row['batches_per_s']:.2f}/s "
               f"({'<=' if row['socket_fps_max'] <= batch_rate + 1e-9 else 'ABOVE'} batch rate)")
+        if row["lag_max_ms"] > 100:
+            print(f"  (the 1 s peak is by client receive time: a client loop stalled "
+                  f"{row['lag_max_ms']:.0f} ms reads queued frames together, so it can exceed the "
+                  "batch rate when the server did not; the mean and the hub's batches/s cannot)")
         kinds = ", ".join(f"{k} {v / secs / max(1, watchers_total):.2f}/s"
                           for k, v in sorted(ph["kinds"].items(), key=lambda kv: -kv[1]))
         print(f"  frame contents per watcher socket: {kinds}")
