@@ -45,7 +45,9 @@ CORS = [(b"access-control-allow-origin", b"*"),
 PREFLIGHT = [*CORS, (b"access-control-allow-methods", b"POST, OPTIONS"),
              (b"access-control-allow-headers", f"Content-Type, {p.SESSION_HEADER}".encode()),
              (b"access-control-max-age", b"600")]
-CLOSE = [(b"connection", b"close")]  # a body left unread: this connection cannot be reused
+CLOSE = [(b"connection", b"close")]  # after a refused body: this connection is not reused
+# An oversize body up to this size is drained before the 413 (larger ones: the connection closes)
+DRAIN_LIMIT_BYTES = 1024 * 1024
 
 
 class AsgiEndpoint:
@@ -260,9 +262,12 @@ async def _watch_disconnect(receive: Receive, transport: HttpStreamTransport) ->
 
 
 async def _read_body(scope: Scope, receive: Receive) -> bytes | None:
-    """The request body, or None when it is over the transport cap (the rest is left unread)."""
+    """The request body, or None when it is over the transport cap (never parsed; what follows
+    is read and dropped up to DRAIN_LIMIT_BYTES, see _discard)."""
     declared = _header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > p.TRANSPORT_CAP_BYTES:
+        if int(declared) <= DRAIN_LIMIT_BYTES:
+            await _discard(receive, DRAIN_LIMIT_BYTES)
         return None
     body = bytearray()
     while True:
@@ -271,9 +276,23 @@ async def _read_body(scope: Scope, receive: Receive) -> bytes | None:
             return bytes(body)  # the client went away mid-body
         body += message.get("body", b"")
         if len(body) > p.TRANSPORT_CAP_BYTES:
+            if message.get("more_body", False):
+                await _discard(receive, DRAIN_LIMIT_BYTES - len(body))
             return None
         if not message.get("more_body", False):
             return bytes(body)
+
+
+async def _discard(receive: Receive, budget: int) -> None:
+    """Read and drop the rest of a refused body. Closing a connection with unread bytes makes
+    the kernel reset it, and the client then loses the 413 it has not read yet."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
