@@ -50,7 +50,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import itertools
 import json
 import multiprocessing as mp
@@ -586,9 +588,9 @@ async def setup_lot(http_url: str, room: str, host_token: str) -> str:
         await host.close()
 
 
-def server_stats(http_url: str) -> dict[str, Any]:
+def server_stats(http_url: str, timeout: float = 20.0) -> dict[str, Any]:
     try:
-        return dict(httpx.get(f"{http_url}/interactive/stats", timeout=20).json())
+        return dict(httpx.get(f"{http_url}/interactive/stats", timeout=timeout).json())
     except (httpx.HTTPError, ValueError) as exc:
         return {"error": repr(exc)}
 
@@ -653,6 +655,26 @@ class CpuWatch:
 
     def total(self) -> dict[str, float]:
         return {n: self._cpu(p) - self.start.get(n, 0.0) for n, p in self.procs.items()}
+
+
+def wait_relay_settled(pid: int, limit_s: float, ramp_s: float) -> None:
+    """Wait (at most limit_s) until the relay uses < 0.2 core over 2 s: the sockets are all
+    connected, so what keeps it busy is the backlog of frames the joins caused (each join
+    changes the viewer count, and each `viewers` frame goes to every socket)."""
+    try:
+        proc = psutil.Process(pid)
+    except psutil.Error:
+        return
+    started = time.monotonic()
+    while True:
+        c0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
+        time.sleep(2.0)
+        used = (sum(proc.cpu_times()[:2]) - c0) / (time.monotonic() - t0)
+        waited = time.monotonic() - started
+        if used < 0.2 or waited > limit_s:
+            print(f"relay {'settled' if used < 0.2 else 'still busy'} ({used:.2f} core) "
+                  f"{waited:.0f} s after the ramp ({ramp_s:.0f} s) ended", flush=True)
+            return
 
 
 def wait_for_idle(limit_s: float, max_other_cores: float) -> None:
@@ -805,6 +827,8 @@ def run(args: argparse.Namespace) -> int:
               "and chatters "
               f"in {ramp_s:.1f} s", flush=True)
         time.sleep(1.5)  # let the viewer count settle
+        if args.settle > 0 and relay_pid:
+            wait_relay_settled(relay_pid, args.settle, ramp_s)
         if args.wait_idle > 0:
             wait_for_idle(args.wait_idle, args.idle_cores)
         stats_before = server_stats(http_url)
@@ -817,17 +841,24 @@ def run(args: argparse.Namespace) -> int:
         total_s = args.seconds * len(phases)
         prof = start_profile(relay_pid, total_s, Path(tmp.name) / "relay.prof") \
             if args.profile and relay_pid else None
-        stats_mid: dict[str, Any] = {}
         bounds = [start_at + (i + 1) * args.seconds for i in range(len(phases))]
-        marks = [(cpu.total(), cpu.others(), server_stats(http_url))]  # at phase boundaries
-        while len(marks) <= len(phases):
-            nxt = bounds[len(marks) - 1]
+        # At each phase boundary: CPU (cheap, on time) and the node's counters, fetched on a
+        # thread so that a node too busy to answer does not delay the next CPU mark.
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(phases) + 2)
+        fetch = functools.partial(server_stats, http_url, 5.0)
+        raw_marks = [(time.time(), cpu.total(), cpu.others(), pool.submit(fetch))]
+        mid_future = None
+        while len(raw_marks) <= len(phases):
+            nxt = bounds[len(raw_marks) - 1]
             time.sleep(min(1.0, max(0.0, nxt - time.time())))
             if time.time() >= nxt:
-                marks.append((cpu.total(), cpu.others(), server_stats(http_url)))
+                raw_marks.append((time.time(), cpu.total(), cpu.others(), pool.submit(fetch)))
             cpu.sample()
-            if not stats_mid and time.time() > start_at + total_s / 2:
-                stats_mid = server_stats(http_url)
+            if mid_future is None and time.time() > start_at + total_s / 2:
+                mid_future = pool.submit(fetch)
+        marks = [(t, c, o, f.result()) for t, c, o, f in raw_marks]
+        stats_mid = mid_future.result() if mid_future is not None else {}
+        pool.shutdown(wait=False)
         cpu_total = cpu.total()
         sched = cpu.waits()
         cpu_total["(other processes on this machine)"] = cpu.others()
@@ -925,7 +956,7 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
            connected: int, ramp_s: float, before: dict[str, Any], mid: dict[str, Any],
            after: dict[str, Any], cpu: CpuWatch, cpu_total: dict[str, float],
            sched: dict[str, tuple[float, float]],
-           marks: list[tuple[dict[str, float], float, dict[str, Any]]],
+           marks: list[tuple[float, dict[str, float], float, dict[str, Any]]],
            profile_lines: list[str]) -> None:
     rs = [r for r in results.values() if not r.get("aborted")]
     if not rs:
@@ -951,8 +982,9 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
     for i, name in enumerate(phases):
         key = f"{i}:{name}"
         ph = _sum_phase(rs, key)
-        cpu0, oth0, st0 = marks[i]
-        cpu1, oth1, st1 = marks[i + 1] if i + 1 < len(marks) else (cpu_total, oth0, after)
+        t0_, cpu0, oth0, st0 = marks[i]
+        t1_, cpu1, oth1, st1 = marks[i + 1]
+        span = max(1e-3, t1_ - t0_)  # CPU marks are taken on time; divide by the real span
         relay_cpu = cpu1.get("relay", 0.0) - cpu0.get("relay", 0.0)
         redis_cpu = cpu1.get("redis", 0.0) - cpu0.get("redis", 0.0)
         client_cpu = sum(cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in cpu1 if k.startswith("client-"))
@@ -975,9 +1007,9 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
             "socket_fps_mean": ph["socket_fps_sum"] / max(1, watchers_total),
             "socket_fps_max": ph["socket_fps_max"], "socket_peak_second": ph["socket_peak_second"],
             "batches_per_s": batches / secs, "frames_per_s": all_frames / secs,
-            "relay_cpu": relay_cpu / secs, "redis_cpu": redis_cpu / secs,
-            "client_cpu": client_cpu / secs, "other_cpu": others / secs,
-            "relay_us_per_frame": relay_cpu / all_frames * 1e6 if all_frames else 0.0,
+            "relay_cpu": relay_cpu / span, "redis_cpu": redis_cpu / span,
+            "client_cpu": client_cpu / span, "other_cpu": others / span,
+            "relay_us_per_frame": relay_cpu / span * secs / all_frames * 1e6 if all_frames else 0.0,
             "bids_answered_per_s": (ph["bid_acks"] + ph["bid_rejects"]) / secs,
             "chats_answered_per_s": (ph["chat_acks"] + ph["chat_rejects"]) / secs,
             "kinds": ph["kinds"], "lag_p99_ms": ph["lag_p99_ms"], "lag_max_ms": ph["lag_max_ms"],
@@ -1016,7 +1048,7 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
               f"per delivered frame; redis {row['redis_cpu'] * 100:.0f}%")
         print(f"load client {row['client_cpu'] * 100:.0f}% CPU over {len(rs)} process(es) "
               f"(loop lag p99 {row['lag_p99_ms']:.1f} ms, max {row['lag_max_ms']:.1f} ms); other "
-              f"processes on the machine {row['other_cpu'] * 100:.0f}%")
+              f"processes on the machine {max(0.0, row['other_cpu']) * 100:.0f}%")
     base = [r for r in table if r["phase"].endswith(":bids")]
     chat = [r for r in table if r["phase"].endswith(":chat")]
     print("\n-- same-run comparison (bid ack p50 / p99, bid -> watcher p99) --")
@@ -1090,6 +1122,9 @@ def main() -> int:
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="after the ramp, wait up to this long for the machine to be quiet "
                     "(shared machines: other processes skew every latency figure)")
+    ap.add_argument("--settle", type=float, default=120.0, metavar="SECONDS",
+                    help="after the ramp, wait up to this long for the relay to finish the frames "
+                    "the joins caused (< 0.2 core over 2 s); 0 = do not wait")
     ap.add_argument("--idle-cores", type=float, default=0.5,
                     help="--wait-idle: 'quiet' means fewer busy cores than this")
     ap.add_argument("--serve", type=float, default=0.0, metavar="SECONDS",
