@@ -44,7 +44,10 @@ class Inbound:
 
 class RoomTransport(Protocol):
     kind: TransportKind
-    direct: DirectWrite | None  # a synchronous writer for the hub's fan-out, if the transport has one
+
+    @property
+    def direct(self) -> DirectWrite | None:
+        """A synchronous writer for the hub's fan-out, if the transport has one."""
 
     @property
     def token_param(self) -> str | None: ...
