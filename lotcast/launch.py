@@ -7,7 +7,7 @@ node apps (broadcaster/, relay/); tests/test_layering.py keeps it that way.
 from __future__ import annotations
 
 from lotcast.config import Settings
-from lotcast.media.aiortc_hooks import check_hooks, restrict_host_addresses
+from lotcast.media.aiortc_hooks import check_hooks, configure_udp_mux, restrict_host_addresses
 from lotcast.service import AppFactory, run_app
 from lotcast.workers import (
     WorkerSpec,
@@ -18,9 +18,11 @@ from lotcast.workers import (
 )
 
 
-def prepare_media(settings: Settings) -> None:
+def prepare_media(settings: Settings, worker: int = 0) -> None:
     check_hooks()
     restrict_host_addresses([settings.ice_ip])
+    if settings.udp_port:
+        configure_udp_mux(settings.ice_ip, settings.udp_port + worker)
 
 
 def app_factory(kind: str) -> AppFactory:
@@ -54,7 +56,7 @@ def run_node(kind: str, settings: Settings) -> None:
 def _run_worker(settings: Settings, spec: WorkerSpec) -> None:
     from relay.app import create_app as create_relay_app
 
-    prepare_media(settings)
+    prepare_media(settings, spec.index)
     listen = bind_worker_listener(settings.host, settings.port)
     private = bind_worker_socket(spec.socket_path())
     run_app("relay", settings, lambda s: create_relay_app(s, worker=spec), listen=listen,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 import psutil
 import pytest
 from aiortc.rtp import RtpPacket
+from media_support import Publisher, Viewer, assert_in_order, host_token, http_client, running_cluster
 
 from lotcast.media import aiortc_hooks
 from lotcast.media.aiortc_hooks import (
@@ -34,6 +36,7 @@ from lotcast.media.aiortc_hooks import (
     use_udp_mux,
 )
 from lotcast.media.udpmux import UdpMux, stun_local_ufrag
+from lotcast.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -208,3 +211,70 @@ async def test_many_viewers_through_one_socket_get_media_nacks_and_plis_back(mux
         for link in links:
             await link.close()
     assert (shared.connections(), shared.bound_addresses()) == (0, 0)
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.timeout(240)
+async def test_viewers_through_one_relay_port(redis_server: RedisServer) -> None:
+    """A real relay with --udp-port: 20 viewers on one socket, NACK and PLI paths exercised."""
+    port = _free_udp_port()
+    count = 20
+    with running_cluster(redis_server, relay_args=["--udp-port", str(port)]) as cluster:
+        publisher = Publisher(cluster.origin.url, "mux", host_token())
+        await publisher.start()
+        group = [Viewer(cluster.relay.url, "mux") for _ in range(count)]
+        try:
+            for start in range(0, count, 5):
+                await asyncio.gather(*(v.start() for v in group[start:start + 5]))
+            for v in group:
+                remote = v.pc.remoteDescription.sdp
+                assert f"127.0.0.1 {port} typ host" in remote, remote
+            lossy = group[0]
+            video = next(t for t in lossy.pc.getTransceivers() if t.kind == "video")
+            video_pt = negotiated_codecs(video)[0].payloadType
+            dropped: set[int] = set()
+            recovered: set[int] = set()
+
+            def lose(packet: bytes) -> bool:
+                if packet[1] & 0x7F != video_pt:
+                    return False
+                seq = int.from_bytes(packet[2:4], "big")
+                if seq in dropped:
+                    recovered.add(seq)
+                    return False
+                if seq % 20 == 0:
+                    dropped.add(seq)
+                    return True
+                return False
+
+            drop_incoming_rtp(video.receiver.transport, lose)
+            for v in group:
+                await v.wait_frames(30, timeout=90)
+            for v in group[1:]:
+                assert_in_order(v.counters)
+            async with http_client() as http:
+                stats = (await http.get(f"{cluster.relay.url}/api/stats")).json()
+            assert stats["streams"][0]["video_keyframe_requests"] >= 1
+            assert stats["streams"][0]["video_native_packets_sent"] > 0
+            assert stats["udp_sockets"] == 2  # the mux + the upstream pull
+            assert len(recovered) >= 1 and stats["streams"][0]["video_nacks_served"] >= 1
+            await asyncio.gather(*(v.stop() for v in group[: count // 2]))
+            deadline = time.monotonic() + 20
+            while True:
+                async with http_client() as http:
+                    stats = (await http.get(f"{cluster.relay.url}/api/stats")).json()
+                if stats["viewers"] == count - count // 2:
+                    break
+                assert time.monotonic() < deadline, stats
+                await asyncio.sleep(0.2)
+            assert stats["udp_sockets"] == 2
+            n = len(group[-1].counters)
+            await group[-1].wait_frames(n + 10, timeout=30)
+        finally:
+            await asyncio.gather(*(v.stop() for v in group), return_exceptions=True)
+            await publisher.stop()
