@@ -155,8 +155,7 @@ async def test_prebid_on_the_viewer_page_and_host_reactions(redis_server: RedisS
                            20, "lot open", log)
             ack = await host.evaluate("window.lotcast.console.lastAck")
             assert ack["lot"] == lot and ack["prebids"] == 2
-            # docs/protocol.md also promises `prebids_skipped`; the node does not send it yet
-            assert ack.get("prebids_skipped", 0) == 0
+            assert ack["prebids_skipped"] == 0
             await wait_for(attr_is(alice, "#my-status", "data-status", "winning"), 20,
                            "alice leads", log)
             assert await alice.text_content("#my-status-text") == "You're winning at 21.00"

@@ -70,6 +70,7 @@ async def test_prebids_apply_in_received_order_with_proxy_rules(
 
     opened = await host.request("lot_open", lot=lot)
     assert opened["type"] == "ack", opened
+    assert (opened["prebids"], opened["prebids_skipped"]) == (4, 1), opened  # d is skipped
     await watcher.wait_for(lambda s: s.lots[lot]["bids"] == 4)
     bids = [e for e in watcher.state.applied if e["type"] == "bid" and e["lot"] == lot]
     assert [e["bidder"] for e in bids] == ["a", "b", "c", "e"]

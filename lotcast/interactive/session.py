@@ -370,7 +370,8 @@ class ClientSession:
             result = await (d.auctions.open_lot(room, msg) if isinstance(msg, p.OpenLot)
                             else d.auctions.extend_lot(room, msg))
             self._ack(msg, lot=result["lot"], ends_at=result["ends_at"], offset=result["offset"],
-                      prebids=result.get("prebids"))  # lot_open: pre-bids applied (issue 10)
+                      # lot_open: pre-bids applied and skipped (docs/protocol.md, Pre-bids)
+                      prebids=result.get("prebids"), prebids_skipped=result.get("prebids_skipped"))
         elif isinstance(msg, p.CloseLot):
             result = await d.auctions.close_lot(room, msg)
             self._ack(msg, lot=result["lot"], status=result["status"], offset=result["offset"])
