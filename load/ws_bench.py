@@ -795,7 +795,8 @@ def run(args: argparse.Namespace) -> int:
                    "chat_len": args.chat_len, "phases": phases,
                    "ramp_batch": args.ramp_batch, "ramp_timeout": args.ramp_timeout,
                    "connect_timeout": args.connect_timeout,
-                   "ctrl_timeout": args.ramp_timeout + 120, "warmup": args.warmup,
+                   "ctrl_timeout": args.ramp_timeout + 120 + args.settle + args.wait_idle,
+                   "warmup": args.warmup,
                    "seconds": args.seconds, "drain": args.drain}
             ctrl = ctx.Queue()
             proc = ctx.Process(target=worker_entry, args=(cfg, out, ctrl), daemon=True)
