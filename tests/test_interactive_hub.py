@@ -25,6 +25,7 @@ from lotcast.interactive.protocol import (
     PlaceBid,
     Vote,
     decode_server_frame,
+    encode_viewers,
 )
 from lotcast.interactive.roomlog import RoomLog
 from lotcast.interactive.store import AuctionStore, RateLimit
@@ -199,14 +200,34 @@ async def test_fanout_yields_between_chunks_and_keeps_order(
     socks = [FakeSocket() for _ in range(5)]
     for s in socks:
         hub.attach(s)
-    hub.set_viewers(1)
-    hub.set_viewers(2)
-    hub.set_viewers(3)
+    for count in (1, 2, 3):
+        hub._broadcast(encode_viewers(epoch="e", offset=0, count=count))
     # Only the first chunk was served synchronously; the rest waits for later loop turns.
     assert sum(len(s.frames) for s in socks) == 2
     for s in socks:
         await s.until(lambda s=s: len(s.frames) == 3)  # type: ignore[misc]
         assert [m["count"] for m in s.messages()] == [1, 2, 3]
+    await hub.close()
+
+
+async def test_a_join_ramp_sends_a_few_viewers_frames_not_one_per_join(
+        redis_client: aioredis.Redis) -> None:
+    functions = RoomFunctions(redis_client, 100)
+    hub = RoomHub("ramp", RoomLog(redis_client, functions), 0.1, 0.2)
+    socks = [FakeSocket() for _ in range(5)]
+    for s in socks:
+        hub.attach(s)
+    for count in range(1, 201):  # 200 sockets join within one tally interval
+        hub.set_viewers(count)
+    for s in socks:
+        await s.until(lambda s=s: bool(s.frames) and s.messages()[-1]["count"] == 200)  # type: ignore[misc]
+    await asyncio.sleep(0.3)  # nothing more follows
+    for s in socks:
+        assert [m["count"] for m in s.messages()] == [200]
+    hub.set_viewers(150)
+    for s in socks:
+        await s.until(lambda s=s: len(s.frames) == 2)  # type: ignore[misc]
+        assert s.messages()[-1]["count"] == 150
     await hub.close()
 
 

@@ -161,7 +161,7 @@ async def test_native_and_fallback_deliver_identical_bytes_with_short_writes_and
     await bidder.connect()
     lot = (await host.request("lot_create", title="T", start_price=10, increments=[[0, 10]],
                               duration_ms=600_000, soft_close_ms=0))["lot"]
-    await host.request("lot_open", lot=lot)
+    opened = await host.request("lot_open", lot=lot)
     groups = {}
     for node in (native, fallback):
         readers = [Watcher(node.url, ROOM) for _ in range(3)]
@@ -173,6 +173,14 @@ async def test_native_and_fallback_deliver_identical_bytes_with_short_writes_and
     watchers = [w for readers, sleepy, dropper in groups.values()
                 for w in (*readers, sleepy, dropper)]
     readers_all = [w for readers, _, _ in groups.values() for w in readers]
+
+    def position(w: Watcher) -> int:
+        return max((int(m["offset"]) for m in w.messages() if m["type"] in ("snapshot", "events")),
+                   default=0)
+
+    # every socket has the lot's opening (by snapshot or as an event) before the first bid, so
+    # no socket's first bid batch also carries it: one event per batch everywhere
+    await until(lambda: all(position(w) >= opened["offset"] for w in watchers))
     for _, sleepy, _ in groups.values():
         sleepy.pause()
     price = 10

@@ -123,6 +123,11 @@ class RoomHub:
         self._reactions_handle: asyncio.TimerHandle | None = None
         self._reactions_last = 0.0
         self._reactions_after_fanout = False
+        # the `viewers` count, coalesced like tallies (set_viewers)
+        self._viewers_handle: asyncio.TimerHandle | None = None
+        self._viewers_last = 0.0
+        self._viewers_sent = 0
+        self._viewers_after_fanout = False
         # chat, moderation, Q&A: upvote counts coalesced room-wide, like poll tallies
         self._qvotes: dict[str, int] = {}
         self._qvotes_dirty: set[str] = set()
@@ -143,10 +148,12 @@ class RoomHub:
                 await self._task
             self._task = None
         for handle in [self._flush_handle, self._fanout_handle, self._qvotes_handle,
-                       self._stretch_handle, *self._tally_handles.values()]:
+                       self._stretch_handle, self._viewers_handle, *self._tally_handles.values()]:
             if handle is not None:
                 handle.cancel()
         self._flush_handle = self._fanout_handle = self._qvotes_handle = None
+        self._viewers_handle = None
+        self._viewers_after_fanout = False
         self._stretch_handle = None
         self._fanout_jobs.clear()
         self._tally_handles.clear()
@@ -170,12 +177,31 @@ class RoomHub:
         self.sockets.discard(sub)
         self._native_subs.discard(sub)
 
-    def set_viewers(self, count: int, joining: Subscriber | None = None) -> None:
-        """`joining` (a socket whose snapshot will carry `count`) is not sent the change."""
-        if count != self.viewers:
-            self.viewers = count
-            self.viewers_frame = encode_viewers(epoch=self.epoch, offset=self.offset, count=count)
-            self._broadcast(self.viewers_frame, skip=joining)
+    def set_viewers(self, count: int) -> None:
+        """The room's viewer count changed. Sockets get the newest count at most once per tally
+        interval, after any fan-out in progress: a ramp of N joins is a few frames per socket,
+        not N (a frame per join to every socket is N²/2 writes, minutes of CPU at 10k)."""
+        if count == self.viewers:
+            return
+        self.viewers = count
+        if self._viewers_handle is None:
+            loop = asyncio.get_running_loop()
+            due = self._viewers_last + self.tally_interval
+            self._viewers_handle = loop.call_later(max(0.0, due - loop.time()),
+                                                   self._flush_viewers)
+
+    def _flush_viewers(self) -> None:
+        self._viewers_handle = None
+        if self._fanout_jobs:
+            self._viewers_after_fanout = True  # sent, newest count, once the queue drains
+            return
+        if self.viewers == self._viewers_sent:
+            return
+        self._viewers_last = asyncio.get_running_loop().time()
+        self._viewers_sent = self.viewers
+        self.viewers_frame = encode_viewers(epoch=self.epoch, offset=self.offset,
+                                            count=self.viewers)
+        self._broadcast(self.viewers_frame)
 
     async def _run(self) -> None:
         while True:
@@ -432,6 +458,9 @@ class RoomHub:
         if self._flush_after_fanout:
             self._flush_after_fanout = False
             self._flush()
+        if self._viewers_after_fanout and not self._fanout_jobs:
+            self._viewers_after_fanout = False
+            self._flush_viewers()
         if self._reactions_after_fanout and not self._fanout_jobs:  # issue 10
             self._reactions_after_fanout = False
             self._flush_reactions()

@@ -441,7 +441,7 @@ class ClientSession:
             self._present = True
         # Count this socket in Redis now, not at the next heartbeat, so the snapshot (ours, and
         # every other node's from now on) includes it. Any `viewers` change is held until LIVE.
-        self.hub.set_viewers(await self.deps.count_viewers(self.room), joining=self)
+        self.hub.set_viewers(await self.deps.count_viewers(self.room))
         head = await self.deps.roomlog.head(self.room)
         s = self.deps.settings
         limits = {"bids_per_s": s.bid_rate, "bid_burst": s.bid_burst, "votes_per_s": s.vote_rate,
