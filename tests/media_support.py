@@ -15,7 +15,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError, MediaStreamTrack
 
 from lotcast.auth import Role, TokenAuthority
-from lotcast.media.aiortc_hooks import restrict_host_addresses
+from lotcast.media.aiortc_hooks import drop_incoming_rtp, negotiated_codecs, restrict_host_addresses
 from lotcast.media.testsource import CounterVideoTrack, decode_delay_ms, read
 from lotcast.redis_server import RedisServer
 from lotcast.supervisor import ServiceProcess
@@ -184,3 +184,32 @@ async def viewers(base_url: str, stream: str, n: int) -> AsyncIterator[list[View
     finally:
         await asyncio.gather(*(v.stop() for v in group), return_exceptions=True)
 
+
+@dataclass
+class VideoLoss:
+    """Sequence numbers a viewer lost (every 20th video packet, once) and got back by NACK."""
+
+    dropped: set[int] = field(default_factory=set)
+    recovered: set[int] = field(default_factory=set)  # the retransmission, byte-identical header
+
+
+def lose_every_20th_video_packet_once(viewer: Viewer) -> VideoLoss:
+    """Fault injection: the viewer's network loses every 20th video packet the first time."""
+    video = next(t for t in viewer.pc.getTransceivers() if t.kind == "video")
+    video_pt = negotiated_codecs(video)[0].payloadType
+    loss = VideoLoss()
+
+    def lose(packet: bytes) -> bool:
+        if packet[1] & 0x7F != video_pt:
+            return False
+        seq = int.from_bytes(packet[2:4], "big")
+        if seq in loss.dropped:
+            loss.recovered.add(seq)
+            return False
+        if seq % 20 == 0:
+            loss.dropped.add(seq)
+            return True
+        return False
+
+    drop_incoming_rtp(video.receiver.transport, lose)
+    return loss

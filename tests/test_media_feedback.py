@@ -11,9 +11,15 @@ from typing import Any, cast
 import pytest
 from aiortc import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
-from media_support import Publisher, Viewer, host_token, http_client, running_cluster
+from media_support import (
+    Publisher,
+    Viewer,
+    host_token,
+    http_client,
+    lose_every_20th_video_packet_once,
+    running_cluster,
+)
 
-from lotcast.media.aiortc_hooks import drop_incoming_rtp, negotiated_codecs
 from lotcast.media.forwarder import ForwardSink, TrackForwarder
 from lotcast.redis_server import RedisServer
 
@@ -26,24 +32,8 @@ async def test_lost_packets_are_retransmitted_from_the_relay_history(redis_serve
         await publisher.start()
         viewer = Viewer(cluster.relay.url, "lossy")
         await viewer.start()
-        video = next(t for t in viewer.pc.getTransceivers() if t.kind == "video")
-        video_pt = negotiated_codecs(video)[0].payloadType
-        dropped: set[int] = set()
-        recovered: set[int] = set()
-
-        def lose_every_20th_once(packet: bytes) -> bool:
-            if packet[1] & 0x7F != video_pt:
-                return False
-            seq = int.from_bytes(packet[2:4], "big")
-            if seq in dropped:
-                recovered.add(seq)  # the retransmission, byte-identical header
-                return False
-            if seq % 20 == 0:
-                dropped.add(seq)
-                return True
-            return False
-
-        drop_incoming_rtp(video.receiver.transport, lose_every_20th_once)
+        loss = lose_every_20th_video_packet_once(viewer)
+        dropped, recovered = loss.dropped, loss.recovered
         try:
             await viewer.wait_frames(90, timeout=40)
             async with http_client() as http:

@@ -26,7 +26,15 @@ import pylibsrtp
 import pytest
 from aiortc import RTCRtpCodecParameters
 from aiortc.rtp import RtpPacket
-from media_support import Publisher, Viewer, assert_in_order, host_token, http_client, running_cluster
+from media_support import (
+    Publisher,
+    Viewer,
+    assert_in_order,
+    host_token,
+    http_client,
+    lose_every_20th_video_packet_once,
+    running_cluster,
+)
 
 from lotcast.media import native
 from lotcast.media.aiortc_hooks import (
@@ -35,7 +43,6 @@ from lotcast.media.aiortc_hooks import (
     SilentTrack,
     _widen_srtp_session,
     check_hooks,
-    drop_incoming_rtp,
     fast_protect,
     native_target,
     negotiated_codecs,
@@ -491,24 +498,8 @@ async def test_viewers_decode_through_a_relay_on_the_native_path_and_nacks_are_a
         try:
             await asyncio.gather(*(v.start() for v in group))
             lossy = group[0]
-            video = next(t for t in lossy.pc.getTransceivers() if t.kind == "video")
-            video_pt = negotiated_codecs(video)[0].payloadType
-            dropped: set[int] = set()
-            recovered: set[int] = set()
-
-            def lose_every_20th_once(packet: bytes) -> bool:
-                if packet[1] & 0x7F != video_pt:
-                    return False
-                seq = int.from_bytes(packet[2:4], "big")
-                if seq in dropped:
-                    recovered.add(seq)
-                    return False
-                if seq % 20 == 0:
-                    dropped.add(seq)
-                    return True
-                return False
-
-            drop_incoming_rtp(video.receiver.transport, lose_every_20th_once)
+            loss = lose_every_20th_video_packet_once(lossy)
+            dropped, recovered = loss.dropped, loss.recovered
             for viewer in group:
                 await viewer.wait_frames(60, timeout=60)
             for viewer in group[1:]:

@@ -18,7 +18,15 @@ from collections.abc import AsyncIterator
 import psutil
 import pytest
 from aiortc.rtp import RtpPacket
-from media_support import Publisher, Viewer, assert_in_order, host_token, http_client, running_cluster
+from media_support import (
+    Publisher,
+    Viewer,
+    assert_in_order,
+    host_token,
+    http_client,
+    lose_every_20th_video_packet_once,
+    running_cluster,
+)
 
 from lotcast.media import aiortc_hooks
 from lotcast.media.aiortc_hooks import (
@@ -235,24 +243,8 @@ async def test_viewers_through_one_relay_port(redis_server: RedisServer) -> None
                 remote = v.pc.remoteDescription.sdp
                 assert f"127.0.0.1 {port} typ host" in remote, remote
             lossy = group[0]
-            video = next(t for t in lossy.pc.getTransceivers() if t.kind == "video")
-            video_pt = negotiated_codecs(video)[0].payloadType
-            dropped: set[int] = set()
-            recovered: set[int] = set()
-
-            def lose(packet: bytes) -> bool:
-                if packet[1] & 0x7F != video_pt:
-                    return False
-                seq = int.from_bytes(packet[2:4], "big")
-                if seq in dropped:
-                    recovered.add(seq)
-                    return False
-                if seq % 20 == 0:
-                    dropped.add(seq)
-                    return True
-                return False
-
-            drop_incoming_rtp(video.receiver.transport, lose)
+            loss = lose_every_20th_video_packet_once(lossy)
+            recovered = loss.recovered
             for v in group:
                 await v.wait_frames(30, timeout=90)
             for v in group[1:]:

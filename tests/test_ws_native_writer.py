@@ -35,8 +35,13 @@ ROOM = "native"
 NAME = "N" * 1000  # fat bid events fill the paused readers' buffers sooner
 BIDS = 40
 
-pytestmark = pytest.mark.skipif(not wswrite.enabled(), reason=f"native writer not built: "
-                                f"{wswrite.IMPORT_ERROR}")
+
+
+@pytest.fixture(autouse=True)
+def native_writer_built() -> None:
+    # setup.sh installs gcc and the Python headers, so a missing extension is a broken install
+    assert wswrite.enabled(), (f"native writer not built ({wswrite.IMPORT_ERROR}); install gcc "
+                               "and the Python headers, then pip install -e .")
 
 
 @pytest.fixture(scope="module")
