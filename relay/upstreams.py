@@ -20,7 +20,7 @@ from aiortc.rtp import RtpPacket
 from lotcast.media.aiortc_hooks import HookError, tap_receiver
 from lotcast.media.endpoints import SessionTable
 from lotcast.media.peer import EgressSession, PeerSession
-from lotcast.media.stream import MediaStream, StreamRouter
+from lotcast.media.stream import MediaStream, StreamRouter, StreamState
 from lotcast.media.upstream import NotLiveError, PullState, UpstreamPull
 from relay.cascade import Upstream
 
@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 PARENT_STALL_S = 0.25
 PARENT_CHECK_INTERVAL_S = 0.1
 PARENT_PROBE_TIMEOUT_S = 0.5
+# A parent relay carries the stream already, so it answers a WHEP POST at once; one that does
+# not within this is hung (SIGSTOP, a wedged loop) while its heartbeat has not yet expired.
+# The origin may be busier (every publisher), so it keeps the client's 10 s.
+PARENT_ANSWER_TIMEOUT_S = 4.0
 # (stream, exclude node ids, below depth) -> where to pull from
 Chooser = Callable[[str, Collection[str], "int | None"], Awaitable[Upstream]]
 ParentCheck = Callable[[str, str], Awaitable[bool]]
@@ -83,26 +87,38 @@ class RelayUpstreams:
                 if pull.state is PullState.CONNECTED}
 
     async def acquire(self, stream_id: str) -> MediaStream:
-        stream = self._router.get_or_create(stream_id)
-        lock = self._locks.setdefault(stream_id, asyncio.Lock())
-        async with lock:
-            pull = self._pulls.get(stream_id)
-            if pull is None or pull.stream is not stream:
-                upstream = await self._pick(stream_id)
-                logger.info("stream %s: pulling from %s (depth %d)", stream_id, upstream.url,
-                            upstream.depth)
-                pull = self._start_pull(stream, upstream)
-        timer = self._release_timers.pop(stream_id, None)
-        if timer is not None:
-            timer.cancel()
-        try:
-            await pull.ensure()
-        except (NotLiveError, httpx.HTTPError) as exc:
-            if not any(s.stream is stream for s in self._sessions.sessions(EgressSession)):
-                stream.end()
-            if isinstance(exc, NotLiveError):
-                raise
-            raise NotLiveError(f"upstream unreachable: {exc!r}", retry_after=2) from exc
+        """The stream, fed by a connected pull. A parent relay that fails to answer (hung, or
+        lost the stream) is skipped for one more pick, so a viewer does not wait for the
+        registry to notice it."""
+        failed: set[str] = set()
+        while True:
+            stream = self._router.get_or_create(stream_id)
+            lock = self._locks.setdefault(stream_id, asyncio.Lock())
+            async with lock:
+                pull = self._pulls.get(stream_id)
+                if pull is None or pull.stream is not stream:
+                    upstream = await self._pick(stream_id, failed)
+                    logger.info("stream %s: pulling from %s (depth %d)", stream_id, upstream.url,
+                                upstream.depth)
+                    pull = self._start_pull(stream, upstream)
+                parent = self._upstreams[stream_id].node_id
+            timer = self._release_timers.pop(stream_id, None)
+            if timer is not None:
+                timer.cancel()
+            try:
+                await pull.ensure()
+            except (NotLiveError, httpx.HTTPError) as exc:
+                if not any(s.stream is stream for s in self._sessions.sessions(EgressSession)):
+                    stream.end()
+                if parent is not None and parent not in failed and stream.state is StreamState.ENDED:
+                    logger.warning("stream %s: parent %s failed (%r); picking another", stream_id,
+                                   parent, exc)
+                    failed.add(parent)
+                    continue
+                if isinstance(exc, NotLiveError):
+                    raise
+                raise NotLiveError(f"upstream unreachable: {exc!r}", retry_after=2) from exc
+            break
         if not any(s.stream is stream for s in self._sessions.sessions(EgressSession)):
             # the viewer that asked may still fail to negotiate and never become a session:
             # then nothing would ever release this pull (the timer finds the viewer if it came)
@@ -111,7 +127,7 @@ class RelayUpstreams:
 
     def _start_pull(self, stream: MediaStream, upstream: Upstream) -> UpstreamPull:
         pull = UpstreamPull(stream, upstream.url, self.http, self._retry_window,
-                            on_stall=self._stalled)
+                            on_stall=self._stalled, answer_timeout=_answer_timeout(upstream))
         self._pulls[stream.id] = pull
         self._upstreams[stream.id] = upstream
         stream.on_end(lambda: self._forget(stream.id, pull))
@@ -169,7 +185,8 @@ class RelayUpstreams:
                            upstream.url, old_upstream.url, upstream.depth)
             new = UpstreamPull(old.stream, upstream.url, self.http, self._retry_window,
                                on_stall=self._stalled,
-                               consecutive_stalls=old.consecutive_stalls)
+                               consecutive_stalls=old.consecutive_stalls,
+                               answer_timeout=_answer_timeout(upstream))
             try:
                 await new.ensure()
             except BaseException:
@@ -238,6 +255,10 @@ class RelayUpstreams:
         await asyncio.gather(*(p.close() for p in list(self._pulls.values())), *self._closing)
         self._pulls.clear()
         await self.http.aclose()
+
+
+def _answer_timeout(upstream: Upstream) -> float:
+    return 10.0 if upstream.node_id is None else PARENT_ANSWER_TIMEOUT_S
 
 
 def _silence(pull: UpstreamPull) -> None:

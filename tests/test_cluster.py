@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from collections import Counter
@@ -23,7 +24,7 @@ from cluster_support import (
     remember_node_ids,
     scaled_cluster,
 )
-from media_support import SECRET, Publisher, assert_in_order, host_token
+from media_support import SECRET, Publisher, Viewer, assert_in_order, host_token
 
 from lotcast.auth import Role, TokenAuthority
 from lotcast.interactive.client import RoomClient
@@ -364,4 +365,54 @@ async def test_killed_parent_relay_its_children_re_parent_and_their_viewers_play
                 assert after[child]["reparents"] == 1
         finally:
             await stop_all(group)
+            await publisher.stop()
+
+
+async def test_a_hung_parent_still_listed_is_skipped_and_concurrent_viewers_play(
+    redis_server: RedisServer,
+) -> None:
+    """A parent relay that hangs (SIGSTOP) stays in the registry until its heartbeat is stale
+    (here 3 x 3 s). A relay asked for the stream meanwhile picks it, gets no answer, and must
+    pick the origin instead of failing the viewer; two viewers asking at once share that pull
+    (before: one answered 409 after the 10 s timeout, the other 503 from a pull that fed an ended
+    stream)."""
+    with scaled_cluster(redis_server, relays=2, capacity=5, heartbeat=3.0,
+                        relay_env={"LOTCAST_ORIGIN_FANOUT": "1"}) as cluster:
+        publisher = Publisher(cluster.origin.url, "hang", host_token(), fps=FPS)
+        await publisher.start()
+        parent, child = cluster.relays["relay-0"], cluster.relays["relay-1"]
+        first = Viewer(parent.url, "hang")
+        late: list[Viewer] = []
+        stopped = False
+        try:
+            await first.start()
+            await first.wait_frames(10, timeout=30)
+            redis = aioredis.Redis.from_url(redis_server.url)
+            try:
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    nodes = {n.node_id: n for n in await read_live_nodes(redis)}
+                    if "relay-0" in nodes and nodes["relay-0"].carries("hang"):
+                        break
+                    await asyncio.sleep(0.2)
+                else:
+                    raise AssertionError("relay-0 never listed as carrying the stream")
+            finally:
+                await redis.aclose()
+            os.kill(parent.pid, signal.SIGSTOP)
+            stopped = True
+            late = [Viewer(child.url, "hang") for _ in range(2)]
+            await asyncio.gather(*(v.start() for v in late))
+            for viewer in late:
+                await viewer.wait_frames(10, timeout=30)
+            async with httpx.AsyncClient(trust_env=False, timeout=5) as http:
+                stats = (await http.get(f"{child.url}/api/stats")).json()
+            (pull,) = stats["upstreams"]
+            assert pull["url"].rstrip("/") == cluster.origin.url.rstrip("/"), pull
+        finally:
+            if stopped:
+                os.kill(parent.pid, signal.SIGCONT)
+            for viewer in [first, *late]:
+                with contextlib.suppress(Exception):
+                    await viewer.stop()
             await publisher.stop()

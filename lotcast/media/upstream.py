@@ -19,7 +19,7 @@ from aiortc import RTCPeerConnection, RTCRtpCodecParameters, RTCRtpReceiver
 from aiortc import RTCSessionDescription as SessionDescription
 
 from lotcast.media.aiortc_hooks import negotiated_codecs, new_peer_connection
-from lotcast.media.stream import MediaStream
+from lotcast.media.stream import MediaStream, StreamState
 from lotcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -68,8 +68,9 @@ class UpstreamPull:
 
     def __init__(self, stream: MediaStream, upstream_url: str, http: httpx.AsyncClient,
                  retry_window: float, on_stall: Callable[[UpstreamPull, str], None] | None = None,
-                 consecutive_stalls: int = 0) -> None:
+                 consecutive_stalls: int = 0, answer_timeout: float = 10.0) -> None:
         self.stream = stream
+        self._answer_timeout = answer_timeout
         self.upstream_url = upstream_url.rstrip("/")
         self._http = http
         self._retry_window = retry_window
@@ -102,7 +103,7 @@ class UpstreamPull:
         async with self._lock:
             if self.state is PullState.CONNECTED:
                 return
-            if self.state is PullState.CLOSED:
+            if self.state is PullState.CLOSED or self.stream.state is StreamState.ENDED:
                 raise NotLiveError("stream ended")
             await self._connect()
 
@@ -117,6 +118,7 @@ class UpstreamPull:
             response = await self._http.post(
                 url, content=pc.localDescription.sdp.encode(),
                 headers={"Content-Type": "application/sdp"}, follow_redirects=True,
+                timeout=self._answer_timeout,
             )
             if response.status_code in (409, 503):
                 retry = int(response.headers.get("Retry-After", "2"))
@@ -132,6 +134,9 @@ class UpstreamPull:
                     receivers[transceiver.kind] = (transceiver.receiver, codecs[0])
             if not receivers:
                 raise NotLiveError("upstream offered no media")
+            if self.state is not PullState.CONNECTING or self.stream.state is StreamState.ENDED:
+                # closed, or the stream ended (its last viewer gave up), while we negotiated
+                raise NotLiveError("stream ended")
         except BaseException:
             await pc.close()
             self._set_state(PullState.IDLE)
@@ -191,7 +196,8 @@ class UpstreamPull:
             await old.close()
         deadline = time.monotonic() + self._retry_window
         delay = 0.25
-        while time.monotonic() < deadline and self.state is PullState.IDLE:
+        while (time.monotonic() < deadline and self.state is PullState.IDLE
+               and self.stream.state is not StreamState.ENDED):
             try:
                 await self.ensure()
                 return
