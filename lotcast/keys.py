@@ -232,3 +232,21 @@ ACTIVE_ROOMS = f"{PREFIX}:interactive:active_rooms"
 
 # Name of the Redis Function library (bump the version when the Lua changes incompatibly).
 FUNCTION_LIBRARY = "lotcast_v1"
+
+
+# --- Several origins: stream -> origin binding (issue 13; lotcast/ops/origins.py) -----------
+# Not per room: these live together under their own hash tag, so the claim scripts (one key
+# each) and the drain notices stay on one Redis Cluster slot.
+ORIGINS_TAG = "{origins}"
+
+
+def stream_origin(stream: str) -> str:
+    """String: the node id of the origin that holds the stream's publisher. Set NX (or taken
+    over from a dead or draining origin) when a WHIP POST is accepted, PX refreshed by that
+    origin's heartbeat, deleted (compare-and-delete) when the stream ends there."""
+    return f"{PREFIX}:{ORIGINS_TAG}:stream-origin:{stream}"
+
+
+# Pub/sub channel: a draining origin asks the host page of a stream (whose room socket may be on
+# any origin) to publish elsewhere: msgpack {"stream": ..., "whip_url": ...}.
+ORIGIN_NOTICES = f"{PREFIX}:{ORIGINS_TAG}:republish"
