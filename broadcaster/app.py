@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import quote
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 
-from lotcast.auth import TokenAuthority
+from broadcaster.drain import OriginDrainer
+from broadcaster.ingest import IngestPlacer
+from broadcaster.notices import OriginNotices
+from lotcast.auth import Role, TokenAuthority
 from lotcast.config import Settings
+from lotcast.interactive.protocol import encode_republish
 from lotcast.interactive.service import InteractiveService
+from lotcast.interactive.session import ClientSession
 from lotcast.media.endpoints import SessionTable, WebRtcEndpoints
 from lotcast.media.peer import EgressSession, IngestSession
 from lotcast.media.stream import MediaStream, StreamRouter
@@ -19,7 +30,15 @@ from lotcast.media.upstream import NotLiveError
 from lotcast.node.routes import health_routes, page_routes, stats_route, udp_socket_count
 from lotcast.node.telemetry import MediaTelemetry
 from lotcast.ops.metrics import NodeMetrics
+from lotcast.ops.node import NodeLoad
+from lotcast.ops.origins import StreamBindings, pick_origin, whip_url
 from lotcast.ops.placement_http import Placer, selector_for
+from lotcast.ops.registry import NodeRegistry, read_live_nodes
+from lotcast.tasks import cancel_and_wait
+
+logger = logging.getLogger(__name__)
+# Streams one origin takes before WHIP placement sends new ones elsewhere (issue 13).
+MAX_STREAMS = 100
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -43,6 +62,68 @@ def create_app(settings: Settings) -> Starlette:
     # Placement answers here too: a viewer may ask any node where to play.
     redis = aioredis.Redis.from_url(settings.redis_url)
     placer = Placer(redis, selector_for(settings))
+    # --- several origins (issue 13): registry entry, stream bindings, WHIP placement, drain
+    ttl = 3 * settings.heartbeat_interval
+    bindings = StreamBindings(redis, settings.node_id, ttl)
+
+    def load() -> NodeLoad:
+        return NodeLoad(viewers=len(bindings.held), streams=dict.fromkeys(bindings.held, 0),
+                        sockets=sum(len(hub.sockets) for hub in interactive.hubs.values()))
+
+    registry = NodeRegistry(redis, node_id=settings.node_id, url=settings.public_url,
+                            kind="broadcaster", capacity=MAX_STREAMS,
+                            heartbeat_interval=settings.heartbeat_interval, ttl=ttl,
+                            load_probe=load)
+
+    async def load_changed() -> None:
+        with contextlib.suppress(RedisError, OSError):
+            if registry.state.value in ("serving", "draining"):
+                await registry.beat()
+
+    def publishing() -> list[str]:
+        return sorted({s.stream.id for s in sessions.sessions(IngestSession)})
+
+    async def notify(stream: str) -> bool:
+        """Ask the stream's host to publish to another origin (False: none to go to, or the
+        stream has moved already)."""
+        if await bindings.holder(stream) not in (settings.node_id, None):
+            return False
+        target = pick_origin(await read_live_nodes(redis), int(time.time() * 1000), ttl,
+                             exclude={settings.node_id})
+        if target is None:
+            return False
+        url = f"{whip_url(target, quote(stream, safe=''))}?from={quote(settings.node_id, safe='')}"
+        await notices.publish(stream, url)
+        return True
+
+    def deliver(stream: str, url: str) -> int:
+        hub = interactive.hubs.get(stream)
+        if hub is None:
+            return 0
+        frame = encode_republish(stream=stream, whip_url=url)
+        told = 0
+        for sub in list(hub.sockets):
+            if isinstance(sub, ClientSession) and sub.identity.role is Role.HOST:
+                sub.push(frame)
+                told += 1
+        return told
+
+    notices = OriginNotices(redis, deliver)
+    drainer = OriginDrainer(registry, publishing, lambda: sessions.count(EgressSession), notify,
+                            settings.drain_timeout)
+    ingest = IngestPlacer(redis, bindings, router, endpoints.publish, node_id=settings.node_id,
+                          stale_after=ttl, capacity=MAX_STREAMS,
+                          draining=lambda: drainer.draining, load_changed=load_changed,
+                          public_url=settings.public_url)
+
+    async def keep_bindings() -> None:
+        while True:
+            await asyncio.sleep(settings.heartbeat_interval)
+            try:
+                for stream in await bindings.refresh():
+                    logger.warning("stream %s: now bound to another origin", stream)
+            except (RedisError, OSError) as exc:
+                logger.warning("binding refresh failed: %r", exc)
     telemetry = MediaTelemetry(
         router, sessions, metrics,
         websockets=lambda: sum(len(hub.sockets) for hub in interactive.hubs.values()),
@@ -56,6 +137,12 @@ def create_app(settings: Settings) -> Starlette:
             "publishers": sessions.count(IngestSession),
             "viewers": sessions.count(EgressSession),
             "streams": [s.counters() for s in router],
+            "state": registry.state.value,
+            "draining": drainer.draining,
+            "bound": sorted(bindings.held),
+            "whip_redirects": ingest.redirects,
+            "republish_notices": drainer.notices,
+            "republish_delivered": notices.delivered,
         }
 
     @asynccontextmanager
@@ -63,20 +150,33 @@ def create_app(settings: Settings) -> Starlette:
         sessions.start()
         await interactive.start()
         try:
+            await registry.start()
+        except (RedisError, OSError) as exc:  # one origin still serves without the registry
+            logger.warning("origin not registered (%r): WHIP placement sees only itself", exc)
+        notices.start()
+        refresher = asyncio.ensure_future(keep_bindings())
+        try:
             yield
         finally:
+            await cancel_and_wait(refresher)
+            await notices.close()
+            with contextlib.suppress(RedisError, OSError):
+                await bindings.release_all()
+            await registry.close(deregister=True)
             await interactive.close()
             await sessions.close()
             router.close()
             await redis.aclose()
 
     app = Starlette(
-        routes=[*endpoints.routes, *interactive.routes, *page_routes(),
-                *health_routes(lambda: None), stats_route(stats),
+        routes=[*ingest.routes, *endpoints.routes, *interactive.routes, *page_routes(),
+                *health_routes(drainer.readiness), stats_route(stats),
                 placer.route(), telemetry.route()],
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.router = router
     app.state.sessions = sessions
+    app.state.drain = drainer.run
+    app.state.drainer = drainer
     return app

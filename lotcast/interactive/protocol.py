@@ -748,6 +748,13 @@ def encode_viewers(*, epoch: str, offset: int, count: int) -> bytes:
     return _pack({"type": "viewers", "epoch": epoch, "offset": offset, "count": count})
 
 
+def encode_republish(*, stream: str, whip_url: str) -> bytes:
+    """Issue 13, to the host's sockets of the room: the origin of `stream` is draining; publish
+    to `whip_url` (another origin) make-before-break, then end the old WHIP session. Not a log
+    event: no epoch or offset."""
+    return _pack({"type": "republish", "stream": stream, "whip_url": whip_url})
+
+
 def encode_events(*, epoch: str, offset: int, raw_events: Iterable[bytes], count: int,
                   replay: bool = False) -> bytes:
     """An `events` batch built from already-encoded log events, without re-encoding them."""
