@@ -94,7 +94,8 @@ def create_app(settings: Settings, worker: WorkerSpec | None = None) -> Starlett
     upstreams = RelayUpstreams(router, sessions, settings.origin_url,
                                retry_window=settings.stream_grace, choose=planner.choose,
                                parent_ok=planner.parent_ok,
-                               headers=child_headers(settings.jwt_secret, settings.node_id))
+                               headers=child_headers(settings.jwt_secret, settings.node_id),
+                               origin_of=planner.bound_origins)
     metrics = NodeMetrics(settings.node_id, "relay")
     # room socket counts are kept per process: each worker under its own id
     interactive = InteractiveService(
@@ -211,6 +212,7 @@ def create_app(settings: Settings, worker: WorkerSpec | None = None) -> Starlett
             "children": sorted(children.values()),
             "reparents": upstreams.reparents,
             "stall_repulls": upstreams.stall_repulls,
+            "origin_moves": upstreams.origin_moves,
             "upstreams": [{"stream": p.stream.id, "state": p.state.value,
                            "url": p.upstream_url, "depth": upstreams.depth_of(p.stream.id)}
                           for p in upstreams.pulls()],

@@ -12,6 +12,11 @@ A child identifies itself to its parent with `X-Lotcast-Relay: <node id>` and
 
 When `origin_url` names a relay (a statically configured chain, used by the benchmark), that relay
 is always the parent and the depth is its depth + 1.
+
+Several origins (issue 13): "the origin" of a stream is the origin its binding in Redis names
+(lotcast/ops/origins.py), when that origin is alive; `origin_url` is the fallback for a stream
+without a binding (one origin, a static chain). `bound_origins` is what the relay checks at every
+heartbeat to move its pull when a stream's binding changes (an origin drained or crashed).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from lotcast.ops.node import NodeInfo, NodeState
+from lotcast.ops.origins import origin_of, origins
 from lotcast.ops.placement import RelaySelector
 from lotcast.ops.registry import read_live_nodes
 
@@ -58,6 +64,7 @@ class Upstream:
     url: str
     depth: int
     node_id: str | None = None  # None: the origin
+    origin: str | None = None  # the origin's node id, when found through the stream's binding
 
 
 def _same_url(a: str, b: str) -> bool:
@@ -85,7 +92,27 @@ class CascadePlanner:
         except (RedisError, OSError) as exc:
             logger.warning("registry unavailable, pulling %s from the origin: %r", stream, exc)
             return Upstream(self.origin_url, 0)
-        return self.plan(nodes, stream, int(time.time() * 1000), exclude, below_depth)
+        upstream = self.plan(nodes, stream, int(time.time() * 1000), exclude, below_depth)
+        if upstream.node_id is not None:
+            return upstream
+        try:
+            bound = await self._bound(nodes, [stream])
+        except (RedisError, OSError) as exc:
+            logger.warning("stream binding unavailable, pulling %s from %s: %r", stream,
+                           self.origin_url, exc)
+            return upstream
+        return bound.get(stream, upstream)
+
+    async def _bound(self, nodes: list[NodeInfo], streams: Collection[str]) -> dict[str, Upstream]:
+        live = origins(nodes, int(time.time() * 1000), self.selector.stale_after)
+        return {stream: Upstream(node.url.rstrip("/"), 0, origin=node.node_id)
+                for stream, node in (await origin_of(self.redis, streams, live)).items()}
+
+    async def bound_origins(self, streams: Collection[str]) -> dict[str, Upstream]:
+        """The live origin each of `streams` is bound to (unbound ones are left out)."""
+        if not streams:
+            return {}
+        return await self._bound(await self.nodes(), streams)
 
     def plan(self, nodes: list[NodeInfo], stream: str, now_ms: int,
              exclude: Collection[str] = (), below_depth: int | None = None) -> Upstream:

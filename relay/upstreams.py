@@ -3,7 +3,9 @@
 The upstream of each stream is chosen when its pull starts (`choose`, see relay/cascade.py: the
 origin, or a parent relay for a cascade) and re-chosen when that parent drains or disappears from
 the registry (`check_parents`, run at every heartbeat): the new pull is connected before the old
-one is closed, so viewers only wait for the next key frame.
+one is closed, so viewers only wait for the next key frame. A stream pulled from its origin moves
+the same way when its binding names another origin (`origin_of`, issue 13: the origin drained or
+crashed and the publisher moved).
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ PARENT_PROBE_TIMEOUT_S = 0.5
 # not within this is hung (SIGSTOP, a wedged loop) while its heartbeat has not yet expired.
 # The origin may be busier (every publisher), so it keeps the client's 10 s.
 PARENT_ANSWER_TIMEOUT_S = 4.0
+# How often the origin bindings of origin-fed streams are compared with their pulls.
+ORIGIN_CHECK_INTERVAL_S = 0.25
 # (stream, exclude node ids, below depth) -> where to pull from
 Chooser = Callable[[str, Collection[str], "int | None"], Awaitable[Upstream]]
 ParentCheck = Callable[[str, str], Awaitable[bool]]
+OriginLookup = Callable[[Collection[str]], Awaitable[dict[str, Upstream]]]
 
 
 class RelayUpstreams:
@@ -47,7 +52,8 @@ class RelayUpstreams:
     def __init__(self, router: StreamRouter, sessions: SessionTable, upstream_url: str,
                  retry_window: float, linger: float = 10.0, *, choose: Chooser | None = None,
                  parent_ok: ParentCheck | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None,
+                 origin_of: OriginLookup | None = None) -> None:
         self._router = router
         self._sessions = sessions
         self._upstream_url = upstream_url
@@ -55,6 +61,9 @@ class RelayUpstreams:
         self._linger = linger
         self._choose = choose
         self._parent_ok = parent_ok
+        self._origin_of = origin_of
+        self._origin_checked = 0.0
+        self.origin_moves = 0
         self._pulls: dict[str, UpstreamPull] = {}
         self._upstreams: dict[str, Upstream] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -134,7 +143,9 @@ class RelayUpstreams:
         return pull
 
     async def check_parents(self) -> None:
-        """Re-parent every stream whose parent relay is gone, draining or lost the stream."""
+        """Re-parent every stream whose parent relay is gone, draining or lost the stream, and
+        move every origin-fed stream whose binding names another origin."""
+        await self._check_origins()
         if self._parent_ok is None:
             return
         for stream_id, upstream in list(self._upstreams.items()):
@@ -148,6 +159,31 @@ class RelayUpstreams:
                 await self.reparent(stream_id, exclude={upstream.node_id})
             except Exception as exc:
                 logger.warning("stream %s: re-parenting failed: %r", stream_id, exc)
+
+    async def _check_origins(self) -> None:
+        now = time.monotonic()
+        if self._origin_of is None or now - self._origin_checked < ORIGIN_CHECK_INTERVAL_S:
+            return
+        self._origin_checked = now
+        fed = {sid: up for sid, up in self._upstreams.items() if up.node_id is None}
+        if not fed:
+            return
+        try:
+            bound = await self._origin_of(list(fed))
+        except Exception as exc:  # the registry is down: keep every pull as it is
+            logger.debug("origin bindings unavailable: %r", exc)
+            return
+        for stream_id, target in bound.items():
+            current = fed[stream_id]
+            pull = self._pulls.get(stream_id)
+            if pull is None or target.url == current.url:
+                continue
+            try:
+                if await self._replace_pull(stream_id, (), expected=pull):
+                    self.origin_moves += 1
+            except Exception as exc:  # the new origin's stream is not live yet: next check
+                logger.info("stream %s: not moved to origin %s yet: %r", stream_id,
+                            target.origin, exc)
 
     async def _parent_silent(self, pull: UpstreamPull) -> bool:
         """No media from the parent for PARENT_STALL_S and it does not answer /healthz: it died
