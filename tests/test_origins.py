@@ -151,3 +151,75 @@ async def test_whip_post_with_a_bad_stream_id_is_400_before_placement(
                 assert r.status_code == 400, r.text
                 r = await http.get(f"{url}/api/streams/bad%20id/ingest")
                 assert r.status_code == 400, r.text
+
+
+@pytest.mark.timeout(150)
+async def test_sigterm_origin_moves_its_stream_make_before_break_and_exits_when_empty(
+        redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    from cluster_support import TimedViewer
+
+    from lotcast.interactive.client import RoomClient
+
+    token = host_token()
+    with two_origins(redis_server) as cluster:
+        first = PlacedPublisher(cluster.urls[0], "drain-show", token)
+        await first.start()
+        draining = cluster.by_url(first.origin_url)
+        survivor = cluster.other(draining)
+        # the host's console socket is on the other origin: the notice crosses origins
+        host = RoomClient(survivor.url, "drain-show", token)
+        await host.connect()
+        relay = cluster.relays[0]
+        viewer = TimedViewer(relay.url, "drain-show")
+        await viewer.start()
+        second: PlacedPublisher | None = None
+        try:
+            await viewer.wait_frames(15, timeout=20)
+            draining.signal(signal.SIGTERM)
+            term_at = time.monotonic()
+
+            async def told() -> bool:
+                return any(m.get("type") == "republish" for _, m in host.received)
+
+            await wait_until(told, 15, "the host is told to republish")
+            notice = next(m for _, m in host.received if m.get("type") == "republish")
+            assert notice["stream"] == "drain-show"
+            assert notice["whip_url"] == (f"{survivor.url}/whip/drain-show?from={draining.name}")
+            # make before break: the new session first, the old one ended once it is connected
+            last = viewer.counters[-1]
+            second = PlacedPublisher(notice["whip_url"].split("/whip/")[0], "drain-show", token,
+                                     first_frame=last + 1000)
+            second.url = notice["whip_url"]
+            await second.start()
+            assert second.origin_url == survivor.url
+            assert await binding(redis_client, "drain-show") == survivor.name
+
+            async def connected() -> bool:
+                return second is not None and second.pc.connectionState == "connected"
+
+            await wait_until(connected, 15, "the new WHIP session connects")
+
+            async def moved() -> bool:
+                return any(c > last + 1000 for c in viewer.counters)
+
+            await wait_until(moved, 20, "the viewer plays the new publisher's frames")
+            await first.stop()
+            assert draining.wait(25) == 0, "".join(draining.output[-30:])
+            exited_at = time.monotonic()
+            await asyncio.sleep(1.0)  # frames after the move
+            gap = viewer_max_gap(viewer.frame_times, term_at, time.monotonic())
+            print(f"\norigin drain: stream moved, longest gap between decoded frames at the "
+                  f"relay's viewer {gap * 1000:.0f} ms; drained origin exited "
+                  f"{exited_at - term_at:.2f}s after SIGTERM")
+            assert await relay_upstream(relay.url, "drain-show") == survivor.url
+            assert viewer.pc.connectionState == "connected"
+        finally:
+            await host.close()
+            await viewer.stop()
+            if second is not None:
+                await second.stop()
+
+
+def viewer_max_gap(times: list[float], start: float, end: float) -> float:
+    points = [start, *(t for t in times if start <= t <= end), end]
+    return max(b - a for a, b in zip(points, points[1:], strict=False))
