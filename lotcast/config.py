@@ -33,6 +33,14 @@ class Settings:
     turn_secret: str = ""
     turn_ttl: float = 12 * 3600.0
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # --- Redis Cluster (lotcast/redisconn.py; docs/operations.md "Redis Cluster") ---
+    # Treat redis_url as a cluster seed (also implied by a redis+cluster://h1:p1,h2:p2 URL).
+    redis_cluster: bool = False
+    # Durable acks: "wait" answers a bid/vote/host action only after WAIT 1 confirms a replica
+    # has it (else the client gets `unavailable`), "off" once the primary has it, "auto" waits
+    # when the Redis has replicas.
+    redis_ack: str = "auto"
+    redis_wait_timeout_ms: int = 1000
     jwt_secret: str = DEV_JWT_SECRET
     # Relay: where to pull streams from (origin or parent relay base URL).
     origin_url: str = "http://127.0.0.1:8080"

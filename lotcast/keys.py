@@ -1,28 +1,38 @@
 """Every Redis key and channel name the platform uses, in one place.
 
 Room-scoped keys share the ``{room}`` hash tag so one room's keys land on one Redis Cluster slot
-and a Lua script may touch all of them atomically.
+and a Lua script may touch all of them atomically. Every key that is not per room (registry,
+placement, stream -> origin, the settle index) carries the one shared tag ``{global}``, so a
+transaction over several of them is single-slot too (tests/test_redis_cluster.py checks both).
 """
 
 from __future__ import annotations
 
 PREFIX = "lotcast"
 
+# Hash tag of every key that is not per room: one slot (one shard) holds them all.
+GLOBAL = f"{PREFIX}:{{global}}"
+
 # --- Relay registry and placement (lotcast/ops) -------------------------------------------
 
 # Hash of every live node's heartbeat, one key per node, expiring after the TTL.
 def node(node_id: str) -> str:
-    return f"{PREFIX}:node:{node_id}"
+    return f"{GLOBAL}:node:{node_id}"
 
 
 # Hash of a multi-worker node's per-worker heartbeats: field ``w<i>`` -> JSON of that worker's
 # NodeInfo fields. `node(node_id)` then holds their sum (lotcast/ops/registry.py).
 def node_workers(node_id: str) -> str:
-    return f"{PREFIX}:node-workers:{node_id}"
+    return f"{GLOBAL}:node-workers:{node_id}"
 
 
 # Sorted set of node ids scored by last heartbeat (ms), for listing without SCAN.
-NODES_INDEX = f"{PREFIX}:nodes"
+NODES_INDEX = f"{GLOBAL}:nodes"
+
+
+def stream_origin(stream: str) -> str:
+    """String: node id of the origin (broadcaster) that holds the stream's publisher."""
+    return f"{GLOBAL}:stream-origin:{stream}"
 
 # --- Interactive layer: auction, polls, room events (lotcast/interactive) ------------------
 # (owned by the interactive layer; add keys below as functions of the room id)
@@ -221,32 +231,29 @@ def room_online(room: str, node_id: str) -> str:
     return room_prefix(room) + f"online:{node_id}"
 
 
-# Library of the reaction and giveaway Functions (lua/common.lua + reactions.lua + giveaway.lua)
-SHOW_FUNCTION_LIBRARY = "lotcast_show_v1"
+def room_due(room: str) -> str:
+    """String: the room's next lot/poll deadline (ms); absent when nothing is open. Written only
+    by the room Functions (touch_active in lua/common.lua), in the room's slot."""
+    return room_prefix(room) + "due"
 
 
-# Sorted set of rooms with open lots/polls, scored by their next deadline (ms): the settle loop's
-# work list. The room Functions keep it exact atomically, which needs a non-cluster Redis
-# (standalone or Sentinel); on Redis Cluster it would have to move into the room's slot.
-ACTIVE_ROOMS = f"{PREFIX}:interactive:active_rooms"
+# Sorted set of rooms with open lots/polls, scored by (a lower bound of) their next deadline (ms):
+# the settle loop's work list. It is in the {global} slot, so the room Functions cannot write it
+# (a Function touches one slot); the node that opens a lot or poll adds the room with `ZADD LT`
+# from the room's `due` key, and the settle loop sets the exact score after each settle
+# (lotcast/interactive/deadlines.py). A score too low only costs one early settle call.
+ACTIVE_ROOMS = f"{GLOBAL}:interactive:active_rooms"
+# Where ACTIVE_ROOMS lived before the {global} tag (a non-cluster Redis may still hold it).
+LEGACY_ACTIVE_ROOMS = f"{PREFIX}:interactive:active_rooms"
 
-# Name of the Redis Function library (bump the version when the Lua changes incompatibly).
-FUNCTION_LIBRARY = "lotcast_v1"
-
-
-# --- Several origins: stream -> origin binding (issue 13; lotcast/ops/origins.py) -----------
-# Not per room: these live together under their own hash tag, so the claim scripts (one key
-# each) and the drain notices stay on one Redis Cluster slot.
-ORIGINS_TAG = "{origins}"
-
-
-def stream_origin(stream: str) -> str:
-    """String: the node id of the origin that holds the stream's publisher. Set NX (or taken
-    over from a dead or draining origin) when a WHIP POST is accepted, PX refreshed by that
-    origin's heartbeat, deleted (compare-and-delete) when the stream ends there."""
-    return f"{PREFIX}:{ORIGINS_TAG}:stream-origin:{stream}"
+# Names of the Redis Function libraries. Every function is registered as ``<library>_<name>``,
+# so two versions can be loaded side by side during a rolling upgrade; bump the version when the
+# Lua or its calling convention changes (docs/operations.md, "Redis Cluster").
+FUNCTION_LIBRARY = "lotcast_v2"
+SHOW_FUNCTION_LIBRARY = "lotcast_show_v2"
 
 
+# --- Several origins (issue 13, broadcaster/notices.py; stream_origin is above) --------------
 # Pub/sub channel: a draining origin asks the host page of a stream (whose room socket may be on
 # any origin) to publish elsewhere: msgpack {"stream": ..., "whip_url": ...}.
-ORIGIN_NOTICES = f"{PREFIX}:{ORIGINS_TAG}:republish"
+ORIGIN_NOTICES = f"{GLOBAL}:origin-notices"

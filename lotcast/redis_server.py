@@ -82,6 +82,7 @@ class RedisServer(OwnedDaemon):
         ]
         for key, value in DURABILITY_CONFIG.items():
             args += [f"--{key}", value]
+        args += self.extra_args()
         self._proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
             preexec_fn=die_with_parent(signal.SIGTERM) if self.supervised else None)
@@ -96,6 +97,10 @@ class RedisServer(OwnedDaemon):
         self.stop()
         raise RuntimeError(f"redis-server did not answer PING on port {self.port} in {timeout}s")
 
+
+    def extra_args(self) -> list[str]:
+        """More redis-server flags (a cluster node adds its cluster settings)."""
+        return []
 
     def describe(self) -> str:
         return f"pid {self.pid} on {self.url}, AOF in {self.data_dir}"

@@ -161,7 +161,7 @@ async def test_lua_keys_match_keys_module(redis_client: aioredis.Redis) -> None:
                 keys.lot(room, lot), keys.lot_idempotency(room, lot), keys.room_polls(room),
                 keys.room_open_polls(room), keys.poll(room, poll), keys.poll_voters(room, poll),
                 keys.rate_bucket(room, "bid", "u"), keys.rate_bucket(room, "vote", "u"),
-                keys.ACTIVE_ROOMS}
+                keys.room_due(room), keys.ACTIVE_ROOMS}
     actual = {k.decode() for k in await redis_client.keys("*")}
     assert actual == expected
     entry = (await redis_client.xrange(keys.room_log(room)))[0]

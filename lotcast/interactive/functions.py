@@ -1,48 +1,195 @@
-"""Loads the Lua library (lua/*.lua) into Redis as Functions and calls them for one room."""
+"""Loads the Lua library (lua/*.lua) into Redis as Functions and calls them for one room.
+
+On Redis Cluster every call touches one slot (the room's `{room}` hash tag: keys[1] is the room's
+seq key and the Lua derives every other key from the room prefix), the library is loaded on every
+primary (replicas get it by replication, so a promoted replica has it), and events go out with
+SPUBLISH (sharded pub/sub). Durable acks: a write the client is told about is first confirmed by
+`WAIT 1 <timeout>` on the same connection (docs/operations.md, "Redis Cluster").
+"""
 
 from __future__ import annotations
 
+import enum
 import logging
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.asyncio.cluster import PipelineCommand
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from lotcast import keys
+from lotcast import keys, redisconn
+from lotcast.interactive.deadlines import DEADLINE_CALLS, SettleIndex
 
 log = logging.getLogger(__name__)
 
 # moderation.lua wraps bid/vote before room.lua registers them; chat.lua extends room.lua's snapshot.
 LUA_FILES = ("common.lua", "auction.lua", "polls.lua", "moderation.lua", "room.lua", "chat.lua")
 
+# Calls whose answer tells a client its write happened: with AckPolicy.WAIT they are confirmed by
+# a replica before the answer (the settle pass and chat are not: a settle lost with its primary
+# is decided again by the next pass, chat is best effort).
+DURABLE_CALLS = frozenset({"bid", "prebid", "vote", "lot_create", "lot_open", "lot_extend",
+                           "lot_close", "lot_rerun", "poll_open", "poll_close"})
 
-def library_source() -> str:
+
+class AckPolicy(enum.Enum):
+    OFF = "off"  # acknowledged once the primary has it (and its AOF, appendfsync always)
+    WAIT = "wait"  # ... and once a replica has it (WAIT 1 <timeout>); else `unavailable`
+    AUTO = "auto"  # WAIT when the Redis has replicas (a cluster with replicas), else OFF
+
+
+class NotReplicated(RedisConnectionError):
+    """WAIT timed out: the write is on the primary but no replica confirmed it. The client is
+    answered `unavailable` (retrying with its idempotency key returns the stored answer)."""
+
+
+@dataclass(frozen=True)
+class Durability:
+    replicas: int  # 0 = acks do not wait
+    timeout_ms: int
+
+
+def library_source(files: tuple[str, ...], library: str, sharded: bool) -> str:
     lua = resources.files("lotcast.interactive") / "lua"
-    body = "\n".join((lua / name).read_text() for name in LUA_FILES)
-    return f"#!lua name={keys.FUNCTION_LIBRARY}\n{body}"
+    body = "\n".join((lua / name).read_text() for name in files)
+    header = (f"local FN = '{library}_'\n"
+              f"local PUBLISH = '{'SPUBLISH' if sharded else 'PUBLISH'}'\n")
+    return f"#!lua name={library}\n{header}{body}"
+
+
+def _retryable_routing(exc: BaseException) -> bool:
+    """The call did not run: the slot moved or its shard is failing over."""
+    return isinstance(exc, (MovedError, AskError, TryAgainError, ClusterDownError))
 
 
 class RoomFunctions:
     """The single writer of room state: every change is one atomic Redis Function call."""
 
-    def __init__(self, redis: aioredis.Redis, history: int) -> None:
+    LIBRARY = keys.FUNCTION_LIBRARY
+    FILES: tuple[str, ...] = LUA_FILES
+
+    def __init__(self, redis: aioredis.Redis, history: int,
+                 durability: Durability | None = None) -> None:
         self.redis = redis
         self.history = history
-        self._source = library_source()
+        self.durability = durability or Durability(0, 0)
+        self.cluster = redisconn.is_cluster(redis)
+        self._source = library_source(self.FILES, self.LIBRARY, self.cluster)
+        self.index = SettleIndex(redis)
 
     async def load(self) -> None:
-        await self.redis.function_load(self._source, replace=True)
+        """FUNCTION LOAD REPLACE on this Redis, or on every primary of the cluster."""
+        if self.cluster:
+            rc = redisconn.as_cluster(self.redis)
+            await rc.execute_command("FUNCTION", "LOAD", "REPLACE", self._source,
+                                     target_nodes=rc.get_primaries())
+        else:
+            await self.redis.function_load(self._source, replace=True)
 
     async def call(self, name: str, room: str, *args: str | int | bytes) -> Any:
         argv = (keys.room_prefix(room), keys.room_channel(room), self.history, room, *args)
-        room_keys = (keys.room_seq(room), keys.ACTIVE_ROOMS)
+        fn = f"{self.LIBRARY}_{name}"
+        seq = keys.room_seq(room)
+        durable = self.durability.replicas > 0 and name in DURABLE_CALLS
+        result = await self._call_reloading(fn, seq, argv, durable)
+        if name in DEADLINE_CALLS:
+            try:
+                await self.index.refresh([room])
+            except RedisError as exc:  # the nodes' once-a-second refresh repairs it
+                log.warning("room %s: settle index not updated: %r", room, exc)
+        return result
+
+    async def _call_reloading(self, fn: str, seq: str, argv: tuple[Any, ...],
+                              durable: bool) -> Any:
         try:
-            return await self.redis.fcall(f"lotcast_{name}", 2, *room_keys, *argv)
+            return await self._call(fn, seq, argv, durable)
         except ResponseError as exc:
             if "not found" not in str(exc).lower():
                 raise
-            # A fresh or flushed Redis lost the library: load it again and retry once.
+            # A fresh or flushed Redis (or a primary that joined empty) lost the library:
+            # load it again everywhere and retry once.
             log.warning("Redis Function library missing (%s); reloading", exc)
             await self.load()
-            return await self.redis.fcall(f"lotcast_{name}", 2, *room_keys, *argv)
+            return await self._call(fn, seq, argv, durable)
+        except RedisClusterException as exc:
+            # e.g. a slot not covered while its shard fails over: the client is told
+            # `unavailable` (a RedisError), never an internal error
+            raise RedisConnectionError(f"Redis Cluster: {exc}") from exc
+
+    async def _call(self, fn: str, seq: str, argv: tuple[Any, ...], durable: bool) -> Any:
+        if not durable:
+            return await self.redis.fcall(fn, 1, seq, *argv)
+        if self.cluster:
+            return await self._call_on_node(fn, seq, argv)
+        # one connection for both, so WAIT counts this call's write
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.fcall(fn, 1, seq, *argv)
+            pipe.execute_command("WAIT", self.durability.replicas, self.durability.timeout_ms)
+            result, acked = await pipe.execute()
+        self._check_acked(acked)
+        return result
+
+    async def _call_on_node(self, fn: str, seq: str, argv: tuple[Any, ...]) -> Any:
+        """FCALL then WAIT on one connection of the slot's primary: WAIT counts the writes of
+        its own connection. A call the node refused for routing (MOVED, CLUSTERDOWN) did not
+        run, so it is retried once after a topology refresh; any other failure is raised."""
+        rc = redisconn.as_cluster(self.redis)
+        for attempt in range(2):
+            node = rc.get_node_from_key(seq)
+            if node is None:
+                raise RedisConnectionError(f"no node serves {seq!r}")
+            commands = [PipelineCommand(0, "FCALL", fn, 1, seq, *argv),
+                        PipelineCommand(1, "WAIT", self.durability.replicas,
+                                        self.durability.timeout_ms)]
+            await node.execute_pipeline(commands)
+            result, acked = commands[0].result, commands[1].result
+            if isinstance(result, BaseException):
+                if attempt == 0 and _retryable_routing(result):
+                    await rc.nodes_manager.initialize()
+                    continue
+                if isinstance(result, (RedisError, OSError)):
+                    raise result
+                raise RedisConnectionError(repr(result)) from result
+            if isinstance(acked, BaseException):
+                raise NotReplicated(f"WAIT failed: {acked!r}") from acked
+            self._check_acked(acked)
+            return result
+        raise RedisConnectionError(f"{seq!r}: slot still moving")
+
+    def _check_acked(self, acked: Any) -> None:
+        if int(acked) < self.durability.replicas:
+            raise NotReplicated(f"{int(acked)} of {self.durability.replicas} replicas confirmed "
+                                f"the write within {self.durability.timeout_ms} ms")
+
+
+async def resolve_durability(redis: aioredis.Redis, policy: AckPolicy,
+                             timeout_ms: int) -> Durability:
+    """AUTO waits when the Redis has a replica: any replica in a cluster, or this Redis's own
+    connected replicas (a Sentinel-managed primary)."""
+    if policy is AckPolicy.OFF:
+        return Durability(0, timeout_ms)
+    if policy is AckPolicy.WAIT:
+        return Durability(1, timeout_ms)
+    if redisconn.is_cluster(redis):
+        raw = await redis.execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
+        if isinstance(raw, dict):  # redis-py parses CLUSTER NODES into {address: {flags...}}
+            has = any("slave" in str(v.get("flags", "")) for v in raw.values())
+        else:
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            has = any(" slave " in f" {line.split()[2].replace(',', ' ')} "
+                      for line in text.splitlines() if len(line.split()) > 2)
+    else:
+        info = await redis.info("replication")
+        has = int(info.get("connected_slaves", 0)) > 0
+    return Durability(1 if has else 0, timeout_ms)

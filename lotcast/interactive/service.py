@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Literal
 
 import redis.asyncio as aioredis
 from starlette.requests import Request
@@ -18,14 +18,15 @@ from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from lotcast import keys
+from lotcast import keys, redisconn
 from lotcast.auth import TokenAuthority
 from lotcast.config import Settings
 from lotcast.ids import STREAM_ID_RULE, is_valid_stream_id
 from lotcast.interactive.chat import ChatStore
-from lotcast.interactive.functions import RoomFunctions
+from lotcast.interactive.deadlines import SettleIndex
+from lotcast.interactive.functions import AckPolicy, RoomFunctions, resolve_durability
 from lotcast.interactive.httpstream import AsgiEndpoint, HttpRoomEndpoints
-from lotcast.interactive.hub import RoomHub, RoomSubscriptions
+from lotcast.interactive.hub import RoomHub, Subscriptions, subscriptions_for
 from lotcast.interactive.polls import PollStore
 from lotcast.interactive.protocol import CloseCode
 from lotcast.interactive.roomlog import RoomLog
@@ -67,7 +68,8 @@ class InteractiveService:
         self._sessions: set[ClientSession] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._redis: aioredis.Redis | None = None
-        self._subscriptions: RoomSubscriptions | None = None
+        self._subscriptions: Subscriptions | None = None
+        self._index: SettleIndex | None = None
         self._deps: SessionDeps | None = None
         # the HTTP fallback transport; `http.count_observers` get its open stream count
         self.http = HttpRoomEndpoints(self.run_session,
@@ -93,18 +95,22 @@ class InteractiveService:
         if self.state is not ServiceState.NEW:
             raise RuntimeError(f"Cannot start interactive service in state {self.state.value!r}")
         s = self.settings
-        # A blocking pool queues commands when all connections are busy (a bid burst) instead of
-        # failing them with "Too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(
-            s.redis_url, max_connections=REDIS_CONNECTIONS, timeout=5, health_check_interval=10)
-        self._redis = aioredis.Redis(connection_pool=pool)
-        functions = RoomFunctions(self._redis, s.room_history)
+        cluster = redisconn.parse_redis_url(s.redis_url, cluster=s.redis_cluster).mode \
+            is redisconn.RedisMode.CLUSTER
+        self._redis = redisconn.connect(
+            s.redis_url, cluster=s.redis_cluster, health_check_interval=10,
+            max_connections=None if cluster else REDIS_CONNECTIONS)
+        durability = await resolve_durability(self._redis, AckPolicy(s.redis_ack),
+                                              s.redis_wait_timeout_ms)
+        functions = RoomFunctions(self._redis, s.room_history, durability)
         await functions.load()
         show_functions = ShowFunctions(self._redis, s.room_history)
         await show_functions.load()
+        self._index = functions.index
+        await self._index.migrate_legacy()
         bid_limit = RateLimit(s.bid_rate, s.bid_burst)
         roomlog = RoomLog(self._redis, functions)
-        self._subscriptions = RoomSubscriptions(self._redis)
+        self._subscriptions = subscriptions_for(self._redis)
         self._deps = SessionDeps(
             settings=s, node_id=self.node_id, authority=self.authority,
             auctions=AuctionStore(functions, bid_limit),
@@ -236,14 +242,15 @@ class InteractiveService:
                 log.warning("settle pass failed: %r", exc)
 
     async def settle_due(self) -> int:
-        assert self._redis is not None and self._deps is not None
+        assert self._redis is not None and self._deps is not None and self._index is not None
+        # Redis's clock (on a cluster, any node's: the primaries' clocks decide the deadlines,
+        # and the settle Function itself checks each one against its own)
         seconds, micros = await self._redis.time()
         now_ms = seconds * 1000 + micros // 1000
-        rooms: Any = await self._redis.zrangebyscore(keys.ACTIVE_ROOMS, "-inf", now_ms, start=0,
-                                                num=200)
         settled = 0
-        for raw in rooms:
-            count, _ = await self._deps.auctions.settle(raw.decode())
+        for room in await self._index.due(now_ms, 200):
+            count, next_due = await self._deps.auctions.settle(room)
+            await self._index.settled(room, next_due)
             settled += count
         return settled
 
@@ -262,6 +269,8 @@ class InteractiveService:
         rooms = list(self.hubs.items())
         if not rooms:
             return
+        if self._index is not None:
+            await self._index.refresh([room for room, _ in rooms])
         others = await self._write_counts(rooms)
         for (_room, hub), elsewhere in zip(rooms, others, strict=True):
             hub.set_viewers(elsewhere + len(hub.sockets))

@@ -3,31 +3,25 @@ giveaway.lua), loaded beside the room library (functions.py) and called the same
 
 from __future__ import annotations
 
-from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from lotcast import keys
-from lotcast.interactive.functions import RoomFunctions
+from lotcast.interactive.functions import RoomFunctions, library_source
 from lotcast.interactive.protocol import ErrorCode, ProtocolError
 
 SHOW_LUA_FILES = ("common.lua", "reactions.lua", "giveaway.lua")
 
 
-def show_library_source() -> str:
-    lua = resources.files("lotcast.interactive") / "lua"
-    body = "\n".join((lua / name).read_text() for name in SHOW_LUA_FILES)
-    return f"#!lua name={keys.SHOW_FUNCTION_LIBRARY}\n{body}"
+def show_library_source(sharded: bool = False) -> str:
+    return library_source(SHOW_LUA_FILES, keys.SHOW_FUNCTION_LIBRARY, sharded)
 
 
 class ShowFunctions(RoomFunctions):
     """Same calling convention as RoomFunctions; loads its own library (on first use too: a
     missing library is loaded and the call retried once, as RoomFunctions does)."""
 
-    def __init__(self, redis: aioredis.Redis, history: int) -> None:
-        super().__init__(redis, history)
-        self._source = show_library_source()
+    LIBRARY = keys.SHOW_FUNCTION_LIBRARY
+    FILES = SHOW_LUA_FILES
 
 
 def raise_show_error(result: dict[str, Any], *, field: str | None,

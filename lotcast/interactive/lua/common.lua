@@ -1,8 +1,10 @@
 -- Shared helpers for the lotcast Redis Function library (concatenated before the other files).
--- Every function receives keys[1] = the room's seq key (routes the call to the room's slot),
--- keys[2] = the global active-rooms sorted set, and args[1] = room key prefix "lotcast:{room}:",
--- args[2] = pub/sub channel, args[3] = log MAXLEN, args[4] = room id.
--- All other keys are derived from the prefix exactly as lotcast/keys.py spells them.
+-- functions.py prepends `local FN = '<library>_'` (every function is registered as FN .. name)
+-- and `local PUBLISH = 'PUBLISH'` ('SPUBLISH' on Redis Cluster: sharded pub/sub).
+-- Every function receives keys[1] = the room's seq key (routes the call to the room's slot)
+-- and args[1] = room key prefix "lotcast:{room}:", args[2] = pub/sub channel, args[3] = log
+-- MAXLEN, args[4] = room id. All other keys are derived from the prefix exactly as
+-- lotcast/keys.py spells them, so every key a call touches is in the room's slot.
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -18,11 +20,11 @@ local function hash(key)
 end
 
 local function room_ctx(keys, args)
-  return {prefix = args[1], channel = args[2], maxlen = args[3], room = args[4], active = keys[2]}
+  return {prefix = args[1], channel = args[2], maxlen = args[3], room = args[4]}
 end
 
--- Keep the room's entry in the active-rooms set at its next lot/poll deadline (the settle loop's
--- work list). Called whenever a deadline appears, moves or goes away.
+-- Keep the room's `due` key at its next lot/poll deadline (the node copies it into the global
+-- settle index, keys.ACTIVE_ROOMS). Called whenever a deadline appears, moves or goes away.
 local function touch_active(R)
   local next_due = -1
   for _, z in ipairs({'open_lots', 'open_polls'}) do
@@ -32,9 +34,9 @@ local function touch_active(R)
     end
   end
   if next_due < 0 then
-    redis.call('ZREM', R.active, R.room)
+    redis.call('DEL', R.prefix .. 'due')
   else
-    redis.call('ZADD', R.active, next_due, R.room)
+    redis.call('SET', R.prefix .. 'due', next_due)
   end
   return next_due
 end
@@ -58,13 +60,13 @@ local function emit(R, ev, now)
   ev.ts = now
   local payload = cmsgpack.pack(ev)
   redis.call('XADD', R.prefix .. 'log', 'MAXLEN', '~', R.maxlen, '0-' .. o, 'e', payload)
-  redis.call('PUBLISH', R.channel, ep .. '|' .. payload)
+  redis.call(PUBLISH, R.channel, ep .. '|' .. payload)
   return o
 end
 
 local function publish_ephemeral(R, msg)
   local ep = ensure_epoch(R)
-  redis.call('PUBLISH', R.channel, ep .. '|' .. cmsgpack.pack(msg))
+  redis.call(PUBLISH, R.channel, ep .. '|' .. cmsgpack.pack(msg))
 end
 
 -- Token bucket per user; rate <= 0 disables it.
