@@ -157,12 +157,48 @@ function scheduleRepublish(why) {
   retryTimer = setTimeout(() => { if (wantLive) publishOnce(); }, delay * 1000);
 }
 
-async function publishOnce() {
-  const old = publisher;
-  if (old) await old.stop();
-  const pub = new WhipPublisher(`/whip/${encodeURIComponent(params.stream)}`, { token });
-  publisher = pub;
-  let negotiating = true; // failures during publish() are handled by its catch below
+// Several origins (issue 13): ask an origin where the stream goes (GET .../ingest), then POST
+// there. The origins we know are learned from every answer (Lotcast-Origins), so when the origin
+// we publish to dies, the retry asks the others instead of only the dead URL.
+const knownOrigins = [location.origin];
+let publishOrigin = null; // base URL of the origin of the current session
+
+function learnOrigins(list) {
+  for (const url of list || []) {
+    const base = String(url).replace(/\/+$/, "");
+    if (base && !knownOrigins.includes(base)) knownOrigins.push(base);
+  }
+}
+
+async function placeIngest() {
+  const id = encodeURIComponent(params.stream);
+  // the origin we were on first: if it is alive it is most likely still the stream's origin
+  const order = [...new Set([publishOrigin, ...knownOrigins].filter(Boolean))];
+  for (const base of order) {
+    const ctrl = new AbortController();
+    const timer = setTimeout(() => ctrl.abort(), 2000);
+    try {
+      const r = await fetch(`${base}/api/streams/${id}/ingest`, { cache: "no-store", signal: ctrl.signal });
+      if (!r.ok) continue;
+      const body = await r.json();
+      learnOrigins(body.origins);
+      if (body.whip_url) return body.whip_url;
+    } catch {
+      // that origin is down: ask the next one
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+  return `/whip/${id}`; // no placement answer (one origin without the registry): publish here
+}
+
+function originOf(url) {
+  return new URL(url, location.href).origin;
+}
+
+/** A new WhipPublisher whose state changes drive the page while it is the current one. */
+function newPublisher(endpoint, negotiation) {
+  const pub = new WhipPublisher(endpoint, { token });
   pub.addEventListener("statechange", (ev) => {
     if (publisher !== pub) return;
     const { state, error } = ev.detail;
@@ -171,25 +207,91 @@ async function publishOnce() {
       retryAttempt = 0;
       showError("");
       setPublishState("live", `publishing ${params.stream}`);
-    } else if (state === "failed" && !negotiating) {
+    } else if (state === "failed" && !negotiation.active) {
       scheduleRepublish(error || "connection failed");
     } else if (state === "connecting") setPublishState("connecting", "sending offer…");
   });
-  pub.addEventListener("connectionstatechange", (ev) => setText("connection-state", ev.detail));
+  pub.addEventListener("connectionstatechange", (ev) => {
+    if (publisher === pub) setText("connection-state", ev.detail);
+  });
+  return pub;
+}
+
+async function publishOnce() {
+  const old = publisher;
+  if (old) await old.stop();
+  publisher = null;
+  setPublishState("connecting", "finding an origin…");
+  const endpoint = await placeIngest();
+  if (!wantLive || publisher !== null) return; // stopped (or replaced) meanwhile
+  const negotiation = { active: true }; // failures during publish() are handled by its catch
+  const pub = newPublisher(endpoint, negotiation);
+  publisher = pub;
+  publishOrigin = originOf(endpoint);
   setPublishState("connecting", "sending offer…");
   try {
     await pub.publish(media);
-    negotiating = false;
+    negotiation.active = false;
+    if (pub.location) publishOrigin = originOf(pub.location);
     if (publisher === pub && pub.state === "failed") scheduleRepublish(pub.error || "connection failed");
     else if (publisher === pub && pub.state === "connecting") setPublishState("connecting", "connecting media…");
   } catch (err) {
-    negotiating = false;
+    negotiation.active = false;
     if (publisher !== pub) return;
     const status = err.status ?? 0;
     const refused = status >= 400 && status < 500 && status !== 409 && status !== 429;
     if (refused) wantLive = false;
     scheduleRepublish(err.message || String(err));
   }
+}
+
+// The origin we publish to is draining (a `republish` message on the room socket): publish to
+// the origin it names, make before break — the old session ends only once the new one is live,
+// so viewers see no gap. If the new one fails, the old one keeps going (until the drain ends it).
+let moving = null;
+const MOVE_LIVE_TIMEOUT_MS = 10000;
+
+function waitLive(pub, ms) {
+  return new Promise((resolve, reject) => {
+    if (pub.state === "live") return resolve();
+    const timer = setTimeout(() => reject(new Error("new session did not go live in time")), ms);
+    pub.addEventListener("statechange", (ev) => {
+      if (ev.detail.state === "live") { clearTimeout(timer); resolve(); }
+      if (ev.detail.state === "failed" || ev.detail.state === "stopped") {
+        clearTimeout(timer);
+        reject(new Error(ev.detail.error || ev.detail.state));
+      }
+    });
+  });
+}
+
+async function moveTo(url) {
+  if (!wantLive || !media || moving || publishState !== "live") return;
+  const old = publisher;
+  if (old?.location && originOf(old.location) === originOf(url)) return; // already there
+  const negotiation = { active: true };
+  const pub = newPublisher(url, negotiation);
+  moving = pub;
+  setPublishState("live", `publishing ${params.stream}; moving to another origin…`);
+  try {
+    await pub.publish(media);
+    await waitLive(pub, MOVE_LIVE_TIMEOUT_MS);
+  } catch (err) {
+    moving = null;
+    await pub.stop();
+    if (publisher === old) setPublishState("live", `publishing ${params.stream} (move failed: ${err.message || err})`);
+    return;
+  }
+  negotiation.active = false;
+  moving = null;
+  if (publisher !== old || !wantLive) { // stopped or replaced meanwhile
+    await pub.stop();
+    return;
+  }
+  publisher = pub;
+  publishOrigin = originOf(pub.location || url);
+  setPublishState("live", `publishing ${params.stream}`);
+  if (old) await old.stop();
 }
 
 async function stop() {
@@ -232,6 +334,16 @@ setInterval(statsTick, 1000);
 // --- console -------------------------------------------------------------------------------------
 
 const room = new RoomClient({ room: params.stream, token });
+// `republish` (docs/protocol.md) is not a room event; room.js has no event for it, so the page
+// takes it before the client's own handler.
+const handleServerMessage = room._handle.bind(room);
+room._handle = (msg) => {
+  if (msg && msg.type === "republish") {
+    if (msg.stream === params.stream && typeof msg.whip_url === "string") moveTo(msg.whip_url);
+    return undefined;
+  }
+  return handleServerMessage(msg);
+};
 room.addEventListener("status", (ev) => {
   // The console socket and the WHIP session go to the same broadcaster: a dropped socket is a
   // hint that the media connection may be gone too.
@@ -264,6 +376,8 @@ $("token-apply").addEventListener("click", () => {
 
 window.lotcast = {
   get publisher() { return publisher; },
+  get origins() { return [...knownOrigins]; },
+  get publishOrigin() { return publishOrigin; },
   room,
   console: hostConsole,
   get pc() { return publisher?.pc ?? null; },

@@ -1,0 +1,128 @@
+"""Real browsers, two origins (issue 13): a Chromium host page publishes, a Chromium viewer watches
+through a relay; SIGTERM on the stream's origin moves the stream (the host page is told over its
+room socket and republishes make-before-break, the relay switches its pull) and the drained origin
+exits. The viewer's getStats() is sampled every 50 ms throughout."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from browser_support import PageLog, chromium, open_page, page_state, wait_for
+from media_support import host_token, http_client
+from origin_support import two_origins
+
+from lotcast import keys
+from lotcast.redis_server import RedisServer
+
+# Longest stretch without a newly decoded frame, and Chromium's own freeze counters, from the
+# viewer's inbound video stats (sampled every 50 ms).
+_SAMPLER_JS = """() => {
+    const w = window.__freeze = { maxGapMs: 0, samples: 0, last: null, lastAt: performance.now(),
+                                  freezes0: null, freezeMs0: null, freezes: 0, freezeMs: 0,
+                                  decoded: 0 };
+    window.__freezeTimer = setInterval(async () => {
+        const pc = window.lotcast.pc;
+        if (!pc) return;
+        let v = null;
+        (await pc.getStats()).forEach((s) => { if (s.type === 'inbound-rtp' && s.kind === 'video') v = s; });
+        if (!v) return;
+        const now = performance.now();
+        w.samples += 1;
+        if (w.freezes0 === null) { w.freezes0 = v.freezeCount || 0; w.freezeMs0 = (v.totalFreezesDuration || 0) * 1000; }
+        w.freezes = (v.freezeCount || 0) - w.freezes0;
+        w.freezeMs = (v.totalFreezesDuration || 0) * 1000 - w.freezeMs0;
+        if (v.framesDecoded !== w.last) {
+            w.last = v.framesDecoded;
+            w.lastAt = now;
+        } else {
+            w.maxGapMs = Math.max(w.maxGapMs, now - w.lastAt);
+        }
+        w.decoded = v.framesDecoded;
+    }, 50);
+}"""
+
+
+def playing_frames(page: Any, frames: int) -> Any:
+    async def check() -> dict[str, Any] | None:
+        s = await page_state(page)
+        raw = await page.evaluate("window.lotcast.rawStats()") or {}
+        decoded = raw.get("video", {}).get("framesDecoded", 0)
+        return s if s["media"] == "connected" and decoded >= frames else None
+    return check
+
+
+@pytest.mark.timeout(240)
+async def test_sigterm_origin_moves_a_browser_host_and_the_relay_viewer_plays_on(
+        redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    stream = "browser-origin-drain"
+    log = PageLog()
+    with two_origins(redis_server, drain_timeout=30) as cluster:
+        relay = cluster.relays[0]
+        async with chromium() as browser:
+            try:
+                host = await open_page(
+                    browser, f"{cluster.urls[0]}/host?stream={stream}#token={host_token()}",
+                    log, "host")
+                await host.click("#go-live")
+
+                async def live_origin() -> str | None:
+                    s = await host.evaluate("window.lotcast.state()")
+                    if s["publish"] != "live":
+                        return None
+                    return await host.evaluate("window.lotcast.publishOrigin")  # type: ignore[no-any-return]
+
+                first_origin = await wait_for(live_origin, 60, "the host page is live", log)
+                draining = cluster.by_url(first_origin)
+                survivor = cluster.other(draining)
+                raw = await redis_client.get(keys.stream_origin(stream))
+                assert raw is not None and raw.decode() == draining.name
+                viewer = await open_page(browser, f"{relay.url}/watch?stream={stream}", log,
+                                         "viewer")
+                await wait_for(playing_frames(viewer, 30), 60, "the viewer plays", log)
+                await viewer.evaluate(_SAMPLER_JS)
+                await wait_for(lambda: viewer.evaluate("window.__freeze.samples > 10"), 10,
+                               "stats sampling", log)
+
+                draining.signal(signal.SIGTERM)
+                term_at = time.monotonic()
+
+                async def moved() -> str | None:
+                    origin = await host.evaluate("window.lotcast.publishOrigin")
+                    s = await host.evaluate("window.lotcast.state()")
+                    return origin if origin == survivor.url and s["publish"] == "live" else None
+
+                await wait_for(moved, 30, "the host page publishes to the other origin", log)
+                moved_at = time.monotonic()
+                assert draining.wait(30) == 0, "".join(draining.output[-30:])
+                exited_at = time.monotonic()
+                raw = await redis_client.get(keys.stream_origin(stream))
+                assert raw is not None and raw.decode() == survivor.name
+
+                async def relay_moved() -> bool:
+                    async with http_client() as http:
+                        stats = (await http.get(f"{relay.url}/api/stats")).json()
+                    return any(u["stream"] == stream and u["url"] == survivor.url
+                               for u in stats["upstreams"]) and stats["origin_moves"] >= 1
+
+                await wait_for(relay_moved, 20, "the relay pulls from the other origin", log)
+                before = await viewer.evaluate("window.__freeze.decoded")
+                await wait_for(lambda: viewer.evaluate(f"window.__freeze.decoded > {before + 30}"),
+                               20, "frames after the move", log)
+                stats = await viewer.evaluate("window.__freeze")
+                state = await page_state(viewer)
+                print(f"\norigin drain with Chromium: host moved {moved_at - term_at:.2f}s and the "
+                      f"drained origin exited {exited_at - term_at:.2f}s after SIGTERM; viewer: "
+                      f"longest stretch without a decoded frame {stats['maxGapMs']:.0f} ms, "
+                      f"Chromium freezes {stats['freezes']} ({stats['freezeMs']:.0f} ms in all)")
+                assert state["media"] == "connected"
+                # the 500 ms target is printed above; the assertion is loose (shared, noisy CPU)
+                assert stats["maxGapMs"] < 2000, stats
+            except BaseException:
+                print(log.tail(150))
+                for proc in [*cluster.origins, *cluster.relays]:
+                    print(proc.name, "".join(proc.output[-20:]))
+                raise
