@@ -11,13 +11,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import quote
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 
 from broadcaster.drain import OriginDrainer
 from broadcaster.ingest import IngestPlacer
 from broadcaster.notices import OriginNotices
+from lotcast import redisconn
 from lotcast.auth import Role, TokenAuthority
 from lotcast.config import Settings
 from lotcast.interactive.protocol import encode_republish
@@ -60,7 +60,7 @@ def create_app(settings: Settings) -> Starlette:
     interactive.bid_ack_observers.append(metrics.bid_ack_latency_seconds.observe)
     interactive.http.count_observers.append(metrics.room_http_sessions.set)
     # Placement answers here too: a viewer may ask any node where to play.
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = redisconn.connect(settings.redis_url, cluster=settings.redis_cluster)
     placer = Placer(redis, selector_for(settings))
     # --- several origins (issue 13): registry entry, stream bindings, WHIP placement, drain
     ttl = 3 * settings.heartbeat_interval

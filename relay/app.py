@@ -18,7 +18,6 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
-import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
@@ -27,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from lotcast import redisconn
 from lotcast.auth import TokenAuthority
 from lotcast.config import Settings
 from lotcast.ids import is_valid_stream_id
@@ -61,7 +61,7 @@ def create_app(settings: Settings, worker: WorkerSpec | None = None) -> Starlett
     siblings = None if mesh is None else Siblings(mesh, tls=bool(settings.tls_cert))
     authority = TokenAuthority(settings.jwt_secret)
     router = StreamRouter(grace=settings.stream_grace)
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = redisconn.connect(settings.redis_url, cluster=settings.redis_cluster)
     selector = selector_for(settings)
     upstreams: RelayUpstreams | None = None
     # WHEP sessions that are child relays pulling from us (session id -> child node id)
