@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from lotcast.turn import CoturnServer
 
 # Every Settings field is a flag on both services; these only mean something on a relay.
-RELAY_ONLY = {"origin_url", "max_viewers", "drain_timeout", "origin_fanout", "workers", "udp_port"}
+RELAY_ONLY = {"origin_url", "max_viewers", "origin_fanout", "workers", "udp_port"}
 SERVICE_FLAGS = {
     "broadcaster": [f.name for f in fields(Settings) if f.name not in RELAY_ONLY],
     "relay": [f.name for f in fields(Settings)],
@@ -75,8 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "then print the host page URL, the viewer page URL and a host token.")
     up.add_argument("--broadcaster-port", type=int, default=8080)
     up.add_argument("--relay-port", type=int, default=8081,
-                    help="first relay port; relay i listens on relay-port + i (0 = any free port)")
+                    help="first relay port; relay i listens on relay-port + i (0 = any free port; "
+                    "moved past the origins' ports when they overlap)")
     up.add_argument("--relays", type=int, default=1)
+    up.add_argument("--origins", type=int, default=1,
+                    help="broadcasters (origins); origin i listens on broadcaster-port + i; WHIP "
+                    "POSTs are placed on the least-loaded one (docs/operations.md, several origins)")
     up.add_argument("--stream", default="main", help="stream id used in the printed URLs")
     up.add_argument("--data-dir", default=None,
                     help=f"where Redis keeps its AOF and up keeps the dev JWT secret "
@@ -218,13 +222,24 @@ def run_up(args: argparse.Namespace) -> int:
             redis_url = redis.url
         env = {"LOTCAST_JWT_SECRET": secret, "LOTCAST_REDIS_URL": redis_url, **exposure.env()}
         coturn = _start_turn(args, data, exposure.cert, exposure.key, supervisor, env)
-        origin = ServiceProcess("broadcaster", ["--port", str(args.broadcaster_port),
-                                                *exposure.url_args(args.broadcaster_port)],
-                                env=env, echo=True, supervised=True)
-        supervisor.start(origin)
+        origins: list[ServiceProcess] = []
+        for i in range(max(1, args.origins)):
+            port = args.broadcaster_port + i if args.broadcaster_port else 0
+            named = ["--node-id", f"origin-{i}"] if args.origins > 1 else []
+            proc = ServiceProcess("broadcaster", ["--port", str(port), *named,
+                                                  *exposure.url_args(port)],
+                                  env=env, echo=True, supervised=True,
+                                  name="broadcaster" if i == 0 else f"broadcaster-{i}")
+            supervisor.start(proc)
+            origins.append(proc)
+        origin = origins[0]
         relays: list[ServiceProcess] = []
+        relay_base = args.relay_port
+        first, last = args.broadcaster_port, args.broadcaster_port + len(origins)
+        if first and first <= relay_base < last:
+            relay_base = last  # after the origins' ports
         for i in range(args.relays):
-            port = args.relay_port + i if args.relay_port else 0
+            port = relay_base + i if args.relay_port else 0
             relay = ServiceProcess("relay", ["--port", str(port), "--origin-url", origin.url,
                                              "--max-viewers", str(args.max_viewers),
                                              "--workers", str(args.workers),
@@ -245,7 +260,8 @@ def run_up(args: argparse.Namespace) -> int:
         if coturn is not None:
             print(f"  TURN:         {', '.join(coturn.urls)} (pid {coturn.pid}; "
                   f"secret in {coturn.data_dir / 'turnserver.conf'})")
-        print(f"  broadcaster:  {origin.url} (pid {origin.pid})")
+        for proc in origins:
+            print(f"  {proc.name + ':':<13} {proc.url} (pid {proc.pid})")
         for relay in relays:
             print(f"  {relay.name + ':':<13} {relay.url} (pid {relay.pid})")
         print(f"  Host page:    {origin.url}/host?stream={args.stream}#token={host_token}")
