@@ -49,6 +49,8 @@ from lotcast.media.native import NativeTarget
 from lotcast.media.udpmux import UdpMux
 
 _JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
+_RTCP_STARTED = "_RTCRtpSender__rtcp_started"
+_RTCP_EXITED = "_RTCRtpSender__rtcp_exited"
 _SR_FIELDS = (
     "_RTCRtpSender__ntp_timestamp",
     "_RTCRtpSender__rtp_timestamp",
@@ -110,8 +112,16 @@ def check_hooks() -> None:
             problems.append(field)
     if "self._ssrc" not in sender_src:
         problems.append("RTCRtpSender._ssrc")
+    for field in (_RTCP_STARTED, _RTCP_EXITED):
+        if "self.__" + field.split("__", 1)[1] + " = asyncio.Event()" not in sender_src:
+            problems.append(field)
+    if "self._run_rtcp()" not in inspect.getsource(RTCRtpSender.send):
+        problems.append("RTCRtpSender.send starts _run_rtcp")
+    if "self.__cname = " not in inspect.getsource(RTCPeerConnection.__init__):
+        problems.append("RTCPeerConnection.__cname")
     dtls_src = inspect.getsource(RTCDtlsTransport)
-    for name in ("self._tx_srtp = Session(", "self._rx_srtp = Session(", "self._rx_srtp.unprotect("):
+    for name in ("self._tx_srtp = Session(", "self._rx_srtp = Session(", "self._rx_srtp.unprotect(",
+                 "await self._handle_rtcp_data(data)"):
         if name not in dtls_src:
             problems.append(f"RTCDtlsTransport.{name.split('.')[1].split(' ')[0]}")
     if "set_cipher_list" not in inspect.getsource(RTCCertificate._create_ssl_context):
@@ -320,6 +330,54 @@ def set_sender_report(sender: RTCRtpSender, ntp: int, rtp_timestamp: int, packet
         setattr(sender, name, value)
 
 
+def quiet_sender_rtcp(sender: RTCRtpSender, ssrc: int) -> None:
+    """Lean RTCP (lotcast/media/viewer_rtcp.py): make ``sender`` announce ``ssrc`` and replace
+    its RTCP task (a wake-up and a Sender Report every 0.5-1.5 s, per sender) by one that only
+    waits to be cancelled, keeping the started/exited events `RTCRtpSender.stop()` awaits. Call
+    before the sender starts. No RTCP BYE is sent when it stops (the viewer's DTLS ends too)."""
+    sender._ssrc = ssrc
+    started: asyncio.Event = getattr(sender, _RTCP_STARTED)
+    exited: asyncio.Event = getattr(sender, _RTCP_EXITED)
+
+    async def run_rtcp() -> None:
+        started.set()
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            pass
+        exited.set()
+
+    sender._run_rtcp = run_rtcp  # type: ignore[method-assign]
+
+
+def route_rtcp(dtls: RTCDtlsTransport, on_rtcp: Callable[[bytes], None]) -> None:
+    """Lean RTCP: hand every decrypted RTCP compound packet ``dtls`` receives to ``on_rtcp``
+    instead of aiortc's parser and router (which then never see it)."""
+
+    async def handle_rtcp_data(data: bytes) -> None:
+        on_rtcp(data)
+
+    dtls._handle_rtcp_data = handle_rtcp_data  # type: ignore[method-assign]
+
+
+def observe_rtcp(dtls: RTCDtlsTransport, observer: Callable[[bytes], None]) -> None:
+    """Tests: show ``observer`` every decrypted RTCP compound packet ``dtls`` receives, then let
+    aiortc handle it as usual."""
+    original = dtls._handle_rtcp_data
+
+    async def handle_rtcp_data(data: bytes) -> None:
+        observer(data)
+        await original(data)
+
+    dtls._handle_rtcp_data = handle_rtcp_data  # type: ignore[method-assign]
+
+
+def peer_cname(pc: RTCPeerConnection) -> str | None:
+    """The RTCP CNAME aiortc announces for ``pc``'s senders (its SDP's a=ssrc cname)."""
+    cname = getattr(pc, "_RTCPeerConnection__cname", None)
+    return cname if isinstance(cname, str) else None
+
+
 def fast_protect(session: Any) -> Callable[[bytes], bytes]:
     """SRTP protect for one pylibsrtp Session without its per-call checks and allocation.
 
@@ -383,11 +441,13 @@ class PacketSender:
     them whenever `resolve()` runs again (`on_resolve`).
     """
 
-    __slots__ = ("_dtls", "_on_resolve", "_transport", "addr", "native", "protect", "sendto")
+    __slots__ = ("_dtls", "_on_resolve", "_protect_rtcp", "_transport", "addr", "native",
+                 "protect", "sendto")
 
     def __init__(self, dtls: RTCDtlsTransport) -> None:
         self._dtls = dtls
         self._transport: Any = None
+        self._protect_rtcp: Callable[[bytes], bytes] | None = None
         self.protect: Callable[[bytes], bytes] | None = None
         self.sendto: Callable[[bytes, Any], Any] | None = None
         self.addr: tuple[str, int] | None = None
@@ -426,6 +486,7 @@ class PacketSender:
         sock = getattr(transport, "_sock", None)
         self._transport = transport
         self.protect = fast_protect(srtp)
+        self._protect_rtcp = srtp.protect_rtcp
         self.sendto = sock.sendto if sock is not None else transport.sendto
         self.addr = pair.remote_addr
         # the UDP socket under either transport; the C loop sends on its fd and checks, per
@@ -441,6 +502,15 @@ class PacketSender:
         assert self.protect is not None and self.sendto is not None
         try:
             self.sendto(self.protect(packet), self.addr)
+        except BlockingIOError:
+            pass
+
+    def send_rtcp(self, packet: bytes) -> None:
+        """SRTCP-protect and send one RTCP compound packet (a full socket buffer: lost)."""
+        if self._protect_rtcp is None or self.sendto is None or not self.alive():
+            return
+        try:
+            self.sendto(self._protect_rtcp(packet), self.addr)
         except BlockingIOError:
             pass
 

@@ -64,13 +64,20 @@ class SendGroup:
 class ForwardSink:
     """One viewer's copy of one track."""
 
-    __slots__ = ("base_octets", "base_packets", "cancel_refresh", "closed", "on_first_packet",
-                 "packet_sender", "payload_type", "rtp_sender", "waiting_keyframe")
+    __slots__ = ("aiortc_reports", "base_octets", "base_packets", "cancel_refresh", "closed",
+                 "on_first_packet", "packet_sender", "payload_type", "report", "rtp_sender",
+                 "waiting_keyframe")
 
     def __init__(self, packet_sender: PacketSender, rtp_sender: RTCRtpSender, payload_type: int,
-                 on_first_packet: Callable[[], None] | None = None) -> None:
+                 on_first_packet: Callable[[], None] | None = None,
+                 aiortc_reports: bool = True) -> None:
         self.packet_sender = packet_sender
         self.rtp_sender = rtp_sender
+        # this viewer's next Sender Report: (ntp, rtp timestamp, packets, octets), sent by the
+        # lean path's clock (viewer_rtcp.py); with aiortc_reports also copied into the aiortc
+        # sender, whose own RTCP task sends it (the old path)
+        self.report: tuple[int, int, int, int] | None = None
+        self.aiortc_reports = aiortc_reports
         self.payload_type = payload_type
         self.waiting_keyframe = False
         self.closed = False
@@ -334,13 +341,17 @@ class TrackForwarder:
     def _apply_local_sender_report(self, sink: ForwardSink) -> None:
         # No SR from the source yet: until one comes, map "now" to the newest timestamp rather
         # than let aiortc report NTP zero (January 1900).
-        set_sender_report(sink.rtp_sender, current_ntp_time(), self.mapper.last_out_ts, 0, 0)
+        sink.report = (current_ntp_time(), self.mapper.last_out_ts, 0, 0)
+        if sink.aiortc_reports:
+            set_sender_report(sink.rtp_sender, *sink.report)
 
     def _apply_sender_report(self, sink: ForwardSink) -> None:
         assert self._sender_report is not None
         ntp, rtp_ts = self._sender_report
-        set_sender_report(sink.rtp_sender, ntp, rtp_ts, self.packets_in - sink.base_packets,
-                          self.octets_in - sink.base_octets)
+        sink.report = (ntp, rtp_ts, self.packets_in - sink.base_packets,
+                       self.octets_in - sink.base_octets)
+        if sink.aiortc_reports:
+            set_sender_report(sink.rtp_sender, *sink.report)
 
     # --- feedback from viewers ----------------------------------------------------------
 

@@ -29,6 +29,9 @@ from lotcast.media.aiortc_hooks import (
     hook_sender,
     negotiated_codecs,
     new_peer_connection,
+    peer_cname,
+    quiet_sender_rtcp,
+    route_rtcp,
     use_udp_mux,
 )
 from lotcast.media.forwarder import ForwardSink, TrackForwarder
@@ -42,6 +45,7 @@ from lotcast.media.sdp import (
     transport_mids,
 )
 from lotcast.media.stream import MediaStream
+from lotcast.media.viewer_rtcp import ViewerRtcp, lean_rtcp_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -243,14 +247,27 @@ class EgressSession(PeerSession):
         self._sinks: list[tuple[TrackForwarder, ForwardSink]] = []
         self._on_first_frame = on_first_frame
         self._cancel_end_watch = stream.on_end(lambda: self.close_soon("stream ended"))
+        # lean RTCP (viewer_rtcp.py): reports from one clock, feedback through our parser;
+        # None: aiortc's per-sender RTCP tasks and parser (LOTCAST_LEAN_RTCP=0)
+        self.rtcp = ViewerRtcp(on_alive=self.touch) if lean_rtcp_enabled() else None
         for forwarder in served:
             transceiver = self.pc.addTransceiver(SilentTrack(forwarder.kind), direction="sendonly")
             transceiver.setCodecPreferences([codec_capability(forwarder.codec)])
-            self._hook(forwarder, transceiver.sender)
+            if self.rtcp is not None:
+                quiet_sender_rtcp(transceiver.sender, forwarder.output_ssrc)
+            else:
+                self._hook(forwarder, transceiver.sender)
             self._wiring.append((forwarder, transceiver))
 
     def prepare(self) -> None:
         use_udp_mux(self.pc)  # the worker's one media port, when configured (--udp-port)
+        if self.rtcp is not None:
+            seen: set[int] = set()
+            for _, transceiver in self._wiring:
+                dtls = transceiver.sender.transport
+                if dtls is not None and id(dtls) not in seen:  # bundled: one transport
+                    seen.add(id(dtls))
+                    route_rtcp(dtls, self.rtcp.on_rtcp)
 
     def _hook(self, forwarder: TrackForwarder, sender: RTCRtpSender) -> None:
         session = self
@@ -280,9 +297,14 @@ class EgressSession(PeerSession):
             first = self._first_packet if forwarder.kind == "video" else None
             pt = negotiated[0].payloadType
             assert pt is not None
-            sink = ForwardSink(packet_sender, transceiver.sender, pt, first)
+            sink = ForwardSink(packet_sender, transceiver.sender, pt, first,
+                               aiortc_reports=self.rtcp is None)
             self._sinks.append((forwarder, sink))
+            if self.rtcp is not None:
+                self.rtcp.add_track(forwarder, sink)
             forwarder.add_sink(sink)
+        if self.rtcp is not None and self._sinks:
+            self.rtcp.start(self._sinks[0][1].packet_sender.send_rtcp, peer_cname(self.pc))
 
     def _first_packet(self) -> None:
         if self._on_first_frame is not None:
@@ -290,6 +312,8 @@ class EgressSession(PeerSession):
 
     def stopped(self) -> None:
         self._cancel_end_watch()
+        if self.rtcp is not None:
+            self.rtcp.stop()
         for forwarder, sink in self._sinks:
             forwarder.remove_sink(sink)
         self._sinks.clear()
