@@ -32,7 +32,10 @@ _SAMPLER_JS = """() => {
         if (!v) return;
         const now = performance.now();
         w.samples += 1;
-        if (w.freezes0 === null) { w.freezes0 = v.freezeCount || 0; w.freezeMs0 = (v.totalFreezesDuration || 0) * 1000; }
+        if (w.freezes0 === null) {
+            w.freezes0 = v.freezeCount || 0;
+            w.freezeMs0 = (v.totalFreezesDuration || 0) * 1000;
+        }
         w.freezes = (v.freezeCount || 0) - w.freezes0;
         w.freezeMs = (v.totalFreezesDuration || 0) * 1000 - w.freezeMs0;
         if (v.framesDecoded !== w.last) {

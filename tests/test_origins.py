@@ -5,6 +5,7 @@ the survivor. Real processes, real Redis, aiortc publishers and viewers over loo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import time
 
@@ -222,4 +223,4 @@ async def test_sigterm_origin_moves_its_stream_make_before_break_and_exits_when_
 
 def viewer_max_gap(times: list[float], start: float, end: float) -> float:
     points = [start, *(t for t in times if start <= t <= end), end]
-    return max(b - a for a, b in zip(points, points[1:], strict=False))
+    return max(b - a for a, b in itertools.pairwise(points))
