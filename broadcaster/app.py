@@ -111,7 +111,8 @@ def create_app(settings: Settings) -> Starlette:
     notices = OriginNotices(redis, deliver)
     drainer = OriginDrainer(registry, publishing, lambda: sessions.count(EgressSession), notify,
                             settings.drain_timeout)
-    ingest = IngestPlacer(redis, bindings, router, endpoints.publish, node_id=settings.node_id,
+    ingest = IngestPlacer(redis, bindings, router, endpoints.publish, authority,
+                          node_id=settings.node_id,
                           stale_after=ttl, capacity=MAX_STREAMS,
                           draining=lambda: drainer.draining, load_changed=load_changed,
                           public_url=settings.public_url)

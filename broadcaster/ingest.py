@@ -32,8 +32,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from lotcast.auth import AuthError, Role, TokenAuthority
 from lotcast.ids import STREAM_ID_RULE, is_valid_stream_id
-from lotcast.media.endpoints import CORS
+from lotcast.media.endpoints import CORS, error_response
 from lotcast.media.stream import StreamRouter
 from lotcast.ops.node import NodeInfo, NodeState
 from lotcast.ops.origins import StreamBindings, origins, pick_origin, whip_url
@@ -86,7 +87,8 @@ def decide(nodes: list[NodeInfo], me: str, holder: str | None, draining: bool, p
 
 class IngestPlacer:
     def __init__(self, redis: aioredis.Redis, bindings: StreamBindings, router: StreamRouter,
-                 publish: Callable[[Request], Awaitable[Response]], *, node_id: str,
+                 publish: Callable[[Request], Awaitable[Response]], authority: TokenAuthority,
+                 *, node_id: str,
                  stale_after: float, capacity: int, draining: Callable[[], bool],
                  load_changed: Callable[[], Awaitable[None]], public_url: str) -> None:
         self.redis = redis
@@ -94,6 +96,7 @@ class IngestPlacer:
         self.bindings = bindings
         self.router = router
         self.publish_here = publish
+        self.authority = authority
         self.node_id = node_id
         self.stale_after = stale_after
         self.capacity = capacity
@@ -132,6 +135,11 @@ class IngestPlacer:
         stream = str(request.path_params["stream"])
         if not is_valid_stream_id(stream):
             return await self.publish_here(request)  # the endpoint answers 400 with the rule
+        try:  # the token before placement, as the endpoint checks it (docs/http-api.md)
+            self.authority.from_authorization(request.headers.get("authorization"), Role.HOST)
+        except AuthError as exc:
+            headers = {"WWW-Authenticate": 'Bearer realm="lotcast"'} if exc.status == 401 else {}
+            return error_response(exc.status, exc.reason, headers)
         placed = bool(request.query_params.get("from"))
         try:
             decision, nodes = await self._decide(stream, placed)

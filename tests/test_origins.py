@@ -140,7 +140,7 @@ async def test_killed_origin_stream_is_live_again_on_the_other(
 
 
 @pytest.mark.timeout(60)
-async def test_whip_post_with_a_bad_stream_id_is_400_before_placement(
+async def test_whip_post_with_a_bad_stream_id_or_no_token_is_refused_before_placement(
         redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
     token = host_token()
     with two_origins(redis_server, relays=0) as cluster:
@@ -152,6 +152,11 @@ async def test_whip_post_with_a_bad_stream_id_is_400_before_placement(
                 assert r.status_code == 400, r.text
                 r = await http.get(f"{url}/api/streams/bad%20id/ingest")
                 assert r.status_code == 400, r.text
+                # the token is checked before placement: never a redirect without one
+                r = await http.post(f"{url}/whip/fine", content="v=0\r\n",
+                                    headers={"Content-Type": "application/sdp"})
+                assert r.status_code == 401, r.text
+                assert r.headers["www-authenticate"] == 'Bearer realm="lotcast"'
 
 
 @pytest.mark.timeout(150)
