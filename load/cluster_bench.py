@@ -8,15 +8,21 @@ Prints:
   depth d+1 minus depth d, p50/p95;
 - the time a killed relay's viewers take to play again (SIGKILL -> first frame on the new relay,
   p50/p95), with the longest stall seen by the other relays' viewers;
-- the drain time (SIGTERM -> process exit) and the longest stall of the viewers that moved.
+- the drain time (SIGTERM -> process exit) and the longest stall of the viewers that moved;
+- the origin drain (issue 13): two origins, 20 viewers over two relays, SIGTERM on the stream's
+  origin while a host (aiortc, its console socket on the other origin) follows the `republish`
+  notice make-before-break: each viewer's longest stall (p50/p95/max), the time the host took to
+  move and the drained origin's exit time.
 
     .venv/bin/python load/cluster_bench.py --viewers 9 --capacity 4 --seconds 6
+    .venv/bin/python load/cluster_bench.py --scenario origin-drain --drain-viewers 20
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import signal
 import sys
 import time
@@ -40,7 +46,9 @@ from cluster_support import (
     scaled_cluster,
 )
 from media_support import Publisher, host_token
+from origin_support import PlacedPublisher, two_origins
 
+from lotcast.interactive.client import RoomClient
 from lotcast.media.aiortc_hooks import tap_receiver
 from lotcast.redis_server import RedisServer
 
@@ -202,7 +210,69 @@ async def drain_one(cluster: ScaledCluster, group: list[LadderViewer]) -> None:
           f"{sum(1 for v in group if v.frames_since(end - 1.0) == 0)}")
 
 
+async def origin_drain(args: argparse.Namespace) -> None:
+    """SIGTERM the stream's origin; the host follows `republish`; stall per viewer."""
+    stream, token = "origin-drain", host_token()
+    with RedisServer() as redis, two_origins(redis, relays=2) as cluster:
+        first = PlacedPublisher(cluster.urls[0], stream, token)
+        await first.start()
+        draining = cluster.by_url(first.origin_url)
+        survivor = cluster.other(draining)
+        host = RoomClient(survivor.url, stream, token)
+        await host.connect()
+        viewers = [TimedViewer(cluster.relays[i % 2].url, stream) for i in range(args.drain_viewers)]
+        second: PlacedPublisher | None = None
+        try:
+            for viewer in viewers:
+                await viewer.start()
+            await wait_frames(viewers, 15, 60)
+            term_at = time.monotonic()
+            draining.signal(signal.SIGTERM)
+            deadline = term_at + 20
+            notice = None
+            while notice is None and time.monotonic() < deadline:
+                notice = next((m for _, m in host.received if m.get("type") == "republish"), None)
+                await asyncio.sleep(0.02)
+            if notice is None:
+                print("\n== origin drain: no republish notice within 20 s ==")
+                return
+            second = PlacedPublisher(survivor.url, stream, token, first_frame=100_000)
+            second.url = notice["whip_url"]
+            await second.start()
+            while second.pc.connectionState != "connected" and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            moved = time.monotonic() - term_at
+            await first.stop()
+            code = await asyncio.to_thread(draining.wait, 30)
+            exited = time.monotonic() - term_at
+            await asyncio.sleep(2)
+            end = time.monotonic()
+            stalls = [1000 * max(b - a for a, b in itertools.pairwise([term_at, *(
+                t for t in v.frame_times if term_at <= t <= end), end])) for v in viewers]
+            resumed = sum(1 for v in viewers if any(c >= 100_000 for c in v.counters))
+            print(f"\n== origin drain: SIGTERM {draining.name}, {len(viewers)} viewers over "
+                  f"2 relays ==")
+            print(f"host moved (new session connected) {moved:.2f} s after SIGTERM; drained "
+                  f"origin exited after {exited:.2f} s (status {code}); viewers playing the new "
+                  f"publisher: {resumed}/{len(viewers)}")
+            print(f"longest stall per viewer (ms): p50 {percentile(stalls, 50):.0f}  "
+                  f"p95 {percentile(stalls, 95):.0f}  max {max(stalls):.0f}")
+        finally:
+            await host.close()
+            await asyncio.gather(*(v.stop() for v in viewers), return_exceptions=True)
+            if second is not None:
+                await second.stop()
+            await first.stop(delete=draining.alive())  # the drained origin is gone
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.scenario in ("all", "relays"):
+        await relays_scenarios(args)
+    if args.scenario in ("all", "origin-drain"):
+        await origin_drain(args)
+
+
+async def relays_scenarios(args: argparse.Namespace) -> None:
     with RedisServer() as redis, scaled_cluster(redis, relays=args.relays,
                                                  capacity=args.capacity) as cluster:
         await remember_node_ids(cluster)
@@ -234,4 +304,7 @@ if __name__ == "__main__":
     parser.add_argument("--viewers", type=int, default=8)
     parser.add_argument("--fps", type=int, default=15)
     parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--scenario", choices=["all", "relays", "origin-drain"], default="all")
+    parser.add_argument("--drain-viewers", type=int, default=20,
+                        help="viewers (over two relays) of the origin drain scenario")
     asyncio.run(main(parser.parse_args()))
