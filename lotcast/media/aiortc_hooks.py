@@ -129,6 +129,10 @@ def check_hooks() -> None:
     ice_src = inspect.getsource(aioice.ice.Connection)
     if "self._nominated" not in ice_src:
         problems.append("aioice.ice.Connection._nominated")
+    if "def data_received(self, data: bytes, component: int) -> None:\n        self._queue.put_nowait(" \
+            not in ice_src or "self.receiver.data_received(data" not in inspect.getsource(
+                aioice.ice.StunProtocol):
+        problems.append("aioice.ice.Connection.data_received")
     if "self._connection = Connection(" not in inspect.getsource(RTCIceGatherer):
         problems.append("RTCIceGatherer._connection")
     pair_src = inspect.getsource(aioice.ice.CandidatePair)
@@ -352,12 +356,33 @@ def quiet_sender_rtcp(sender: RTCRtpSender, ssrc: int) -> None:
 
 def route_rtcp(dtls: RTCDtlsTransport, on_rtcp: Callable[[bytes], None]) -> None:
     """Lean RTCP: hand every decrypted RTCP compound packet ``dtls`` receives to ``on_rtcp``
-    instead of aiortc's parser and router (which then never see it)."""
+    instead of aiortc's parser and router (which then never see it).
+
+    SRTCP datagrams are taken as aioice hands them to the ICE connection, decrypted and handled
+    there and then, so they skip the connection's queue and the wake-up of the DTLS receive
+    task (per datagram, most of what a viewer's RTCP cost). Anything else (STUN answered by
+    aioice before this, DTLS, SRTCP before SRTP keys exist) goes the usual way, where the
+    decrypted RTCP also lands in ``on_rtcp``."""
 
     async def handle_rtcp_data(data: bytes) -> None:
         on_rtcp(data)
 
     dtls._handle_rtcp_data = handle_rtcp_data  # type: ignore[method-assign]
+    connection = dtls.transport._connection
+    queue_datagram = connection.data_received
+
+    def data_received(data: bytes, component: int) -> None:
+        srtp = dtls._rx_srtp
+        if srtp is not None and len(data) >= 2 and 127 < data[0] < 192 and 192 <= data[1] <= 208:
+            try:
+                plain = srtp.unprotect_rtcp(data)
+            except pylibsrtp.Error:  # a replay, a forgery or too large: dropped, as aiortc does
+                return
+            on_rtcp(plain)
+            return
+        queue_datagram(data, component)
+
+    connection.data_received = data_received  # type: ignore[method-assign]
 
 
 def observe_rtcp(dtls: RTCDtlsTransport, observer: Callable[[bytes], None]) -> None:
