@@ -139,13 +139,22 @@ class LocalRedisCluster:
                 if (infos and all(i.get("cluster_state") == "ok"
                                   and i.get("cluster_slots_ok") == str(SLOTS) for i in infos)
                         and len(shards) == self.primaries
-                        and all(len(s.replica_ports) >= wanted for s in shards)):
+                        and all(len(s.replica_ports) >= wanted for s in shards)
+                        and all(self._online_replicas(s.primary_port) >= wanted
+                                for s in shards)):
                     return
                 last = infos
             except redis.RedisError as exc:
                 last = exc
             time.sleep(0.1)
         raise RuntimeError(f"Redis Cluster not ok after {timeout}s: {last!r}")
+
+    def _online_replicas(self, port: int) -> int:
+        """Replicas streaming from this primary (the initial sync done): what WAIT counts."""
+        with self.node_on_port(port).client() as c:
+            info = c.info("replication")
+        return sum(1 for k, v in info.items()
+                   if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online")
 
     def shards(self) -> list[ShardView]:
         """Primaries (with slots) and their replicas whose link is up, as a live node sees it."""

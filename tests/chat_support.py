@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from lotcast import keys
+from lotcast import keys, redisconn
 from lotcast.auth import Role, TokenAuthority
 from lotcast.config import DEV_JWT_SECRET
 from lotcast.interactive.client import RoomClient, RoomState
@@ -115,9 +115,12 @@ def two_nodes(redis_url: str, *args: str) -> Iterator[tuple[DevServerProcess, De
 
 def room_head(redis_url: str, room: str) -> int:
     """The offset of the room's newest log event, read from Redis."""
-    r = redis.Redis.from_url(redis_url)
+    target = redisconn.parse_redis_url(redis_url)
+    r: redis.Redis | redis.RedisCluster = (
+        redis.RedisCluster(host=target.nodes[0][0], port=target.nodes[0][1])
+        if target.mode is redisconn.RedisMode.CLUSTER else redis.Redis.from_url(redis_url))
     try:
-        return int(r.get(keys.room_seq(room)) or 0)
+        return int(r.get(keys.room_seq(room)) or 0)  # type: ignore[arg-type]
     finally:
         r.close()
 

@@ -1,4 +1,6 @@
-"""Shared fixtures: a real redis-server per test session, flushed per test."""
+"""Shared fixtures: a real redis-server per test session, flushed per test; a real 3-primary +
+3-replica Redis Cluster per session (started on first use); `redis_any`, a module-scoped
+parameter over both, which a test module makes its `redis_server` to run against each."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
+from lotcast import redisconn
+from lotcast.redis_cluster import LocalRedisCluster
 from lotcast.redis_server import RedisServer
 
 # `lotcast relay` runs one worker per usable CPU by default; the suite's relays are one process
@@ -17,7 +21,7 @@ os.environ.setdefault("LOTCAST_WORKERS", "1")
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
+def redis_single() -> Iterator[RedisServer]:
     # No skip: a missing redis-server must fail the run loudly (find_redis_server raises).
     server = RedisServer()
     server.start()
@@ -25,9 +29,32 @@ def redis_server() -> Iterator[RedisServer]:
     server.close()
 
 
+@pytest.fixture(scope="session")
+def redis_server(redis_single: RedisServer) -> RedisServer:
+    return redis_single
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalRedisCluster]:
+    """3 primaries + 3 replicas on loopback (lotcast/redis_cluster.py), for the whole session."""
+    cluster = LocalRedisCluster(primaries=3, replicas=1)
+    cluster.start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="module", params=["single", "cluster"])
+def redis_any(request: pytest.FixtureRequest) -> RedisServer | LocalRedisCluster:
+    """A module that defines `redis_server` as this fixture runs every test twice: against one
+    Redis and against the Redis Cluster (same `.url` attribute; the URL picks the client)."""
+    name = "redis_single" if request.param == "single" else "redis_cluster"
+    target: RedisServer | LocalRedisCluster = request.getfixturevalue(name)
+    return target
+
+
 @pytest.fixture
 async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    await client.flushall()
+    client = redisconn.connect(redis_server.url)
+    await client.flushall()  # on a cluster: every primary
     yield client
     await client.aclose()

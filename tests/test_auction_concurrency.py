@@ -9,14 +9,20 @@ from collections.abc import Iterator
 import httpx
 import msgpack
 import pytest
-import redis.asyncio as aioredis
 
-from lotcast import keys
+from lotcast import keys, redisconn
 from lotcast.auth import Role, TokenAuthority
 from lotcast.config import DEV_JWT_SECRET
 from lotcast.interactive.client import RoomClient
 from lotcast.redis_server import RedisServer
 from lotcast.supervisor import ServiceProcess
+
+
+@pytest.fixture(scope="module")
+def redis_server(redis_any: RedisServer) -> RedisServer:
+    """Every test here runs against one Redis and against a 3-primary Redis Cluster."""
+    return redis_any
+
 
 AUTHORITY = TokenAuthority(DEV_JWT_SECRET)
 ROOM = "race"
@@ -86,7 +92,7 @@ async def test_two_hundred_bidders_one_winner(two_nodes: list[ServiceProcess],
     await asyncio.gather(*(c.wait_for(lambda s: s.lots.get(lot, {}).get("status") == "sold",
                                       within=30) for c in everyone))
 
-    redis = aioredis.Redis.from_url(redis_server.url)
+    redis = redisconn.connect(redis_server.url)
     entries = await redis.xrange(keys.room_log(ROOM))
     await redis.aclose()
     stream = [msgpack.unpackb(fields[b"e"], raw=False) for _, fields in entries]

@@ -8,9 +8,8 @@ from collections.abc import Iterator
 
 import msgpack
 import pytest
-import redis.asyncio as aioredis
 
-from lotcast import keys
+from lotcast import keys, redisconn
 from lotcast.auth import Identity, Role, TokenAuthority
 from lotcast.config import DEV_JWT_SECRET
 from lotcast.interactive.client import RoomClient
@@ -19,6 +18,13 @@ from lotcast.interactive.functions import RoomFunctions
 from lotcast.interactive.protocol import CreateLot, OpenLot, PlaceBid, ProtocolError
 from lotcast.interactive.store import AuctionStore, RateLimit
 from lotcast.redis_server import RedisServer
+
+
+@pytest.fixture(scope="module")
+def redis_server(redis_any: RedisServer) -> RedisServer:
+    """Every test here runs against one Redis and against a 3-primary Redis Cluster."""
+    return redis_any
+
 
 AUTHORITY = TokenAuthority(DEV_JWT_SECRET)
 
@@ -36,7 +42,7 @@ async def sleep_until(ms_since_epoch: int) -> None:
 
 
 async def log_events(url: str, room: str) -> list[dict[str, object]]:
-    redis = aioredis.Redis.from_url(url)
+    redis = redisconn.connect(url)
     try:
         return [msgpack.unpackb(f[b"e"], raw=False) for _, f in
                 await redis.xrange(keys.room_log(room))]
@@ -87,7 +93,7 @@ async def test_soft_close_extends_only_inside_window_and_sells_once(
 @pytest.mark.timeout(60)
 async def test_concurrent_settlers_decide_once(redis_server: RedisServer) -> None:
     room = "settle-race"
-    redis = aioredis.Redis.from_url(redis_server.url)
+    redis = redisconn.connect(redis_server.url)
     functions = RoomFunctions(redis, 1000)
     await functions.load()
     store = AuctionStore(functions, RateLimit(0, 0))

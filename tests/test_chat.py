@@ -17,6 +17,12 @@ from lotcast.redis_server import RedisServer
 
 
 @pytest.fixture(scope="module")
+def redis_server(redis_any: RedisServer) -> RedisServer:
+    """Every test here runs against one Redis and against a 3-primary Redis Cluster."""
+    return redis_any
+
+
+@pytest.fixture(scope="module")
 def nodes(redis_server: RedisServer) -> Iterator[tuple[DevServerProcess, DevServerProcess]]:
     with two_nodes(redis_server.url, "--ws-msg-rate", "0") as pair:
         yield pair

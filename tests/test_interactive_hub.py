@@ -12,10 +12,10 @@ import msgpack
 import pytest
 import redis.asyncio as aioredis
 
-from lotcast import keys
+from lotcast import keys, redisconn
 from lotcast.auth import Identity, Role
 from lotcast.interactive.functions import RoomFunctions
-from lotcast.interactive.hub import CATCH_UP, RoomHub, RoomSubscriptions
+from lotcast.interactive.hub import CATCH_UP, RoomHub, Subscriptions, subscriptions_for
 from lotcast.interactive.polls import PollStore
 from lotcast.interactive.protocol import (
     CloseCode,
@@ -29,6 +29,13 @@ from lotcast.interactive.protocol import (
 )
 from lotcast.interactive.roomlog import RoomLog
 from lotcast.interactive.store import AuctionStore, RateLimit
+from lotcast.redis_server import RedisServer
+
+
+@pytest.fixture(scope="module")
+def redis_server(redis_any: RedisServer) -> RedisServer:
+    """Every test here runs against one Redis and against a 3-primary Redis Cluster."""
+    return redis_any
 
 
 class FakeSocket:
@@ -60,12 +67,12 @@ class FakeSocket:
 
 
 async def setup(redis: aioredis.Redis, room: str, flush: float = 0.05
-                ) -> tuple[AuctionStore, RoomHub, RoomSubscriptions, list[bytes]]:
+                ) -> tuple[AuctionStore, RoomHub, Subscriptions, list[bytes]]:
     functions = RoomFunctions(redis, 10000)
     await functions.load()
     store = AuctionStore(functions, RateLimit(0, 0))
     hub = RoomHub(room, RoomLog(redis, functions), flush, 0.2)
-    subs = RoomSubscriptions(redis)
+    subs = subscriptions_for(redis)  # sharded (SSUBSCRIBE) on a cluster
     dropped: list[bytes] = []
     counter = {"n": 0}
 
@@ -162,7 +169,8 @@ async def test_lua_keys_match_keys_module(redis_client: aioredis.Redis) -> None:
                 keys.room_open_polls(room), keys.poll(room, poll), keys.poll_voters(room, poll),
                 keys.rate_bucket(room, "bid", "u"), keys.rate_bucket(room, "vote", "u"),
                 keys.room_due(room), keys.ACTIVE_ROOMS}
-    actual = {k.decode() for k in await redis_client.keys("*")}
+    every_primary = {"target_nodes": "primaries"} if redisconn.is_cluster(redis_client) else {}
+    actual = {k.decode() for k in await redis_client.keys("*", **every_primary)}
     assert actual == expected
     entry = (await redis_client.xrange(keys.room_log(room)))[0]
     assert entry[0] == b"0-1" and msgpack.unpackb(entry[1][b"e"])["offset"] == 1

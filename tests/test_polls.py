@@ -14,6 +14,13 @@ from lotcast.interactive.client import RoomClient
 from lotcast.interactive.devserver import DevServerProcess
 from lotcast.redis_server import RedisServer
 
+
+@pytest.fixture(scope="module")
+def redis_server(redis_any: RedisServer) -> RedisServer:
+    """Every test here runs against one Redis and against a 3-primary Redis Cluster."""
+    return redis_any
+
+
 AUTHORITY = TokenAuthority(DEV_JWT_SECRET)
 VOTERS = 60
 

@@ -17,6 +17,13 @@ from lotcast.interactive.client import RoomClient
 from lotcast.interactive.devserver import DevServerProcess
 from lotcast.redis_server import RedisServer
 
+
+@pytest.fixture(scope="module")
+def redis_server(redis_any: RedisServer) -> RedisServer:
+    """Every test here runs against one Redis and against a 3-primary Redis Cluster."""
+    return redis_any
+
+
 AUTHORITY = TokenAuthority(DEV_JWT_SECRET)
 LOT = {"title": "Poster", "start_price": 1000, "increments": [[0, 100]], "duration_ms": 60000,
        "soft_close_ms": 0}

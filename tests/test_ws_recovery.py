@@ -13,6 +13,13 @@ from lotcast.interactive.client import RoomClient, RoomState
 from lotcast.interactive.devserver import DevServerProcess
 from lotcast.redis_server import RedisServer
 
+
+@pytest.fixture(scope="module")
+def redis_server(redis_any: RedisServer) -> RedisServer:
+    """Every test here runs against one Redis and against a 3-primary Redis Cluster."""
+    return redis_any
+
+
 AUTHORITY = TokenAuthority(DEV_JWT_SECRET)
 HISTORY = 50
 
@@ -64,7 +71,8 @@ class Room:
 
 @pytest.fixture
 async def room(server: DevServerProcess, request: pytest.FixtureRequest) -> AsyncIterator[Room]:
-    r = Room(server.url, request.node.name.replace("_", "-")[:40])
+    name = request.node.name.replace("_", "-").replace("[", "-").rstrip("]")
+    r = Room(server.url, name[-40:])
     await r.start()
     yield r
     await r.close()

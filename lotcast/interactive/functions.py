@@ -9,6 +9,7 @@ SPUBLISH (sharded pub/sub). Durable acks: a write the client is told about is fi
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 from dataclasses import dataclass
@@ -41,6 +42,11 @@ LUA_FILES = ("common.lua", "auction.lua", "polls.lua", "moderation.lua", "room.l
 # is decided again by the next pass, chat is best effort).
 DURABLE_CALLS = frozenset({"bid", "prebid", "vote", "lot_create", "lot_open", "lot_extend",
                            "lot_close", "lot_rerun", "poll_open", "poll_close"})
+
+
+# A cluster node's pool fails a command when all its connections are busy (no blocking pool as on
+# one Redis), so a bid burst queues here instead: at most this many Function calls in flight.
+CLUSTER_CALLS_IN_FLIGHT = 64
 
 
 class AckPolicy(enum.Enum):
@@ -87,6 +93,7 @@ class RoomFunctions:
         self.cluster = redisconn.is_cluster(redis)
         self._source = library_source(self.FILES, self.LIBRARY, self.cluster)
         self.index = SettleIndex(redis)
+        self._in_flight = asyncio.Semaphore(CLUSTER_CALLS_IN_FLIGHT)
 
     async def load(self) -> None:
         """FUNCTION LOAD REPLACE on this Redis, or on every primary of the cluster."""
@@ -103,11 +110,13 @@ class RoomFunctions:
         seq = keys.room_seq(room)
         durable = self.durability.replicas > 0 and name in DURABLE_CALLS
         result = await self._call_reloading(fn, seq, argv, durable)
-        if name in DEADLINE_CALLS:
-            try:
+        try:
+            if name == "settle":  # result: (settled, next due ms | -1)
+                await self.index.settled(room, int(result[1]))
+            elif name in DEADLINE_CALLS:
                 await self.index.refresh([room])
-            except RedisError as exc:  # the nodes' once-a-second refresh repairs it
-                log.warning("room %s: settle index not updated: %r", room, exc)
+        except RedisError as exc:  # the nodes' once-a-second refresh repairs it
+            log.warning("room %s: settle index not updated: %r", room, exc)
         return result
 
     async def _call_reloading(self, fn: str, seq: str, argv: tuple[Any, ...],
@@ -128,10 +137,13 @@ class RoomFunctions:
             raise RedisConnectionError(f"Redis Cluster: {exc}") from exc
 
     async def _call(self, fn: str, seq: str, argv: tuple[Any, ...], durable: bool) -> Any:
+        if self.cluster:
+            async with self._in_flight:
+                if durable:
+                    return await self._call_on_node(fn, seq, argv)
+                return await self.redis.fcall(fn, 1, seq, *argv)
         if not durable:
             return await self.redis.fcall(fn, 1, seq, *argv)
-        if self.cluster:
-            return await self._call_on_node(fn, seq, argv)
         # one connection for both, so WAIT counts this call's write
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.fcall(fn, 1, seq, *argv)

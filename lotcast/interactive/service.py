@@ -42,6 +42,8 @@ NodeKind = Literal["broadcaster", "relay"]
 VIEWERS_INTERVAL = 1.0
 VIEWERS_FRESH_MS = 5000
 REDIS_CONNECTIONS = 64
+# per cluster node (its pool does not block when full; RoomFunctions queues Function calls)
+CLUSTER_NODE_CONNECTIONS = 256
 
 
 class ServiceState(enum.Enum):
@@ -99,7 +101,7 @@ class InteractiveService:
             is redisconn.RedisMode.CLUSTER
         self._redis = redisconn.connect(
             s.redis_url, cluster=s.redis_cluster, health_check_interval=10,
-            max_connections=None if cluster else REDIS_CONNECTIONS)
+            max_connections=CLUSTER_NODE_CONNECTIONS if cluster else REDIS_CONNECTIONS)
         durability = await resolve_durability(self._redis, AckPolicy(s.redis_ack),
                                               s.redis_wait_timeout_ms)
         functions = RoomFunctions(self._redis, s.room_history, durability)
@@ -249,8 +251,7 @@ class InteractiveService:
         now_ms = seconds * 1000 + micros // 1000
         settled = 0
         for room in await self._index.due(now_ms, 200):
-            count, next_due = await self._deps.auctions.settle(room)
-            await self._index.settled(room, next_due)
+            count, _ = await self._deps.auctions.settle(room)  # which also updates the index
             settled += count
         return settled
 
