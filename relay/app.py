@@ -31,7 +31,9 @@ from lotcast.auth import TokenAuthority
 from lotcast.config import Settings
 from lotcast.ids import is_valid_stream_id
 from lotcast.interactive.service import InteractiveService
+from lotcast.media.aiortc_hooks import close_udp_mux, current_udp_mux, open_udp_mux, udp_mux_enabled
 from lotcast.media.endpoints import CORS, SessionTable, WebRtcEndpoints
+from lotcast.media.mux_metrics import UdpMuxCollector
 from lotcast.media.peer import EgressSession, PeerSession
 from lotcast.media.stream import StreamRouter
 from lotcast.node.routes import health_routes, page_routes, udp_socket_count
@@ -97,6 +99,8 @@ def create_app(settings: Settings, worker: WorkerSpec | None = None) -> Starlett
                                headers=child_headers(settings.jwt_secret, settings.node_id),
                                origin_of=planner.bound_origins)
     metrics = NodeMetrics(settings.node_id, "relay")
+    if udp_mux_enabled():  # --udp-port: this worker's one media port
+        metrics.registry.register(UdpMuxCollector(current_udp_mux))
     # room socket counts are kept per process: each worker under its own id
     interactive = InteractiveService(
         settings if mesh is None else replace(settings, node_id=mesh.worker_id(settings.node_id)),
@@ -222,6 +226,7 @@ def create_app(settings: Settings, worker: WorkerSpec | None = None) -> Starlett
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await open_udp_mux()  # a taken --udp-port fails the start, not the first viewer
         sessions.start()
         await interactive.start()
         await registry.start()
@@ -241,6 +246,7 @@ def create_app(settings: Settings, worker: WorkerSpec | None = None) -> Starlett
             if siblings is not None:
                 await siblings.close()
             await redis.aclose()
+            close_udp_mux()
 
     async def stats_endpoint(request: Request) -> Response:
         own = {**stats(), "udp_sockets": udp_socket_count()}

@@ -27,6 +27,7 @@ from media_support import (
     lose_every_20th_video_packet_once,
     running_cluster,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from lotcast.media import aiortc_hooks
 from lotcast.media.aiortc_hooks import (
@@ -270,3 +271,87 @@ async def test_viewers_through_one_relay_port(redis_server: RedisServer) -> None
         finally:
             await asyncio.gather(*(v.stop() for v in group), return_exceptions=True)
             await publisher.stop()
+
+
+def _free_udp_port_pair() -> int:
+    """A port N with N and N + 1 both free (for a two-worker relay)."""
+    for _ in range(50):
+        base = _free_udp_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+            try:
+                a.bind(("127.0.0.1", base))
+                b.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+            return base
+    raise AssertionError("no two adjacent free UDP ports")
+
+
+def _mux_series(text: str) -> dict[tuple[str, str | None], float]:
+    """(series name, worker label) -> value of the lotcast_udp_mux_* series in /metrics."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("lotcast_udp_mux_"):
+                out[(sample.name, sample.labels.get("worker"))] = sample.value
+    return out
+
+
+def _junk(port: int, count: int) -> None:
+    """Datagrams no connection claims (not STUN, from an address no viewer has)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for i in range(count):
+            s.sendto(b"\x80\x60junk" + bytes([i]), ("127.0.0.1", port))
+
+
+async def _metrics_until(url: str, want: dict[tuple[str, str | None], float]) -> dict[
+        tuple[str, str | None], float]:
+    deadline = time.monotonic() + 20
+    async with http_client() as http:
+        while True:
+            response = await http.get(f"{url}/metrics")
+            assert response.status_code == 200
+            series = _mux_series(response.text)
+            if all(series.get(k) == v for k, v in want.items()) or time.monotonic() > deadline:
+                return series
+            await asyncio.sleep(0.2)
+
+
+@pytest.mark.timeout(120)
+async def test_the_relay_opens_its_port_at_start_and_counts_drops(
+        redis_server: RedisServer) -> None:
+    port = _free_udp_port()
+    with running_cluster(redis_server, relay_args=["--udp-port", str(port)]) as cluster:
+        relay = cluster.relay
+        # open before any viewer, as the only UDP socket of the relay
+        ports = [c.laddr.port for c in psutil.Process(relay.pid).net_connections(kind="udp")]
+        assert ports == [port]
+        _junk(port, 5)
+        want = {("lotcast_udp_mux_dropped_datagrams_total", None): 5.0,
+                ("lotcast_udp_mux_port", None): float(port),
+                ("lotcast_udp_mux_connections", None): 0.0}
+        series = await _metrics_until(relay.url, want)
+        assert {k: series.get(k) for k in want} == want, series
+
+
+@pytest.mark.timeout(150)
+async def test_each_worker_opens_its_port_at_start_and_metrics_say_whose_drops(
+        redis_server: RedisServer) -> None:
+    base = _free_udp_port_pair()
+    args = ["--workers", "2", "--udp-port", str(base)]
+    with running_cluster(redis_server, relay_args=args) as cluster:
+        relay = cluster.relay
+        pids = relay.info["worker_pids"]
+        assert len(pids) == 2
+        opened = sorted(c.laddr.port for pid in pids
+                        for c in psutil.Process(pid).net_connections(kind="udp"))
+        assert opened == [base, base + 1]
+        _junk(base, 3)
+        _junk(base + 1, 7)
+        want = {("lotcast_udp_mux_dropped_datagrams_total", "0"): 3.0,
+                ("lotcast_udp_mux_dropped_datagrams_total", "1"): 7.0,
+                ("lotcast_udp_mux_port", "0"): float(base),
+                ("lotcast_udp_mux_port", "1"): float(base + 1)}
+        series = await _metrics_until(relay.url, want)
+        assert {k: series.get(k) for k in want} == want, series

@@ -622,7 +622,8 @@ def _udp_mux_problems() -> list[str]:
 
 def configure_udp_mux(host: str, port: int) -> None:
     """Serve every peer connection put on the mux from one UDP socket bound to (host, port),
-    opened with the first of them (port 0: any free port, for tests)."""
+    opened by `open_udp_mux()` at service start, else with the first of them (port 0: any
+    free port, for tests)."""
     global _mux_address
     _mux_address = (host, port)
 
@@ -647,6 +648,14 @@ async def _shared_mux() -> UdpMux:
             _mux = await UdpMux.open(*_mux_address)
             logger.info("udp mux: serving peer connections on %s:%d", *_mux.sockname[:2])
         return _mux
+
+
+async def open_udp_mux() -> UdpMux | None:
+    """Open this process's mux socket now (service start: a port in use fails the start, not
+    the first viewer); None when no mux is configured."""
+    if _mux_address is None:
+        return None
+    return await _shared_mux()
 
 
 def close_udp_mux() -> None:
