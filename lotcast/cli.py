@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                     f"(env {DATA_DIR_ENV}; default {DEFAULT_DATA_DIR})")
     up.add_argument("--redis-url", default=None,
                     help="use this Redis instead of starting one (env LOTCAST_REDIS_URL)")
+    up.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+                    help="start a Redis Cluster of N primaries + N replicas (N >= 3) on loopback "
+                    "ports 7000.. instead of one Redis (docs/operations.md, Redis Cluster)")
     up.add_argument("--max-viewers", type=int, default=500,
                     help="viewers per relay (split between its workers)")
     up.add_argument("--workers", type=int, default=1,
@@ -216,6 +219,11 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         redis_url = args.redis_url or os.environ.get("LOTCAST_REDIS_URL")
         redis: RedisServer | None = None
+        if not redis_url and args.redis_cluster:
+            from lotcast.redis_cluster import start_supervised
+
+            redis_url, cluster_note = start_supervised(args.redis_cluster, data, supervisor)
+            print(f"  Redis Cluster: {cluster_note}", flush=True)
         if not redis_url:
             redis = RedisServer(data_dir=data / "redis", supervised=True)
             supervisor.start(redis)

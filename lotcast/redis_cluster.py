@@ -16,12 +16,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import redis
 
 from lotcast.netutil import free_tcp_port
 from lotcast.redis_server import RedisServer
+
+if TYPE_CHECKING:
+    from lotcast.supervisor import Supervisor
+
+# `lotcast up --redis-cluster N`: node i on UP_BASE_PORT + i (bus port + 10000), so a second `up`
+# with the same data dir finds its cluster again.
+UP_BASE_PORT = 7000
 
 # Short enough that a killed primary's replica takes over within a few seconds (the default,
 # 15 s, is a long gap for a live auction); long enough not to fail over on a busy machine.
@@ -37,8 +44,9 @@ class RedisClusterNode(RedisServer):
         super().__init__(data_dir=data_dir, port=port, supervised=supervised)
         self.index = index
         self.name = f"redis-{index}"
-        # its own bus port (the default, port + 10000, may be taken or beyond 65535)
-        self.bus_port = free_tcp_port()
+        # The bus port: port + 10000 for fixed ports (stable across restarts, nodes.conf keeps
+        # the addresses), else a free one (port + 10000 may be taken or beyond 65535).
+        self.bus_port = port + 10000 if port and port + 10000 < 65536 else free_tcp_port()
 
     def extra_args(self) -> list[str]:
         return ["--cluster-enabled", "yes", "--cluster-port", str(self.bus_port),
@@ -99,12 +107,17 @@ class LocalRedisCluster:
         try:
             for node in self.nodes:
                 node.start()
-            if not self._formed():
-                self._create()
-            self.wait_ok(timeout)
+            self.form(timeout)
         except BaseException:
             self.stop()
             raise
+
+    def form(self, timeout: float = 60.0) -> None:
+        """With every node running (started here or by a supervisor): create the cluster unless
+        the nodes already form one, then wait until it is ok."""
+        if not self._formed():
+            self._create()
+        self.wait_ok(timeout)
 
     def _formed(self) -> bool:
         """True when the nodes already know each other (a restart with the same data dirs)."""
@@ -234,3 +247,17 @@ class LocalRedisCluster:
 def _port(address: str) -> int:
     """``127.0.0.1:7000@17000`` -> 7000."""
     return int(address.split("@", 1)[0].rsplit(":", 1)[1])
+
+
+def start_supervised(primaries: int, data_dir: Path, supervisor: Supervisor) -> tuple[str, str]:
+    """`lotcast up --redis-cluster N`: every node a supervised child (restarted on the same port
+    and data dir if it dies, rejoining as whatever the cluster made it), the cluster formed once.
+    Returns (url, description)."""
+    if primaries < 3:
+        raise RuntimeError(f"--redis-cluster {primaries}: a Redis Cluster needs 3 primaries or more")
+    cluster = LocalRedisCluster(primaries, 1, data_dir=data_dir / "redis-cluster",
+                                base_port=UP_BASE_PORT, supervised=True)
+    for node in cluster.nodes:
+        supervisor.start(node)
+    cluster.form()
+    return cluster.url, f"{cluster.url} ({cluster.describe()}; AOF in {cluster.data_dir})"

@@ -155,7 +155,10 @@ class InteractiveService:
         if self._subscriptions is not None:
             await self._subscriptions.close()
         if self._redis is not None:
-            await self._redis.aclose(close_connection_pool=True)
+            if redisconn.is_cluster(self._redis):
+                await self._redis.aclose()  # closes every node's pool
+            else:
+                await self._redis.aclose(close_connection_pool=True)
 
     # --- WebSocket -----------------------------------------------------------------------------
 
