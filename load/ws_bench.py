@@ -502,13 +502,14 @@ def _analyse(sink: Sink, talkers: list[Bidder], watchers: list[Watcher], start: 
     deliver, server_part, chat_deliver, chat_server = (zeros.copy() for _ in range(4))
     per_offset: dict[int, list[float]] = {}  # bid offset -> [send, max recv, receipts]
     per_chat: dict[int, list[float]] = {}  # the same for chat messages
-    frames = events = 0
+    frames = events = frame_bytes = 0
     kinds: Counter[str] = Counter()
     for payload, times in sink.times.items():
         info = sink.info[payload]
         recv = np.frombuffer(times, dtype=np.float64)
         in_window = int(((recv >= start) & (recv < end)).sum())
         frames += in_window
+        frame_bytes += in_window * len(payload)
         events += in_window * info["events"]
         if in_window:
             kinds["+".join(sorted(set(info["kinds"])))] += in_window
@@ -535,7 +536,8 @@ def _analyse(sink: Sink, talkers: list[Bidder], watchers: list[Watcher], start: 
     out: dict[str, Any] = {
         "deliver_hist": deliver, "server_hist": server_part, "per_offset": per_offset,
         "chat_hist": chat_deliver, "chat_server_hist": chat_server, "per_chat": per_chat,
-        "frames": frames, "talker_frames": talker_frames, "events": events,
+        "frames": frames, "frame_bytes": frame_bytes, "talker_frames": talker_frames,
+        "events": events,
         "kinds": dict(kinds), "socket_fps_sum": float(per_socket.sum()),
         "socket_fps_max": float(per_socket.max()) if len(per_socket) else 0.0,
         "socket_peak_second": int(peak_second),
@@ -737,6 +739,76 @@ def summarise_profile(path: Path, top: int = 18) -> list[str]:
     return lines
 
 
+# --- the kernel floor (load/ws_floor.c) and the node's ack write delays ------------------------
+
+FLOOR_SOURCE = Path(__file__).resolve().parent / "ws_floor.c"
+
+
+class Floor:
+    """Compiles load/ws_floor.c once per run and measures the C floor per (sockets, frame size):
+    the same frames written to the same number of loopback TCP sockets, an epoll reader
+    draining them; the best of `tries` runs (the machine is shared)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = workdir / "ws_floor"
+        self.error = ""
+        self._cache: dict[tuple[int, int], dict[str, Any]] = {}
+        gcc = shutil.which("gcc") or shutil.which("cc")
+        if gcc is None:
+            self.error = "no C compiler"
+            return
+        done = subprocess.run([gcc, "-O2", "-o", str(self.binary), str(FLOOR_SOURCE)],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            self.error = f"compile failed: {done.stderr[-300:]}"
+
+    def measure(self, sockets: int, frame_bytes: int, tries: int = 3) -> dict[str, Any] | None:
+        if self.error or sockets <= 0 or frame_bytes <= 0:
+            return None
+        size = max(64, round(frame_bytes / 64) * 64)
+        key = (sockets, size)
+        if key not in self._cache:
+            rounds = max(5, 200_000 // sockets)
+            best: dict[str, Any] | None = None
+            for _ in range(tries):
+                done = subprocess.run([str(self.binary), str(sockets), str(size), str(rounds)],
+                                      capture_output=True, text=True, timeout=300)
+                if done.returncode:
+                    self.error = f"ws_floor failed: {done.stderr[-300:]}"
+                    return None
+                got = json.loads(done.stdout)
+                if best is None or got["us_per_frame"] < best["us_per_frame"]:
+                    best = got
+            assert best is not None
+            self._cache[key] = best
+        return self._cache[key]
+
+
+def ack_write_pct(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """p50/p99 of the node's Function reply -> ack write delay between two /interactive/stats
+    snapshots (fixed buckets: each percentile is its bucket's upper bound), n and queued."""
+    b, a = before.get("ack_write") or {}, after.get("ack_write") or {}
+    if not a:
+        return {}
+    counts = np.array(a["counts"]) - np.array(b.get("counts", [0] * len(a["counts"])))
+    total = int(counts.sum())
+    out: dict[str, float] = {"n": float(total),
+                             "queued": float(a["queued"] - b.get("queued", 0))}
+    if total <= 0:
+        return out
+    bounds = [*a["bounds_ms"], float("inf")]
+    cum = np.cumsum(counts)
+    for q in (50, 99, 99.9):
+        out[f"p{q:g}"] = bounds[int(np.searchsorted(cum, total * q / 100.0))]
+    out["mean"] = (a["sum_ms"] - b.get("sum_ms", 0.0)) / total
+    return out
+
+
+def fmt_bucket(ms: float) -> str:
+    return "over 1 s" if ms == float("inf") else f"<= {ms:g} ms"
+
+
+
 def run(args: argparse.Namespace) -> int:
     raise_nofile()
     secret = os.environ.get("LOTCAST_JWT_SECRET") or secrets.token_urlsafe(32)
@@ -886,8 +958,9 @@ def run(args: argparse.Namespace) -> int:
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.terminate()
+        floor = Floor(Path(tmp.name))
         report(args, phases, results, connected, ramp_s, stats_before, stats_mid, stats_after,
-               cpu, cpu_total, sched, marks, profile_lines)
+               cpu, cpu_total, sched, marks, profile_lines, floor)
         if relay is not None:
             problems = [line.rstrip() for line in relay.output
                         if " WARNING " in line or " ERROR " in line or "Traceback" in line]
@@ -958,7 +1031,7 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
            after: dict[str, Any], cpu: CpuWatch, cpu_total: dict[str, float],
            sched: dict[str, tuple[float, float]],
            marks: list[tuple[float, dict[str, float], float, dict[str, Any]]],
-           profile_lines: list[str]) -> None:
+           profile_lines: list[str], floor: Floor | None = None) -> None:
     rs = [r for r in results.values() if not r.get("aborted")]
     if not rs:
         print("no worker results")
@@ -1000,7 +1073,16 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
         hub0 = st0.get("hubs", {}).get(args.room, {}) if isinstance(st0, dict) else {}
         hub1 = st1.get("hubs", {}).get(args.room, {}) if isinstance(st1, dict) else {}
         batches = (hub1.get("batches", 0) or 0) - (hub0.get("batches", 0) or 0)
+        mean_frame = ph["frame_bytes"] / ph["frames"] if ph["frames"] else 0.0
+        relay_us = relay_cpu / span * secs / all_frames * 1e6 if all_frames else 0.0
+        fl = floor.measure(watchers_total, int(mean_frame)) \
+            if floor is not None else None
         row = {
+            "ack_write": ack_write_pct(st0 if isinstance(st0, dict) else {},
+                                       st1 if isinstance(st1, dict) else {}),
+            "mean_frame_bytes": mean_frame, "floor": fl,
+            "floor_ratio": relay_us / fl["us_per_frame"] if fl and fl["us_per_frame"] else 0.0,
+            "hub_turn_max_ms": hub1.get("fanout_turn_max_ms", 0.0),
             "phase": key, "bid_ack": pct(ph["bid_ack_hist"]), "bid_reject": pct(ph["bid_reject_hist"]),
             "bid_deliver": pct(ph["deliver_hist"]), "bid_last": pct(last_bid),
             "chat_ack": pct(ph["chat_ack_hist"]), "chat_deliver": pct(ph["chat_hist"]),
@@ -1010,7 +1092,7 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
             "batches_per_s": batches / secs, "frames_per_s": all_frames / secs,
             "relay_cpu": relay_cpu / span, "redis_cpu": redis_cpu / span,
             "client_cpu": client_cpu / span, "other_cpu": others / span,
-            "relay_us_per_frame": relay_cpu / span * secs / all_frames * 1e6 if all_frames else 0.0,
+            "relay_us_per_frame": relay_us,
             "bids_answered_per_s": (ph["bid_acks"] + ph["bid_rejects"]) / secs,
             "chats_answered_per_s": (ph["chat_acks"] + ph["chat_rejects"]) / secs,
             "kinds": ph["kinds"], "lag_p99_ms": ph["lag_p99_ms"], "lag_max_ms": ph["lag_max_ms"],
@@ -1021,6 +1103,13 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
         print(f"bids: {ph['bid_acks']} acked, {ph['bid_rejects']} rejected, "
               f"{ph['bid_unanswered']} unanswered ({row['bids_answered_per_s']:.1f}/s answered)")
         print(f"bid ack latency (accepted):      {fmt(row['bid_ack'])}")
+        aw = row["ack_write"]
+        if aw.get("n"):
+            print(f"  node: Function reply -> ack write (every ack/error): p50 "
+                  f"{fmt_bucket(aw['p50'])}, p99 {fmt_bucket(aw['p99'])}, p99.9 "
+                  f"{fmt_bucket(aw['p99.9'])}, mean {aw['mean']:.3f} ms (n={int(aw['n']):,}, "
+                  f"{int(aw['queued'])} queued behind earlier frames of their socket); longest "
+                  f"fan-out turn so far {row['hub_turn_max_ms']:.1f} ms")
         print(f"bid -> watcher delivery (each):  {fmt(row['bid_deliver'])}")
         print(f"bid -> last watcher (per bid):   {fmt(row['bid_last'])}; "
               f"{complete_bids}/{len(per_bid)} bids reached every watcher")
@@ -1047,15 +1136,25 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
         print(f"delivered {row['frames_per_s']:,.0f} socket frames/s (all sockets); relay "
               f"{row['relay_cpu'] * 100:.0f}% of a core = {row['relay_us_per_frame']:.1f} us CPU "
               f"per delivered frame; redis {row['redis_cpu'] * 100:.0f}%")
+        if fl:
+            print(f"C floor (load/ws_floor.c, this run): {fl['us_per_frame']:.2f} us per frame "
+                  f"({fl['sockets']} sockets, {fl['frame_bytes']} B frames, best of 3); relay / "
+                  f"floor = {row['floor_ratio']:.2f}x (mean frame {mean_frame:,.0f} B)")
+        elif floor is not None and floor.error:
+            print(f"C floor not measured: {floor.error}")
         print(f"load client {row['client_cpu'] * 100:.0f}% CPU over {len(rs)} process(es) "
               f"(loop lag p99 {row['lag_p99_ms']:.1f} ms, max {row['lag_max_ms']:.1f} ms); other "
               f"processes on the machine {max(0.0, row['other_cpu']) * 100:.0f}%")
     base = [r for r in table if r["phase"].endswith(":bids")]
     chat = [r for r in table if r["phase"].endswith(":chat")]
-    print("\n-- same-run comparison (bid ack p50 / p99, bid -> watcher p99) --")
+    print("\n-- same-run comparison (bid ack p50 / p99, ack write p99, bid -> watcher p99, "
+          "CPU per frame / floor) --")
     for r in table:
+        aw99 = r["ack_write"].get("p99")
         print(f"  {r['phase']:>8}: ack {r['bid_ack'].get('p50', 0):7.2f} / "
-              f"{r['bid_ack'].get('p99', 0):7.2f} ms, deliver p99 "
+              f"{r['bid_ack'].get('p99', 0):7.2f} ms, ack write p99 "
+              f"{fmt_bucket(aw99) if aw99 is not None else '-'}, "
+              f"{r['relay_us_per_frame']:.1f} us/frame = {r['floor_ratio']:.2f}x floor, deliver p99 "
               f"{r['bid_deliver'].get('p99', 0):7.1f} ms, relay {r['relay_cpu'] * 100:3.0f}%, "
               f"client {r['client_cpu'] * 100:3.0f}%, others {r['other_cpu'] * 100:3.0f}%")
     if base and chat:
@@ -1065,6 +1164,12 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
         print(f"  bid ack p99 without chat {min(b99):.2f}..{max(b99):.2f} ms (spread {spread:.2f} "
               f"ms), with chat {min(c99):.2f}..{max(c99):.2f} ms")
     print(f"\nclient errors/disconnects: {({k: v for k, v in stats.items() if v}) or 'none'}")
+    hub = after.get("hubs", {}).get(args.room, {})
+    if hub:
+        print(f"hub: {hub.get('native_writes', 0):,} native writes ({hub.get('short_writes', 0):,} "
+              f"short), longest fan-out turn {hub.get('fanout_turn_max_ms', 0.0):.1f} ms, "
+              f"{hub.get('stretch_drains', 0)} stretch drains, longest gap between batches "
+              f"{hub.get('batch_gap_max_ms', 0.0):.0f} ms")
     print(f"server: slow_disconnects {after.get('slow_disconnects')}, errors {after.get('errors')}, "
           f"sockets before {before.get('sockets')}, mid {mid.get('sockets')}, "
           f"after {after.get('sockets')}")

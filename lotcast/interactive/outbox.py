@@ -38,6 +38,7 @@ class Outbox:
         self.short_writes = 0  # native batch writes whose rest went to the transport's buffer
         self.limit_bytes = limit_bytes
         self._frames: deque[bytes] = deque()
+        self._written: list[Callable[[], None]] = []  # callbacks of frames in _frames
         self.queued_bytes = 0
         self.sent_frames = 0
         self._wake = asyncio.Event()
@@ -62,12 +63,19 @@ class Outbox:
         self.short_writes += 1
         self._direct.rest(wire, result)
 
-    def push(self, frame: bytes) -> bool:
-        """Queue a frame. False means the outbox is over its limit (a slow consumer)."""
+    def push(self, frame: bytes, written: Callable[[], None] | None = None) -> bool:
+        """Queue a frame. False means the outbox is over its limit (a slow consumer).
+
+        `written` (acks and errors: their write delay is measured) is called once the frame is
+        in the transport: at once on the direct path, else after the send that carries it."""
         if (self._direct is not None and not self._frames and not self._sending
                 and self._task is not None and self._direct(frame)):
             self.direct_frames += 1
+            if written is not None:
+                written()
             return True
+        if written is not None:
+            self._written.append(written)
         self._frames.append(frame)
         self.queued_bytes += len(frame)
         if not self._wake.is_set():
@@ -83,11 +91,14 @@ class Outbox:
                     continue
                 data = b"".join(self._frames)
                 self._frames.clear()
+                written, self._written = self._written, []
                 self.queued_bytes = 0
                 self._sending = True
                 await self._send(data)
                 self._sending = False
                 self.sent_frames += 1
+                for callback in written:
+                    callback()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the peer went away mid-send
@@ -109,6 +120,7 @@ class Outbox:
                 await self._task
             self._task = None
         self._frames.clear()
+        self._written.clear()
         self.queued_bytes = 0
 
 

@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 from lotcast.auth import ANONYMOUS, AuthError, Identity, Role, TokenAuthority
 from lotcast.config import Settings
 from lotcast.interactive import protocol as p
+from lotcast.interactive.ackwrite import AckWriteDelays
 from lotcast.interactive.chat import SNAPSHOT_FIELDS, ChatStore
 from lotcast.interactive.hub import RoomHub
 from lotcast.interactive.outbox import Outbox
@@ -64,6 +65,8 @@ class InteractiveStats:
     snapshots: int = 0
     replays: int = 0
     by_room: dict[str, int] = field(default_factory=dict)
+    # Function reply -> the ack's (or error's) write on the socket, for every Function call
+    ack_write: AckWriteDelays = field(default_factory=AckWriteDelays)
 
 
 @dataclass
@@ -285,25 +288,41 @@ class ClientSession:
 
     # --- messages ----------------------------------------------------------------------------
 
-    def _send(self, frame: bytes) -> None:
-        if not self.outbox.push(frame):
+    def _send(self, frame: bytes, replied: float | None = None) -> None:
+        """Queue `frame`; `replied`: the perf_counter() at which the Function reply this frame
+        answers was decoded (its write delay is recorded)."""
+        if replied is None:
+            ok = self.outbox.push(frame)
+        else:
+            delays, pushing = self.deps.stats.ack_write, True
+
+            def written() -> None:
+                delays.observe(time.perf_counter() - replied, queued=not pushing)
+
+            ok = self.outbox.push(frame, written)
+            pushing = False
+        if not ok:
             self.deps.stats.slow_disconnects += 1
             self.close_soon(p.CloseCode.SLOW_CONSUMER, "outbox overflow")
 
     def _position(self) -> tuple[str, int]:
         return (self.hub.epoch, self.hub.offset) if self.hub is not None else ("", 0)
 
-    def _send_error(self, err: p.ProtocolError, request: str | None = None) -> None:
+    def _send_error(self, err: p.ProtocolError, request: str | None = None,
+                    replied: float | None = None) -> None:
         self.deps.stats.errors += 1
         epoch, offset = self._position()
         self._send(p.encode_error(err, epoch=epoch or None, offset=offset if epoch else None,
-                                  request=request))
+                                  request=request), replied)
 
     def _ack(self, msg: p.ClientMessage, **fields: Any) -> None:
+        """The reply to a request whose Function call just returned (its write delay counts)."""
+        replied = time.perf_counter()
         self.deps.stats.acks += 1
         epoch, offset = self._position()
         fields.setdefault("offset", offset)
-        self._send(p.encode_ack(cid=msg.cid, request=p.message_type(msg), epoch=epoch, **fields))
+        self._send(p.encode_ack(cid=msg.cid, request=p.message_type(msg), epoch=epoch, **fields),
+                   replied)
 
     async def _handle(self, msg: p.ClientMessage) -> None:
         kind = p.message_type(msg)
@@ -337,7 +356,7 @@ class ClientSession:
             await self._dispatch(msg)
         except p.ProtocolError as err:
             err.cid = msg.cid
-            self._send_error(err, kind)
+            self._send_error(err, kind, time.perf_counter())
         except RedisError as exc:
             log.warning("redis error handling %s: %r", kind, exc)
             self._send_error(p.ProtocolError(p.ErrorCode.UNAVAILABLE,
