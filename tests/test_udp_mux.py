@@ -355,3 +355,15 @@ async def test_each_worker_opens_its_port_at_start_and_metrics_say_whose_drops(
                 ("lotcast_udp_mux_port", "1"): float(base + 1)}
         series = await _metrics_until(relay.url, want)
         assert {k: series.get(k) for k in want} == want, series
+
+
+@pytest.mark.timeout(120)
+async def test_a_taken_port_fails_the_relay_start(redis_server: RedisServer) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError) as failed, \
+                running_cluster(redis_server, relay_args=["--udp-port", str(port)]):
+            pass
+    message = str(failed.value)
+    assert "relay exited before ready" in message and "Address already in use" in message, message
