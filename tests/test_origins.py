@@ -209,6 +209,7 @@ async def test_sigterm_origin_moves_its_stream_make_before_break_and_exits_when_
                 return any(c > last + 1000 for c in viewer.counters)
 
             await wait_until(moved, 20, "the viewer plays the new publisher's frames")
+            await asyncio.sleep(1.5)  # the host page's overlap (MOVE_OVERLAP_MS)
             await first.stop()
             assert draining.wait(25) == 0, "".join(draining.output[-30:])
             exited_at = time.monotonic()

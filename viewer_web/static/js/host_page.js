@@ -250,6 +250,9 @@ async function publishOnce() {
 // so viewers see no gap. If the new one fails, the old one keeps going (until the drain ends it).
 let moving = null;
 const MOVE_LIVE_TIMEOUT_MS = 10000;
+// The old session stays this long after the new one is live: relays switch their pull when they
+// see the stream's new origin (checked every 0.25 s), and must find the old source still there.
+const MOVE_OVERLAP_MS = 1500;
 
 function waitLive(pub, ms) {
   return new Promise((resolve, reject) => {
@@ -291,7 +294,7 @@ async function moveTo(url) {
   publisher = pub;
   publishOrigin = originOf(pub.location || url);
   setPublishState("live", `publishing ${params.stream}`);
-  if (old) await old.stop();
+  if (old) setTimeout(() => old.stop(), MOVE_OVERLAP_MS);
 }
 
 async function stop() {
