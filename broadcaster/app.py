@@ -30,7 +30,7 @@ from lotcast.media.upstream import NotLiveError
 from lotcast.node.routes import health_routes, page_routes, stats_route, udp_socket_count
 from lotcast.node.telemetry import MediaTelemetry
 from lotcast.ops.metrics import NodeMetrics
-from lotcast.ops.node import NodeLoad
+from lotcast.ops.node import NodeLoad, NodeState
 from lotcast.ops.origins import StreamBindings, pick_origin, whip_url
 from lotcast.ops.placement_http import Placer, selector_for
 from lotcast.ops.registry import NodeRegistry, read_live_nodes
@@ -77,7 +77,7 @@ def create_app(settings: Settings) -> Starlette:
 
     async def load_changed() -> None:
         with contextlib.suppress(RedisError, OSError):
-            if registry.state.value in ("serving", "draining"):
+            if registry.state in (NodeState.SERVING, NodeState.DRAINING):
                 await registry.beat()
 
     def publishing() -> list[str]:
@@ -117,10 +117,14 @@ def create_app(settings: Settings) -> Starlette:
                           draining=lambda: drainer.draining, load_changed=load_changed,
                           public_url=settings.public_url)
 
+    registered = True
+
     async def keep_bindings() -> None:
         while True:
             await asyncio.sleep(settings.heartbeat_interval)
             try:
+                if not registered:  # the first heartbeat failed: the registry never started beating
+                    await load_changed()
                 for stream in await bindings.refresh():
                     logger.warning("stream %s: now bound to another origin", stream)
             except (RedisError, OSError) as exc:
@@ -150,10 +154,12 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         sessions.start()
         await interactive.start()
+        nonlocal registered
         try:
             await registry.start()
         except (RedisError, OSError) as exc:  # one origin still serves without the registry
             logger.warning("origin not registered (%r): WHIP placement sees only itself", exc)
+            registered = False
         notices.start()
         refresher = asyncio.ensure_future(keep_bindings())
         try:
