@@ -230,3 +230,37 @@ async def test_sigterm_origin_moves_its_stream_make_before_break_and_exits_when_
 def viewer_max_gap(times: list[float], start: float, end: float) -> float:
     points = [start, *(t for t in times if start <= t <= end), end]
     return max(b - a for a, b in itertools.pairwise(points))
+
+
+@pytest.mark.timeout(120)
+async def test_a_publisher_that_cannot_be_told_keeps_its_session_until_the_drain_timeout(
+        redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    """OBS-like: no room socket, so no republish; its viewers keep playing from the draining
+    origin until the drain timeout, then the origin exits."""
+    token = host_token()
+    with two_origins(redis_server, drain_timeout=4) as cluster:
+        publisher = PlacedPublisher(cluster.urls[0], "obs-show", token)
+        await publisher.start()
+        draining = cluster.by_url(publisher.origin_url)
+        relay = cluster.relays[0]
+        viewer = Viewer(relay.url, "obs-show")
+        await viewer.start()
+        try:
+            await viewer.wait_frames(10, timeout=20)
+            draining.signal(signal.SIGTERM)
+            await asyncio.sleep(2.0)  # half the drain timeout: still serving the stream
+            assert draining.alive()
+            assert await binding(redis_client, "obs-show") == draining.name
+            async with http_client() as http:
+                stats = (await http.get(f"{draining.url}/api/stats")).json()
+                assert stats["draining"] is True and stats["publishers"] == 1
+                assert stats["republish_notices"] >= 1  # told (nobody listens)
+                # and it takes no new stream
+                r = await http.get(f"{draining.url}/api/streams/new-show/ingest")
+                assert r.status_code == 200 and r.json()["origin"] != draining.name
+            frames = len(viewer.counters)
+            await viewer.wait_frames(frames + 10, timeout=10)
+            assert draining.wait(20) == 0, "".join(draining.output[-30:])
+        finally:
+            await viewer.stop()
+            await publisher.stop(delete=False)
