@@ -1,8 +1,9 @@
 """Fan-out benchmark: one publisher (~1.5 Mbps VP8 + Opus) → broadcaster → relay → N viewers.
 
-Two relays pull the same stream from the same origin: one on the native fan-out path
-(lotcast/media/_fanout.c) and one forced onto the Python path (LOTCAST_NATIVE_FANOUT=0). For each
-N both are measured at once, each with its own farm of N viewers (same farm code, same source
+Relays pull the same stream from the same origin, one per --paths entry: the native fan-out
+path (lotcast/media/_fanout.c, lean RTCP: the default), the Python path (LOTCAST_NATIVE_FANOUT=0)
+and the native path with aiortc's own per-viewer RTCP (aiortc-rtcp: LOTCAST_LEAN_RTCP=0). For
+each N all are measured at once, each with its own farm of N viewers (same farm code, same source
 packets, same machine load; --one-at-a-time measures them in turn), and the bench prints: the
 relay's CPU per
 delivered packet and per viewer-second, packets/s it delivers, the farm's own CPU (when the farm
@@ -51,6 +52,7 @@ from lotcast.media.aiortc_hooks import (
     set_encoder_bitrate,
 )
 from lotcast.media.forwarder import ForwardSink, TrackForwarder
+from lotcast.media.viewer_rtcp import ENV as LEAN_RTCP_ENV
 from lotcast.redis_server import RedisServer
 from lotcast.supervisor import ServiceProcess
 
@@ -270,7 +272,12 @@ async def measure(relay_url: str, origin_url: str, n: int, seconds: float,
 
 
 _PIDS: dict[str, int] = {}
-PATHS = ("native", "python")
+# each path is a relay of its own: native fan-out + lean RTCP (the default), the Python fan-out
+# (LOTCAST_NATIVE_FANOUT=0), and native fan-out with aiortc's own RTCP per viewer
+# (LOTCAST_LEAN_RTCP=0: an RTCP task per sender, aiortc's parser; the per-viewer path before it)
+PATHS = ("native", "python", "aiortc-rtcp")
+PATH_ENV = {"native": {}, "python": {native.ENV: "0"}, "aiortc-rtcp": {LEAN_RTCP_ENV: "0"}}
+FANOUT_OF = {"native": "native", "python": "python", "aiortc-rtcp": "native"}
 
 
 async def _start_profile(profile: str | None, proc: psutil.Process,
@@ -334,7 +341,7 @@ async def main() -> None:
     parser.add_argument("--viewers", type=int, nargs="+", default=[30, 60])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--bitrate", type=int, default=1_500_000, help="publisher video bits/s")
-    parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=["native", "python"],
                         help="fan-out paths to measure (each on its own relay, same farm)")
     parser.add_argument("--floor-size", type=int, default=1100, help="floor packet bytes")
     parser.add_argument("--one-at-a-time", action="store_true",
@@ -353,11 +360,14 @@ async def main() -> None:
     profiles: dict[str, str] = {}
     with RedisServer() as redis, running_cluster(redis, relay_args=relay_args) as cluster:
         relays = {"native": cluster.relay}
-        python_relay = ServiceProcess("relay", ["--port", "0", "--origin-url", cluster.origin.url,
-                                                "--node-id", "relay-python", *relay_args],
-                                      env={**cluster.env, native.ENV: "0"}).start()
-        cluster.extra.append(python_relay)
-        relays["python"] = python_relay
+        for path in args.paths:
+            if path == "native":
+                continue
+            relay = ServiceProcess("relay", ["--port", "0", "--origin-url", cluster.origin.url,
+                                             "--node-id", f"relay-{path}", *relay_args],
+                                   env={**cluster.env, **PATH_ENV[path]}).start()
+            cluster.extra.append(relay)
+            relays[path] = relay
         for relay in relays.values():
             _PIDS[relay.url] = relay.pid
         publisher = Publisher(cluster.origin.url, STREAM, host_token())
@@ -399,9 +409,10 @@ async def main() -> None:
     # the least of three: other processes on a shared machine only ever add to a CPU figure
     floor_c = min(c_floor(args.floor_size) for _ in range(3))
     floor_py = min(srtp_send_floor(args.floor_size) for _ in range(3))
+    fanouts = sorted({FANOUT_OF[path] for path in args.paths})
     loop_costs = {(n, path): min([await fanout_loop_cost(n, path, args.floor_size)
                                   for _ in range(3)])
-                  for n in args.viewers for path in args.paths}
+                  for n in args.viewers for path in fanouts}
     shared_costs = {n: min([await fanout_loop_cost(n, "native", args.floor_size, shared=True)
                             for _ in range(3)]) for n in args.viewers} if native.available() else {}
     print()
@@ -417,12 +428,12 @@ async def main() -> None:
     for n, cost in shared_costs.items():
         print(f"  native {n:>4} sinks on one shared socket (sendmmsg): {cost * 1e6:5.2f} µs "
               f"({cost / floor_c:.2f}x C floor)")
-    header = (f"{'path':>6} {'viewers':>7} {'µs CPU/delivered pkt':>21} {'x C floor':>9} "
+    header = (f"{'path':>11} {'viewers':>7} {'µs CPU/delivered pkt':>21} {'x C floor':>9} "
               f"{'ms/viewer-s':>11} {'delivered/s':>11} {'relay CPU':>9} {'farm CPU':>8} "
               f"{'g2g relay p50/p95':>18} {'direct p50/p95':>15} {'adds p95':>8} {'TTFF p95':>8}")
     print(header)
     for path, r in rows:
-        print(f"{path:>6} {r['viewers']:>7} {r['us_per_delivered']:>21.2f} "
+        print(f"{path:>11} {r['viewers']:>7} {r['us_per_delivered']:>21.2f} "
               f"{r['us_per_delivered'] / (floor_c * 1e6):>9.2f} {r['cpu_ms_per_viewer_s']:>11.2f} "
               f"{r['delivered_per_s']:>11.0f} {r['relay_cpu_pct']:>8.0f}% {r['farm_cpu_pct']:>7.0f}% "
               f"{r['g2g_relay_p50']:>8.0f}/{r['g2g_relay_p95']:<9.0f} "
@@ -435,6 +446,10 @@ async def main() -> None:
         if "native" in per and "python" in per:
             print(f"{n} viewers: native path {per['native']:.2f} µs vs Python path "
                   f"{per['python']:.2f} µs per delivered packet ({per['native'] / per['python']:.2f}x)")
+        if "native" in per and "aiortc-rtcp" in per:
+            print(f"{n} viewers: lean RTCP {per['native']:.2f} µs vs aiortc's RTCP "
+                  f"{per['aiortc-rtcp']:.2f} µs per delivered packet "
+                  f"({per['native'] / per['aiortc-rtcp']:.2f}x), both on the native fan-out")
     print("farm CPU near 100% of a core means the farm, not the relay, was the limit")
     for path, profile in profiles.items():
         print(f"\n--- profile of the {path} relay at {args.viewers[-1]} viewers ({profile}) ---")

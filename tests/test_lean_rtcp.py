@@ -6,10 +6,12 @@ served, receiver reports are read."""
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 import time
 from typing import Any
 
+import pylibsrtp
 import pytest
 from aiortc.rtp import (
     RTCP_PSFB_PLI,
@@ -32,7 +34,13 @@ from media_support import (
     running_cluster,
 )
 
-from lotcast.media.aiortc_hooks import observe_rtcp, request_keyframe
+from lotcast.media.aiortc_hooks import (
+    MAX_SRTP_PACKET,
+    _widen_srtp_session,
+    fast_unprotect_rtcp,
+    observe_rtcp,
+    request_keyframe,
+)
 from lotcast.media.rtcp import (
     RtcpError,
     SenderInfo,
@@ -111,6 +119,29 @@ def test_sender_reports_are_one_compound_aiortc_reads() -> None:
     assert [(c.ssrc, c.items) for c in sdes] == [
         (1111, [(1, b"cname-of-the-viewer-session")]), (2222, [(1, b"cname-of-the-viewer-session")])]
     assert ntp_middle(0xE1234567_89ABCDEF) == 0x456789AB
+
+
+def test_fast_srtcp_unprotect_matches_pylibsrtp() -> None:
+    key = os.urandom(30)
+    profile = pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80
+    tx = pylibsrtp.Session(pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
+                                            srtp_profile=profile))
+    rx_slow = pylibsrtp.Session(pylibsrtp.Policy(
+        key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND, srtp_profile=profile))
+    rx = pylibsrtp.Session(pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND,
+                                            srtp_profile=profile))
+    _widen_srtp_session(rx)
+    unprotect = fast_unprotect_rtcp(rx)
+    for i in range(20):
+        plain = _rr(_block(1000 + i), _block(2000 + i), ssrc=99)
+        protected = tx.protect_rtcp(plain)
+        assert unprotect(protected) == plain == rx_slow.unprotect_rtcp(protected)
+    forged = tx.protect_rtcp(_rr(_block(7)))
+    forged = forged[:10] + bytes([forged[10] ^ 1]) + forged[11:]
+    with pytest.raises(pylibsrtp.Error):
+        unprotect(forged)
+    with pytest.raises(pylibsrtp.Error):
+        unprotect(bytes(MAX_SRTP_PACKET + 1))
 
 
 # --- the clock: every viewer's reports from one timer ----------------------------------------

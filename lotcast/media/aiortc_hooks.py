@@ -157,6 +157,10 @@ def check_hooks() -> None:
         signature = pylibsrtp_binding.ffi.getctype(pylibsrtp_binding.ffi.typeof(
             pylibsrtp_binding.lib.srtp_protect))
         status = pylibsrtp_binding.ffi.typeof("srtp_err_status_t")
+        unprotect_rtcp = pylibsrtp_binding.ffi.getctype(pylibsrtp_binding.ffi.typeof(
+            pylibsrtp_binding.lib.srtp_unprotect_rtcp))
+        if unprotect_rtcp != _SRTP_PROTECT_CTYPE:
+            problems.append(f"pylibsrtp srtp_unprotect_rtcp signature {unprotect_rtcp!r}")
         if (signature != _SRTP_PROTECT_CTYPE or status.kind != "enum"
                 or pylibsrtp_binding.ffi.sizeof(status) != 4 or not srtp_protect_address()):
             problems.append(f"pylibsrtp srtp_protect signature {signature!r}")
@@ -370,12 +374,15 @@ def route_rtcp(dtls: RTCDtlsTransport, on_rtcp: Callable[[bytes], None]) -> None
     dtls._handle_rtcp_data = handle_rtcp_data  # type: ignore[method-assign]
     connection = dtls.transport._connection
     queue_datagram = connection.data_received
+    unprotect: list[Any] = [None, None]  # (the rx session, its fast unprotect)
 
     def data_received(data: bytes, component: int) -> None:
         srtp = dtls._rx_srtp
         if srtp is not None and len(data) >= 2 and 127 < data[0] < 192 and 192 <= data[1] <= 208:
+            if unprotect[0] is not srtp:
+                unprotect[:] = [srtp, fast_unprotect_rtcp(srtp)]
             try:
-                plain = srtp.unprotect_rtcp(data)
+                plain = unprotect[1](data)
             except pylibsrtp.Error:  # a replay, a forgery or too large: dropped, as aiortc does
                 return
             on_rtcp(plain)
@@ -429,6 +436,31 @@ def fast_protect(session: Any) -> Callable[[bytes], bytes]:
 
 
 _SRTP_PROTECT_CTYPE = "srtp_err_status_t(*)(struct srtp_ctx_t_ *, void *, int *)"
+
+
+def fast_unprotect_rtcp(session: Any) -> Callable[[bytes], bytes]:
+    """SRTCP unprotect for one (widened) pylibsrtp Session without its per-call checks: the
+    same libsrtp call on the session's own buffer, as `fast_protect` does for RTP. Raises
+    pylibsrtp.Error for a datagram libsrtp refuses or one above MAX_SRTP_PACKET."""
+    ffi, lib = pylibsrtp_binding.ffi, pylibsrtp_binding.lib
+    srtp, cdata, buffer = session._srtp[0], session._cdata, session._buffer
+    unprotect_fn = lib.srtp_unprotect_rtcp
+    limit = min(MAX_SRTP_PACKET, len(cdata))
+    length = ffi.new("int *")
+
+    def unprotect(data: bytes, _session: Any = session) -> bytes:  # holds the srtp_t alive
+        size = len(data)
+        if size > limit:
+            global oversize_datagrams
+            oversize_datagrams += 1
+            raise pylibsrtp.Error(f"datagram of {size} bytes exceeds {limit}")
+        length[0] = size
+        buffer[0:size] = data
+        if unprotect_fn(srtp, cdata, length) != 0:
+            raise pylibsrtp.Error("srtp_unprotect_rtcp failed")
+        return bytes(buffer[0:length[0]])
+
+    return unprotect
 
 
 def srtp_protect_address() -> int:
