@@ -129,3 +129,61 @@ async def test_sigterm_origin_moves_a_browser_host_and_the_relay_viewer_plays_on
                 for proc in [*cluster.origins, *cluster.relays]:
                     print(proc.name, "".join(proc.output[-20:]))
                 raise
+
+
+@pytest.mark.timeout(240)
+async def test_killed_origin_the_host_page_republishes_through_placement_on_the_survivor(
+        redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    """kill -9 of the stream's origin: the host page's retry asks the origins it knows (not only
+    the dead URL) and is placed on the survivor; the relay's viewer plays again."""
+    from media_support import Viewer
+
+    stream = "browser-origin-crash"
+    log = PageLog()
+    with two_origins(redis_server) as cluster:
+        relay = cluster.relays[0]
+        async with chromium() as browser:
+            try:
+                host = await open_page(
+                    browser, f"{cluster.urls[0]}/host?stream={stream}#token={host_token()}",
+                    log, "host")
+                await host.click("#go-live")
+
+                async def live_on(expected: str | None) -> str | None:
+                    s = await host.evaluate("window.lotcast.state()")
+                    origin = await host.evaluate("window.lotcast.publishOrigin")
+                    if s["publish"] != "live" or (expected is not None and origin != expected):
+                        return None
+                    return origin  # type: ignore[no-any-return]
+
+                first = await wait_for(lambda: live_on(None), 60, "the host page is live", log)
+                victim = cluster.by_url(first)
+                survivor = cluster.other(victim)
+                assert sorted(await host.evaluate("window.lotcast.origins")) == sorted(cluster.urls)
+                viewer = Viewer(relay.url, stream)
+                await viewer.start()
+                try:
+                    await viewer.wait_frames(20, timeout=30)
+                    victim.signal(signal.SIGKILL)
+                    killed_at = time.monotonic()
+                    frames = len(viewer.counters)
+                    await wait_for(lambda: live_on(survivor.url), 60,
+                                   "the host page publishes on the survivor", log)
+                    republished = time.monotonic() - killed_at
+                    raw = await redis_client.get(keys.stream_origin(stream))
+                    assert raw is not None and raw.decode() == survivor.name
+
+                    async def playing_again() -> bool:
+                        return len(viewer.counters) > frames + 10
+
+                    await wait_for(playing_again, 40, "the relay's viewer plays again", log)
+                    print(f"\nkill -9 of the host page's origin: republished on the survivor "
+                          f"{republished:.2f}s, the relay's viewer playing again "
+                          f"{time.monotonic() - killed_at:.2f}s after the kill")
+                finally:
+                    await viewer.stop()
+            except BaseException:
+                print(log.tail(150))
+                for proc in [*cluster.origins, *cluster.relays]:
+                    print(proc.name, "".join(proc.output[-20:]))
+                raise
