@@ -178,12 +178,23 @@ class RelayUpstreams:
             pull = self._pulls.get(stream_id)
             if pull is None or target.url == current.url:
                 continue
+            if not await self._playable(target.url, stream_id):
+                continue  # the new origin's publisher is still connecting: next check
             try:
                 if await self._replace_pull(stream_id, (), expected=pull):
                     self.origin_moves += 1
             except Exception as exc:  # the new origin's stream is not live yet: next check
                 logger.info("stream %s: not moved to origin %s yet: %r", stream_id,
                             target.origin, exc)
+
+    async def _playable(self, base_url: str, stream_id: str) -> bool:
+        """HEAD /whep: is the stream live there (no peer connection spent on asking)?"""
+        try:
+            response = await self.http.head(f"{base_url}/whep/{stream_id}",
+                                            timeout=PARENT_PROBE_TIMEOUT_S)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
 
     async def _parent_silent(self, pull: UpstreamPull) -> bool:
         """No media from the parent for PARENT_STALL_S and it does not answer /healthz: it died
