@@ -16,6 +16,7 @@ extension is missing, and forced with LOTCAST_NATIVE_WS=0 (tests compare the two
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -31,6 +32,10 @@ else:
 
 ENV = "LOTCAST_NATIVE_WS"
 _OFF = {"0", "false", "no", "off"}
+# Tests only (a fault): every native call then takes this many seconds more, as if the kernel
+# were slow, so one fan-out spans many loop turns (tests/test_ws_ack_order.py).
+FAULT_SLICE_ENV = "LOTCAST_WS_FAULT_SLICE_S"
+_FAULT_SLICE_S = float(os.environ.get(FAULT_SLICE_ENV) or 0)
 
 
 class BatchSubscriber(Protocol):
@@ -66,6 +71,8 @@ def deliver_native(payload: bytes, subs: Sequence[BatchSubscriber]) -> tuple[int
             queued.append(sub)
     # Native first: nothing between the checks above and this call can close an fd.
     shorts = _wswrite.send_many(wire, fds) if fds else []
+    if _FAULT_SLICE_S:
+        time.sleep(_FAULT_SLICE_S)
     for index, result in shorts:
         takers[index].native_rest(wire, result)
     for sub in queued:
