@@ -108,9 +108,24 @@ def create_app(settings: Settings) -> Starlette:
                 told += 1
         return told
 
+    async def end_moved() -> int:
+        """End the ingest sessions of streams that moved to another origin and that no relay
+        (or viewer) pulls from here any more."""
+        pulled = {s.stream.id for s in sessions.sessions(EgressSession)}
+        ended = 0
+        for session in sessions.sessions(IngestSession):
+            stream = session.stream.id
+            if stream in pulled or await bindings.holder(stream) in (settings.node_id, None):
+                continue
+            logger.warning("stream %s moved and no relay pulls it here: ending its old session",
+                           stream)
+            await session.close()
+            ended += 1
+        return ended
+
     notices = OriginNotices(redis, deliver)
     drainer = OriginDrainer(registry, publishing, lambda: sessions.count(EgressSession), notify,
-                            settings.drain_timeout)
+                            end_moved, settings.drain_timeout)
     ingest = IngestPlacer(redis, bindings, router, endpoints.publish, authority,
                           node_id=settings.node_id,
                           stale_after=ttl, capacity=MAX_STREAMS,
@@ -147,6 +162,7 @@ def create_app(settings: Settings) -> Starlette:
             "bound": sorted(bindings.held),
             "whip_redirects": ingest.redirects,
             "republish_notices": drainer.notices,
+            "moved_sessions_ended": drainer.ended,
             "republish_delivered": notices.delivered,
         }
 

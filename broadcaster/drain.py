@@ -6,7 +6,10 @@
    (`republish`, via broadcaster/notices.py) to publish to the least-loaded serving origin; it
    does so make-before-break, and the new origin takes the stream's binding over, so relays
    switch their pull (relay/upstreams.py). Repeated every `notice_interval` until it has moved.
-3. It returns when no publisher and no relay pull is left here, or at `timeout`: third-party WHIP
+3. Once a stream has moved (its binding names another origin) and no relay pulls it from here
+   any more, its old ingest session is ended here (`end_moved`): the break of make-before-break
+   comes after every relay has switched, whatever the host does.
+4. It returns when no publisher and no relay pull is left here, or at `timeout`: third-party WHIP
    publishers (OBS) cannot be told and keep their session until then.
 """
 
@@ -32,11 +35,14 @@ class DrainState(enum.Enum):
 class OriginDrainer:
     def __init__(self, registry: NodeRegistry, publishing: Callable[[], list[str]],
                  relay_pulls: Callable[[], int], notify: Callable[[str], Awaitable[bool]],
-                 timeout: float, poll_interval: float = 0.1, notice_interval: float = 1.0) -> None:
+                 end_moved: Callable[[], Awaitable[int]], timeout: float,
+                 poll_interval: float = 0.1, notice_interval: float = 1.0) -> None:
         self.registry = registry
         self.publishing = publishing
         self.relay_pulls = relay_pulls
         self.notify = notify
+        self.end_moved = end_moved
+        self.ended = 0
         self.timeout = timeout
         self.poll_interval = poll_interval
         self.notice_interval = notice_interval
@@ -68,6 +74,10 @@ class OriginDrainer:
         deadline = started + self.timeout
         told: dict[str, float] = {}
         while time.monotonic() < deadline:
+            try:
+                self.ended += await self.end_moved()
+            except Exception as exc:
+                logger.warning("could not end moved sessions: %r", exc)
             streams = self.publishing()
             if not streams and self.relay_pulls() == 0:
                 break

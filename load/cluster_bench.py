@@ -53,7 +53,6 @@ from lotcast.media.aiortc_hooks import tap_receiver
 from lotcast.redis_server import RedisServer
 
 STREAM = "bench"
-MOVE_OVERLAP_S = 1.5  # viewer_web/static/js/host_page.js MOVE_OVERLAP_MS
 
 
 def fmt(values: list[float]) -> str:
@@ -243,10 +242,8 @@ async def origin_drain(args: argparse.Namespace) -> None:
             while second.pc.connectionState != "connected" and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             moved = time.monotonic() - term_at
-            # as the host page does: keep the old session a moment, so every relay has switched
-            # its pull (they check the binding every 0.25 s) before its source goes away
-            await asyncio.sleep(MOVE_OVERLAP_S)
-            await first.stop()
+            # the old session is left to the draining origin: it ends it once every relay has
+            # switched its pull (the host page's own DELETE comes 10 s later, as a fallback)
             code = await asyncio.to_thread(draining.wait, 30)
             exited = time.monotonic() - term_at
             await asyncio.sleep(2)

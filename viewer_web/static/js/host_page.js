@@ -250,9 +250,9 @@ async function publishOnce() {
 // so viewers see no gap. If the new one fails, the old one keeps going (until the drain ends it).
 let moving = null;
 const MOVE_LIVE_TIMEOUT_MS = 10000;
-// The old session stays this long after the new one is live: relays switch their pull when they
-// see the stream's new origin (checked every 0.25 s), and must find the old source still there.
-const MOVE_OVERLAP_MS = 1500;
+// The draining origin ends the old session itself once every relay has switched to the new
+// origin; the page lets it go after this long in any case (an origin that is stuck).
+const MOVE_OVERLAP_MS = 10000;
 
 function waitLive(pub, ms) {
   return new Promise((resolve, reject) => {
