@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.websockets import WebSocket
+from websockets.protocol import State
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Outbox:
                  direct: DirectWrite | None = None) -> None:
         self._send = send
         self._direct = direct
+        self._native = direct if isinstance(direct, DirectSocket) else None
         self._sending = False
         self.direct_frames = 0
         self.short_writes = 0  # native batch writes whose rest went to the transport's buffer
@@ -50,18 +52,18 @@ class Outbox:
 
     def native_fd(self) -> int:
         """The fd for the hub's native batch write, when nothing is queued here or in the
-        transport (so the raw write cannot overtake anything); else -1."""
-        direct = self._direct
-        if (self._frames or self._sending or self._task is None
-                or not isinstance(direct, DirectSocket)):
+        transport (so the raw write cannot overtake anything); else -1. Called for every socket
+        of every batch: kept to a few attribute reads."""
+        native = self._native
+        if native is None or self._frames or self._sending or self._task is None:
             return -1
-        return direct.idle_fd()
+        return native.idle_fd()
 
     def native_rest(self, wire: bytes, result: int) -> None:
         """The native write took only part of `wire` (see DirectSocket.rest)."""
-        assert isinstance(self._direct, DirectSocket)
+        assert self._native is not None
         self.short_writes += 1
-        self._direct.rest(wire, result)
+        self._native.rest(wire, result)
 
     def push(self, frame: bytes, written: Callable[[], None] | None = None) -> bool:
         """Queue a frame. False means the outbox is over its limit (a slow consumer).
@@ -136,12 +138,15 @@ class DirectSocket:
     def __init__(self, owner: Any, conn: Any) -> None:
         self._owner = owner
         self._conn = conn
-        self._fd = -2  # -2: not looked up yet (the transport's socket is known after accept)
+        self._writable = owner.writable  # an asyncio.Event, for the life of the connection
+        # -2: not looked up yet (the socket is known, and extensions negotiated, once OPEN);
+        # -1: never native (an extension transforms frames per connection, or no socket)
+        self._fd = -2
 
     def _open(self) -> bool:
         owner = self._owner
-        return not (owner.close_sent or owner.disconnected or not owner.writable.is_set()
-                    or owner.transport.is_closing() or self._conn.state.name != "OPEN")
+        return not (owner.close_sent or owner.disconnected or not self._writable.is_set()
+                    or owner.transport.is_closing() or self._conn.state is not State.OPEN)
 
     def __call__(self, data: bytes) -> bool:
         """Write `data` as one binary frame now, if the transport takes data (not paused: its
@@ -162,16 +167,20 @@ class DirectSocket:
     def idle_fd(self) -> int:
         """The socket's fd when a raw `send` cannot overtake anything: the transport holds no
         buffered bytes, is not paused, the connection is open and frames are not transformed
-        per connection (no extension); else -1."""
-        transport = self._owner.transport
-        if (self._conn.extensions or not self._open()
-                or transport.get_write_buffer_size() != 0):
+        per connection (no extension); else -1. The hub calls it for every socket of every
+        batch, so `_open` is inlined and what cannot change is looked up once."""
+        owner = self._owner
+        transport = owner.transport
+        if (owner.close_sent or owner.disconnected or not self._writable.is_set()
+                or self._conn.state is not State.OPEN or transport.is_closing()
+                or transport.get_write_buffer_size()):
             return -1
-        if self._fd == -2:
+        fd = self._fd
+        if fd == -2:
             sock = transport.get_extra_info("socket")
             fileno = getattr(sock, "fileno", None)
-            self._fd = fileno() if callable(fileno) else -1
-        return int(self._fd)
+            fd = self._fd = -1 if self._conn.extensions or not callable(fileno) else int(fileno())
+        return fd
 
     def rest(self, wire: bytes, result: int) -> None:
         """A native write took `result` bytes of `wire` (the rest goes to the transport's buffer,
