@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import PipelineCommand
+from redis.asyncio.cluster import PipelineCommand, RedisCluster
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -47,6 +47,8 @@ DURABLE_CALLS = frozenset({"bid", "prebid", "vote", "lot_create", "lot_open", "l
 # A cluster node's pool fails a command when all its connections are busy (no blocking pool as on
 # one Redis), so a bid burst queues here instead: at most this many Function calls in flight.
 CLUSTER_CALLS_IN_FLIGHT = 64
+TOPOLOGY_REFRESH_S = 0.5
+REPLICA_CHECK_S = 1.0
 
 
 class AckPolicy(enum.Enum):
@@ -62,7 +64,7 @@ class NotReplicated(RedisConnectionError):
 
 @dataclass(frozen=True)
 class Durability:
-    replicas: int  # 0 = acks do not wait
+    policy: AckPolicy
     timeout_ms: int
 
 
@@ -89,18 +91,23 @@ class RoomFunctions:
                  durability: Durability | None = None) -> None:
         self.redis = redis
         self.history = history
-        self.durability = durability or Durability(0, 0)
+        self.durability = durability or Durability(AckPolicy.OFF, 0)
         self.cluster = redisconn.is_cluster(redis)
         self._source = library_source(self.FILES, self.LIBRARY, self.cluster)
         self.index = SettleIndex(redis)
         self._in_flight = asyncio.Semaphore(CLUSTER_CALLS_IN_FLIGHT)
+        self._refreshed_at = -1.0
+        # AUTO: node name ("" = the one Redis) -> (checked at, connected replicas)
+        self._replicas: dict[str, tuple[float, int]] = {}
 
     async def load(self) -> None:
         """FUNCTION LOAD REPLACE on this Redis, or on every primary of the cluster."""
         if self.cluster:
             rc = redisconn.as_cluster(self.redis)
-            await rc.execute_command("FUNCTION", "LOAD", "REPLACE", self._source,
-                                     target_nodes=rc.get_primaries())
+            await rc.initialize()  # the node list is empty until the first command
+            for node in rc.get_primaries():
+                await rc.execute_command("FUNCTION", "LOAD", "REPLACE", self._source,
+                                         target_nodes=node)
         else:
             await self.redis.function_load(self._source, replace=True)
 
@@ -108,7 +115,7 @@ class RoomFunctions:
         argv = (keys.room_prefix(room), keys.room_channel(room), self.history, room, *args)
         fn = f"{self.LIBRARY}_{name}"
         seq = keys.room_seq(room)
-        durable = self.durability.replicas > 0 and name in DURABLE_CALLS
+        durable = self.durability.policy is not AckPolicy.OFF and name in DURABLE_CALLS
         result = await self._call_reloading(fn, seq, argv, durable)
         try:
             if name == "settle":  # result: (settled, next due ms | -1)
@@ -142,15 +149,35 @@ class RoomFunctions:
                 if durable:
                     return await self._call_on_node(fn, seq, argv)
                 return await self.redis.fcall(fn, 1, seq, *argv)
-        if not durable:
+        if not durable or not await self._must_wait("", self.redis):
             return await self.redis.fcall(fn, 1, seq, *argv)
         # one connection for both, so WAIT counts this call's write
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.fcall(fn, 1, seq, *argv)
-            pipe.execute_command("WAIT", self.durability.replicas, self.durability.timeout_ms)
+            pipe.execute_command("WAIT", 1, self.durability.timeout_ms)
             result, acked = await pipe.execute()
         self._check_acked(acked)
         return result
+
+    async def _must_wait(self, name: str, client: Any) -> bool:
+        """WAIT always; AUTO only while the primary has a connected replica (checked at most
+        once a second per node: a shard whose replica was just promoted has none until one
+        rejoins, and its acks then do not wait: docs/operations.md)."""
+        if self.durability.policy is AckPolicy.WAIT:
+            return True
+        now = asyncio.get_running_loop().time()
+        checked, replicas = self._replicas.get(name, (-10.0, 0))
+        if now - checked >= REPLICA_CHECK_S:
+            try:
+                info = await client.execute_command("INFO", "replication")
+                if isinstance(info, bytes):
+                    info = dict(line.split(":", 1) for line in info.decode().splitlines()
+                                if ":" in line)
+                replicas = int(info.get("connected_slaves", 0))
+            except (RedisError, OSError):
+                replicas = 1  # unknown: the WAIT decides
+            self._replicas[name] = (now, replicas)
+        return replicas > 0
 
     async def _call_on_node(self, fn: str, seq: str, argv: tuple[Any, ...]) -> Any:
         """FCALL then WAIT on one connection of the slot's primary: WAIT counts the writes of
@@ -161,15 +188,24 @@ class RoomFunctions:
             node = rc.get_node_from_key(seq)
             if node is None:
                 raise RedisConnectionError(f"no node serves {seq!r}")
-            commands = [PipelineCommand(0, "FCALL", fn, 1, seq, *argv),
-                        PipelineCommand(1, "WAIT", self.durability.replicas,
-                                        self.durability.timeout_ms)]
-            await node.execute_pipeline(commands)
-            result, acked = commands[0].result, commands[1].result
+            commands = [PipelineCommand(0, "FCALL", fn, 1, seq, *argv)]
+            if await self._must_wait(node.name, node):
+                commands.append(PipelineCommand(1, "WAIT", 1, self.durability.timeout_ms))
+            try:
+                await node.execute_pipeline(commands)
+            except (RedisConnectionError, OSError, TimeoutError):
+                # the node is gone (its replica may be taking over): learn the new topology
+                # for the next call; this one is answered `unavailable`
+                await self._refresh_topology(rc)
+                raise
+            result = commands[0].result
+            acked = commands[1].result if len(commands) > 1 else 1
             if isinstance(result, BaseException):
                 if attempt == 0 and _retryable_routing(result):
-                    await rc.nodes_manager.initialize()
+                    await self._refresh_topology(rc, force=True)
                     continue
+                if isinstance(result, (RedisConnectionError, OSError, TimeoutError)):
+                    await self._refresh_topology(rc)
                 if isinstance(result, (RedisError, OSError)):
                     raise result
                 raise RedisConnectionError(repr(result)) from result
@@ -179,29 +215,26 @@ class RoomFunctions:
             return result
         raise RedisConnectionError(f"{seq!r}: slot still moving")
 
+    async def _refresh_topology(self, rc: RedisCluster, force: bool = False) -> None:
+        """CLUSTER SLOTS again (at most twice a second unless forced by a MOVED)."""
+        now = asyncio.get_running_loop().time()
+        if not force and now - self._refreshed_at < TOPOLOGY_REFRESH_S:
+            return
+        self._refreshed_at = now
+        try:
+            await rc.nodes_manager.initialize()
+        except (RedisError, RedisClusterException, OSError) as exc:
+            log.debug("cluster topology refresh failed: %r", exc)
+
     def _check_acked(self, acked: Any) -> None:
-        if int(acked) < self.durability.replicas:
-            raise NotReplicated(f"{int(acked)} of {self.durability.replicas} replicas confirmed "
-                                f"the write within {self.durability.timeout_ms} ms")
+        if int(acked) < 1:
+            raise NotReplicated(f"no replica confirmed the write within "
+                                f"{self.durability.timeout_ms} ms")
 
 
-async def resolve_durability(redis: aioredis.Redis, policy: AckPolicy,
-                             timeout_ms: int) -> Durability:
-    """AUTO waits when the Redis has a replica: any replica in a cluster, or this Redis's own
-    connected replicas (a Sentinel-managed primary)."""
-    if policy is AckPolicy.OFF:
-        return Durability(0, timeout_ms)
-    if policy is AckPolicy.WAIT:
-        return Durability(1, timeout_ms)
-    if redisconn.is_cluster(redis):
-        raw = await redis.execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
-        if isinstance(raw, dict):  # redis-py parses CLUSTER NODES into {address: {flags...}}
-            has = any("slave" in str(v.get("flags", "")) for v in raw.values())
-        else:
-            text = raw.decode() if isinstance(raw, bytes) else str(raw)
-            has = any(" slave " in f" {line.split()[2].replace(',', ' ')} "
-                      for line in text.splitlines() if len(line.split()) > 2)
-    else:
-        info = await redis.info("replication")
-        has = int(info.get("connected_slaves", 0)) > 0
-    return Durability(1 if has else 0, timeout_ms)
+def durability_from(policy: str, timeout_ms: int) -> Durability:
+    """The `redis_ack` setting: off | wait | auto."""
+    try:
+        return Durability(AckPolicy(policy), timeout_ms)
+    except ValueError:
+        raise ValueError(f"redis_ack must be one of off, wait, auto (got {policy!r})") from None

@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from lotcast import redisconn
+from lotcast import keys, redisconn
 from lotcast.interactive import protocol as wire
 from lotcast.interactive import wswrite
 from lotcast.interactive.protocol import (
@@ -110,6 +110,7 @@ class RoomHub:
         self._native_subs: set[Subscriber] = set()  # those with the native writer's hooks
         self._native_on = wswrite.enabled()
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._last_payload: bytes | None = None  # the event at self.offset (_log_rewound)
         self._pending: list[bytes] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._last_flush = 0.0
@@ -222,6 +223,8 @@ class RoomHub:
 
     async def _handle(self, data: bytes) -> None:
         if data == CATCH_UP:
+            if await self._log_rewound():
+                return
             await self._fill(None)
             return
         epoch_raw, _, payload = data.partition(b"|")
@@ -245,11 +248,35 @@ class RoomHub:
             await self._fill(offset - 1)
         self._append(offset, payload)
 
+    async def _log_rewound(self) -> bool:
+        """After a reconnect: is the newest event we delivered still in the log, unchanged?
+        A Redis Cluster failover may lose the last writes its replica did not get (acks wait
+        for a replica; watchers' events do not), and the new primary then reuses their
+        offsets. If so the room gets a new epoch (once, whichever node sees it first) and
+        every socket resyncs from a snapshot."""
+        if self.offset == 0 or self._last_payload is None:
+            return False
+        entries: Any = await self.roomlog.redis.xrange(
+            keys.room_log(self.room), min=f"0-{self.offset}", max=f"0-{self.offset}")
+        if entries and entries[0][1].get(b"e") == self._last_payload:
+            return False
+        seq = int(await self.roomlog.redis.get(keys.room_seq(self.room)) or 0)
+        if not entries and seq >= self.offset:
+            return False  # trimmed away (a long outage): _fill's HistoryGone handles it
+        log.warning("room %s: log lost events up to %d (now at %d): new epoch", self.room,
+                    self.offset, seq)
+        raw = await self.roomlog.functions.call("rotate_epoch", self.room, self.epoch)
+        self._reset(raw.decode() if isinstance(raw, bytes) else str(raw))
+        head = await self.roomlog.head(self.room)
+        self.epoch, self.offset = head.epoch, head.offset
+        return True
+
     def _reset(self, epoch: str) -> None:
         """The room log was replaced (Redis lost data): every socket must resync."""
         log.warning("room %s: epoch %s -> %s; resyncing %d sockets", self.room, self.epoch, epoch,
                     len(self.sockets))
         self.epoch, self.offset = epoch, 0
+        self._last_payload = None
         self._pending.clear()
         self._reactions, self._reactions_total = {}, -1  # issue 10: counts restart with the log
         self._drop_all(CloseCode.RESYNC, "room log epoch changed")
@@ -270,6 +297,7 @@ class RoomHub:
                 self._drop_all(CloseCode.RESYNC, "node fell behind the room log")
                 head = await self.roomlog.head(self.room)
                 self.offset = head.offset if upto is None else upto
+                self._last_payload = None
                 return
             for offset, payload in events:
                 self._append(offset, payload)
@@ -283,6 +311,7 @@ class RoomHub:
                 self._close_user(str(event["user"]))
         self._pending.append(payload)
         self.offset = offset
+        self._last_payload = payload
         self.stats.events += 1
         if self._flush_handle is None:
             loop = asyncio.get_running_loop()

@@ -24,7 +24,7 @@ from lotcast.config import Settings
 from lotcast.ids import STREAM_ID_RULE, is_valid_stream_id
 from lotcast.interactive.chat import ChatStore
 from lotcast.interactive.deadlines import SettleIndex
-from lotcast.interactive.functions import AckPolicy, RoomFunctions, resolve_durability
+from lotcast.interactive.functions import RoomFunctions, durability_from
 from lotcast.interactive.httpstream import AsgiEndpoint, HttpRoomEndpoints
 from lotcast.interactive.hub import RoomHub, Subscriptions, subscriptions_for
 from lotcast.interactive.polls import PollStore
@@ -102,8 +102,7 @@ class InteractiveService:
         self._redis = redisconn.connect(
             s.redis_url, cluster=s.redis_cluster, health_check_interval=10,
             max_connections=CLUSTER_NODE_CONNECTIONS if cluster else REDIS_CONNECTIONS)
-        durability = await resolve_durability(self._redis, AckPolicy(s.redis_ack),
-                                              s.redis_wait_timeout_ms)
+        durability = durability_from(s.redis_ack, s.redis_wait_timeout_ms)
         functions = RoomFunctions(self._redis, s.room_history, durability)
         await functions.load()
         show_functions = ShowFunctions(self._redis, s.room_history)

@@ -46,6 +46,24 @@ local function snapshot(keys, args)
                         lots = lots, polls = polls, server_ts = now_ms()})
 end
 
+-- args: prefix, channel, maxlen, room, the epoch the caller saw
+-- The room log lost its newest events (a primary died before its replica had them, and the
+-- replica took over): a node saw it and asks for a new epoch, so every node and client
+-- resyncs instead of mistaking the new events for ones it already has. Once per loss: a caller
+-- with an older epoch just learns the current one.
+local function rotate_epoch(keys, args)
+  local R = room_ctx(keys, args)
+  local ep = ensure_epoch(R)
+  if ep == args[5] then
+    local t = redis.call('TIME')
+    ep = t[1] .. string.format('%06d', tonumber(t[2]))
+    if ep == args[5] then ep = ep .. 'r' end
+    redis.call('SET', R.prefix .. 'epoch', ep)
+  end
+  return ep
+end
+
+redis.register_function(FN .. 'rotate_epoch', rotate_epoch)
 redis.register_function(FN .. 'bid', bid)
 redis.register_function(FN .. 'lot_create', lot_create)
 redis.register_function(FN .. 'lot_open', lot_open)
