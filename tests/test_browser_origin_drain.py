@@ -113,7 +113,8 @@ async def test_sigterm_origin_moves_a_browser_host_and_the_relay_viewers_play_on
                         stats = (await http.get(f"{relay.url}/api/stats")).json()
                     assert [u["url"] for u in stats["upstreams"] if u["stream"] == stream] == [
                         survivor.url]
-                    assert stats["origin_moves"] == 1
+                    # moved by the binding check (or, on a starved CPU, by its stall re-pull)
+                    assert stats["origin_moves"] + stats["stall_repulls"] >= 1, stats
                 lines = []
                 for i, viewer in enumerate(viewers):
                     decoded = await viewer.evaluate("window.__freeze.decoded")
