@@ -43,7 +43,7 @@ async def wait_until(check: object, within: float, what: str) -> None:
 async def test_streams_spread_over_two_origins_and_relays_pull_each_from_its_own(
         redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
     token = host_token()
-    with two_origins(redis_server) as cluster:
+    with two_origins(redis_server, heartbeat=1.0) as cluster:  # TTL 3 s: no stale origin under load
         first = PlacedPublisher(cluster.urls[0], "show-a", token)
         await first.start()
         a_origin = cluster.by_url(first.origin_url)
