@@ -337,16 +337,10 @@ setInterval(statsTick, 1000);
 // --- console -------------------------------------------------------------------------------------
 
 const room = new RoomClient({ room: params.stream, token });
-// `republish` (docs/protocol.md) is not a room event; room.js has no event for it, so the page
-// takes it before the client's own handler.
-const handleServerMessage = room._handle.bind(room);
-room._handle = (msg) => {
-  if (msg && msg.type === "republish") {
-    if (msg.stream === params.stream && typeof msg.whip_url === "string") moveTo(msg.whip_url);
-    return undefined;
-  }
-  return handleServerMessage(msg);
-};
+room.addEventListener("republish", (ev) => {
+  const { stream, whipUrl } = ev.detail;
+  if (stream === params.stream && typeof whipUrl === "string") moveTo(whipUrl);
+});
 room.addEventListener("status", (ev) => {
   // The console socket and the WHIP session go to the same broadcaster: a dropped socket is a
   // hint that the media connection may be gone too.

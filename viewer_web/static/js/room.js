@@ -501,6 +501,11 @@ export class RoomClient extends EventTarget {
       this.dispatchEvent(new CustomEvent("moved", { detail: { code: 0, reason: type, url: msg.url } }));
       return;
     }
+    if (type === "republish") {
+      // For the host page: the origin it publishes to is draining (docs/protocol.md).
+      this.dispatchEvent(new CustomEvent("republish", { detail: { stream: msg.stream, whipUrl: msg.whip_url } }));
+      return;
+    }
     if (msg.epoch !== undefined && this.epoch !== null && msg.epoch !== this.epoch &&
         type !== "ack" && type !== "error") {
       // The log was reset; the server sends a snapshot next.
