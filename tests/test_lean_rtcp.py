@@ -13,6 +13,7 @@ from typing import Any
 
 import pylibsrtp
 import pytest
+from aioice import stun
 from aiortc.rtp import (
     RTCP_PSFB_PLI,
     RTCP_RTPFB_NACK,
@@ -34,10 +35,14 @@ from media_support import (
     running_cluster,
 )
 
+from lotcast.media import aiortc_hooks
 from lotcast.media.aiortc_hooks import (
     MAX_SRTP_PACKET,
+    SilentTrack,
     _widen_srtp_session,
+    answer_consent_checks_fast,
     fast_unprotect_rtcp,
+    new_peer_connection,
     observe_rtcp,
     request_keyframe,
 )
@@ -48,6 +53,7 @@ from lotcast.media.rtcp import (
     parse_feedback,
     sender_reports,
 )
+from lotcast.media.stun_fast import binding_success
 from lotcast.media.viewer_rtcp import ReportClock, ViewerRtcp, report_clock
 from lotcast.redis_server import RedisServer
 
@@ -142,6 +148,70 @@ def test_fast_srtcp_unprotect_matches_pylibsrtp() -> None:
         unprotect(forged)
     with pytest.raises(pylibsrtp.Error):
         unprotect(bytes(MAX_SRTP_PACKET + 1))
+
+
+@pytest.mark.parametrize("addr", [("127.0.0.1", 50000), ("10.1.2.3", 1), ("::1", 65535),
+                                  ("2001:db8::7", 3478)])
+def test_binding_success_is_the_response_aioice_builds(addr: tuple[str, int]) -> None:
+    for _ in range(5):
+        transaction_id = os.urandom(12)
+        password = os.urandom(16).hex().encode()
+        expected = stun.Message(message_method=stun.Method.BINDING,
+                                message_class=stun.Class.RESPONSE, transaction_id=transaction_id)
+        expected.attributes["XOR-MAPPED-ADDRESS"] = addr
+        expected.add_message_integrity(password)
+        ours = binding_success(transaction_id, addr, password)
+        assert ours == bytes(expected)
+        parsed = stun.parse_message(ours)  # checks the fingerprint
+        assert parsed.attributes["XOR-MAPPED-ADDRESS"] == addr
+        assert parsed.check_message_integrity(password)
+
+
+@pytest.mark.timeout(60)
+async def test_consent_checks_on_the_nominated_pair_are_answered_fast() -> None:
+    server, viewer = new_peer_connection(), new_peer_connection()
+    try:
+        server.addTransceiver(SilentTrack("video"), direction="sendonly")
+        await server.setLocalDescription(await server.createOffer())
+        await viewer.setRemoteDescription(server.localDescription)
+        await viewer.setLocalDescription(await viewer.createAnswer())
+        await server.setRemoteDescription(viewer.localDescription)
+        deadline = time.monotonic() + 30
+        while server.connectionState != "connected" or viewer.connectionState != "connected":
+            assert time.monotonic() < deadline, (server.connectionState, viewer.connectionState)
+            await asyncio.sleep(0.05)
+        dtls = server.getTransceivers()[0].sender.transport
+        assert answer_consent_checks_fast(dtls)
+        server_ice = dtls.transport._connection
+        ice = viewer.getTransceivers()[0].receiver.transport.transport._connection
+        pair = ice._nominated[1]
+        # the viewer's own consent loop would add checks of its own: this test sends them
+        assert ice._query_consent_task is not None
+        ice._query_consent_task.cancel()
+        before = aiortc_hooks.consent_answers_fast
+        for _ in range(3):  # what the viewer's consent loop sends every ~5 s
+            request = ice.build_request(pair, nominate=False)
+            response, _ = await pair.protocol.request(
+                request, pair.remote_addr, integrity_key=ice.remote_password.encode(),
+                retransmissions=0)
+            assert response.message_class == stun.Class.RESPONSE
+            assert response.check_message_integrity(server_ice.local_password.encode())
+            assert response.attributes["XOR-MAPPED-ADDRESS"] == (pair.local_candidate.host,
+                                                                 pair.local_candidate.port)
+        assert aiortc_hooks.consent_answers_fast == before + 3
+        # a check that would nominate, or a wrong password, still goes to aioice
+        nominating = ice.build_request(pair, nominate=False)
+        nominating.attributes["USE-CANDIDATE"] = None
+        await pair.protocol.request(nominating, pair.remote_addr,
+                                    integrity_key=ice.remote_password.encode(), retransmissions=0)
+        forged = ice.build_request(pair, nominate=False)
+        forged.add_message_integrity(b"not-the-password")
+        with pytest.raises(stun.TransactionFailed):
+            await pair.protocol.request(forged, pair.remote_addr, retransmissions=0)
+        assert aiortc_hooks.consent_answers_fast == before + 3
+    finally:
+        await viewer.close()
+        await server.close()
 
 
 # --- the clock: every viewer's reports from one timer ----------------------------------------

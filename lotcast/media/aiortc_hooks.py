@@ -21,6 +21,7 @@ from typing import Any
 
 import aioice.candidate
 import aioice.ice
+import aioice.stun
 import pylibsrtp
 from aiortc import (
     MediaStreamTrack,
@@ -46,6 +47,7 @@ from aiortc.rtp import (
 from pylibsrtp import _binding as pylibsrtp_binding
 
 from lotcast.media.native import NativeTarget
+from lotcast.media.stun_fast import binding_success
 from lotcast.media.udpmux import UdpMux
 
 _JITTER_ATTR = "_RTCRtpReceiver__jitter_buffer"
@@ -129,6 +131,14 @@ def check_hooks() -> None:
     ice_src = inspect.getsource(aioice.ice.Connection)
     if "self._nominated" not in ice_src:
         problems.append("aioice.ice.Connection._nominated")
+    stun_side = ice_src + inspect.getsource(aioice.ice.StunProtocol)
+    for needle in ("def request_received(", "def _valid_username(self, username: str) -> bool:",
+                   "self.receiver.request_received(message, addr, self)",
+                   'response.attributes["XOR-MAPPED-ADDRESS"] = addr',
+                   'response.add_message_integrity(self.local_password.encode("utf8"))',
+                   "self.check_incoming(message, addr, protocol)", "if self._closing:"):
+        if needle not in stun_side:
+            problems.append(f"aioice.ice.Connection {needle}")
     if "def data_received(self, data: bytes, component: int) -> None:\n        self._queue.put_nowait(" \
             not in ice_src or "self.receiver.data_received(data" not in inspect.getsource(
                 aioice.ice.StunProtocol):
@@ -390,6 +400,46 @@ def route_rtcp(dtls: RTCDtlsTransport, on_rtcp: Callable[[bytes], None]) -> None
         queue_datagram(data, component)
 
     connection.data_received = data_received  # type: ignore[method-assign]
+
+
+consent_answers_fast = 0  # ICE checks answered by answer_consent_checks_fast (process-wide)
+
+
+def answer_consent_checks_fast(dtls: RTCDtlsTransport) -> bool:
+    """Lean per-viewer path: answer the ICE checks the peer keeps sending on the nominated pair
+    (consent freshness) with `stun_fast.binding_success`, skipping aioice's generic response
+    building. Only a check aioice would answer the same way is taken: a Binding request on the
+    nominated pair's socket from its remote address, authenticated (USERNAME and
+    MESSAGE-INTEGRITY checked as aioice does), with no USE-CANDIDATE and no role conflict; for
+    such a check aioice's incoming-check bookkeeping has nothing left to do. Anything else goes to
+    aioice. Call once connected; False if no pair is nominated yet."""
+    connection = dtls.transport._connection
+    pair = connection._nominated.get(1)
+    if pair is None:
+        return False
+    original = connection.request_received
+    protocol, remote = pair.protocol, tuple(pair.remote_addr[:2])
+    password = connection.local_password.encode("utf8")
+    role_conflict = "ICE-CONTROLLING" if connection.ice_controlling else "ICE-CONTROLLED"
+
+    def request_received(message: Any, addr: tuple[str, int], via: Any) -> None:
+        attributes = message.attributes
+        global consent_answers_fast
+        if (via is protocol and addr == remote and not connection._closing
+                and message.message_method == aioice.stun.Method.BINDING
+                and connection.ice_controlling is (role_conflict == "ICE-CONTROLLING")
+                and "USE-CANDIDATE" not in attributes and role_conflict not in attributes
+                and "MESSAGE-INTEGRITY" in attributes and "USERNAME" in attributes
+                and connection._valid_username(attributes["USERNAME"])
+                and message.check_message_integrity(password)):
+            protocol.transport.sendto(binding_success(message.transaction_id, addr, password),
+                                      addr)
+            consent_answers_fast += 1
+            return
+        original(message, addr, via)
+
+    connection.request_received = request_received  # type: ignore[method-assign,assignment]
+    return True
 
 
 def observe_rtcp(dtls: RTCDtlsTransport, observer: Callable[[bytes], None]) -> None:

@@ -26,6 +26,7 @@ from lotcast.media.aiortc_hooks import (
     PacketSender,
     SenderFeedback,
     SilentTrack,
+    answer_consent_checks_fast,
     hook_sender,
     negotiated_codecs,
     new_peer_connection,
@@ -305,6 +306,7 @@ class EgressSession(PeerSession):
             forwarder.add_sink(sink)
         if self.rtcp is not None and self._sinks:
             self.rtcp.start(self._sinks[0][1].packet_sender.send_rtcp, peer_cname(self.pc))
+            answer_consent_checks_fast(self._wiring[0][1].sender.transport)
 
     def _first_packet(self) -> None:
         if self._on_first_frame is not None:
