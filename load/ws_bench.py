@@ -705,6 +705,37 @@ def start_profile(pid: int, seconds: float, path: Path) -> subprocess.Popen[byte
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+HOT_PATH = (  # (label, function names in the stack); the first match counts
+    ("per socket: eligibility check for the native write (native_fd/idle_fd)",
+     ("native_fd", "idle_fd")),
+    ("per socket: short write's rest to the transport (native_rest)", ("native_rest",)),
+    ("per socket: push to a busy socket's outbox / direct write (fallback path)",
+     ("ClientSession.push", "Outbox.push", "DirectSocket.__call__")),
+    ("per socket: outbox sender task wake-ups (Outbox._run)", ("Outbox._run",)),
+    ("per batch: the native send_many call (kernel work, GIL released) and its loop",
+     ("deliver_native",)),
+    ("per batch: msgpack encode + framing (protocol encode_*, framed)",
+     ("encode_events", "encode_viewers", "encode_tally", "_framed")),
+    ("per batch: hub bookkeeping (_broadcast, _flush, _fanout_step itself)",
+     ("RoomHub._broadcast", "RoomHub._flush", "RoomHub._fanout_step")),
+)
+
+
+def hot_path(path: Path) -> dict[str, int]:
+    """Samples per HOT_PATH label: what the fan-out spends per socket and per batch."""
+    counts = {label: 0 for label, _ in HOT_PATH}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        names = [frame.split(" (", 1)[0] for frame in stack.split(";")]
+        for label, keys in HOT_PATH:
+            if any(name.endswith(key) or name == key for name in names for key in keys):
+                counts[label] += int(count)
+                break
+    return counts
+
+
 def summarise_profile(path: Path, top: int = 18) -> list[str]:
     """py-spy raw (collapsed) stacks -> share of samples by leaf function and by module area."""
     if not path.exists():
@@ -722,7 +753,7 @@ def summarise_profile(path: Path, top: int = 18) -> list[str]:
         leaf[frames[-1]] += n
         inner = " ".join(frames)
         for key, label in (("hub.py", "RoomHub fan-out (push to outboxes)"),
-                           ("outbox.py", "Outbox sender tasks"),
+                           ("outbox.py", "outbox.py (Outbox, DirectSocket: per-socket writes)"),
                            ("starlette/websockets", "Starlette WebSocket send/receive"),
                            ("uvicorn/protocols/websockets", "uvicorn websocket protocol"),
                            ("websockets/", "websockets library (frames)"),
@@ -734,6 +765,8 @@ def summarise_profile(path: Path, top: int = 18) -> list[str]:
         return ["(empty profile)"]
     lines = [f"py-spy: {total} samples; inclusive share by area (overlapping):"]
     lines += [f"  {100 * n / total:5.1f}%  {label}" for label, n in area.most_common()]
+    lines.append("fan-out hot path, per socket vs per batch (issue 9 item 4; inclusive):")
+    lines += [f"  {100 * n / total:5.1f}%  {label}" for label, n in hot_path(path).items()]
     lines.append("self time by leaf function:")
     lines += [f"  {100 * n / total:5.1f}%  {name[:110]}" for name, n in leaf.most_common(top)]
     return lines
@@ -954,6 +987,8 @@ def run(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 prof.kill()
             profile_lines += summarise_profile(Path(tmp.name) / "relay.prof")
+            if args.json and (Path(tmp.name) / "relay.prof").exists():  # kept for later reading
+                shutil.copy(Path(tmp.name) / "relay.prof", args.json + ".prof")
         for proc in workers:
             proc.join(timeout=10)
             if proc.is_alive():

@@ -207,7 +207,8 @@ async def test_an_ack_goes_out_between_chunks_of_other_sockets_fan_out(
         await asyncio.sleep(1.0)  # join `viewers` frames go out (slowly, like everything now)
         await until(lambda: (sum(1 for m in me.messages() if m["type"] == "viewers") > 0),
                     within=30)
-        stats0 = (await node_stats(srv.url))["hubs"][room]
+        body0 = await node_stats(srv.url)
+        stats0 = body0["hubs"][room]
         await first.request("bid", lot=lot, amount=20)  # its batch: a ~1.3 s fan-out
         await until(lambda: any(w.bid_at is not None for w in watchers), within=30)
         # the fan-out has started; our bid's reply comes back in the middle of it
@@ -221,11 +222,14 @@ async def test_an_ack_goes_out_between_chunks_of_other_sockets_fan_out(
                 await asyncio.sleep(0.002)
         await until(lambda: all(w.bid_at is not None for w in watchers), within=60)
         later = sum(1 for w in watchers if w.bid_at is not None and w.bid_at > ack_at)
-        stats1 = (await node_stats(srv.url))["hubs"][room]
+        body1 = await node_stats(srv.url)
+        stats1 = body1["hubs"][room]
         # the ack went out before the batch's last slices reached their sockets, and the
         # batch took several turns (slices)
         assert later >= 128, (later, ack_at)
         assert stats1["fanout_turns"] - stats0["fanout_turns"] >= WATCHERS // 128
+        # both bids' replies were timed (Function reply -> write)
+        assert body1["ack_write"]["total"] - body0["ack_write"]["total"] >= 2
         await me.close()
         await first.close()
         await host.close()

@@ -35,6 +35,7 @@ class Outbox:
         self._send = send
         self._direct = direct
         self._native = direct if isinstance(direct, DirectSocket) else None
+        self.native_live = False  # set by the session: LIVE and not closing
         self._sending = False
         self.direct_frames = 0
         self.short_writes = 0  # native batch writes whose rest went to the transport's buffer
@@ -55,7 +56,8 @@ class Outbox:
         transport (so the raw write cannot overtake anything); else -1. Called for every socket
         of every batch: kept to a few attribute reads."""
         native = self._native
-        if native is None or self._frames or self._sending or self._task is None:
+        if (native is None or not self.native_live or self._frames or self._sending
+                or self._task is None):
             return -1
         return native.idle_fd()
 
@@ -171,8 +173,9 @@ class DirectSocket:
         batch, so `_open` is inlined and what cannot change is looked up once."""
         owner = self._owner
         transport = owner.transport
+        # `_state` is what websockets' `state` property returns (checked by direct_writer)
         if (owner.close_sent or owner.disconnected or not self._writable.is_set()
-                or self._conn.state is not State.OPEN or transport.is_closing()
+                or self._conn._state is not State.OPEN or transport.is_closing()
                 or transport.get_write_buffer_size()):
             return -1
         fd = self._fd
@@ -202,7 +205,7 @@ def direct_writer(websocket: WebSocket) -> DirectSocket | None:
         return None
     conn = owner.conn
     if not all(hasattr(conn, name) for name in ("send_binary", "data_to_send", "extensions",
-                                                  "state")):
+                                                  "state", "_state")):
         return None
     transport = owner.transport
     if not all(hasattr(transport, name) for name in ("get_write_buffer_size", "get_extra_info",

@@ -108,6 +108,11 @@ class ClientSession:
         if transport.direct is not None:
             deps.stats.direct_writer_sockets += 1
         self.outbox = Outbox(transport.send, deps.settings.ws_outbox_bytes, transport.direct)
+        # For the hub's native batch writer (wswrite.py), called for every socket of every
+        # batch: our fd while LIVE and not closing with nothing queued here or in the transport,
+        # else -1 (the frame then comes through `push`). The outbox's own method, no extra
+        # frame: `_set_state` and `close_soon` keep `outbox.native_live` up to date.
+        self.native_fd: Callable[[], int] = self.outbox.native_fd
         self.flood = FloodGuard(deps.settings.ws_msg_rate, deps.settings.ws_msg_burst)
         self._held: list[bytes] = []
         self._held_bytes = 0
@@ -127,6 +132,7 @@ class ClientSession:
             raise RuntimeError(f"session cannot go from {self.state.value} to {new.value}")
         log.debug("session %s: %s -> %s", self.room, self.state.value, new.value)
         self.state = new
+        self.outbox.native_live = new is SessionState.LIVE and self._close_code is None
 
     @property
     def user_id(self) -> str:
@@ -147,17 +153,11 @@ class ClientSession:
             self.deps.stats.slow_disconnects += 1
             self.close_soon(p.CloseCode.SLOW_CONSUMER, "outbox overflow")
 
-    def native_fd(self) -> int:
-        """For the hub's native batch writer (wswrite.py): our fd while LIVE with nothing queued
-        here or in the transport, else -1 (the frame then comes through `push`)."""
-        if self.state is not SessionState.LIVE or self._close_code is not None:
-            return -1
-        return self.outbox.native_fd()
-
     def native_rest(self, wire: bytes, result: int) -> None:
         self.outbox.native_rest(wire, result)
 
     def close_soon(self, code: p.CloseCode, reason: str) -> None:
+        self.outbox.native_live = False
         if self._close_code is None:
             self._close_code, self._close_reason = code, reason
         self._closing.set()
