@@ -1,0 +1,206 @@
+"""Many rooms at once: one Redis vs a Redis Cluster (3 primaries + 3 replicas) on this machine.
+
+It starts the Redis it measures (one `RedisServer`, AOF as in production, or a
+`LocalRedisCluster`) and one interactive node (`lotcast.interactive.devserver`, the production
+InteractiveService, no media), then:
+
+* one host per room creates and opens a lot (increment 1, 1 h, no soft close);
+* W watchers per room (anonymous) connect and read every frame (not decoded: the node encodes
+  each batch once; the client only has to keep up);
+* bidders (one per room) place bids at a fixed total rate, spread over every room, in steps
+  (--rates), each --seconds long; a bid's ack latency is its send -> its `ack`;
+* per step: acks/s, ack p50/p99/max, and Redis CPU (utime+stime of every redis-server process
+  from /proc) per acknowledged bid; the answer is the first rate whose ack p99 passes 20 ms.
+
+Measured here (2 shared vCPUs, other engineers' test runs alongside, so read the trend, not the
+digits; 200 rooms x 5 watchers, 5 s steps after a warm-up, 14:20 UTC 2026-12-01):
+
+    mode                     100/s p99   200/s p99   400/s p99   Redis CPU per bid (at 400/s)
+    one Redis (AOF always)    ~1 s*       17 ms       20 ms       275 us (1 process)
+    cluster, acks auto(WAIT)  51 ms       43 ms       47 ms       555 us (6 processes)
+    cluster, acks off         35 ms       49 ms      194 ms       545 us (6 processes)
+    (* the first step of that run still carried the join backlog: the warm-up step was added
+       after it)
+
+On one 2-core machine a cluster cannot win: six redis-servers, each with appendfsync always and
+the replicas applying every write, share the two cores with the node and the load client, so the
+cluster's CPU per bid is twice one Redis's and ack p99 passes 20 ms already at 100 bids/s (one
+Redis: about 400 bids/s). The cluster pays off when its primaries have cores of their own; what
+this run does show is that durable acks (WAIT 1 per bid) cost ~1 ms at p50 and nothing visible
+at p99 here. 200 x 50 watchers (10,000 sockets) was not run on this shared machine.
+
+Run it under `flock /tmp/bench.lock` on a shared machine:
+
+    flock /tmp/bench.lock .venv/bin/python load/rooms_bench.py --redis single
+    flock /tmp/bench.lock .venv/bin/python load/rooms_bench.py --redis cluster
+    flock /tmp/bench.lock .venv/bin/python load/rooms_bench.py --rooms 200 --watchers 50 \\
+        --rates 200,400,800,1600 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+
+import websockets
+
+from lotcast.auth import Role, TokenAuthority
+from lotcast.config import DEV_JWT_SECRET
+from lotcast.interactive.client import RoomClient
+from lotcast.interactive.devserver import DevServerProcess
+from lotcast.interactive.protocol import encode_client
+from lotcast.redis_cluster import LocalRedisCluster
+from lotcast.redis_server import RedisServer
+
+AUTHORITY = TokenAuthority(DEV_JWT_SECRET)
+P99_LIMIT_MS = 20.0
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/stat") as f:
+                parts = f.read().rsplit(")", 1)[1].split()
+            total += int(parts[11]) + int(parts[12])  # utime, stime
+    return total / CLK
+
+
+@dataclass
+class Step:
+    rate: int
+    sent: int = 0
+    acks: list[float] = field(default_factory=list)  # ms
+    errors: int = 0
+    redis_cpu: float = 0.0
+    seconds: float = 0.0
+
+
+async def watcher(url: str, room: str, stop: asyncio.Event, frames: list[int]) -> None:
+    ws_url = url.replace("http://", "ws://") + f"/ws/{room}"
+    async with websockets.connect(ws_url, max_size=None) as ws:
+        await ws.send(encode_client("hello", cid="h"))
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(ws.recv(), 1.0)
+                frames[0] += 1
+            except TimeoutError:
+                continue
+
+
+async def run(args: argparse.Namespace) -> None:
+    redis: RedisServer | LocalRedisCluster
+    redis = LocalRedisCluster(3, 1) if args.redis == "cluster" else RedisServer()
+    redis.start()
+    try:
+        pids = ([n.pid for n in redis.nodes if n.pid] if isinstance(redis, LocalRedisCluster)
+                else [redis.pid] if redis.pid else [])
+        extra = ("--bid-rate", "0", "--vote-rate", "0", "--ws-msg-rate", "0")
+        with DevServerProcess(redis.url, *extra, jwt_secret=DEV_JWT_SECRET) as node:
+            await measure(args, node.url, pids)
+    finally:
+        redis.close()
+
+
+async def measure(args: argparse.Namespace, url: str, pids: list[int]) -> None:
+    rooms = [f"bench-{i}" for i in range(args.rooms)]
+    bidders: list[RoomClient] = []
+    lots: list[str] = []
+    for group in range(0, len(rooms), 50):
+        hosts = [RoomClient(url, r, AUTHORITY.mint(Role.HOST, "host", "Host"))
+                 for r in rooms[group:group + 50]]
+        await asyncio.gather(*(h.connect() for h in hosts))
+        for h in hosts:
+            lot = (await h.request("lot_create", title="t", start_price=1, increments=[[0, 1]],
+                                   duration_ms=3_600_000, soft_close_ms=0))["lot"]
+            await h.request("lot_open", lot=lot)
+            lots.append(lot)
+            await h.close()
+        batch = [RoomClient(url, r, AUTHORITY.mint(Role.BIDDER, f"b-{r}", "B"))
+                 for r in rooms[group:group + 50]]
+        await asyncio.gather(*(b.connect() for b in batch))
+        bidders += batch
+    stop = asyncio.Event()
+    frames = [0]
+    watchers = []
+    for r in rooms:
+        for _ in range(args.watchers):
+            watchers.append(asyncio.create_task(watcher(url, r, stop, frames)))
+        await asyncio.sleep(0.002 * args.watchers)
+    await asyncio.sleep(2)
+    print(f"{args.redis} (acks: {args.ack}): {len(rooms)} rooms x {args.watchers} watchers, "
+          f"{len(bidders)} bidders")
+    amounts = [1] * len(rooms)
+    steps = []
+    rates = [int(r) for r in args.rates.split(",")]
+    for i, rate in enumerate([rates[0], *rates]):
+        warmup = i == 0  # the joins' backlog (viewers frames) settles; not counted
+        step = Step(rate)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def one(i: int, step: Step = step) -> None:
+            amounts[i] += 1
+            sent = time.perf_counter()
+            reply = await bidders[i].request("bid", lot=lots[i], amount=amounts[i], within=30)
+            if reply["type"] == "ack":
+                step.acks.append((time.perf_counter() - sent) * 1000)
+            else:
+                step.errors += 1
+
+        cpu0, t0 = cpu_seconds(pids), time.perf_counter()
+        total = int(rate * args.seconds)
+        for n in range(total):
+            due = t0 + n / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(n % len(rooms)))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            step.sent += 1
+        await asyncio.gather(*pending, return_exceptions=True)
+        step.seconds = time.perf_counter() - t0
+        step.redis_cpu = cpu_seconds(pids) - cpu0
+        steps.append(step)
+        acks = sorted(step.acks) or [0.0]
+        p50, p99 = acks[len(acks) // 2], acks[min(len(acks) - 1, int(len(acks) * 0.99))]
+        cpu_us = step.redis_cpu / max(1, len(step.acks)) * 1e6
+        print(f"  {'warm-up' if warmup else 'target'} {rate:5d}/s: acked "
+              f"{len(step.acks) / step.seconds:7.1f}/s  ack p50 {p50:6.2f} ms  p99 {p99:7.2f} ms"
+              f"  max {acks[-1]:7.1f} ms  errors {step.errors}  Redis CPU {cpu_us:6.1f} us/bid",
+              flush=True)
+        if warmup:
+            steps.pop()
+    stop.set()
+    for t in watchers:
+        t.cancel()
+    await asyncio.gather(*watchers, return_exceptions=True)
+    for b in bidders:
+        await b.close()
+    over = next((s.rate for s in steps if s.acks and
+                 sorted(s.acks)[int(len(s.acks) * 0.99)] > P99_LIMIT_MS), None)
+    print(f"  watcher frames received: {frames[0]}; ack p99 passes {P99_LIMIT_MS:.0f} ms at: "
+          f"{f'{over} bids/s' if over else 'not within the rates tried'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--redis", choices=["single", "cluster"], default="single")
+    parser.add_argument("--rooms", type=int, default=200)
+    parser.add_argument("--watchers", type=int, default=50, help="per room")
+    parser.add_argument("--rates", default="100,200,400,800", help="total bids/s per step")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--ack", choices=["off", "wait", "auto"], default="auto",
+                        help="the node's redis_ack policy (durable acks wait for a replica)")
+    args = parser.parse_args()
+    os.environ["LOTCAST_REDIS_ACK"] = args.ack  # inherited by the node process
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
