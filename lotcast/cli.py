@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--redis-cluster", type=int, default=0, metavar="N",
                     help="start a Redis Cluster of N primaries + N replicas (N >= 3) on loopback "
                     "ports 7000.. instead of one Redis (docs/operations.md, Redis Cluster)")
+    up.add_argument("--redis-cluster-port", type=int, default=7000,
+                    help="first Redis Cluster node port; node i on port + i, its bus on + 10000 "
+                    "(0 = any free ports, for a throwaway data dir)")
     up.add_argument("--max-viewers", type=int, default=500,
                     help="viewers per relay (split between its workers)")
     up.add_argument("--workers", type=int, default=1,
@@ -222,8 +225,9 @@ def run_up(args: argparse.Namespace) -> int:
         if not redis_url and args.redis_cluster:
             from lotcast.redis_cluster import start_supervised
 
-            redis_url, cluster_note = start_supervised(args.redis_cluster, data, supervisor)
-            print(f"  Redis Cluster: {cluster_note}", flush=True)
+            redis_url, cluster_note = start_supervised(args.redis_cluster, data, supervisor,
+                                                       args.redis_cluster_port)
+            print(cluster_note, flush=True)
         if not redis_url:
             redis = RedisServer(data_dir=data / "redis", supervised=True)
             supervisor.start(redis)

@@ -249,15 +249,19 @@ def _port(address: str) -> int:
     return int(address.split("@", 1)[0].rsplit(":", 1)[1])
 
 
-def start_supervised(primaries: int, data_dir: Path, supervisor: Supervisor) -> tuple[str, str]:
+def start_supervised(primaries: int, data_dir: Path, supervisor: Supervisor,
+                     base_port: int = UP_BASE_PORT) -> tuple[str, str]:
     """`lotcast up --redis-cluster N`: every node a supervised child (restarted on the same port
     and data dir if it dies, rejoining as whatever the cluster made it), the cluster formed once.
-    Returns (url, description)."""
+    Returns (url, what to print: the URL, then one line per node)."""
     if primaries < 3:
         raise RuntimeError(f"--redis-cluster {primaries}: a Redis Cluster needs 3 primaries or more")
     cluster = LocalRedisCluster(primaries, 1, data_dir=data_dir / "redis-cluster",
-                                base_port=UP_BASE_PORT, supervised=True)
+                                base_port=base_port, supervised=True)
     for node in cluster.nodes:
         supervisor.start(node)
     cluster.form()
-    return cluster.url, f"{cluster.url} ({cluster.describe()}; AOF in {cluster.data_dir})"
+    lines = [f"  Redis Cluster: {cluster.url} ({cluster.describe()}; AOF in {cluster.data_dir})"]
+    lines += [f"  {node.name + ':':<13} 127.0.0.1:{node.port} (pid {node.pid})"
+              for node in cluster.nodes]
+    return cluster.url, "\n".join(lines)
