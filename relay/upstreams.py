@@ -3,7 +3,8 @@
 The upstream of each stream is chosen when its pull starts (`choose`, see relay/cascade.py: the
 origin, or a parent relay for a cascade) and re-chosen when that parent drains or disappears from
 the registry (`check_parents`, run at every heartbeat): the new pull is connected before the old
-one is closed, so viewers only wait for the next key frame. A stream pulled from its origin moves
+one is closed; the stream switches to it at its first key frame while the old one still feeds
+viewers (MediaStream.attach_source), so viewers see no stall. A stream pulled from its origin moves
 the same way when its binding names another origin (`origin_of`, issue 13: the origin drained or
 crashed and the publisher moved).
 """
@@ -11,15 +12,12 @@ crashed and the publisher moved).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
 
 import httpx
-from aiortc.rtp import RtpPacket
 
-from lotcast.media.aiortc_hooks import HookError, tap_receiver
 from lotcast.media.endpoints import SessionTable
 from lotcast.media.peer import EgressSession, PeerSession
 from lotcast.media.stream import MediaStream, StreamRouter, StreamState
@@ -103,14 +101,18 @@ class RelayUpstreams:
         while True:
             stream = self._router.get_or_create(stream_id)
             lock = self._locks.setdefault(stream_id, asyncio.Lock())
-            async with lock:
-                pull = self._pulls.get(stream_id)
-                if pull is None or pull.stream is not stream:
-                    upstream = await self._pick(stream_id, failed)
-                    logger.info("stream %s: pulling from %s (depth %d)", stream_id, upstream.url,
-                                upstream.depth)
-                    pull = self._start_pull(stream, upstream)
-                parent = self._upstreams[stream_id].node_id
+            pull = self._pulls.get(stream_id)
+            if pull is None or pull.stream is not stream or pull.state is not PullState.CONNECTED:
+                # (a connected pull serves at once, even while a replacement holds the lock
+                # waiting for its switch)
+                async with lock:
+                    pull = self._pulls.get(stream_id)
+                    if pull is None or pull.stream is not stream:
+                        upstream = await self._pick(stream_id, failed)
+                        logger.info("stream %s: pulling from %s (depth %d)", stream_id,
+                                    upstream.url, upstream.depth)
+                        pull = self._start_pull(stream, upstream)
+            parent = self._upstreams[stream_id].node_id
             timer = self._release_timers.pop(stream_id, None)
             if timer is not None:
                 timer.cancel()
@@ -148,17 +150,22 @@ class RelayUpstreams:
         await self._check_origins()
         if self._parent_ok is None:
             return
-        for stream_id, upstream in list(self._upstreams.items()):
+        parent_ok = self._parent_ok
+
+        async def check(stream_id: str, upstream: Upstream) -> None:
             pull = self._pulls.get(stream_id)
             if upstream.node_id is None or pull is None:
-                continue
-            if (await self._parent_ok(stream_id, upstream.node_id)
+                return
+            if (await parent_ok(stream_id, upstream.node_id)
                     and not await self._parent_silent(pull)):
-                continue
+                return
             try:
                 await self.reparent(stream_id, exclude={upstream.node_id})
             except Exception as exc:
                 logger.warning("stream %s: re-parenting failed: %r", stream_id, exc)
+
+        # a re-parent waits for its new source's key frame: streams move side by side
+        await asyncio.gather(*(check(sid, up) for sid, up in list(self._upstreams.items())))
 
     async def _check_origins(self) -> None:
         now = time.monotonic()
@@ -173,19 +180,22 @@ class RelayUpstreams:
         except Exception as exc:  # the registry is down: keep every pull as it is
             logger.debug("origin bindings unavailable: %r", exc)
             return
-        for stream_id, target in bound.items():
-            current = fed[stream_id]
+
+        async def move(stream_id: str, target: Upstream) -> None:
             pull = self._pulls.get(stream_id)
-            if pull is None or target.url == current.url:
-                continue
+            if pull is None or target.url == fed[stream_id].url:
+                return
             if not await self._playable(target.url, stream_id):
-                continue  # the new origin's publisher is still connecting: next check
+                return  # the new origin's publisher is still connecting: next check
             try:
                 if await self._replace_pull(stream_id, (), expected=pull):
                     self.origin_moves += 1
             except Exception as exc:  # the new origin's stream is not live yet: next check
                 logger.info("stream %s: not moved to origin %s yet: %r", stream_id,
                             target.origin, exc)
+
+        # each move waits for its new source's key frame: streams move side by side
+        await asyncio.gather(*(move(sid, target) for sid, target in bound.items()))
 
     async def _playable(self, base_url: str, stream_id: str) -> bool:
         """HEAD /whep: is the stream live there (no peer connection spent on asking)?"""
@@ -219,7 +229,9 @@ class RelayUpstreams:
     async def _replace_pull(self, stream_id: str, exclude: Collection[str],
                             expected: UpstreamPull | None) -> bool:
         """Replace the stream's pull (only if it still is ``expected``, when given) by a new one
-        from the chooser's pick; the new one is connected before the old one is closed."""
+        from the chooser's pick, make before break: the new pull is connected and attached
+        pending, the old one keeps feeding viewers until the stream switches to the new one (at
+        its first video key frame, see MediaStream.attach_source), and only then is it closed."""
         lock = self._locks.setdefault(stream_id, asyncio.Lock())
         async with lock:
             old = self._pulls.get(stream_id)
@@ -236,10 +248,14 @@ class RelayUpstreams:
                                answer_timeout=_answer_timeout(upstream))
             try:
                 await new.ensure()
+                generation = new.generation
+                switched = generation is not None and await old.stream.wait_switched(generation)
             except BaseException:
                 await new.close()
                 raise
-            _silence(old)
+            if not switched:  # the new pull left (or the stream ended) before it fed anyone
+                await new.close()
+                raise NotLiveError("the new upstream went away before the switch")
             self._pulls[stream_id] = new
             self._upstreams[stream_id] = upstream
             old.stream.on_end(lambda: self._forget(stream_id, new))
@@ -307,21 +323,3 @@ class RelayUpstreams:
 def _answer_timeout(upstream: Upstream) -> float:
     return 10.0 if upstream.node_id is None else PARENT_ANSWER_TIMEOUT_S
 
-
-def _silence(pull: UpstreamPull) -> None:
-    """Stop a replaced pull from feeding the stream at once (before its connection closes):
-    packets of two sources interleaved would make every viewer wait for a key frame again."""
-    pc = getattr(pull, "_pc", None)  # UpstreamPull exposes no hook for this
-    if pc is None:
-        return
-    for receiver in pc.getReceivers():
-        with contextlib.suppress(HookError):
-            tap_receiver(receiver, _drop_packet, _drop_report)
-
-
-def _drop_packet(packet: RtpPacket) -> None:
-    pass
-
-
-def _drop_report(ssrc: int, ntp: int, rtp_timestamp: int) -> None:
-    pass

@@ -1,4 +1,14 @@
-"""A live stream on one node: its track forwarders, its source and its lifecycle."""
+"""A live stream on one node: its track forwarders, its source and its lifecycle.
+
+A stream is fed by one source at a time. A relay that replaces its pull (origin move, cascade
+re-parent, stall re-pull) attaches the new source *pending* (``attach_source(at_keyframe=True)``):
+its packets are held back while the old source keeps feeding every viewer, and at the new
+source's first video key frame the stream switches in one step, so viewers' decoders go from
+the old source's frames straight to a key frame of the new one (output SSRC, sequence numbers
+and timestamps stay continuous, see SequenceMapper). The switch also happens when the old source
+goes silent or leaves, or after SWITCH_TIMEOUT_S; then viewers wait for the new key frame as
+before.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +16,29 @@ import asyncio
 import enum
 import logging
 import random
+import time
 from collections.abc import Callable, Iterator
 
 from aiortc import RTCRtpCodecParameters, RTCRtpReceiver
+from aiortc.rtp import RtpPacket
 
 from lotcast.media.aiortc_hooks import request_keyframe, tap_receiver
-from lotcast.media.forwarder import TrackForwarder
+from lotcast.media.forwarder import KEYFRAME_REQUEST_INTERVAL, TrackForwarder
+from lotcast.media.rtp import KeyframeTest, keyframe_detector
 
 logger = logging.getLogger(__name__)
+
+Receivers = dict[str, tuple[RTCRtpReceiver, RTCRtpCodecParameters]]
+
+# A pending source that brought no key frame this long after it was attached is switched to
+# anyway (viewers then wait for its key frame, as without make-before-break); it is asked for
+# one (PLI) every KEYFRAME_REQUEST_INTERVAL meanwhile, once its video SSRC is known.
+SWITCH_TIMEOUT_S = 2.0
+# The old source's video (its audio for an audio-only stream) silent this long: it is gone or
+# stalled, holding the new one back would only prolong the stall.
+OLD_SILENT_S = 0.5
+SWITCH_CHECK_S = 0.1
+SWITCH_WAITS_KEPT = 16
 
 
 class StreamState(enum.Enum):
@@ -31,12 +56,53 @@ _TRANSITIONS = {
 }
 
 
+class SwitchState(enum.Enum):
+    STEADY = "steady"  # at most one source: the one feeding viewers
+    PENDING = "pending"  # a new source is attached and held back until it can take over
+
+
+class SwitchEnd(enum.Enum):
+    """Why a pending source stopped being pending."""
+
+    KEYFRAME = "keyframe"  # its first video key frame arrived: switched at that frame
+    AUDIO_ONLY = "audio_only"  # nothing to wait for: switched at once
+    OLD_SILENT = "old_silent"  # the old source stopped sending: switched
+    OLD_GONE = "old_gone"  # the old source left: switched
+    TIMEOUT = "timeout"  # no key frame within SWITCH_TIMEOUT_S: switched
+    ABANDONED = "abandoned"  # it left, was superseded, or the stream ended: not switched
+
+
+class _Role(enum.Enum):
+    PENDING = "pending"
+    FEEDING = "feeding"
+    RETIRED = "retired"
+
+
+class _Source:
+    """One attached set of receivers and what the stream does with their packets."""
+
+    __slots__ = ("attached_at", "generation", "is_keyframe", "last_keyframe_request",
+                 "receivers", "role", "ssrcs")
+
+    def __init__(self, generation: int, receivers: Receivers, role: _Role) -> None:
+        self.generation = generation
+        self.receivers = receivers
+        self.role = role
+        self.attached_at = time.monotonic()
+        self.last_keyframe_request = 0.0
+        self.ssrcs: dict[str, int] = {}  # kind -> media SSRC, learned from SRs and held packets
+        video = receivers.get("video")
+        self.is_keyframe: KeyframeTest | None = (
+            keyframe_detector(video[1].mimeType) if video is not None else None)
+
+
 class MediaStream:
     """Forwarders for the audio and video of one stream id, fed by one source at a time."""
 
     def __init__(self, stream_id: str, grace: float, on_ended: Callable[[MediaStream], None]) -> None:
         self.id = stream_id
         self.state = StreamState.IDLE
+        self.switch_state = SwitchState.STEADY
         self.tracks: dict[str, TrackForwarder] = {}
         self._grace = grace
         self._grace_timer: asyncio.TimerHandle | None = None
@@ -44,6 +110,13 @@ class MediaStream:
         self._on_ended = on_ended
         self._end_callbacks: list[Callable[[], None]] = []
         self.source_generation = 0
+        self._feeding: _Source | None = None
+        self._pending: _Source | None = None
+        self._switch_check: asyncio.TimerHandle | None = None
+        self._switch_waiters: dict[int, list[asyncio.Future[bool]]] = {}
+        # counters: switches made, by how they ended, and how long each waited (ms)
+        self.switch_ends: dict[str, int] = {end.value: 0 for end in SwitchEnd}
+        self.switch_waits_ms: list[float] = []
 
     @property
     def live(self) -> bool:
@@ -60,28 +133,180 @@ class MediaStream:
     def codecs(self) -> dict[str, RTCRtpCodecParameters]:
         return {kind: fwd.codec for kind, fwd in self.tracks.items()}
 
-    def attach_source(self, receivers: dict[str, tuple[RTCRtpReceiver, RTCRtpCodecParameters]]) -> int:
-        """Feed this stream from these receivers; returns the source generation for detach."""
+    def attach_source(self, receivers: Receivers, at_keyframe: bool = False) -> int:
+        """Feed this stream from these receivers; returns the source generation for detach.
+
+        With ``at_keyframe`` and a live source feeding, the new one is pending: it takes over
+        at its first video key frame (see the module docstring; ``wait_switched``)."""
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None
         self.source_generation += 1
+        make_before_break = (at_keyframe and self.state is StreamState.LIVE
+                             and self._feeding is not None)
+        source = _Source(self.source_generation, receivers,
+                         _Role.PENDING if make_before_break else _Role.FEEDING)
+        if self._pending is not None:  # superseded before it took over
+            self._end_pending(SwitchEnd.ABANDONED)
         for kind, (receiver, codec) in receivers.items():
             forwarder = self.tracks.get(kind)
             if forwarder is None:
                 forwarder = TrackForwarder(kind, codec, self._output_ssrcs[kind])
                 self.tracks[kind] = forwarder
-            tap_receiver(receiver, forwarder.on_source_packet, forwarder.on_source_sender_report)
-            forwarder.keyframe_requester = _keyframe_requester(receiver, forwarder)
-        self._set_state(StreamState.LIVE)
-        for forwarder in self.tracks.values():
-            forwarder.resync_all()
-        return self.source_generation
+            self._tap(source, kind, receiver, forwarder)
+        if not make_before_break:
+            self._feed_from(source)
+            self._set_state(StreamState.LIVE)
+            for forwarder in self.tracks.values():
+                forwarder.resync_all()
+            return source.generation
+        self._pending = source
+        self._set_switch_state(SwitchState.PENDING)
+        end = self._switch_now()
+        if end is not None:
+            self._end_pending(end)
+        else:
+            self._switch_check = asyncio.get_running_loop().call_later(
+                SWITCH_CHECK_S, self._check_pending)
+        return source.generation
+
+    def _tap(self, source: _Source, kind: str, receiver: RTCRtpReceiver,
+             forwarder: TrackForwarder) -> None:
+        forward = forwarder.on_source_packet
+        forward_report = forwarder.on_source_sender_report
+        feeding = _Role.FEEDING
+        pending = _Role.PENDING
+
+        def on_packet(packet: RtpPacket) -> None:
+            role = source.role
+            if role is feeding:
+                forward(packet)
+            elif role is pending:
+                self._held(source, kind, packet)
+
+        def on_report(ssrc: int, ntp: int, rtp_timestamp: int) -> None:
+            source.ssrcs[kind] = ssrc
+            if source.role is feeding:
+                forward_report(ssrc, ntp, rtp_timestamp)
+
+        tap_receiver(receiver, on_packet, on_report)
+
+    def _feed_from(self, source: _Source) -> None:
+        """Make ``source`` the one feeding viewers; the previous one's packets are dropped from
+        now on (its connection may still deliver some before it closes)."""
+        old = self._feeding
+        if old is not None and old is not source:
+            old.role = _Role.RETIRED
+        source.role = _Role.FEEDING
+        self._feeding = source
+        for kind, (receiver, _codec) in source.receivers.items():
+            forwarder = self.tracks[kind]
+            forwarder.keyframe_requester = _keyframe_requester(receiver, forwarder, source, kind)
+
+    def _held(self, source: _Source, kind: str, packet: RtpPacket) -> None:
+        """A packet of the pending source: dropped, unless it starts the video key frame that
+        the stream switches at."""
+        source.ssrcs[kind] = packet.ssrc
+        if kind != "video" or source.is_keyframe is None or not source.is_keyframe(packet.payload):
+            return
+        forwarder = self.tracks[kind]
+        self._end_pending(SwitchEnd.KEYFRAME)
+        # This packet is the key frame the viewers are resynced to (the forwarder sees a new
+        # SSRC): no key frame request for it, the one asked for is here.
+        requester, forwarder.keyframe_requester = forwarder.keyframe_requester, None
+        try:
+            forwarder.on_source_packet(packet)
+        finally:
+            forwarder.keyframe_requester = requester
+
+    def _switch_now(self) -> SwitchEnd | None:
+        """Whether the pending source should take over now (without its key frame)."""
+        pending = self._pending
+        assert pending is not None
+        if pending.is_keyframe is None or "video" not in self.tracks:
+            return SwitchEnd.AUDIO_ONLY
+        now = time.monotonic()
+        watched = self.tracks.get("video") or self.tracks.get("audio")
+        if watched is None or now - watched.last_packet_time > OLD_SILENT_S:
+            return SwitchEnd.OLD_SILENT
+        if now - pending.attached_at >= SWITCH_TIMEOUT_S:
+            return SwitchEnd.TIMEOUT
+        return None
+
+    def _check_pending(self) -> None:
+        self._switch_check = None
+        pending = self._pending
+        if pending is None:
+            return
+        end = self._switch_now()
+        if end is not None:
+            self._end_pending(end)
+            return
+        now = time.monotonic()
+        ssrc = pending.ssrcs.get("video")
+        if ssrc is not None and now - pending.last_keyframe_request >= KEYFRAME_REQUEST_INTERVAL:
+            pending.last_keyframe_request = now
+            request_keyframe(pending.receivers["video"][0], ssrc)
+        self._switch_check = asyncio.get_running_loop().call_later(SWITCH_CHECK_S,
+                                                                   self._check_pending)
+
+    def _end_pending(self, end: SwitchEnd) -> None:
+        """The pending source takes over (every end but ABANDONED) or is dropped."""
+        pending = self._pending
+        assert pending is not None
+        self._pending = None
+        if self._switch_check is not None:
+            self._switch_check.cancel()
+            self._switch_check = None
+        waited_ms = (time.monotonic() - pending.attached_at) * 1000
+        self.switch_ends[end.value] += 1
+        if end is SwitchEnd.ABANDONED:
+            pending.role = _Role.RETIRED
+        else:
+            self._feed_from(pending)
+            self.switch_waits_ms.append(round(waited_ms, 1))
+            del self.switch_waits_ms[:-SWITCH_WAITS_KEPT]
+            if end is not SwitchEnd.KEYFRAME:
+                for forwarder in self.tracks.values():
+                    forwarder.resync_all()
+        logger.info("stream %s: source %d %s after %.0f ms", self.id, pending.generation,
+                    "dropped" if end is SwitchEnd.ABANDONED else f"took over ({end.value})",
+                    waited_ms)
+        self._set_switch_state(SwitchState.STEADY)
+        for future in self._switch_waiters.pop(pending.generation, []):
+            if not future.done():
+                future.set_result(end is not SwitchEnd.ABANDONED)
+
+    def _set_switch_state(self, new: SwitchState) -> None:
+        if new is self.switch_state:
+            raise RuntimeError(f"stream {self.id}: switch already {new.value}")
+        logger.debug("stream %s switch: %s -> %s", self.id, self.switch_state.value, new.value)
+        self.switch_state = new
+
+    async def wait_switched(self, generation: int) -> bool:
+        """True once source ``generation`` feeds the stream; False if it never will (it left,
+        was superseded, or the stream ended). Returns within SWITCH_TIMEOUT_S of its attach."""
+        if self._feeding is not None and self._feeding.generation == generation:
+            return self.state is StreamState.LIVE
+        if self._pending is None or self._pending.generation != generation:
+            return False
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._switch_waiters.setdefault(generation, []).append(future)
+        return await future
 
     def detach_source(self, generation: int) -> None:
         """The source of ``generation`` left; keep viewers for the grace period."""
-        if generation != self.source_generation or self.state is not StreamState.LIVE:
+        if self._pending is not None and self._pending.generation == generation:
+            self._end_pending(SwitchEnd.ABANDONED)
             return
+        feeding = self._feeding
+        if feeding is None or generation != feeding.generation or self.state is not StreamState.LIVE:
+            return
+        if self._pending is not None:
+            self._end_pending(SwitchEnd.OLD_GONE)
+            return
+        feeding.role = _Role.RETIRED
+        self._feeding = None
         for forwarder in self.tracks.values():
             forwarder.keyframe_requester = None
         self._set_state(StreamState.ORPHANED)
@@ -89,7 +314,8 @@ class MediaStream:
         self._grace_timer = loop.call_later(self._grace, self.end)
 
     def counters(self) -> dict[str, object]:
-        """What /api/stats shows for this stream: state and per-track packet counters."""
+        """What /api/stats shows for this stream: state, per-track packet counters and the
+        source switches (how each ended, how long the last ones waited for a key frame)."""
         out: dict[str, object] = {"id": self.id, "state": self.state.value}
         for kind, t in self.tracks.items():
             out[f"{kind}_packets_in"] = t.packets_in
@@ -101,6 +327,11 @@ class MediaStream:
             out[f"{kind}_send_errors"] = t.send_errors
             out[f"{kind}_largest_packet"] = t.largest_packet
             out[f"{kind}_native_packets_sent"] = t.native_packets_sent
+        out["switch_state"] = self.switch_state.value
+        out["switches"] = sum(n for end, n in self.switch_ends.items()
+                              if end != SwitchEnd.ABANDONED.value)
+        out["switch_ends"] = dict(self.switch_ends)
+        out["switch_waits_ms"] = list(self.switch_waits_ms)
         return out
 
     def on_end(self, callback: Callable[[], None]) -> Callable[[], None]:
@@ -119,6 +350,8 @@ class MediaStream:
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None
+        if self._pending is not None:
+            self._end_pending(SwitchEnd.ABANDONED)
         self._set_state(StreamState.ENDED)
         for forwarder in self.tracks.values():
             forwarder.close()
@@ -128,9 +361,12 @@ class MediaStream:
         self._on_ended(self)
 
 
-def _keyframe_requester(receiver: RTCRtpReceiver, forwarder: TrackForwarder) -> Callable[[], bool]:
+def _keyframe_requester(receiver: RTCRtpReceiver, forwarder: TrackForwarder, source: _Source,
+                        kind: str) -> Callable[[], bool]:
     def request() -> bool:
-        ssrc = forwarder.mapper.source_ssrc
+        # the source's own SSRC once known: right after a switch the forwarder's mapper may
+        # still hold the previous source's
+        ssrc = source.ssrcs.get(kind, forwarder.mapper.source_ssrc)
         if ssrc is None:
             return False
         request_keyframe(receiver, ssrc)

@@ -93,6 +93,11 @@ class UpstreamPull:
     def peer_connection(self) -> RTCPeerConnection | None:
         return self._pc
 
+    @property
+    def generation(self) -> int | None:
+        """The stream's source generation of this pull's current connection."""
+        return self._generation
+
     def _set_state(self, new: PullState) -> None:
         if new is not self.state:
             logger.info("upstream %s: %s -> %s", self.stream.id, self.state.value, new.value)
@@ -143,7 +148,8 @@ class UpstreamPull:
             raise
         self._pc = pc
         self._kinds = set(receivers)
-        self._generation = self.stream.attach_source(receivers)
+        # a pull that replaces another feeding the stream takes over at its first key frame
+        self._generation = self.stream.attach_source(receivers, at_keyframe=True)
         self._set_state(PullState.CONNECTED)
         self._watchdog = asyncio.ensure_future(self._watch(pc))
 
