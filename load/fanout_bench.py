@@ -2,8 +2,9 @@
 
 Relays pull the same stream from the same origin, one per --paths entry: the native fan-out
 path (lotcast/media/_fanout.c, lean RTCP: the default), the Python path (LOTCAST_NATIVE_FANOUT=0)
-and the native path with aiortc's own per-viewer RTCP (aiortc-rtcp: LOTCAST_LEAN_RTCP=0). For
-each N all are measured at once, each with its own farm of N viewers (same farm code, same source
+the native path with aiortc's own per-viewer RTCP (aiortc-rtcp: LOTCAST_LEAN_RTCP=0), and the
+default with one UDP port for all its viewers (mux: --udp-port). For each N all are measured at
+once, each with its own farm of N viewers (same farm code, same source
 packets, same machine load; --one-at-a-time measures them in turn), and the bench prints: the
 relay's CPU per
 delivered packet and per viewer-second, packets/s it delivers, the farm's own CPU (when the farm
@@ -275,9 +276,17 @@ _PIDS: dict[str, int] = {}
 # each path is a relay of its own: native fan-out + lean RTCP (the default), the Python fan-out
 # (LOTCAST_NATIVE_FANOUT=0), and native fan-out with aiortc's own RTCP per viewer
 # (LOTCAST_LEAN_RTCP=0: an RTCP task per sender, aiortc's parser; the per-viewer path before it)
-PATHS = ("native", "python", "aiortc-rtcp")
-PATH_ENV = {"native": {}, "python": {native.ENV: "0"}, "aiortc-rtcp": {LEAN_RTCP_ENV: "0"}}
-FANOUT_OF = {"native": "native", "python": "python", "aiortc-rtcp": "native"}
+# and the default with one UDP port for all its viewers (mux: --udp-port, sendmmsg)
+PATHS = ("native", "python", "aiortc-rtcp", "mux")
+PATH_ENV = {"native": {}, "python": {native.ENV: "0"}, "aiortc-rtcp": {LEAN_RTCP_ENV: "0"},
+            "mux": {}}
+FANOUT_OF = {"native": "native", "python": "python", "aiortc-rtcp": "native", "mux": "native"}
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 async def _start_profile(profile: str | None, proc: psutil.Process,
@@ -363,8 +372,9 @@ async def main() -> None:
         for path in args.paths:
             if path == "native":
                 continue
+            extra = ["--udp-port", str(_free_udp_port())] if path == "mux" else []
             relay = ServiceProcess("relay", ["--port", "0", "--origin-url", cluster.origin.url,
-                                             "--node-id", f"relay-{path}", *relay_args],
+                                             "--node-id", f"relay-{path}", *relay_args, *extra],
                                    env={**cluster.env, **PATH_ENV[path]}).start()
             cluster.extra.append(relay)
             relays[path] = relay
