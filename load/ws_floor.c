@@ -81,10 +81,19 @@ int main(int argc, char **argv) {
     long payload = atol(argv[2]);
     int rounds = atoi(argv[3]);
     if (n <= 0 || payload <= 0 || rounds <= 0) return 2;
-    struct rlimit rl = {.rlim_cur = (rlim_t)(2 * n + 64), .rlim_max = (rlim_t)(2 * n + 64)};
-    if (setrlimit(RLIMIT_NOFILE, &rl) < 0) {
-        getrlimit(RLIMIT_NOFILE, &rl);
-        if (rl.rlim_cur < (rlim_t)(2 * n + 16)) die("setrlimit (too many sockets)");
+    /* each process holds one end of every connection: the reader its n client sockets, the
+     * writer its n accepted ones (so 10,000 sockets fit a 20,000 descriptor limit) */
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    rlim_t need = (rlim_t)n + 64;
+    if (rl.rlim_cur < need) {
+        rl.rlim_cur = rl.rlim_max < need ? rl.rlim_max : need;
+        setrlimit(RLIMIT_NOFILE, &rl);
+        if (rl.rlim_cur < need) {
+            fprintf(stderr, "RLIMIT_NOFILE %lu < %lu: too many sockets\n",
+                    (unsigned long)rl.rlim_cur, (unsigned long)need);
+            return 2;
+        }
     }
     signal(SIGPIPE, SIG_IGN);
     int ls = socket(AF_INET, SOCK_STREAM, 0);
@@ -94,24 +103,25 @@ int main(int argc, char **argv) {
     if (bind(ls, (struct sockaddr *)&addr, sizeof addr) < 0) die("bind");
     if (listen(ls, 4096) < 0) die("listen");
     getsockname(ls, (struct sockaddr *)&addr, &alen);
-    int *clients = malloc(sizeof(int) * (size_t)n);
+    pid_t child = fork();
+    if (child < 0) die("fork");
+    if (child == 0) {
+        close(ls);
+        int *clients = malloc(sizeof(int) * (size_t)n);
+        for (int i = 0; i < n; i++) {
+            clients[i] = socket(AF_INET, SOCK_STREAM, 0);
+            if (connect(clients[i], (struct sockaddr *)&addr, sizeof addr) < 0) die("connect");
+        }
+        reader(clients, n);
+    }
     int *servers = malloc(sizeof(int) * (size_t)n);
     for (int i = 0; i < n; i++) {
-        clients[i] = socket(AF_INET, SOCK_STREAM, 0);
-        if (connect(clients[i], (struct sockaddr *)&addr, sizeof addr) < 0) die("connect");
         servers[i] = accept(ls, NULL, NULL);
         if (servers[i] < 0) die("accept");
         int one = 1;
         setsockopt(servers[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // as uvicorn does
     }
     close(ls);
-    pid_t child = fork();
-    if (child < 0) die("fork");
-    if (child == 0) {
-        for (int i = 0; i < n; i++) close(servers[i]);
-        reader(clients, n);
-    }
-    for (int i = 0; i < n; i++) close(clients[i]);
     /* the frame: RFC 6455 header (server frames are unmasked) + payload */
     size_t head = payload < 126 ? 2 : payload < 65536 ? 4 : 10;
     size_t len = head + (size_t)payload;
