@@ -1199,7 +1199,9 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
         print(f"  bid ack p99 without chat {min(b99):.2f}..{max(b99):.2f} ms (spread {spread:.2f} "
               f"ms), with chat {min(c99):.2f}..{max(c99):.2f} ms")
     print(f"\nclient errors/disconnects: {({k: v for k, v in stats.items() if v}) or 'none'}")
-    hub = after.get("hubs", {}).get(args.room, {})
+    last = marks[-1][3] if marks and isinstance(marks[-1][3], dict) else {}
+    hub = last.get("hubs", {}).get(args.room, {})  # at the last window's end (`after` may be
+    # taken once the clients left and the hub was released)
     if hub:
         print(f"hub: {hub.get('native_writes', 0):,} native writes ({hub.get('short_writes', 0):,} "
               f"short), longest fan-out turn {hub.get('fanout_turn_max_ms', 0.0):.1f} ms, "
