@@ -231,6 +231,11 @@ def room_online(room: str, node_id: str) -> str:
     return room_prefix(room) + f"online:{node_id}"
 
 
+def room_lib(room: str) -> str:
+    """String: the Function library version that owns the room (rolling upgrades)."""
+    return room_prefix(room) + "lib"
+
+
 def room_due(room: str) -> str:
     """String: the room's next lot/poll deadline (ms); absent when nothing is open. Written only
     by the room Functions (touch_active in lua/common.lua), in the room's slot."""
@@ -249,8 +254,10 @@ LEGACY_ACTIVE_ROOMS = f"{PREFIX}:interactive:active_rooms"
 # Names of the Redis Function libraries. Every function is registered as ``<library>_<name>``,
 # so two versions can be loaded side by side during a rolling upgrade; bump the version when the
 # Lua or its calling convention changes (docs/operations.md, "Redis Cluster").
-FUNCTION_LIBRARY = "lotcast_v2"
-SHOW_FUNCTION_LIBRARY = "lotcast_show_v2"
+# A room belongs to the version that last wrote it while idle (`room_lib`, lua/common.lua).
+FUNCTION_VERSION = "2"
+FUNCTION_LIBRARY = f"lotcast_v{FUNCTION_VERSION}"
+SHOW_FUNCTION_LIBRARY = f"lotcast_show_v{FUNCTION_VERSION}"
 
 
 # --- Several origins (issue 13, broadcaster/notices.py; stream_origin is above) --------------

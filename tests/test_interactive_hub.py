@@ -168,7 +168,7 @@ async def test_lua_keys_match_keys_module(redis_client: aioredis.Redis) -> None:
                 keys.lot(room, lot), keys.lot_idempotency(room, lot), keys.room_polls(room),
                 keys.room_open_polls(room), keys.poll(room, poll), keys.poll_voters(room, poll),
                 keys.rate_bucket(room, "bid", "u"), keys.rate_bucket(room, "vote", "u"),
-                keys.room_due(room), keys.ACTIVE_ROOMS}
+                keys.room_due(room), keys.room_lib(room), keys.ACTIVE_ROOMS}
     every_primary = {"target_nodes": "primaries"} if redisconn.is_cluster(redis_client) else {}
     actual = {k.decode() for k in await redis_client.keys("*", **every_primary)}
     assert actual == expected

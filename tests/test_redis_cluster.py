@@ -27,7 +27,7 @@ from lotcast.interactive.client import RoomClient
 from lotcast.interactive.devserver import DevServerProcess
 from lotcast.interactive.functions import RoomFunctions
 from lotcast.interactive.hub import CATCH_UP, RoomHub
-from lotcast.interactive.protocol import CloseCode, CreateLot, OpenLot, PlaceBid
+from lotcast.interactive.protocol import CloseCode, CloseLot, CreateLot, OpenLot, PlaceBid
 from lotcast.interactive.roomlog import RoomLog
 from lotcast.interactive.store import AuctionStore, RateLimit
 from lotcast.redis_cluster import LocalRedisCluster
@@ -389,3 +389,47 @@ async def test_a_log_that_lost_its_newest_events_gets_a_new_epoch(
     assert hub.epoch != epoch
     assert (await redis_client.get(keys.room_epoch(room))).decode() == hub.epoch
     await hub.close()
+
+
+class NextVersion(RoomFunctions):
+    """The library as the next release would load it: same Lua, version 3."""
+
+    LIBRARY = "lotcast_v3"
+    VERSION = "3"
+
+
+@pytest.mark.timeout(60)
+async def test_two_library_versions_never_write_one_room(redis_client: Any) -> None:
+    room = "upgrade"
+    old = RoomFunctions(redis_client, 1000)
+    new = NextVersion(redis_client, 1000)
+    await old.load()
+    await new.load()  # side by side: the function names differ
+    old_store, new_store = AuctionStore(old, RateLimit(0, 0)), AuctionStore(new, RateLimit(0, 0))
+    lot = (await old_store.create_lot(room, CreateLot(
+        cid=1, title="t", start_price=1, increments=((0, 1),), duration_ms=60_000,
+        soft_close_ms=0)))["lot"]
+    await old_store.open_lot(room, OpenLot(cid=1, lot=lot))
+    bidder = Identity(Role.BIDDER, "u", "U")
+    with pytest.raises(redis.exceptions.ResponseError, match="LOTCAST_LIBRARY 2 owns"):
+        await new_store.place_bid(room, bidder, PlaceBid(cid=1, lot=lot, amount=5))
+    assert (await new.call("head", room))[1] == 2  # reads are served by any version
+    await old_store.place_bid(room, bidder, PlaceBid(cid=1, lot=lot, amount=5))
+    await old_store.close_lot(room, CloseLot(cid=1, lot=lot))
+    # idle now: the next version takes the room with its first write, and the old one is out
+    lot2 = (await new_store.create_lot(room, CreateLot(
+        cid=1, title="t", start_price=1, increments=((0, 1),), duration_ms=60_000,
+        soft_close_ms=0)))["lot"]
+    await new_store.open_lot(room, OpenLot(cid=1, lot=lot2))
+    assert await redis_client.get(keys.room_lib(room)) == b"3"
+    with pytest.raises(redis.exceptions.ResponseError, match="LOTCAST_LIBRARY 3 owns"):
+        await old_store.place_bid(room, bidder, PlaceBid(cid=1, lot=lot2, amount=7))
+    # the upgrade rolled back and v3's library was deleted: v2 takes over the busy room
+    if redisconn.is_cluster(redis_client):
+        for node in redisconn.as_cluster(redis_client).get_primaries():
+            await node.execute_command("FUNCTION", "DELETE", "lotcast_v3")
+    else:
+        await redis_client.function_delete("lotcast_v3")
+    out = await old_store.place_bid(room, bidder, PlaceBid(cid=1, lot=lot2, amount=7))
+    assert out.status == "winning"
+    assert await redis_client.get(keys.room_lib(room)) == b"2"

@@ -68,12 +68,29 @@ class Durability:
     timeout_ms: int
 
 
-def library_source(files: tuple[str, ...], library: str, sharded: bool) -> str:
+def library_source(files: tuple[str, ...], library: str, sharded: bool,
+                   version: str = keys.FUNCTION_VERSION) -> str:
     lua = resources.files("lotcast.interactive") / "lua"
     body = "\n".join((lua / name).read_text() for name in files)
-    header = (f"local FN = '{library}_'\n"
+    header = (f"local FN = '{library}_'\nlocal VERSION = '{version}'\n"
               f"local PUBLISH = '{'SPUBLISH' if sharded else 'PUBLISH'}'\n")
     return f"#!lua name={library}\n{header}{body}"
+
+
+def _owner_version(exc: ResponseError) -> str | None:
+    """The owning version named by a claim_room refusal (lua/common.lua), else None."""
+    text = str(exc)
+    if not text.startswith("LOTCAST_LIBRARY "):
+        return None
+    return text.split()[1]
+
+
+def _flat(item: Any) -> list[bytes]:
+    if isinstance(item, dict):
+        return [v for kv in item.items() for v in kv if isinstance(v, bytes)]
+    if isinstance(item, (list, tuple)):
+        return [v for v in item if isinstance(v, bytes)]
+    return []
 
 
 def _retryable_routing(exc: BaseException) -> bool:
@@ -85,6 +102,7 @@ class RoomFunctions:
     """The single writer of room state: every change is one atomic Redis Function call."""
 
     LIBRARY = keys.FUNCTION_LIBRARY
+    VERSION = keys.FUNCTION_VERSION
     FILES: tuple[str, ...] = LUA_FILES
 
     def __init__(self, redis: aioredis.Redis, history: int,
@@ -93,7 +111,7 @@ class RoomFunctions:
         self.history = history
         self.durability = durability or Durability(AckPolicy.OFF, 0)
         self.cluster = redisconn.is_cluster(redis)
-        self._source = library_source(self.FILES, self.LIBRARY, self.cluster)
+        self._source = library_source(self.FILES, self.LIBRARY, self.cluster, self.VERSION)
         self.index = SettleIndex(redis)
         self._in_flight = asyncio.Semaphore(CLUSTER_CALLS_IN_FLIGHT)
         self._refreshed_at = -1.0
@@ -131,6 +149,13 @@ class RoomFunctions:
         try:
             return await self._call(fn, seq, argv, durable)
         except ResponseError as exc:
+            owner = _owner_version(exc)
+            if owner is not None:
+                # another version's room, busy: refused (`unavailable`) unless that version's
+                # library is gone from Redis (the rolling upgrade is over): then take it over
+                if not await self._take_over(seq, str(argv[3]), owner):
+                    raise
+                return await self._call(fn, seq, argv, durable)
             if "not found" not in str(exc).lower():
                 raise
             # A fresh or flushed Redis (or a primary that joined empty) lost the library:
@@ -214,6 +239,25 @@ class RoomFunctions:
             self._check_acked(acked)
             return result
         raise RedisConnectionError(f"{seq!r}: slot still moving")
+
+    async def _take_over(self, seq: str, room: str, owner: str) -> bool:
+        """Claim a room of library version `owner` once the room's primary no longer has that
+        version's library (deleted after the last old node went: docs/operations.md)."""
+        name = f"lotcast_v{owner}"
+        listing: Any
+        if self.cluster:
+            rc = redisconn.as_cluster(self.redis)
+            node = rc.get_node_from_key(seq)
+            listing = await rc.execute_command("FUNCTION", "LIST", "LIBRARYNAME", name,
+                                               target_nodes=node)
+        else:
+            listing = await self.redis.execute_command(  # type: ignore[no-untyped-call]
+                "FUNCTION", "LIST", "LIBRARYNAME", name)
+        if any(name.encode() in _flat(lib) for lib in listing or []):
+            return False
+        log.warning("library %s is gone: version %s takes over %s", name, self.VERSION, seq)
+        await self.redis.set(keys.room_lib(room), self.VERSION)
+        return True
 
     async def _refresh_topology(self, rc: RedisCluster, force: bool = False) -> None:
         """CLUSTER SLOTS again (at most twice a second unless forced by a MOVED)."""

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from typing import Literal
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
@@ -253,7 +254,11 @@ class InteractiveService:
         now_ms = seconds * 1000 + micros // 1000
         settled = 0
         for room in await self._index.due(now_ms, 200):
-            count, _ = await self._deps.auctions.settle(room)  # which also updates the index
+            try:
+                count, _ = await self._deps.auctions.settle(room)  # also updates the index
+            except RedisError as exc:  # that room's shard failing over, or another version's
+                log.debug("room %s not settled this pass: %r", room, exc)
+                continue
             settled += count
         return settled
 

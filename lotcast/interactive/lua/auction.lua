@@ -323,6 +323,6 @@ local function lot_rerun(keys, args)
   return cmsgpack.pack(out)
 end
 
-redis.register_function(FN .. 'prebid', prebid)
-redis.register_function(FN .. 'lot_rerun', lot_rerun)
+register('prebid', prebid)
+register('lot_rerun', lot_rerun)
 -- --- end issue 10 ---

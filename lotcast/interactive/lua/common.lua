@@ -1,10 +1,42 @@
 -- Shared helpers for the lotcast Redis Function library (concatenated before the other files).
--- functions.py prepends `local FN = '<library>_'` (every function is registered as FN .. name)
+-- functions.py prepends `local FN = '<library>_'` (every function is registered as FN .. name),
+-- `local VERSION = '<n>'` (keys.FUNCTION_VERSION, shared by both libraries)
 -- and `local PUBLISH = 'PUBLISH'` ('SPUBLISH' on Redis Cluster: sharded pub/sub).
 -- Every function receives keys[1] = the room's seq key (routes the call to the room's slot)
 -- and args[1] = room key prefix "lotcast:{room}:", args[2] = pub/sub channel, args[3] = log
 -- MAXLEN, args[4] = room id. All other keys are derived from the prefix exactly as
 -- lotcast/keys.py spells them, so every key a call touches is in the room's slot.
+
+-- Rolling upgrades: each room belongs to one library version (key `lib`), so two versions never
+-- write one room. A write by another version is refused while the room has a lot or poll open
+-- (its owner's nodes still serve it); an idle room passes to the version that writes it. The
+-- node answers the refusal `unavailable`, and takes the room over itself once the owner's
+-- library is gone from Redis (functions.py). Reads (head, snapshot, tallies, ...) are served by
+-- any version.
+local READS = {head = true, snapshot = true, tallies = true, question_votes = true,
+               show_state = true}
+
+local function claim_room(prefix)
+  local owner = redis.call('GET', prefix .. 'lib')
+  if owner == VERSION then return nil end
+  if owner and redis.call('EXISTS', prefix .. 'due') == 1 then
+    return redis.error_reply('LOTCAST_LIBRARY ' .. owner .. ' owns this room')
+  end
+  redis.call('SET', prefix .. 'lib', VERSION)
+  return nil
+end
+
+local function register(name, fn)
+  if READS[name] then
+    redis.register_function(FN .. name, fn)
+    return
+  end
+  redis.register_function(FN .. name, function(keys, args)
+    local refusal = claim_room(args[1])
+    if refusal then return refusal end
+    return fn(keys, args)
+  end)
+end
 
 local function now_ms()
   local t = redis.call('TIME')

@@ -257,11 +257,11 @@ local function show_digest(keys, args)
   return {to_hex(sha256(args[1])), to_hex(hmac_sha256(args[2], args[3]))}
 end
 
-redis.register_function(FN .. 'giveaway_open', giveaway_open)
-redis.register_function(FN .. 'giveaway_enter', giveaway_enter)
-redis.register_function(FN .. 'giveaway_draw', giveaway_draw)
-redis.register_function(FN .. 'giveaway_cancel', giveaway_cancel)
-redis.register_function(FN .. 'giveaway_proof', giveaway_proof)
-redis.register_function(FN .. 'show_state', show_state)
+register('giveaway_open', giveaway_open)
+register('giveaway_enter', giveaway_enter)
+register('giveaway_draw', giveaway_draw)
+register('giveaway_cancel', giveaway_cancel)
+register('giveaway_proof', giveaway_proof)
+register('show_state', show_state)
 redis.register_function{function_name = FN .. 'show_digest', callback = show_digest,
                         flags = {'no-writes'}}

@@ -149,7 +149,7 @@ local function moderation_state(R, now)
           blocked_words = conf.words and cmsgpack.unpack(conf.words) or {}}
 end
 
-redis.register_function(FN .. 'member_join', member_join)
-redis.register_function(FN .. 'moderate', moderate)
-redis.register_function(FN .. 'slow_mode', slow_mode)
-redis.register_function(FN .. 'blocked_words', blocked_words)
+register('member_join', member_join)
+register('moderate', moderate)
+register('slow_mode', slow_mode)
+register('blocked_words', blocked_words)

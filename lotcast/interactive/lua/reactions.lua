@@ -24,4 +24,4 @@ local function react(keys, args)
   return cmsgpack.pack({reaction = args[6], count = counts[args[6]]})
 end
 
-redis.register_function(FN .. 'react', react)
+register('react', react)
