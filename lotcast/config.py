@@ -63,6 +63,10 @@ class Settings:
     # Relay: serve every viewer's ICE/DTLS/SRTP through one UDP port per worker (worker i binds
     # udp_port + i on ice_ip, advertised as the host candidate); 0 = a socket per peer connection.
     udp_port: int = 0
+    # Relay with udp_port: the address its mux host candidates carry instead of ice_ip (which the
+    # mux still binds), e.g. the node's IP when a k8s hostPort maps node:port to pod:port, as
+    # mediasoup's announcedAddress; the port is unchanged. Empty = ice_ip.
+    ice_announce_ip: str = ""
     log_level: str = "info"
     # --- TLS (lotcast/tls.py) ---
     # PEM certificate (chain) and key: the node serves HTTPS/WSS only (flags --cert/--key too).

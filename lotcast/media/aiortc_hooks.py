@@ -679,6 +679,7 @@ def drop_incoming_rtp(dtls: RTCDtlsTransport, should_drop: Callable[[bytes], boo
 # gathered by aioice on their own sockets.
 
 _mux_address: tuple[str, int] | None = None
+_mux_announce: str | None = None  # the host candidates' address, if not the bound one
 _mux: UdpMux | None = None
 _mux_loop: asyncio.AbstractEventLoop | None = None
 _mux_lock: asyncio.Lock | None = None
@@ -702,12 +703,14 @@ def _udp_mux_problems() -> list[str]:
     return problems
 
 
-def configure_udp_mux(host: str, port: int) -> None:
+def configure_udp_mux(host: str, port: int, announce: str | None = None) -> None:
     """Serve every peer connection put on the mux from one UDP socket bound to (host, port),
     opened by `open_udp_mux()` at service start, else with the first of them (port 0: any
-    free port, for tests)."""
-    global _mux_address
+    free port, for tests). With ``announce``, their host candidates carry that address (and the
+    bound port) instead of the bound one: a NAT in front (a k8s hostPort) maps it to ours."""
+    global _mux_address, _mux_announce
     _mux_address = (host, port)
+    _mux_announce = announce or None
 
 
 def udp_mux_enabled() -> bool:
@@ -777,7 +780,7 @@ def _gather_on_mux(connection: aioice.ice.Connection) -> None:
         mux = await _shared_mux()
         protocol = aioice.ice.StunProtocol(connection)
         protocol.connection_made(mux.register(connection.local_username, protocol))
-        host, port = mux.sockname[0], int(mux.sockname[1])
+        host, port = _mux_announce or mux.sockname[0], int(mux.sockname[1])
         protocol.local_candidate = aioice.candidate.Candidate(
             foundation=aioice.candidate.candidate_foundation("host", "udp", host),
             component=component, transport="udp",
