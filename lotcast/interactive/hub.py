@@ -319,6 +319,10 @@ class RoomHub:
             self._flush_handle = loop.call_later(delay, self._flush)
 
     def _flush(self) -> None:
+        if self._flush_handle is not None:
+            # called directly (after a fan-out, before a tally): a timer left pending would fire
+            # right after this batch, above the batch rate (tests/test_hub_batch_rate.py)
+            self._flush_handle.cancel()
         self._flush_handle = None
         loop = asyncio.get_running_loop()
         if self._fanout_jobs:
