@@ -45,6 +45,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from media_support import Publisher, Viewer, host_token, http_client, running_cluster
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from janus_peer import JanusServer, OriginFeed
+
 from lotcast.media import native
 from lotcast.media.aiortc_hooks import (
     _widen_srtp_session,
@@ -201,47 +205,106 @@ def _tree_cpu(proc: psutil.Process) -> float:
     return total
 
 
-async def measure(relay_url: str, origin_url: str, n: int, seconds: float,
-                  profile: str | None = None) -> dict[str, float]:
-    relay_proc = psutil.Process(_PIDS[relay_url])
+async def _farm_mark(farm: asyncio.subprocess.Process) -> dict[str, float]:
+    assert farm.stdin is not None and farm.stdout is not None
+    farm.stdin.write(b"MARK\n")
+    await farm.stdin.drain()
+    return dict(json.loads(await asyncio.wait_for(farm.stdout.readline(), 60)))
+
+
+def _cpu_of(procs: list[psutil.Process]) -> float:
+    return sum(_tree_cpu(p) for p in procs)
+
+
+async def measure(relay_url: str | None, origin_url: str, n: int, seconds: float,
+                  profile: str | None = None, janus: Any = None) -> dict[str, float]:
+    """One window of one server with a farm of its own: our relay (relay_url), or Janus
+    (relay_url None, ``janus`` a JanusServer: the farm watches its mountpoint and there are no
+    decoding viewers). Delivered packets are counted at the farm for both (for ours also from
+    the relay's own counters); the farm of a relay has n - 1 viewers (the n-th decodes), so its
+    count is scaled by n / (n - 1)."""
+    if relay_url is not None:
+        server_procs = [psutil.Process(_PIDS[relay_url])]
+        farm_args = [relay_url, STREAM, str(max(0, n - 1))]
+    else:
+        server_procs = [psutil.Process(janus.pid)]
+        farm_args = [f"janus:{janus.ice_ip}:{janus.url}", "1", str(n)]
+    whole_procs = server_procs + ([psutil.Process(pid) for pid in _WHOLE_SERVER_PIDS]
+                                  if relay_url else [])
     farm = await asyncio.create_subprocess_exec(
-        sys.executable, str(HERE / "viewer_farm.py"), relay_url, STREAM, str(max(0, n - 1)),
+        sys.executable, str(HERE / "viewer_farm.py"), *farm_args,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )
     assert farm.stdout is not None and farm.stdin is not None
-    ready = await asyncio.wait_for(farm.stdout.readline(), 120)
+    ready = await asyncio.wait_for(farm.stdout.readline(), 300)
     assert ready.strip() == b"READY", ready
-    farm_proc = psutil.Process(farm.pid)
+    decoding_relay = Viewer(relay_url, STREAM) if relay_url else None
+    decoding_origin = Viewer(origin_url, STREAM) if relay_url else None
     async with http_client() as http:
-        decoding_relay = Viewer(relay_url, STREAM)
-        decoding_origin = Viewer(origin_url, STREAM)
-        await decoding_relay.start()
-        await decoding_origin.start()
+        for viewer in (decoding_relay, decoding_origin):
+            if viewer is not None:
+                await viewer.start()
         await asyncio.sleep(3.0)  # settle: ICE, key frames
-        stats_before = (await http.get(f"{relay_url}/api/stats")).json()
-        cpu_before = _tree_cpu(relay_proc)
-        farm_before = farm_proc.cpu_times()
+
+        async def stats() -> dict[str, Any]:
+            return (await http.get(f"{relay_url}/api/stats")).json() if relay_url else {}
+
+        stats_before = await stats()
+        mark_before = await _farm_mark(farm)
+        cpu_before, whole_before = _cpu_of(server_procs), _cpu_of(whole_procs)
         wall_before = time.monotonic()
-        decoding_relay.delays_ms.clear()
-        decoding_origin.delays_ms.clear()
-        profiler = await _start_profile(profile, relay_proc, seconds)
+        for viewer in (decoding_relay, decoding_origin):
+            if viewer is not None:
+                viewer.delays_ms.clear()
+        profiler = await _start_profile(profile, server_procs[0], seconds)
         await asyncio.sleep(seconds)
-        cpu_after = _tree_cpu(relay_proc)
-        farm_after = farm_proc.cpu_times()
+        cpu_after, whole_after = _cpu_of(server_procs), _cpu_of(whole_procs)
+        mark_after = await _farm_mark(farm)
         wall = time.monotonic() - wall_before
-        stats_after = (await http.get(f"{relay_url}/api/stats")).json()
+        stats_after = await stats()
         if profiler is not None:
             await asyncio.wait_for(profiler.wait(), 120)
     cpu = cpu_after - cpu_before
-    farm_cpu = (farm_after.user + farm_after.system) - (farm_before.user + farm_before.system)
+    whole = whole_after - whole_before
+    farm_cpu = mark_after["cpu_s"] - mark_before["cpu_s"]
     farm.stdin.close()
-    farm_result = json.loads(await asyncio.wait_for(farm.stdout.readline(), 60))
+    farm_result = json.loads(await asyncio.wait_for(farm.stdout.readline(), 120))
     await farm.wait()
     ttff = list(farm_result["ttff"])
-    if decoding_relay.first_frame_at is not None:
-        ttff.append(decoding_relay.first_frame_at - decoding_relay.started_at)
-    await decoding_relay.stop()
-    await decoding_origin.stop()
+    farm_packets = mark_after["packets"] - mark_before["packets"]
+    if relay_url is not None and n > 1:
+        farm_packets *= n / (n - 1)
+    result = {
+        "viewers": n,
+        "relay_cpu_s": cpu,
+        "wall_s": wall,
+        "relay_cpu_pct": 100 * cpu / wall,
+        "whole_cpu_pct": 100 * whole / wall,
+        "farm_cpu_pct": 100 * farm_cpu / wall,
+        "farm_delivered_per_s": farm_packets / wall,
+        "us_per_farm_packet": 1e6 * cpu / max(1, farm_packets),
+        "us_whole_per_farm_packet": 1e6 * whole / max(1, farm_packets),
+        "without_video": farm_result.get("without_video", 0),
+        "cpu_ms_per_viewer_s": 1000 * cpu / (n * wall),
+        "g2g_relay_p50": float("nan"), "g2g_relay_p95": float("nan"),
+        "g2g_direct_p50": float("nan"), "g2g_direct_p95": float("nan"),
+    }
+    if decoding_relay is not None and decoding_origin is not None:
+        if decoding_relay.first_frame_at is not None:
+            ttff.append(decoding_relay.first_frame_at - decoding_relay.started_at)
+        await decoding_relay.stop()
+        await decoding_origin.stop()
+        result.update({
+            "g2g_relay_p50": pct(decoding_relay.delays_ms, 0.5),
+            "g2g_relay_p95": pct(decoding_relay.delays_ms, 0.95),
+            "g2g_direct_p50": pct(decoding_origin.delays_ms, 0.5),
+            "g2g_direct_p95": pct(decoding_origin.delays_ms, 0.95),
+        })
+    result["ttff_p95_s"] = pct(ttff, 0.95)
+    if relay_url is None:
+        result["us_per_delivered"] = result["us_per_farm_packet"]
+        result["delivered_per_s"] = result["farm_delivered_per_s"]
+        return result
 
     def counter(stats: dict[str, Any], suffix: str) -> int:
         stream = next(s for s in stats["streams"] if s["id"] == STREAM)
@@ -251,36 +314,29 @@ async def measure(relay_url: str, origin_url: str, n: int, seconds: float,
         return counter(stats_after, suffix) - counter(stats_before, suffix)
 
     delivered = delta("_packets_sent") - delta("_send_drops") - delta("_send_errors")
-    return {
-        "viewers": n,
-        "relay_cpu_s": cpu,
-        "wall_s": wall,
-        "relay_cpu_pct": 100 * cpu / wall,
-        "farm_cpu_pct": 100 * farm_cpu / wall,
+    result.update({
         "us_per_delivered": 1e6 * cpu / max(1, delivered),
         "delivered_per_s": delivered / wall,
-        "cpu_ms_per_viewer_s": 1000 * cpu / (n * wall),
-        "packets_sent_per_s": (counter(stats_after, "_packets_sent")
-                               - counter(stats_before, "_packets_sent")) / wall,
-        "packets_in_per_s": (counter(stats_after, "_packets_in")
-                             - counter(stats_before, "_packets_in")) / wall,
-        "g2g_relay_p50": pct(decoding_relay.delays_ms, 0.5),
-        "g2g_relay_p95": pct(decoding_relay.delays_ms, 0.95),
-        "g2g_direct_p50": pct(decoding_origin.delays_ms, 0.5),
-        "g2g_direct_p95": pct(decoding_origin.delays_ms, 0.95),
-        "ttff_p95_s": pct(ttff, 0.95),
-    }
+        "packets_sent_per_s": delta("_packets_sent") / wall,
+        "packets_in_per_s": delta("_packets_in") / wall,
+    })
+    return result
 
 
 _PIDS: dict[str, int] = {}
+# the rest of our server (broadcaster and Redis), added to a relay's CPU for the whole-server
+# figure; Janus's own process does all of it (it ingests plain RTP, we ingest WHIP over SRTP)
+_WHOLE_SERVER_PIDS: list[int] = []
 # each path is a relay of its own: native fan-out + lean RTCP (the default), the Python fan-out
 # (LOTCAST_NATIVE_FANOUT=0), and native fan-out with aiortc's own RTCP per viewer
 # (LOTCAST_LEAN_RTCP=0: an RTCP task per sender, aiortc's parser; the per-viewer path before it)
 # and the default with one UDP port for all its viewers (mux: --udp-port, sendmmsg)
-PATHS = ("native", "python", "aiortc-rtcp", "mux")
+# and the default with 2 worker processes (workers2: --workers 2, one UDP port per worker)
+PATHS = ("native", "python", "aiortc-rtcp", "mux", "workers2")
 PATH_ENV = {"native": {}, "python": {native.ENV: "0"}, "aiortc-rtcp": {LEAN_RTCP_ENV: "0"},
-            "mux": {}}
-FANOUT_OF = {"native": "native", "python": "python", "aiortc-rtcp": "native", "mux": "native"}
+            "mux": {}, "workers2": {}}
+FANOUT_OF = {"native": "native", "python": "python", "aiortc-rtcp": "native", "mux": "native",
+             "workers2": "native"}
 
 
 def _free_udp_port() -> int:
@@ -345,6 +401,43 @@ def summarize_profile(profile: str) -> str:
     return "\n".join(lines)
 
 
+def print_farm_counted(rows: list[tuple[str, dict[str, float]]], floor_c: float) -> None:
+    """Every server, Janus included, by the packets its farm received: server CPU (ours: the
+    relay, and the whole server = relay + broadcaster + Redis; Janus: its one process) per packet,
+    ratios to Janus (same viewer count, same run) and to the C floor, and viewers per core at
+    the measured cost (an extrapolation: this machine's farms saturate before the servers)."""
+    floor_us = floor_c * 1e6
+    janus = {int(r["viewers"]): r for path, r in rows if path == "janus"}
+    print("\ncounted at the farm (packets the viewers received), µs of server CPU per packet:")
+    print(f"{'server':>11} {'viewers':>7} {'server µs':>9} {'whole µs':>8} {'x floor':>7} "
+          f"{'whole x floor':>13} {'whole x Janus':>13} {'relay x Janus':>13} "
+          f"{'farm pkts/s':>11} {'server CPU':>10} {'whole CPU':>9} {'farm CPU':>8} "
+          f"{'no video':>8} {'TTFF p95':>8} {'viewers/core':>12}")
+    cost: dict[tuple[str, int], float] = {}
+    for path, r in rows:
+        n = int(r["viewers"])
+        whole = r["us_per_farm_packet"] if path == "janus" else r["us_whole_per_farm_packet"]
+        jr = janus.get(n)
+        vs_janus = (f"{whole / jr['us_per_farm_packet']:.2f}" if jr and path != "janus"
+                    else "-")
+        relay_vs_janus = (f"{r['us_per_farm_packet'] / jr['us_per_farm_packet']:.2f}"
+                          if jr and path != "janus" else "-")
+        per_viewer_s = r["relay_cpu_s"] / (n * r["wall_s"])
+        cost[(path, n)] = per_viewer_s
+        print(f"{path:>11} {n:>7} {r['us_per_farm_packet']:>9.2f} {whole:>8.2f} "
+              f"{r['us_per_farm_packet'] / floor_us:>7.2f} {whole / floor_us:>13.2f} "
+              f"{vs_janus:>13} {relay_vs_janus:>13} {r['farm_delivered_per_s']:>11.0f} "
+              f"{r['relay_cpu_pct']:>9.0f}% {r['whole_cpu_pct']:>8.0f}% "
+              f"{r['farm_cpu_pct']:>7.0f}% {int(r['without_video']):>8} "
+              f"{r['ttff_p95_s']:>7.3f}s {1 / per_viewer_s if per_viewer_s else 0:>12.0f}")
+    for (path, n), c in cost.items():
+        if path == "workers2" and ("native", n) in cost:
+            one = cost[("native", n)]
+            print(f"{n} viewers: 2 workers cost {1000 * c:.2f} vs 1 worker {1000 * one:.2f} ms CPU "
+                  f"per viewer-second: 2 workers on 2 cores would serve {2 / c:.0f} viewers, "
+                  f"{(2 / c) / (2 / one):.2f} x 2 x one worker's {1 / one:.0f} (target >= 0.9)")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--viewers", type=int, nargs="+", default=[30, 60])
@@ -357,6 +450,9 @@ async def main() -> None:
                         help="measure the relays one after the other (default: both at once)")
     parser.add_argument("--profile", choices=("py-spy", "perf"),
                         help="profile the relay during the last viewer count, each path")
+    parser.add_argument("--janus", action="store_true",
+                        help="also Janus 1.1.2's streaming plugin (installed by "
+                             "scripts/bench-setup.sh when missing), fed the same RTP, same farm")
     args = parser.parse_args()
     os.environ.pop(native.ENV, None)  # the native relay must not inherit an off switch
     if "native" in args.paths and not native.available():
@@ -373,13 +469,21 @@ async def main() -> None:
             if path == "native":
                 continue
             extra = ["--udp-port", str(_free_udp_port())] if path == "mux" else []
+            path_args = relay_args
+            if path == "workers2":
+                path_args = [a if a != "1" or relay_args[i - 1] != "--workers" else "2"
+                             for i, a in enumerate(relay_args)]
             relay = ServiceProcess("relay", ["--port", "0", "--origin-url", cluster.origin.url,
-                                             "--node-id", f"relay-{path}", *relay_args, *extra],
+                                             "--node-id", f"relay-{path}", *path_args, *extra],
                                    env={**cluster.env, **PATH_ENV[path]}).start()
             cluster.extra.append(relay)
             relays[path] = relay
         for relay in relays.values():
             _PIDS[relay.url] = relay.pid
+        _WHOLE_SERVER_PIDS[:] = [cluster.origin.pid, redis._proc.pid]  # type: ignore[union-attr]
+        janus = JanusServer().start() if args.janus else None
+        feed: OriginFeed | None = None
+        feed_pli: asyncio.Task[None] | None = None
         publisher = Publisher(cluster.origin.url, STREAM, host_token())
         publisher.video.__init__(fps=30, width=320, height=240, noisy=True)  # type: ignore[misc]
         await publisher.start()
@@ -389,10 +493,18 @@ async def main() -> None:
             if set_encoder_bitrate(video_sender, args.bitrate):
                 break
         await asyncio.sleep(3.0)
+        if janus is not None:
+            feed = OriginFeed(cluster.origin.url, STREAM, janus)
+            await feed.start()
+            feed_pli = asyncio.create_task(feed.request_keyframes(2.0))
+            await asyncio.sleep(3.0)
         rows: list[tuple[str, dict[str, float]]] = []
         try:
             for n in args.viewers:
                 runs = {}
+                if janus is not None:
+                    runs["janus"] = measure(None, cluster.origin.url, n, args.seconds,
+                                            janus=janus)
                 for path in args.paths:
                     profile = None
                     if args.profile and n == args.viewers[-1]:
@@ -412,10 +524,22 @@ async def main() -> None:
         except Exception:
             for relay in relays.values():
                 print("".join(relay.output[-30:]), file=sys.stderr)
+            if janus is not None:
+                print(janus.log_tail(), file=sys.stderr)
             raise
+        finally:
+            if feed_pli is not None:
+                feed_pli.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feed_pli
+            if feed is not None:
+                print(f"Janus feed: {feed.forwarded} RTP packets forwarded", file=sys.stderr)
+                await feed.stop()
+            if janus is not None:
+                janus.stop()
         await publisher.stop()
 
-    in_pps = statistics.mean(r["packets_in_per_s"] for _, r in rows)
+    in_pps = statistics.mean(r["packets_in_per_s"] for p, r in rows if p != "janus")
     # the least of three: other processes on a shared machine only ever add to a CPU figure
     floor_c = min(c_floor(args.floor_size) for _ in range(3))
     floor_py = min(srtp_send_floor(args.floor_size) for _ in range(3))
@@ -443,6 +567,8 @@ async def main() -> None:
               f"{'g2g relay p50/p95':>18} {'direct p50/p95':>15} {'adds p95':>8} {'TTFF p95':>8}")
     print(header)
     for path, r in rows:
+        if path == "janus":
+            continue
         print(f"{path:>11} {r['viewers']:>7} {r['us_per_delivered']:>21.2f} "
               f"{r['us_per_delivered'] / (floor_c * 1e6):>9.2f} {r['cpu_ms_per_viewer_s']:>11.2f} "
               f"{r['delivered_per_s']:>11.0f} {r['relay_cpu_pct']:>8.0f}% {r['farm_cpu_pct']:>7.0f}% "
@@ -460,6 +586,7 @@ async def main() -> None:
             print(f"{n} viewers: lean RTCP {per['native']:.2f} µs vs aiortc's RTCP "
                   f"{per['aiortc-rtcp']:.2f} µs per delivered packet "
                   f"({per['native'] / per['aiortc-rtcp']:.2f}x), both on the native fan-out")
+    print_farm_counted(rows, floor_c)
     print("farm CPU near 100% of a core means the farm, not the relay, was the limit")
     for path, profile in profiles.items():
         print(f"\n--- profile of the {path} relay at {args.viewers[-1]} viewers ({profile}) ---")

@@ -3,20 +3,31 @@ SRTP, RTX and NACK handling, so they still send receiver reports and NACKs like 
 never decode them. Used by fanout_bench.py so its own process keeps CPU for the decoding viewers.
 
     python load/viewer_farm.py BASE_URL STREAM COUNT
-Prints READY once every viewer is connected, then, when stdin closes, one JSON line of results.
+    python load/viewer_farm.py janus:ICE_IP:JANUS_URL MOUNTPOINT_ID COUNT  # viewers of Janus's streaming
+                                                                   # plugin (load/janus_peer.py)
+Prints READY once every viewer is connected (or after 20 s), then for each line MARK on stdin one
+JSON line {"packets", "cpu_s", "t"} (packets counted so far, the farm's own CPU, monotonic time:
+a window's delivered packets and farm CPU are the difference of two marks), and, when stdin
+closes, one JSON line of results.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
+from pathlib import Path
 from urllib.parse import urljoin
 
 import httpx
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtp import RtpPacket
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from janus_peer import JanusViewer
 
 from lotcast.media.aiortc_hooks import restrict_host_addresses, tap_receiver
 
@@ -58,21 +69,39 @@ class CountingViewer:
         await self.pc.close()
 
 
+def _mark(farm: list[CountingViewer] | list[JanusViewer]) -> str:
+    times = os.times()
+    return json.dumps({"packets": sum(v.packets for v in farm),
+                       "cpu_s": times.user + times.system, "t": time.monotonic()})
+
+
 async def main(base_url: str, stream: str, count: int) -> None:
-    restrict_host_addresses(["127.0.0.1"])
-    farm = [CountingViewer(base_url, stream) for _ in range(count)]
-    async with httpx.AsyncClient(verify=False, trust_env=False, timeout=30) as http:
+    farm: list[CountingViewer] | list[JanusViewer]
+    if base_url.startswith("janus:"):
+        # janus:ICE_IP:URL: Janus gathers only on that local address (never on lo), so do we
+        ice_ip, _, janus_url = base_url.removeprefix("janus:").partition(":")
+        restrict_host_addresses([ice_ip])
+        farm = [JanusViewer(janus_url, int(stream)) for _ in range(count)]
+    else:
+        restrict_host_addresses(["127.0.0.1"])
+        farm = [CountingViewer(base_url, stream) for _ in range(count)]
+    limits = httpx.Limits(max_connections=max(100, 2 * count))
+    async with httpx.AsyncClient(verify=False, trust_env=False, timeout=30, limits=limits) as http:
         for batch in range(0, count, 10):
             await asyncio.gather(*(v.start(http) for v in farm[batch:batch + 10]))
         deadline = time.monotonic() + 20
         while any(v.first_video is None for v in farm) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         print("READY", flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        loop = asyncio.get_running_loop()
+        while (line := await loop.run_in_executor(None, sys.stdin.readline)):
+            if line.strip() == "MARK":
+                print(_mark(farm), flush=True)
         result = {
             "ttff": [v.first_video - v.started for v in farm if v.first_video is not None],
             "packets": sum(v.packets for v in farm),
             "viewers": count,
+            "without_video": sum(v.first_video is None for v in farm),
         }
         await asyncio.gather(*(v.stop(http) for v in farm), return_exceptions=True)
     print(json.dumps(result), flush=True)
