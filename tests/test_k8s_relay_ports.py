@@ -1,12 +1,24 @@
 """Offline checks that the relay manifests open exactly the relay's media ports: one UDP port per
 worker (LOTCAST_UDP_PORT + i, i < the worker count, which follows limits.cpu), as container ports
-and in the headless Service lotcast-relay-media, in every overlay; and that hostNetwork stays
-only for the reason the manifest gives (the relay advertises and binds the node's address)."""
+mapped to the same node port (hostPort), in the headless Service lotcast-relay-media and in the
+relays' NetworkPolicy, in every overlay; that relays run without hostNetwork, binding the pod IP
+and announcing the node's (LOTCAST_ICE_IP / LOTCAST_ICE_ANNOUNCE_IP); and that the broadcaster's
+policy, which has no mux yet, keeps its UDP range."""
 
 from __future__ import annotations
 
 import pytest
-from test_k8s import OVERLAYS, container_env, lotcast_container, named, objects, pod_spec
+from test_k8s import (
+    OVERLAYS,
+    container_env,
+    lotcast_container,
+    named,
+    objects,
+    of_kind,
+    pod_labels,
+    pod_spec,
+    selector_matches,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,11 +58,67 @@ def test_relay_media_service_names_exactly_those_ports(overlay: str) -> None:
     assert all(p.get("protocol", "TCP") == "TCP" for p in other["spec"]["ports"])
 
 
+def _field(container: dict, name: str) -> str | None:
+    entry = next((e for e in container["env"] if e["name"] == name), None)
+    assert entry is not None, f"{name} missing"
+    path = entry.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+    return str(path) if path is not None else None
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_relay_host_network_only_while_it_advertises_the_node_address(overlay: str) -> None:
-    workload, container, _, _ = _relay(overlay)
-    ice = next(e for e in container["env"] if e["name"] == "LOTCAST_ICE_IP")
-    advertises_node = ice.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.hostIP"
-    assert bool(pod_spec(workload).get("hostNetwork")) == advertises_node
-    if advertises_node:
-        assert "CKV_K8S_19" in workload["metadata"]["annotations"]["checkov.io/skip1"]
+def test_relays_bind_the_pod_ip_and_announce_the_node_ip_through_host_ports(overlay: str) -> None:
+    workload, container, workers, base = _relay(overlay)
+    spec = pod_spec(workload)
+    assert "hostNetwork" not in spec and "dnsPolicy" not in spec, spec
+    assert _field(container, "LOTCAST_ICE_IP") == "status.podIP"
+    assert _field(container, "LOTCAST_ICE_ANNOUNCE_IP") == "status.hostIP"
+    # every port the relay serves is the node's port of the same number
+    mapped = [(p["name"], p["protocol"], p["containerPort"], p.get("hostPort"))
+              for p in container["ports"]]
+    assert mapped == [("http", "TCP", 8081, 8081),
+                      *((f"media-{i}", "UDP", base + i, base + i) for i in range(workers))]
+    # browsers and other nodes reach it at the node's address (prod: the node's DNS name)
+    public = next(e for e in container["env"] if e["name"] == "LOTCAST_PUBLIC_URL")["value"]
+    assert public in ("http://$(LOTCAST_ICE_ANNOUNCE_IP):8081",
+                      "https://$(NODE_NAME).edge.lotcast.example.com:8081"), public
+    names = [e["name"] for e in container["env"]]
+    assert names.index("LOTCAST_ICE_ANNOUNCE_IP") < names.index("LOTCAST_PUBLIC_URL")
+    annotations = workload["metadata"].get("annotations", {})
+    assert not any("CKV_K8S_19" in v for v in annotations.values())  # no hostNetwork skip left
+    assert any(v.startswith("CKV_K8S_26=") for v in annotations.values())  # hostPort, with why
+
+
+def _allowed(policy: dict) -> list[tuple[str, int, int]]:
+    """(protocol, first port, last port) of every ingress port rule, from anywhere."""
+    out = []
+    for rule in policy["spec"]["ingress"]:
+        assert "from" not in rule, rule
+        for p in rule["ports"]:
+            out.append((p["protocol"], int(p["port"]), int(p.get("endPort", p["port"]))))
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_relay_network_policy_opens_exactly_its_ports(overlay: str) -> None:
+    objs = objects(overlay)
+    _, _, workers, base = _relay(overlay)
+    policies = of_kind(objs, "NetworkPolicy")
+    relay_labels = {"app.kubernetes.io/name": "lotcast", "app.kubernetes.io/component": "relay",
+                    "app.kubernetes.io/part-of": "lotcast"}
+    selecting = [p for p in policies if p["spec"]["podSelector"]
+                 and selector_matches(p["spec"]["podSelector"], relay_labels)]
+    assert [p["metadata"]["name"] for p in selecting] == ["lotcast-relay-ingress"]
+    assert _allowed(selecting[0]) == [("TCP", 8081, 8081), ("UDP", base, base + workers - 1)]
+    # the default deny still covers relays, so nothing else is open to them
+    assert any(p["spec"]["podSelector"] == {} and "ingress" not in p["spec"] for p in policies)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_broadcaster_keeps_its_udp_range_until_it_has_a_mux(overlay: str) -> None:
+    objs = objects(overlay)
+    workload, container = lotcast_container(objs, "broadcaster")
+    env = container_env(objs, container)
+    assert "LOTCAST_UDP_PORT" not in env and pod_spec(workload).get("hostNetwork") is True
+    policy = named(objs, "NetworkPolicy", "lotcast-broadcaster-ingress")
+    assert selector_matches(policy["spec"]["podSelector"], pod_labels(workload))
+    assert _allowed(policy) == [("TCP", 8080, 8080), ("UDP", 1024, 65535)]
