@@ -2,8 +2,10 @@
 
 1. The node turns DRAINING: the registry shows it at once (placement skips it), /readyz answers
    503, and new WHEP POSTs are redirected to another relay (or refused with 503 + Retry-After).
-2. Viewers are told to move: every interactive WebSocket is closed with 1001 ("node going away,
-   reconnect to any node"), which the viewer page treats as "re-run placement" for its media too.
+2. Viewers are told to move: every WHEP session's event stream gets a `reconnect` event (the
+   listeners registered with `on_drain`, e.g. `WhepEvents.reconnect_all` with the URL placement
+   names), and every interactive WebSocket is closed with 1001 ("node going away, reconnect to
+   any node"), which the viewer page treats as "re-run placement" for its media too.
 3. It waits until no viewer session is left, or `drain_timeout` expires; then the server exits.
 """
 
@@ -32,6 +34,12 @@ class Drainer:
         self.started_at: float | None = None
         self.finished_at: float | None = None
         self.timed_out = False
+        self._listeners: list[Callable[[], Awaitable[object]]] = []
+
+    def on_drain(self, listener: Callable[[], Awaitable[object]]) -> None:
+        """Await ``listener`` when the drain starts (after the registry shows DRAINING, before
+        the room sockets close); a failing or slow one never holds the drain up."""
+        self._listeners.append(listener)
 
     def readiness(self) -> str | None:
         return "draining" if self.draining else None
@@ -49,6 +57,11 @@ class Drainer:
             logger.warning("could not publish draining state: %r", exc)
         # Telling clients (closing room sockets with 1001) runs beside the wait: its cleanup must
         # never hold the drain past its deadline.
+        for listener in self._listeners:
+            try:
+                await asyncio.wait_for(listener(), timeout=2.0)
+            except Exception as exc:
+                logger.warning("drain listener failed: %r", exc)
         tell = asyncio.ensure_future(self.tell_clients())
         tell.add_done_callback(_log_failure)
         deadline = self.started_at + self.timeout

@@ -6,6 +6,11 @@
     PATCH   /whi[pe]/{stream}/{id}    trickle ICE (sdpfrag)     204 | 412/428/422
     DELETE  /whi[pe]/{stream}/{id}    end the session           200 | 404
     OPTIONS (any of the above)        CORS, Accept-Post/-Patch  204
+    POST    /whep/{stream}/{id}/sse   SSE subscription (JSON)    201 + Location of the event stream
+    GET     /whep/{stream}/{id}/sse/{sub}   the text/event-stream   200 | 404
+    POST    /whep/{stream}/{id}/layer layer choice (JSON)        204 | 400
+
+(the WHEP extensions live in lotcast/media/whep_events.py)
 
 A session is reached only through its own route (a WHIP session via /whip/..., a WHEP session via
 /whep/...) and changed or ended only by the token that created it or a host token; a WHEP session
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from lotcast.auth import AuthError, Identity, Role, TokenAuthority
@@ -34,6 +39,7 @@ from lotcast.media.peer import EgressSession, IngestSession, PeerSession
 from lotcast.media.sdp import SdpError, check_offer, parse_trickle
 from lotcast.media.stream import MediaStream, StreamRouter
 from lotcast.media.upstream import NotLiveError
+from lotcast.media.whep_events import JSON, ExtensionError, WhepEvents, link_headers, read_json_body
 from lotcast.tasks import cancel_and_wait
 from lotcast.turn import check_turn_settings, mint_credentials
 
@@ -50,6 +56,8 @@ NOT_LIVE_RETRY = 2
 # An unexpected error (a bug, not the client's fault) is answered 503 + Retry-After, and logged.
 INTERNAL_RETRY = 2
 SESSION_METHODS = "PATCH, DELETE, OPTIONS"
+EXTENSION_METHODS = "POST, OPTIONS"
+EVENT_STREAM_METHODS = "GET, DELETE, OPTIONS"
 
 StreamProvider = Callable[[str], Awaitable[MediaStream]]
 Kind = Literal["whip", "whep"]
@@ -111,6 +119,11 @@ class SessionTable:
         # a peer that never completes ICE/DTLS gets as long as a silent one
         self.connect_timeout = connect_timeout if connect_timeout is not None else session_timeout
         self._reaper: asyncio.Task[None] | None = None
+        self._shutdown: list[Callable[[], Awaitable[None]]] = []
+
+    def on_shutdown(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Await ``closer`` when the table closes, after every session has closed."""
+        self._shutdown.append(closer)
 
     def add(self, session: PeerSession, grant: SessionGrant | None = None) -> None:
         self._sessions[session.id] = session
@@ -159,6 +172,8 @@ class SessionTable:
     async def close(self) -> None:
         await cancel_and_wait(self._reaper)
         await asyncio.gather(*(s.close() for s in list(self._sessions.values())))
+        for closer in self._shutdown:
+            await closer()
 
 
 class WebRtcEndpoints:
@@ -167,7 +182,8 @@ class WebRtcEndpoints:
     def __init__(self, settings: Settings, authority: TokenAuthority, router: StreamRouter,
                  sessions: SessionTable, provide_stream: StreamProvider, accept_publish: bool,
                  accepting_viewers: Callable[[], str | None] | None = None,
-                 on_first_frame: Callable[[float], None] | None = None) -> None:
+                 on_first_frame: Callable[[float], None] | None = None,
+                 count_viewers: Callable[[str], int] | None = None) -> None:
         self.settings = settings
         self.authority = authority
         self.router = router
@@ -176,6 +192,10 @@ class WebRtcEndpoints:
         self.accept_publish = accept_publish
         self.accepting_viewers = accepting_viewers or (lambda: None)
         self.on_first_frame = on_first_frame
+        # WHEP SSE and layer selection; `count_viewers(stream)` is the `viewercount` event's
+        # number (default: this node's WHEP sessions of the stream)
+        self.events = WhepEvents(count_viewers or self._stream_sessions)
+        sessions.on_shutdown(self.events.close)
         check_turn_settings(settings.turn_urls, settings.turn_secret, settings.turn_ttl)
 
     @property
@@ -186,6 +206,12 @@ class WebRtcEndpoints:
             Route("/whep/{stream}", self.options, methods=["OPTIONS"]),
             Route("/whep/{stream}/{session}", self.session_resource,
                   methods=["PATCH", "DELETE", "OPTIONS", "GET", "POST", "PUT"]),
+            Route("/whep/{stream}/{session}/sse", self.sse_subscribe,
+                  methods=["POST", "OPTIONS", "GET", "PATCH", "PUT", "DELETE"]),
+            Route("/whep/{stream}/{session}/sse/{sub}", self.sse_stream,
+                  methods=["GET", "DELETE", "OPTIONS", "POST", "PATCH", "PUT"]),
+            Route("/whep/{stream}/{session}/layer", self.layer,
+                  methods=["POST", "OPTIONS", "GET", "PATCH", "PUT", "DELETE"]),
         ]
         if self.accept_publish:
             routes += [
@@ -196,7 +222,10 @@ class WebRtcEndpoints:
             ]
         return routes
 
-    def _link_headers(self) -> dict[str, str]:
+    def _stream_sessions(self, stream_id: str) -> int:
+        return sum(1 for s in self.sessions.sessions(EgressSession) if s.stream.id == stream_id)
+
+    def _link_headers(self, extra: list[str] | None = None) -> dict[str, str]:
         """`Link: rel="ice-server"` (RFC 9725 §4.6): the configured STUN/TURN URLs, then the TURN
         servers with a credential pair minted for this answer alone. The user part is random, not
         the session id: STUN carries the username in clear, and a WHEP session URL is a capability.
@@ -208,6 +237,7 @@ class WebRtcEndpoints:
             links += [f'<{url}>; rel="ice-server"; username="{creds.username}"; '
                       f'credential="{creds.credential}"; credential-type="password"'
                       for url in s.turn_urls]
+        links += extra or []
         return {"Link": ", ".join(links)} if links else {}
 
     async def options(self, request: Request) -> Response:
@@ -314,8 +344,12 @@ class WebRtcEndpoints:
             raise ClientDisconnect()
         self.sessions.add(session, SessionGrant(kind, owner))
         location = f"/{kind}/{session.stream.id}/{session.id}"
+        extensions: list[str] = []
+        if kind == "whep":
+            session.on_close(self.events.session_closed)
+            extensions = link_headers(location)
         return Response(answer, status_code=201, media_type=SDP, headers={
-            **CORS, **self._link_headers(),
+            **CORS, **self._link_headers(extensions),
             "Location": location, "ETag": session.etag, "Accept-Patch": SDPFRAG,
         })
 
@@ -332,6 +366,15 @@ class WebRtcEndpoints:
             raise HttpError(405, f"{method} is not supported on a session; use PATCH or DELETE",
                             {"Allow": SESSION_METHODS})
         kind: Kind = "whip" if request.url.path.startswith("/whip/") else "whep"
+        session = self._own_session(request, kind, authorized=True)
+        if method == "DELETE":
+            await session.close()
+            return Response(status_code=200, headers=CORS)
+        return await self._patch(request, session)
+
+    def _own_session(self, request: Request, kind: Kind, authorized: bool) -> PeerSession:
+        """The session the path names, on its own route; with ``authorized``, the request's
+        token must be allowed to change it (see `authorize`)."""
         stream_id = _stream_id(request)
         presented = self._presented(request)
         session_id = str(request.path_params["session"])
@@ -340,11 +383,68 @@ class WebRtcEndpoints:
         # a session answers only on its own route: a WHIP session is not a WHEP resource
         if session is None or grant is None or grant.kind != kind or session.stream.id != stream_id:
             raise HttpError(404, "no such session (ended, timed out or never existed)")
-        authorize(grant, presented)
-        if method == "DELETE":
-            await session.close()
-            return Response(status_code=200, headers=CORS)
-        return await self._patch(request, session)
+        if authorized:
+            authorize(grant, presented)
+        return session
+
+    @staticmethod
+    def _extension_options(request: Request, allow: str) -> Response | None:
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers={
+                **CORS, "Allow": allow, "Access-Control-Allow-Methods": allow,
+                **({"Accept-Post": JSON} if "POST" in allow else {})})
+        if request.method not in allow.split(", "):
+            raise HttpError(405, f"{request.method} is not supported here; use "
+                            f"{allow.replace(', OPTIONS', '')}", {"Allow": allow})
+        return None
+
+    async def sse_subscribe(self, request: Request) -> Response:
+        """POST {session}/sse: subscribe to events (draft-ietf-wish-whep server-sent events)."""
+        async def work() -> Response:
+            early = self._extension_options(request, EXTENSION_METHODS)
+            if early is not None:
+                return early
+            session = self._own_session(request, "whep", authorized=True)
+            body = await read_json_body(request.stream(), request.headers.get("content-type", ""))
+            sub = self.events.subscribe(session, body)
+            return Response(status_code=201, headers={
+                **CORS, "Location": f"{request.url.path}/{sub.id}"})
+
+        return await self._guard(work())
+
+    async def sse_stream(self, request: Request) -> Response:
+        """GET {session}/sse/{sub}: the event stream (its unguessable URL is the capability)."""
+        async def work() -> Response:
+            early = self._extension_options(request, EVENT_STREAM_METHODS)
+            if early is not None:
+                return early
+            session = self._own_session(request, "whep", authorized=False)
+            sub = self.events.subscription(str(request.path_params["sub"]))
+            if sub is None or sub.session is not session:
+                raise HttpError(404, "no such event stream (its session ended, or it was "
+                                "closed or never existed)")
+            if request.method == "DELETE":
+                self.events.close_subscription(sub)
+                return Response(status_code=200, headers=CORS)
+            return StreamingResponse(self.events.stream_events(sub),
+                                     media_type="text/event-stream",
+                                     headers={**CORS, "Cache-Control": "no-store",
+                                              "X-Accel-Buffering": "no"})
+
+        return await self._guard(work())
+
+    async def layer(self, request: Request) -> Response:
+        """POST {session}/layer: the viewer's layer choice (draft-ietf-wish-whep layer)."""
+        async def work() -> Response:
+            early = self._extension_options(request, EXTENSION_METHODS)
+            if early is not None:
+                return early
+            session = self._own_session(request, "whep", authorized=True)
+            body = await read_json_body(request.stream(), request.headers.get("content-type", ""))
+            self.events.choose_layer(session, body)
+            return Response(status_code=204, headers=CORS)
+
+        return await self._guard(work())
 
     async def _patch(self, request: Request, session: PeerSession) -> Response:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -373,6 +473,8 @@ class WebRtcEndpoints:
             return error_response(exc.status, exc.reason, exc.headers)
         except SdpError as exc:
             return error_response(exc.status, exc.reason)
+        except ExtensionError as exc:
+            return error_response(exc.status, exc.reason, exc.headers)
         except AuthError as exc:
             headers = {"WWW-Authenticate": 'Bearer realm="lotcast"'} if exc.status == 401 else {}
             return error_response(exc.status, exc.reason, headers)
