@@ -260,3 +260,50 @@ async def test_a_bad_announced_address_fails_the_relay_start(
     assert "relay exited before ready" in message, message
     assert "lotcast: --ice-announce-ip 'node-ip' is not an IP address" in message, message
     assert "Traceback" not in message, message
+
+
+def _free_pair_on_bound() -> int:
+    """A port N with N and N + 1 free on BOUND (a two-worker relay binds both)."""
+    for _ in range(50):
+        base = _port_free_on_both()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as second:
+            try:
+                second.bind((BOUND, base + 1))
+            except OSError:
+                continue
+        return base
+    raise AssertionError("no two adjacent free UDP ports")
+
+
+@pytest.mark.timeout(180)
+async def test_every_worker_announces_the_address_with_its_own_port(
+        redis_server: RedisServer) -> None:
+    base = _free_pair_on_bound()
+    args = ["--workers", "2", "--udp-port", str(base), "--ice-ip", BOUND,
+            "--ice-announce-ip", ANNOUNCED]
+    with running_cluster(redis_server, relay_args=args) as cluster:
+        relay = cluster.relay
+        bound = sorted((c.laddr.ip, c.laddr.port) for pid in relay.info["worker_pids"]
+                       for c in psutil.Process(pid).net_connections(kind="udp"))
+        assert bound == [(BOUND, base), (BOUND, base + 1)], bound
+        publisher = Publisher(cluster.origin.url, "announced2", host_token())
+        await publisher.start()
+        seen: set[int] = set()
+        try:
+            for _ in range(16):  # SO_REUSEPORT spreads POSTs over the workers; stop once both
+                viewer = Viewer(relay.url, "announced2")
+                try:
+                    await viewer.start()
+                    candidates = [line for line in viewer.pc.remoteDescription.sdp.splitlines()
+                                  if line.startswith("a=candidate:")]
+                    ports = {int(c.split()[5]) for c in candidates}
+                    assert candidates and all(f" {ANNOUNCED} " in c for c in candidates), candidates
+                    assert len(ports) == 1 and ports <= {base, base + 1}, candidates
+                    seen |= ports
+                finally:
+                    await viewer.stop()
+                if seen == {base, base + 1}:
+                    break
+        finally:
+            await publisher.stop()
+        assert seen == {base, base + 1}, seen
