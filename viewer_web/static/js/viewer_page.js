@@ -55,6 +55,50 @@ player.addEventListener("relaychange", (ev) => {
   }
 });
 
+// --- WHEP extensions: viewer count from SSE, quality menu --------------------------------------
+
+player.addEventListener("viewercount", () => render());
+player.addEventListener("layers", () => renderQuality());
+player.addEventListener("layerchange", () => renderQuality());
+player.addEventListener("session", () => renderQuality());
+
+/** Quality menu entries for the layers the stream has, best first (by width, else bitrate). */
+function qualityChoices(layers) {
+  const ranked = [...layers].sort((a, b) => (b.width ?? b.bitrate ?? 0) - (a.width ?? a.bitrate ?? 0));
+  if (ranked.length < 2) return [];
+  const picks = ranked.length === 2 ? [["high", ranked[0]], ["low", ranked[1]]] :
+    [["high", ranked[0]], ["medium", ranked[Math.floor((ranked.length - 1) / 2)]], ["low", ranked[ranked.length - 1]]];
+  return picks;
+}
+
+function layerLabel(layer) {
+  if (!layer) return player.layers.length > 1 ? "auto" : "auto (single layer)";
+  const size = layer.width && layer.height ? ` ${layer.width}×${layer.height}` : "";
+  return `${layer.encodingId ?? "default"}${size}`;
+}
+
+function renderQuality() {
+  const select = $("quality");
+  const choices = qualityChoices(player.layers);
+  // one layer (no simulcast): nothing to choose, the menu stays hidden
+  $("quality-wrap").classList.toggle("hidden", choices.length === 0);
+  for (const option of select.options) {
+    if (option.value === "auto") continue;
+    option.hidden = !choices.some(([name]) => name === option.value);
+  }
+  const wanted = player.wantedLayer;
+  const current = choices.find(([, layer]) => layer === wanted);
+  select.value = current ? current[0] : "auto";
+  setText("stat-layer", layerLabel(wanted));
+}
+
+$("quality").addEventListener("change", async (ev) => {
+  const value = ev.currentTarget.value;
+  const pick = qualityChoices(player.layers).find(([name]) => name === value);
+  await player.chooseLayer(pick ? pick[1] : null);
+  renderQuality();
+});
+
 let playing = false;
 video.addEventListener("playing", () => { playing = true; updateVideoNote(); });
 video.addEventListener("waiting", () => updateVideoNote());
@@ -266,7 +310,8 @@ async function vote(option) {
 // --- rendering ---------------------------------------------------------------------------------
 
 function render() {
-  setText("viewer-count", room.viewers ?? "–");
+  // the WHEP SSE count of the stream when the relay sends one, else the room's
+  setText("viewer-count", player.viewerCount ?? room.viewers ?? "–");
   const who = room.identity;
   if (room.bannedReason && !token) setText("identity", `banned from this room (${room.bannedReason}); watching anonymously`);
   else if (room.authError && !token) setText("identity", `token rejected (${room.authError}); watching anonymously`);
@@ -420,6 +465,10 @@ window.lotcast = {
       videoWidth: video.videoWidth, videoHeight: video.videoHeight,
       room: room.status, roomDetail: room.statusDetail, viewers: room.viewers,
       myStatus: $("my-status").dataset.status,
+      events: player.eventsState, sseViewers: player.viewerCount, layers: player.layers,
+      wantedLayer: player.wantedLayer, layerStatus: player.layerStatus,
+      streamActive: player.streamActive, reconnectEvents: player.reconnectEvents,
+      reconnectUrl: player.lastReconnectUrl,
     };
   },
   /** The last getStats() summary from the 1 s sampler. */
@@ -460,6 +509,7 @@ window.addEventListener("pagehide", () => {
 });
 
 updateMuteButton();
+renderQuality();
 render();
 room.start();
 player.start();

@@ -14,8 +14,16 @@
 // depends on one node: when the relay that served the page dies, the others still place us.
 // `replace(reason)` jumps straight to rung 3 (used for a server drain/reconnect event).
 //
+// WHEP extensions (draft-ietf-wish-whep, docs/http-api.md): each session subscribes to the
+// server-sent events it advertises (Link rel urn:ietf:params:whep:ext:core:server-sent-events;
+// a node whose Link header the page cannot read is tried at <session>/sse). `viewercount`,
+// `layers` and `active`/`inactive` become properties and events of the player; `reconnect`
+// moves make-before-break to the URL it names (then placement, as for any re-placement).
+// `chooseLayer()` POSTs the viewer's layer choice (rel urn:ietf:params:whep:ext:core:layer).
+//
 // States: idle, connecting, waiting (stream not live / overloaded, will retry), connected,
-// reconnecting, failed, stopped. Events: "statechange" {state, detail}, "relaychange" {origin}.
+// reconnecting, failed, stopped. Events: "statechange" {state, detail}, "relaychange" {origin},
+// "viewercount" {count}, "layers" {layers}, "streamactive" {active}, "layerchange" {layer}.
 
 import {
   SignalingError, deleteSession, discoverIceServers, iceCredentials, iceServersStale, newPeerConnection, postOffer,
@@ -33,6 +41,20 @@ const PROBE_TIMEOUT_MS = 1000;
 // How often the list of serving nodes is refreshed while the player runs.
 const NODES_REFRESH_MS = 5000;
 const EDGE_TIMEOUT_MS = 2000;
+const SSE_REL = "urn:ietf:params:whep:ext:core:server-sent-events";
+const LAYER_REL = "urn:ietf:params:whep:ext:core:layer";
+const SSE_EVENTS = ["active", "inactive", "layers", "reconnect", "viewercount"];
+
+/** rel -> absolute URL from a Link header (only link-values with a rel). */
+export function parseLinks(header, base) {
+  const out = {};
+  for (const part of (header || "").split(/,(?=\s*<)/)) {
+    const m = part.match(/<([^>]+)>(.*)/);
+    const rel = m && m[2].match(/rel="?([^";]+)"?/i);
+    if (m && rel) out[rel[1]] = new URL(m[1], base).href;
+  }
+  return out;
+}
 
 function originOf(url) {
   return new URL(url, location.href).origin;
@@ -71,6 +93,16 @@ export class WhepPlayer extends EventTarget {
     // Optional: origin -> node id (from the room's welcome), sent as ?exclude= on re-placement.
     this.nodeIdOf = opts.nodeIdOf || null;
     this.iceServers = opts.iceServers ?? null; // null: ask the first node (OPTIONS)
+    // WHEP extensions of the current session
+    this.events = null; // EventSource of the current session, when it has one
+    this.eventsState = "none"; // none | subscribing | open | unsupported
+    this.viewerCount = null; // from `viewercount`
+    this.layers = []; // the `layers` event's video layers
+    this.streamActive = null; // from `active` / `inactive`
+    this.wantedLayer = null; // null = Auto; else the layer object POSTed
+    this.layerStatus = null; // HTTP status of the last layer POST
+    this.reconnectEvents = 0;
+    this.lastReconnectUrl = null;
   }
 
   get endpointPath() {
@@ -153,17 +185,17 @@ export class WhepPlayer extends EventTarget {
   }
 
   /** Jump to re-placement (server asked us to move, or the relay is gone). */
-  async replace(reason = "re-placement") {
+  async replace(reason = "re-placement", preferred = null) {
     if (this._replacing) return; // one re-placement at a time
     this._replacing = true;
     try {
-      await this._replace(reason);
+      await this._replace(reason, preferred);
     } finally {
       this._replacing = false;
     }
   }
 
-  async _replace(reason) {
+  async _replace(reason, preferred) {
     const run = ++this._run;
     const avoid = this.relayOrigin;
     this.reconnects += 1;
@@ -171,11 +203,15 @@ export class WhepPlayer extends EventTarget {
     // Make before break: the old relay keeps playing (a draining relay still forwards) until the
     // new session shows its first frame; only then is the old session closed.
     this._detachPrevious();
-    await this._connectLoop(run, { endpoints: () => this._placementEndpoints(avoid), avoid });
+    // A server-named URL (SSE `reconnect`) first, then placement as usual.
+    const endpoints = async () => [...new Set([
+      ...(preferred ? [preferred] : []), ...(await this._placementEndpoints(avoid))])];
+    await this._connectLoop(run, { endpoints, avoid });
   }
 
   async stop() {
     this._run++;
+    this._closeEvents();
     clearInterval(this._nodesTimer);
     this._nodesTimer = null;
     this._abort?.abort();
@@ -186,6 +222,7 @@ export class WhepPlayer extends EventTarget {
 
   _detachPrevious() {
     if (!this.pc) return;
+    this._closeEvents(); // the old relay has nothing more to tell
     this._closePrevious();
     clearTimeout(this._disconnectTimer);
     this._disconnectTimer = null;
@@ -342,6 +379,9 @@ export class WhepPlayer extends EventTarget {
       this.pc = pc;
       this.session = { location: result.location, etag: result.etag, endpoint: result.url };
       this.sessionsStarted += 1;
+      this.session.links = parseLinks(result.linkHeader, result.location);
+      void this._subscribeEvents(run, this.session);
+      if (this.wantedLayer) void this.chooseLayer(this.wantedLayer); // the choice moves along
       this._setRelay(originOf(result.url));
       this._watch(run, pc);
       this._setState("connecting", `session on ${originOf(result.url)}`);
@@ -524,6 +564,7 @@ export class WhepPlayer extends EventTarget {
   /** Close the current session; `wait: false` sends the DELETE without waiting for it (the
    *  relay is unreachable: a hung relay would hold the ladder for the DELETE's timeout). */
   async _closeSession({ wait = true } = {}) {
+    this._closeEvents();
     clearTimeout(this._disconnectTimer);
     this._disconnectTimer = null;
     const pc = this.pc;
@@ -534,5 +575,101 @@ export class WhepPlayer extends EventTarget {
     if (!session) return;
     const sent = deleteSession(session.location, this.token);
     if (wait) await sent;
+  }
+
+  // --- WHEP extensions: server-sent events and layer choice ----------------------------------
+
+  _emit(name, detail) {
+    this.dispatchEvent(new CustomEvent(name, { detail }));
+  }
+
+  _closeEvents() {
+    if (this.events) this.events.close();
+    this.events = null;
+    if (this.eventsState !== "unsupported") this.eventsState = "none";
+  }
+
+  /** POST the wanted event list to the session's SSE link; 201 names the event stream. */
+  async _subscribeEvents(run, session) {
+    const url = session.links?.[SSE_REL] ?? `${session.location}/sse`;
+    this.eventsState = "subscribing";
+    let res;
+    try {
+      const headers = { "Content-Type": "application/json" };
+      if (this.token) headers.Authorization = `Bearer ${this.token}`;
+      res = await fetch(url, { method: "POST", headers, body: JSON.stringify(SSE_EVENTS), cache: "no-store" });
+    } catch {
+      res = null;
+    }
+    if (run !== this._run || session !== this.session) return;
+    if (!res || res.status !== 201 || !res.headers.get("Location")) {
+      this.eventsState = "unsupported"; // a plain WHEP server: the ladder and the room remain
+      return;
+    }
+    const source = new EventSource(new URL(res.headers.get("Location"), url).href);
+    this.events = source;
+    this.eventsState = "open";
+    const on = (name, handler) => source.addEventListener(name, (ev) => {
+      if (source !== this.events) return;
+      let data = {};
+      try {
+        data = JSON.parse(ev.data || "{}");
+      } catch {
+        return;
+      }
+      handler(data);
+    });
+    on("viewercount", (data) => {
+      if (typeof data.viewercount !== "number") return;
+      this.viewerCount = data.viewercount;
+      this._emit("viewercount", { count: data.viewercount });
+    });
+    on("layers", (data) => {
+      this.layers = Array.isArray(data.video?.layers) ? data.video.layers : [];
+      this._emit("layers", { layers: this.layers });
+    });
+    on("active", () => { this.streamActive = true; this._emit("streamactive", { active: true }); });
+    on("inactive", () => { this.streamActive = false; this._emit("streamactive", { active: false }); });
+    on("reconnect", (data) => {
+      this.reconnectEvents += 1;
+      this.lastReconnectUrl = typeof data.url === "string" ? new URL(data.url, url).href : null;
+      this._closeEvents();
+      void this.replace("relay asked us to reconnect", this.lastReconnectUrl);
+    });
+    source.addEventListener("error", () => {
+      // The stream ended (session gone, relay exited) or broke: EventSource retries by itself
+      // while the relay answers; a closed one is done.
+      if (source === this.events && source.readyState === EventSource.CLOSED) this.events = null;
+    });
+  }
+
+  /**
+   * Ask for a layer: null = Auto (the server chooses), else one of `this.layers` (its
+   * encodingId / spatialLayerId / temporalLayerId). Resolves to the HTTP status (0: unreachable).
+   */
+  async chooseLayer(layer) {
+    const session = this.session;
+    if (!session) return 0;
+    const url = session.links?.[LAYER_REL] ?? `${session.location}/layer`;
+    const body = {};
+    if (layer) {
+      if (layer.encodingId !== undefined) body.encodingId = layer.encodingId;
+      if (layer.spatialLayerId !== undefined) body.spatialLayerId = layer.spatialLayerId;
+      if (layer.temporalLayerId !== undefined) body.temporalLayerId = layer.temporalLayerId;
+    }
+    const headers = { "Content-Type": "application/json" };
+    if (this.token) headers.Authorization = `Bearer ${this.token}`;
+    try {
+      const res = await fetch(url, { method: "POST", headers, body: JSON.stringify(body), cache: "no-store" });
+      this.layerStatus = res.status;
+      if (res.ok) {
+        this.wantedLayer = layer;
+        this._emit("layerchange", { layer });
+      }
+      return res.status;
+    } catch {
+      this.layerStatus = 0;
+      return 0;
+    }
   }
 }
