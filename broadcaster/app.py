@@ -37,8 +37,6 @@ from lotcast.ops.registry import NodeRegistry, read_live_nodes
 from lotcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
-# Streams one origin takes before WHIP placement sends new ones elsewhere (issue 13).
-MAX_STREAMS = 100
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -71,7 +69,7 @@ def create_app(settings: Settings) -> Starlette:
                         sockets=sum(len(hub.sockets) for hub in interactive.hubs.values()))
 
     registry = NodeRegistry(redis, node_id=settings.node_id, url=settings.public_url,
-                            kind="broadcaster", capacity=MAX_STREAMS,
+                            kind="broadcaster", capacity=settings.max_streams,
                             heartbeat_interval=settings.heartbeat_interval, ttl=ttl,
                             load_probe=load)
 
@@ -128,7 +126,7 @@ def create_app(settings: Settings) -> Starlette:
                             end_moved, settings.drain_timeout)
     ingest = IngestPlacer(redis, bindings, router, endpoints.publish, authority,
                           node_id=settings.node_id,
-                          stale_after=ttl, capacity=MAX_STREAMS,
+                          stale_after=ttl, capacity=settings.max_streams,
                           draining=lambda: drainer.draining, load_changed=load_changed,
                           public_url=settings.public_url)
 

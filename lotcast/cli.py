@@ -32,9 +32,10 @@ if TYPE_CHECKING:
 
 # Every Settings field is a flag on both services; these only mean something on a relay.
 RELAY_ONLY = {"origin_url", "max_viewers", "origin_fanout", "workers", "udp_port", "ice_announce_ip"}
+BROADCASTER_ONLY = {"max_streams"}
 SERVICE_FLAGS = {
     "broadcaster": [f.name for f in fields(Settings) if f.name not in RELAY_ONLY],
-    "relay": [f.name for f in fields(Settings)],
+    "relay": [f.name for f in fields(Settings) if f.name not in BROADCASTER_ONLY],
 }
 # Shorter spellings of some settings flags (the long form works too).
 FLAG_ALIASES = {"tls_cert": ["--cert"], "tls_key": ["--key"]}

@@ -54,8 +54,12 @@ class Settings:
     max_sdp_bytes: int = 64 * 1024
     # WHEP viewers need a token (any role) when true.
     private_streams: bool = False
-    # Relay: seconds to wait for viewers to move away after SIGTERM before exiting.
+    # Seconds a draining node waits after SIGTERM before exiting: a relay for its viewers to move
+    # away, an origin for its publishers to republish elsewhere.
     drain_timeout: float = 30.0
+    # Broadcaster: the most live streams this origin takes; WHIP placement sends the next ones to
+    # another origin (or answers 503 when every origin is full).
+    max_streams: int = 100
     node_id: str = ""
     # Relay: worker processes serving this node (lotcast/workers.py); 0 = one per usable CPU
     # (affinity and cgroup quota). max_viewers is the node's total, split between them.
