@@ -207,7 +207,11 @@ class MediaStream:
         """A packet of the pending source: dropped, unless it starts the video key frame that
         the stream switches at."""
         source.ssrcs[kind] = packet.ssrc
-        if kind != "video" or source.is_keyframe is None or not source.is_keyframe(packet.payload):
+        if kind != "video" or source.is_keyframe is None:
+            return
+        if not source.is_keyframe(packet.payload):
+            if not source.last_keyframe_request:  # its video began mid-frame: ask at once
+                self._request_pending_keyframe(source, time.monotonic())
             return
         forwarder = self.tracks[kind]
         self._end_pending(SwitchEnd.KEYFRAME)
@@ -243,12 +247,16 @@ class MediaStream:
             self._end_pending(end)
             return
         now = time.monotonic()
-        ssrc = pending.ssrcs.get("video")
-        if ssrc is not None and now - pending.last_keyframe_request >= KEYFRAME_REQUEST_INTERVAL:
-            pending.last_keyframe_request = now
-            request_keyframe(pending.receivers["video"][0], ssrc)
+        if now - pending.last_keyframe_request >= KEYFRAME_REQUEST_INTERVAL:
+            self._request_pending_keyframe(pending, now)
         self._switch_check = asyncio.get_running_loop().call_later(SWITCH_CHECK_S,
                                                                    self._check_pending)
+
+    def _request_pending_keyframe(self, pending: _Source, now: float) -> None:
+        ssrc = pending.ssrcs.get("video")
+        if ssrc is not None:  # not known before its first video packet or Sender Report
+            pending.last_keyframe_request = now
+            request_keyframe(pending.receivers["video"][0], ssrc)
 
     def _end_pending(self, end: SwitchEnd) -> None:
         """The pending source takes over (every end but ABANDONED) or is dropped."""
