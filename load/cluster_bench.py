@@ -51,6 +51,7 @@ from origin_support import PlacedPublisher, two_origins
 from lotcast.interactive.client import RoomClient
 from lotcast.media.aiortc_hooks import tap_receiver
 from lotcast.redis_server import RedisServer
+from lotcast.supervisor import ServiceProcess
 
 STREAM = "bench"
 
@@ -210,6 +211,9 @@ async def drain_one(cluster: ScaledCluster, group: list[LadderViewer]) -> None:
           f"{sum(1 for v in group if v.frames_since(end - 1.0) == 0)}")
 
 
+BASELINE_S = 4.0
+
+
 async def origin_drain(args: argparse.Namespace) -> None:
     """SIGTERM the stream's origin; the host follows `republish`; stall per viewer."""
     stream, token = "origin-drain", host_token()
@@ -226,6 +230,14 @@ async def origin_drain(args: argparse.Namespace) -> None:
             for viewer in viewers:
                 await viewer.start()
             await wait_frames(viewers, 15, 60)
+            # the same viewers' longest stall over a stretch with no drain: what this loaded
+            # machine and one process decoding every viewer give without any move
+            calm_from = time.monotonic()
+            await asyncio.sleep(BASELINE_S)
+            calm_to = time.monotonic()
+            calm = [1000 * max(b - a for a, b in itertools.pairwise([calm_from, *(
+                t for t in v.frame_times if calm_from <= t <= calm_to), calm_to]))
+                for v in viewers]
             term_at = time.monotonic()
             draining.signal(signal.SIGTERM)
             deadline = term_at + 20
@@ -258,12 +270,48 @@ async def origin_drain(args: argparse.Namespace) -> None:
                   f"publisher: {resumed}/{len(viewers)}")
             print(f"longest stall per viewer (ms): p50 {percentile(stalls, 50):.0f}  "
                   f"p95 {percentile(stalls, 95):.0f}  max {max(stalls):.0f}")
+            print(f"  without a drain ({BASELINE_S:.0f} s before SIGTERM): p50 "
+                  f"{percentile(calm, 50):.0f}  p95 {percentile(calm, 95):.0f}  "
+                  f"max {max(calm):.0f}")
+            switch = [1000 * switch_gap(v) for v in viewers if switch_gap(v) is not None]
+            if switch:
+                print(f"  last old frame -> first new publisher's frame (ms): p50 "
+                      f"{percentile(switch, 50):.0f}  p95 {percentile(switch, 95):.0f}  "
+                      f"max {max(switch):.0f}")
+            await print_switches(cluster.relays, stream)
         finally:
             await host.close()
             await asyncio.gather(*(v.stop() for v in viewers), return_exceptions=True)
             if second is not None:
                 await second.stop()
             await first.stop(delete=draining.alive())  # the drained origin is gone
+
+
+def switch_gap(viewer: TimedViewer) -> float | None:
+    """Seconds between the viewer's last decoded frame of the first publisher and its first of
+    the second (frame numbers from 100,000)."""
+    frames = list(zip(viewer.frame_times, viewer.counters, strict=True))
+    first_new = next((i for i, (_, c) in enumerate(frames) if c >= 100_000), None)
+    if not first_new:
+        return None
+    return frames[first_new][0] - frames[first_new - 1][0]
+
+
+async def print_switches(relays: list[ServiceProcess], stream: str) -> None:
+    """Each relay's pull moves and its stream's source switches (how they ended, how long each
+    waited for the new source's key frame; absent on a relay without make-before-break)."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        for index, relay in enumerate(relays):
+            stats = (await http.get(f"{relay.url}/api/stats")).json()
+            for worker in stats.get("workers", [stats]):  # a node of several workers
+                entry = next((s for s in worker["streams"] if s["id"] == stream), None)
+                if entry is None:
+                    continue
+                ends = {k: v for k, v in entry.get("switch_ends", {}).items() if v}
+                print(f"relay-{index} worker {worker.get('worker', 0)}: origin moves "
+                      f"{worker.get('origin_moves')}, stall re-pulls {worker.get('stall_repulls')}"
+                      f", switches {ends or 'not counted'}, waited for the key frame (ms) "
+                      f"{entry.get('switch_waits_ms', '-')}")
 
 
 async def main(args: argparse.Namespace) -> None:
