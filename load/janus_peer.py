@@ -43,7 +43,7 @@ def local_ipv4() -> str:
     loopback interface (ice_enforce_list = "lo" or "127.0.0.1" leaves it none of lo's), so its
     ICE is restricted to this one local address instead; packets to a local address still go
     through the kernel's loopback path and never leave the machine."""
-    for name, addresses in psutil.net_if_addrs().items():
+    for addresses in psutil.net_if_addrs().values():
         for address in addresses:
             if address.family == socket.AF_INET and not address.address.startswith("127."):
                 return str(address.address)
