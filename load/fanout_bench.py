@@ -507,8 +507,11 @@ async def main() -> None:
             for n in args.viewers:
                 runs = {}
                 if janus is not None:
+                    profile = None
+                    if args.profile == "perf" and n == args.viewers[-1]:
+                        profile = profiles["janus"] = f"perf:/tmp/fanout-janus-{n}.data"
                     runs["janus"] = measure(None, cluster.origin.url, n, args.seconds,
-                                            janus=janus)
+                                            profile, janus=janus)
                 for path in args.paths:
                     profile = None
                     if args.profile and n == args.viewers[-1]:
