@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from lotcast import keys, redisconn
 from lotcast.auth import Identity, Role
 from lotcast.interactive.functions import RoomFunctions
-from lotcast.interactive.hub import CATCH_UP, RoomHub, Subscriptions, subscriptions_for
+from lotcast.interactive.hub import CATCH_UP, RoomHub
 from lotcast.interactive.polls import PollStore
 from lotcast.interactive.protocol import (
     CloseCode,
@@ -29,6 +29,7 @@ from lotcast.interactive.protocol import (
 )
 from lotcast.interactive.roomlog import RoomLog
 from lotcast.interactive.store import AuctionStore, RateLimit
+from lotcast.interactive.subscriptions import Subscriptions, subscriptions_for
 from lotcast.redis_server import RedisServer
 
 

@@ -27,7 +27,7 @@ from lotcast.interactive.chat import ChatStore
 from lotcast.interactive.deadlines import SettleIndex
 from lotcast.interactive.functions import RoomFunctions, durability_from
 from lotcast.interactive.httpstream import AsgiEndpoint, HttpRoomEndpoints
-from lotcast.interactive.hub import RoomHub, Subscriptions, subscriptions_for
+from lotcast.interactive.hub import RoomHub
 from lotcast.interactive.polls import PollStore
 from lotcast.interactive.protocol import CloseCode
 from lotcast.interactive.roomlog import RoomLog
@@ -35,6 +35,7 @@ from lotcast.interactive.session import ClientSession, InteractiveStats, Session
 from lotcast.interactive.show import ShowStores
 from lotcast.interactive.showlib import ShowFunctions
 from lotcast.interactive.store import AuctionStore, RateLimit
+from lotcast.interactive.subscriptions import Subscriptions, subscriptions_for
 from lotcast.interactive.transport import RoomTransport, WebSocketTransport
 
 log = logging.getLogger(__name__)
