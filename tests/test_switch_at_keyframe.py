@@ -281,3 +281,38 @@ async def test_old_source_going_silent_switches_without_waiting_for_the_key_fram
 def _switch_counters(stream: MediaStream) -> dict[str, object]:
     counters = stream.counters() if hasattr(stream, "switch_ends") else {}
     return {k: v for k, v in counters.items() if k.startswith("switch")}
+
+
+async def test_no_key_frame_within_the_bound_switches_anyway_and_viewers_wait_for_it(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream_module, "SWITCH_TIMEOUT_S", 1.0)
+    with two_origins(redis_server, relays=0) as cluster:
+        first = PlacedPublisher(cluster.urls[0], STREAM, host_token())
+        await first.start()
+        target = {"url": first.origin_url}
+        second: PlacedPublisher | None = None
+        async with _relay_side(first.origin_url, target) as (_router, sessions, upstreams):
+            stream = await upstreams.acquire(STREAM)
+            viewer = LocalViewer(stream, sessions)
+            try:
+                await viewer.start()
+                await viewer.wait_frames(15, timeout=30)
+                second, _old_origin, new_origin = await _publish_second(cluster, first)
+                held = HeldVideo(second)  # never released before the bound
+                target["url"] = new_origin.url
+                await asyncio.wait_for(upstreams.reparent(STREAM, exclude=()), 20)
+                assert stream.switch_ends == {**dict.fromkeys(stream.switch_ends, 0),
+                                              "timeout": 1}, stream.switch_ends
+                assert len(stream.switch_waits_ms) == 1 and stream.switch_waits_ms[0] >= 1000
+                # the new source's packets feed viewers now; the video ones wait for its key
+                # frame (asked for by the resync), which comes once its uplink is back
+                held.release()
+                await _until(lambda: sum(c >= NEW_FIRST_FRAME for c in viewer.counters) >= 15,
+                             20, "the viewer never played the new publisher")
+                assert_in_order(viewer.counters)
+                assert upstreams.pulls()[0].upstream_url == new_origin.url
+            finally:
+                await viewer.stop()
+                if second is not None:
+                    await second.stop()
+                await first.stop(delete=False)
