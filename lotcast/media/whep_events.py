@@ -340,13 +340,18 @@ class WhepEvents:
     async def _tick_forever(self) -> None:
         while self._subs:
             await asyncio.sleep(TICK_S)
-            now = time.monotonic()
-            counts: dict[str, int] = {}
-            for sub in list(self._subs.values()):
-                stream = sub.session.stream
-                if stream.id not in counts:
-                    counts[stream.id] = self._count_viewers(stream.id)
-                self._tell(sub, stream, now, counts[stream.id])
+            try:
+                self._tick(time.monotonic())
+            except Exception:  # a bug of ours: log it, keep the streams going
+                logger.exception("WHEP events tick failed")
+
+    def _tick(self, now: float) -> None:
+        counts: dict[str, int] = {}
+        for sub in list(self._subs.values()):
+            stream = sub.session.stream
+            if stream.id not in counts:
+                counts[stream.id] = self._count_viewers(stream.id)
+            self._tell(sub, stream, now, counts[stream.id])
 
     def _tell(self, sub: Subscription, stream: MediaStream, now: float,
               count: int | None = None) -> None:
