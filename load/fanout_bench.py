@@ -205,11 +205,21 @@ def _tree_cpu(proc: psutil.Process) -> float:
     return total
 
 
-async def _farm_mark(farm: asyncio.subprocess.Process) -> dict[str, float]:
-    assert farm.stdin is not None and farm.stdout is not None
-    farm.stdin.write(b"MARK\n")
-    await farm.stdin.drain()
-    return dict(json.loads(await asyncio.wait_for(farm.stdout.readline(), 60)))
+FARM_SIZE = 50  # viewers per farm process: one Python process cannot read 200 viewers' packets
+
+
+async def _farm_mark(farms: list[asyncio.subprocess.Process]) -> dict[str, float]:
+    total = {"packets": 0.0, "cpu_s": 0.0}
+    for farm in farms:
+        assert farm.stdin is not None and farm.stdout is not None
+        farm.stdin.write(b"MARK\n")
+        await farm.stdin.drain()
+    for farm in farms:
+        assert farm.stdout is not None
+        mark = json.loads(await asyncio.wait_for(farm.stdout.readline(), 60))
+        total["packets"] += mark["packets"]
+        total["cpu_s"] += mark["cpu_s"]
+    return total
 
 
 def _cpu_of(procs: list[psutil.Process]) -> float:
@@ -225,19 +235,21 @@ async def measure(relay_url: str | None, origin_url: str, n: int, seconds: float
     count is scaled by n / (n - 1)."""
     if relay_url is not None:
         server_procs = [psutil.Process(_PIDS[relay_url])]
-        farm_args = [relay_url, STREAM, str(max(0, n - 1))]
+        target, stream, count = relay_url, STREAM, max(0, n - 1)
     else:
         server_procs = [psutil.Process(janus.pid)]
-        farm_args = [f"janus:{janus.ice_ip}:{janus.url}", "1", str(n)]
+        target, stream, count = f"janus:{janus.ice_ip}:{janus.url}", "1", n
     whole_procs = server_procs + ([psutil.Process(pid) for pid in _WHOLE_SERVER_PIDS]
                                   if relay_url else [])
-    farm = await asyncio.create_subprocess_exec(
-        sys.executable, str(HERE / "viewer_farm.py"), *farm_args,
+    sizes = [FARM_SIZE] * (count // FARM_SIZE) + ([count % FARM_SIZE] if count % FARM_SIZE else [])
+    farms = [await asyncio.create_subprocess_exec(
+        sys.executable, str(HERE / "viewer_farm.py"), target, stream, str(size),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-    )
-    assert farm.stdout is not None and farm.stdin is not None
-    ready = await asyncio.wait_for(farm.stdout.readline(), 300)
-    assert ready.strip() == b"READY", ready
+    ) for size in sizes or [0]]
+    for farm in farms:  # they all join at once: first frame with N viewers joining
+        assert farm.stdout is not None
+        ready = await asyncio.wait_for(farm.stdout.readline(), 300)
+        assert ready.strip() == b"READY", ready
     decoding_relay = Viewer(relay_url, STREAM) if relay_url else None
     decoding_origin = Viewer(origin_url, STREAM) if relay_url else None
     async with http_client() as http:
@@ -250,7 +262,7 @@ async def measure(relay_url: str | None, origin_url: str, n: int, seconds: float
             return (await http.get(f"{relay_url}/api/stats")).json() if relay_url else {}
 
         stats_before = await stats()
-        mark_before = await _farm_mark(farm)
+        mark_before = await _farm_mark(farms)
         cpu_before, whole_before = _cpu_of(server_procs), _cpu_of(whole_procs)
         wall_before = time.monotonic()
         for viewer in (decoding_relay, decoding_origin):
@@ -259,7 +271,7 @@ async def measure(relay_url: str | None, origin_url: str, n: int, seconds: float
         profiler = await _start_profile(profile, server_procs[0], seconds)
         await asyncio.sleep(seconds)
         cpu_after, whole_after = _cpu_of(server_procs), _cpu_of(whole_procs)
-        mark_after = await _farm_mark(farm)
+        mark_after = await _farm_mark(farms)
         wall = time.monotonic() - wall_before
         stats_after = await stats()
         if profiler is not None:
@@ -267,10 +279,15 @@ async def measure(relay_url: str | None, origin_url: str, n: int, seconds: float
     cpu = cpu_after - cpu_before
     whole = whole_after - whole_before
     farm_cpu = mark_after["cpu_s"] - mark_before["cpu_s"]
-    farm.stdin.close()
-    farm_result = json.loads(await asyncio.wait_for(farm.stdout.readline(), 120))
-    await farm.wait()
-    ttff = list(farm_result["ttff"])
+    ttff: list[float] = []
+    without_video = 0
+    for farm in farms:
+        assert farm.stdin is not None and farm.stdout is not None
+        farm.stdin.close()
+        farm_result = json.loads(await asyncio.wait_for(farm.stdout.readline(), 120))
+        await farm.wait()
+        ttff += farm_result["ttff"]
+        without_video += farm_result.get("without_video", 0)
     farm_packets = mark_after["packets"] - mark_before["packets"]
     if relay_url is not None and n > 1:
         farm_packets *= n / (n - 1)
@@ -284,7 +301,8 @@ async def measure(relay_url: str | None, origin_url: str, n: int, seconds: float
         "farm_delivered_per_s": farm_packets / wall,
         "us_per_farm_packet": 1e6 * cpu / max(1, farm_packets),
         "us_whole_per_farm_packet": 1e6 * whole / max(1, farm_packets),
-        "without_video": farm_result.get("without_video", 0),
+        "without_video": without_video,
+        "farm_procs": len(farms),
         "cpu_ms_per_viewer_s": 1000 * cpu / (n * wall),
         "g2g_relay_p50": float("nan"), "g2g_relay_p95": float("nan"),
         "g2g_direct_p50": float("nan"), "g2g_direct_p95": float("nan"),
@@ -596,7 +614,9 @@ async def main() -> None:
                   f"{per['aiortc-rtcp']:.2f} µs per delivered packet "
                   f"({per['native'] / per['aiortc-rtcp']:.2f}x), both on the native fan-out")
     print_farm_counted(rows, floor_c)
-    print("farm CPU near 100% of a core means the farm, not the relay, was the limit")
+    print(f"farm CPU: summed over its processes ({FARM_SIZE} viewers each at most); a farm that "
+          "reads fewer packets than the relay counts sent, or near 100% of a core per process, "
+          "was the limit, not the server")
     for path, profile in profiles.items():
         print(f"\n--- profile of the {path} relay at {args.viewers[-1]} viewers ({profile}) ---")
         print(summarize_profile(profile))
