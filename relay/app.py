@@ -147,9 +147,21 @@ def create_app(settings: Settings, worker: WorkerSpec | None = None) -> Starlett
             return f"relay at capacity ({capacity} viewers)"
         return None
 
+    def stream_viewers(stream_id: str) -> int:
+        return sum(1 for s in sessions.sessions(EgressSession)
+                   if s.stream.id == stream_id and s.id not in children)
+
     endpoints = WebRtcEndpoints(settings, authority, router, sessions, upstreams.acquire,
                                 accept_publish=False, accepting_viewers=accepting_viewers,
-                                on_first_frame=metrics.first_frame_seconds.observe)
+                                on_first_frame=metrics.first_frame_seconds.observe,
+                                count_viewers=stream_viewers)
+
+    async def next_relay_url(stream_id: str) -> str | None:
+        """Where a viewer of this draining relay should POST next (WHEP `reconnect` event)."""
+        placement = await placer.place(stream_id, exclude={settings.node_id})
+        return None if placement.relay is None else whep_url(placement.relay, stream_id)
+
+    drainer.on_drain(lambda: endpoints.events.reconnect_all(next_relay_url))
 
     async def play(request: Request) -> Response:
         """WHEP POST: when this relay cannot take the viewer, 307 to one that can."""

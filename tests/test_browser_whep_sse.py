@@ -65,9 +65,6 @@ async def test_watch_page_shows_the_sse_viewer_count_and_its_one_layer(
             assert status == 204
 
 
-# relay/app.py does not wire the drain hook yet (see tests/test_whep_sse_drain.py).
-@pytest.mark.xfail(strict=True, reason="relay/app.py does not wire Drainer.on_drain to "
-                   "WebRtcEndpoints.events.reconnect_all yet")
 @pytest.mark.timeout(180)
 async def test_watch_page_follows_sse_reconnect_on_relay_drain(redis_server: RedisServer) -> None:
     stream = "browser-sse-drain"

@@ -16,11 +16,6 @@ from lotcast.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(120)
 
-# relay/app.py does not wire the hook yet (WebRtcEndpoints(count_viewers=...) and
-# drainer.on_drain(lambda: endpoints.events.reconnect_all(next_url))): strict, so the test
-# fails the suite as soon as the wiring lands and this marker is stale.
-@pytest.mark.xfail(strict=True, reason="relay/app.py does not wire Drainer.on_drain to "
-                   "WebRtcEndpoints.events.reconnect_all yet")
 async def test_draining_relay_sends_reconnect_with_the_placed_url(redis_server: RedisServer) -> None:
     with scaled_cluster(redis_server, relays=2, capacity=5, drain_timeout=20) as cluster:
         publisher = Publisher(cluster.origin.url, "drain", host_token())
