@@ -6,8 +6,10 @@ private unix sockets, what it cannot answer itself:
 
 - a WHEP POST when it is full: a sibling with room serves the viewer (its 201 is returned as is;
   the media then flows between the viewer and that sibling's UDP socket);
-- PATCH/DELETE of a WHEP session and POST /room/{room}/send of a room session it does not hold:
-  the sibling holding it answers (404 only when none does);
+- PATCH/DELETE of a WHEP session, the WHEP extensions' POSTs (`{session}/sse`, `{session}/layer`)
+  and POST /room/{room}/send of a room session it does not hold: the sibling holding it answers
+  (404 only when none does); a GET of a session's event stream (`{session}/sse/{id}`) is passed
+  through from that sibling as it is written;
 - /api/stats and /metrics: the node as a whole (every worker's stats; every worker's series
   with a `worker` label).
 
@@ -18,6 +20,7 @@ and never forwarded again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -82,6 +85,26 @@ class Siblings:
             answer = await self.ask(worker, method, path, headers, body)
             if answer is not None and accept(answer.status_code):
                 return answer
+        return None
+
+    async def open_stream(self, method: str, path: str,
+                          headers: Mapping[str, str]) -> httpx.Response | None:
+        """The first sibling answer other than 404, its body not read yet (an event stream):
+        the caller reads it with ``aiter_raw`` and must ``aclose`` it."""
+        sent = {k: v for k, v in headers.items() if k.lower() not in ("host", "content-length")}
+        for worker in self.spec.siblings():
+            client = self._clients[worker]
+            try:
+                # no read timeout: an idle event stream only sends a keepalive every 15 s
+                request = client.build_request(method, path, headers=sent,
+                                               timeout=httpx.Timeout(FORWARD_TIMEOUT, read=None))
+                answer = await client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                log.info("worker w%d unreachable for %s %s: %r", worker, method, path, exc)
+                continue
+            if answer.status_code != 404:
+                return answer
+            await answer.aclose()
         return None
 
     async def gather(self, path: str) -> list[tuple[int, httpx.Response]]:
@@ -173,6 +196,10 @@ class SiblingRouter:
         method = scope["method"]
         if method in ("PATCH", "DELETE") and len(parts) == 3 and parts[0] == "whep":
             return not self.holds_whep(parts[2])
+        if method == "POST" and len(parts) == 4 and parts[0] == "whep" and parts[3] in WHEP_EXTENSIONS:
+            return not self.holds_whep(parts[2])
+        if _event_stream(scope):
+            return not self.holds_whep(parts[2])
         if method == "POST" and len(parts) == 3 and parts[0] == "room" and parts[2] == "send":
             wanted = SESSION_HEADER.lower().encode()
             session = next((v.decode("latin-1") for k, v in scope["headers"] if k == wanted), "")
@@ -184,9 +211,12 @@ class SiblingRouter:
             await self.app(scope, receive, send)
             return
         request = Request(scope, receive)
-        body = await request.body()
         path = scope["path"] + (f"?{scope['query_string'].decode()}"
                                 if scope.get("query_string") else "")
+        if _event_stream(scope):
+            await self._pass_stream(scope, receive, send, path, request)
+            return
+        body = await request.body()
         answer = await self.siblings.first(scope["method"], path, request.headers, body,
                                            accept=lambda status: status != 404)
         if answer is not None:
@@ -203,3 +233,47 @@ class SiblingRouter:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+    async def _pass_stream(self, scope: Scope, receive: Receive, send: Send, path: str,
+                           request: Request) -> None:
+        """A sibling's event stream, relayed chunk by chunk until either side ends it."""
+        answer = await self.siblings.open_stream("GET", path, request.headers)
+        if answer is None:
+            await self.app(scope, receive, send)  # nobody holds it: our own precise 404
+            return
+        try:
+            headers = [(k.encode("latin-1"), v.encode("latin-1"))
+                       for k, v in answer.headers.items() if k.lower() not in HOP_HEADERS]
+            await send({"type": "http.response.start", "status": answer.status_code,
+                        "headers": headers})
+
+            async def pump() -> None:
+                async for chunk in answer.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+            async def client_gone() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+
+            tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(client_gone())]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await answer.aclose()
+
+
+# The WHEP extension resources of a session (lotcast/media/whep_events.py).
+WHEP_EXTENSIONS = ("sse", "layer")
+
+
+def _event_stream(scope: Scope) -> bool:
+    """GET /whep/{stream}/{session}/sse/{id}: a session's event stream."""
+    parts = scope["path"].strip("/").split("/")
+    return (scope["method"] == "GET" and len(parts) == 5 and parts[0] == "whep"
+            and parts[3] == "sse")
