@@ -15,7 +15,19 @@ libsrtp from pylibsrtp, compiled with the extension) and in a tight Python loop;
 forwarder's per-packet loop alone on both paths. Most viewers only count packets; per relay two
 decode and read the capture time painted into each frame (one through it, one from the origin).
 
+--paths workers2 adds the default relay with 2 worker processes (--workers 2). --janus adds Janus
+1.1.2's streaming plugin (load/janus_peer.py; scripts/bench-setup.sh installs it, as root, when
+missing; the test suite never needs it), fed the very RTP packets the origin sends our relays and
+watched by the same farm code through Janus's HTTP API. Every server is then also measured by the
+packets its farm received (the farm's MARK counts) over the same window as its process CPU, and
+printed with its ratio to Janus (same viewer count, same run) and to the C floor; ours both as the
+relay alone and as the whole server (relay + broadcaster + Redis). Farms are processes of at most
+FARM_SIZE viewers. Use --one-at-a-time with --janus on a small machine (three farms at once
+measure the farms).
+
     .venv/bin/python load/fanout_bench.py --viewers 30 60 --seconds 15
+    flock /tmp/bench.lock .venv/bin/python load/fanout_bench.py --paths native workers2 --janus \
+        --viewers 60 --seconds 15 --one-at-a-time
 """
 
 from __future__ import annotations
