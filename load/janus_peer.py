@@ -233,9 +233,11 @@ class OriginFeed:
         while True:
             await asyncio.sleep(seconds)
             for receiver in self.pc.getReceivers():
-                if receiver.track.kind == "video":
-                    with contextlib.suppress(Exception):
-                        await receiver._send_rtcp_pli(receiver._RTCRtpReceiver__remote_ssrc)
+                if receiver.track.kind != "video":
+                    continue
+                active: dict[int, Any] = getattr(receiver, "_RTCRtpReceiver__active_ssrc", {})
+                for ssrc in list(active):
+                    await receiver._send_rtcp_pli(ssrc)
 
     async def stop(self) -> None:
         if self.resource:
