@@ -56,6 +56,7 @@ def create_app(settings: Settings) -> Starlette:
                                 on_first_frame=metrics.first_frame_seconds.observe)
     interactive = InteractiveService(settings, authority, "broadcaster")
     interactive.bid_ack_observers.append(metrics.bid_ack_latency_seconds.observe)
+    interactive.ack_write_observers.append(metrics.ack_write_seconds.observe)
     interactive.http.count_observers.append(metrics.room_http_sessions.set)
     # Placement answers here too: a viewer may ask any node where to play.
     redis = redisconn.connect(settings.redis_url, cluster=settings.redis_cluster)

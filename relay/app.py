@@ -106,6 +106,7 @@ def create_app(settings: Settings, worker: WorkerSpec | None = None) -> Starlett
         settings if mesh is None else replace(settings, node_id=mesh.worker_id(settings.node_id)),
         authority, "relay")
     interactive.bid_ack_observers.append(metrics.bid_ack_latency_seconds.observe)
+    interactive.ack_write_observers.append(metrics.ack_write_seconds.observe)
     interactive.http.count_observers.append(metrics.room_http_sessions.set)
 
     def viewer_count() -> int:

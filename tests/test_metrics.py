@@ -23,6 +23,7 @@ REQUIRED = {
     "lotcast_websockets": "gauge",
     "lotcast_outbox_drops": "counter",
     "lotcast_bid_ack_latency_seconds": "histogram",
+    "lotcast_ack_write_seconds": "histogram",
     LOAD_RATIO_METRIC: "gauge",
     "lotcast_relay_capacity": "gauge",
     "lotcast_node_draining": "gauge",

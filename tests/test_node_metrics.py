@@ -42,6 +42,8 @@ async def test_relay_metrics_count_bids_viewers_and_packets(redis_server: RedisS
             async with http_client() as http:
                 text = (await http.get(f"{cluster.relay.url}/metrics")).text
             assert sample(text, "lotcast_bid_ack_latency_seconds_count") == 3
+            # each bid's ack: from its Function's reply to its bytes in the socket's transport
+            assert sample(text, "lotcast_ack_write_seconds_count") == 3
             assert sample(text, "lotcast_first_frame_seconds_count") >= 1
         finally:
             await host.close()

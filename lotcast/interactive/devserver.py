@@ -35,6 +35,7 @@ def build_app(settings: Settings) -> tuple[Starlette, InteractiveService]:
     metrics = NodeMetrics(service.node_id, "interactive-dev")
     service.http.count_observers.append(metrics.room_http_sessions.set)
     service.bid_ack_observers.append(metrics.bid_ack_latency_seconds.observe)
+    service.ack_write_observers.append(metrics.ack_write_seconds.observe)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -66,6 +66,8 @@ class InteractiveService:
         self.stats = InteractiveStats()
         # callbacks given each bid's arrival-to-ack time in seconds (e.g. a metrics histogram)
         self.bid_ack_observers: list[Callable[[float], None]] = []
+        # ... and each reply's Function-answer-to-write delay (lotcast/interactive/ackwrite.py)
+        self.ack_write_observers: list[Callable[[float], None]] = []
         self.hubs: dict[str, RoomHub] = {}
         self._hub_refs: dict[str, int] = {}
         self._hub_lock = asyncio.Lock()
@@ -95,6 +97,10 @@ class InteractiveService:
         for observe in self.bid_ack_observers:
             observe(seconds)
 
+    def _ack_written(self, seconds: float) -> None:
+        for observe in self.ack_write_observers:
+            observe(seconds)
+
     async def start(self) -> None:
         if self.state is not ServiceState.NEW:
             raise RuntimeError(f"Cannot start interactive service in state {self.state.value!r}")
@@ -120,6 +126,7 @@ class InteractiveService:
             polls=PollStore(functions, RateLimit(s.vote_rate, s.vote_burst)),
             roomlog=roomlog, acquire_hub=self._acquire_hub, release_hub=self._release_hub,
             count_viewers=self._count_viewers, stats=self.stats, on_bid_ack=self._bid_acked,
+            on_ack_write=self._ack_written,
             show=ShowStores.build(functions, bid_limit, self.node_id,
                                   RateLimit(s.reaction_rate, s.reaction_burst), show_functions),
             chat=ChatStore(functions, RateLimit(s.chat_rate, s.chat_burst),

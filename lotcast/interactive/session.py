@@ -84,6 +84,8 @@ class SessionDeps:
     stats: InteractiveStats
     # seconds from a bid's arrival to its ack (fed to the node's latency histogram)
     on_bid_ack: Callable[[float], None] = lambda seconds: None
+    # seconds from a Function reply to its ack's or error's write (ackwrite.py; a histogram)
+    on_ack_write: Callable[[float], None] = lambda seconds: None
     # reactions, giveaways, pre-bids, presence (issue 10); built from `auctions` when not given
     show: ShowStores | None = None
     # chat, moderation, Q&A; built on the auctions' Functions when not given
@@ -294,10 +296,12 @@ class ClientSession:
         if replied is None:
             ok = self.outbox.push(frame)
         else:
-            delays, pushing = self.deps.stats.ack_write, True
+            delays, observe, pushing = self.deps.stats.ack_write, self.deps.on_ack_write, True
 
             def written() -> None:
-                delays.observe(time.perf_counter() - replied, queued=not pushing)
+                seconds = time.perf_counter() - replied
+                delays.observe(seconds, queued=not pushing)
+                observe(seconds)
 
             ok = self.outbox.push(frame, written)
             pushing = False

@@ -32,6 +32,7 @@ LOAD_RATIO_METRIC = "lotcast_relay_load_ratio"
 
 FIRST_FRAME_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 BID_ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+ACK_WRITE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
 
 
 class NodeMetrics:
@@ -120,6 +121,13 @@ class NodeMetrics:
             "lotcast_bid_ack_latency_seconds",
             "Time from a bid received to its personal ack sent.",
             buckets=BID_ACK_BUCKETS,
+            registry=r,
+        )
+        self.ack_write_seconds = Histogram(
+            "lotcast_ack_write_seconds",
+            "Time from a room Function's reply to its ack's or error's bytes in the socket's "
+            "transport (waits behind fan-out or earlier frames of that socket show here).",
+            buckets=ACK_WRITE_BUCKETS,
             registry=r,
         )
 
