@@ -487,6 +487,8 @@ async def main() -> None:
     parser.add_argument("--janus", action="store_true",
                         help="also Janus 1.1.2's streaming plugin (installed by "
                              "scripts/bench-setup.sh when missing), fed the same RTP, same farm")
+    parser.add_argument("--janus-event-loops", type=int, default=0,
+                        help="Janus's event_loops (0, its default: a loop and thread per viewer)")
     args = parser.parse_args()
     os.environ.pop(native.ENV, None)  # the native relay must not inherit an off switch
     if "native" in args.paths and not native.available():
@@ -515,7 +517,7 @@ async def main() -> None:
         for relay in relays.values():
             _PIDS[relay.url] = relay.pid
         _WHOLE_SERVER_PIDS[:] = [cluster.origin.pid, redis._proc.pid]  # type: ignore[union-attr]
-        janus = JanusServer().start() if args.janus else None
+        janus = JanusServer(args.janus_event_loops).start() if args.janus else None
         feed: OriginFeed | None = None
         feed_pli: asyncio.Task[None] | None = None
         publisher = Publisher(cluster.origin.url, STREAM, host_token())

@@ -69,7 +69,9 @@ def ensure_janus() -> str:
 
 
 class JanusServer:
-    def __init__(self) -> None:
+    def __init__(self, event_loops: int = 0) -> None:
+        # 0: Janus's default, one GLib loop (and thread) per handle; N: a pool of N loops
+        self.event_loops = event_loops
         self.binary = ensure_janus()
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-janus-")
         self.dir = Path(self._tmp.name)
@@ -103,6 +105,7 @@ general: {{
     debug_level = 3
     log_to_file = "{d}/janus.log"
     session_timeout = 60
+    event_loops = {self.event_loops}
     server_name = "bench"
 }}
 media: {{
