@@ -177,6 +177,7 @@ def check_hooks() -> None:
     except (AttributeError, TypeError) as exc:
         problems.append(f"pylibsrtp srtp_protect address ({exc})")
     problems += _udp_mux_problems()
+    problems += check_simulcast_hooks()
     if problems:
         raise HookError("aiortc/aioice internals changed: " + ", ".join(problems))
 
@@ -792,3 +793,149 @@ def _gather_on_mux(connection: aioice.ice.Connection) -> None:
         return [protocol.local_candidate, *others]
 
     connection.get_component_candidates = get_component_candidates  # type: ignore[method-assign]
+
+
+# --- Simulcast ingest (RFC 8853) ---------------------------------------------------------------
+# aiortc's RTCRtpReceiver is built for one incoming stream: its router hands every SSRC of the
+# video payload type to the one receiver, whose single NACK generator and RTX table assume one
+# SSRC, and its SDP ignores a=simulcast/a=rid and the rid header extensions. For a simulcast
+# publisher lotcast negotiates the rid extensions itself (`negotiate_rid_extensions`), answers the
+# simulcast lines (lotcast/media/sdp.py `answer_simulcast`), and `tap_simulcast_receiver` sorts
+# packets into layers before aiortc's receive path: the rid (or repaired rid, for RTX) header
+# extension names a packet's layer, and its SSRC is remembered, since a browser stops sending the
+# extensions once our receiver reports acknowledge that SSRC. aiortc's path then does per-SSRC
+# work as before (receiver statistics and reports, REMB), RTX unwrap through the RTX table the
+# demux fills in, and NACKs from one generator per SSRC.
+
+_RTX_SSRC_ATTR = "_RTCRtpReceiver__rtx_ssrc"
+_NACK_ATTR = "_RTCRtpReceiver__nack_generator"
+
+LayerTap = Callable[[str, RtpPacket], None]
+LayerReportTap = Callable[[str, int, int, int], None]  # rid, ssrc, ntp timestamp, rtp timestamp
+
+
+def check_simulcast_hooks() -> list[str]:
+    problems: list[str] = []
+    receiver_src = inspect.getsource(RTCRtpReceiver)
+    for needle in ("self.__rtx_ssrc: dict[int, int] = {}",
+                   "original_ssrc = self.__rtx_ssrc.get(packet.ssrc)",
+                   "self.__nack_generator.add(packet)", "sorted(self.__nack_generator.missing)"):
+        if needle not in receiver_src:
+            problems.append(f"RTCRtpReceiver {needle}")
+    pc_src = inspect.getsource(RTCPeerConnection)
+    if "headerExtensions=transceiver._headerExtensions" not in pc_src:
+        problems.append("RTCPeerConnection transceiver._headerExtensions")
+    from aiortc.rtp import HeaderExtensions
+
+    for field_name in ("rtp_stream_id", "repaired_rtp_stream_id"):
+        if field_name not in HeaderExtensions.__dataclass_fields__:
+            problems.append(f"aiortc.rtp.HeaderExtensions.{field_name}")
+    return problems
+
+
+def negotiate_rid_extensions(transceiver: RTCRtpTransceiver, rid_id: int,
+                             repaired_id: int | None) -> None:
+    """Add the offer's rid header extensions to what ``transceiver`` negotiated (call between
+    setRemoteDescription and createAnswer): the answer lists them and the transport parses
+    them into RtpPacket.extensions."""
+    from aiortc.rtcrtpparameters import RTCRtpHeaderExtensionParameters
+
+    from lotcast.media.sdp import REPAIRED_RID_URI, RID_URI
+
+    have = {ext.uri for ext in transceiver._headerExtensions}
+    wanted = [(RID_URI, rid_id)] + ([(REPAIRED_RID_URI, repaired_id)] if repaired_id else [])
+    for uri, ext_id in wanted:
+        if uri not in have:
+            transceiver._headerExtensions.append(RTCRtpHeaderExtensionParameters(id=ext_id, uri=uri))
+
+
+class _PerSsrcNacks:
+    """aiortc's NackGenerator interface (`add`, then `missing`) with one generator per SSRC."""
+
+    def __init__(self) -> None:
+        self._generators: dict[int, Any] = {}
+        self.missing: set[int] = set()
+
+    def add(self, packet: RtpPacket) -> bool:
+        from aiortc.rtcrtpreceiver import NackGenerator
+
+        generator = self._generators.get(packet.ssrc)
+        if generator is None:
+            generator = self._generators[packet.ssrc] = NackGenerator()
+        missed: bool = generator.add(packet)
+        self.missing = generator.missing
+        return missed
+
+
+class SimulcastDemux:
+    """Which layer (rid) each SSRC of one simulcast video receiver carries."""
+
+    def __init__(self, rids: tuple[str, ...]) -> None:
+        self.rids = rids
+        self.layer_of: dict[int, str] = {}  # media SSRC -> rid
+        self.ssrc_of: dict[str, int] = {}  # rid -> media SSRC
+        self.rtx_layer_of: dict[int, str] = {}  # RTX SSRC -> rid
+        self.unknown_dropped = 0  # packets of an SSRC no rid named yet
+
+    def classify(self, packet: RtpPacket, rtx_table: dict[int, int]) -> bool:
+        """Learn from ``packet``'s rid extensions; False: drop it (its layer is unknown)."""
+        ext = packet.extensions
+        rid = ext.rtp_stream_id
+        if rid is not None and rid in self.rids and self.layer_of.get(packet.ssrc) != rid:
+            old = self.ssrc_of.get(rid)
+            if old is not None:
+                self.layer_of.pop(old, None)
+            self.layer_of[packet.ssrc] = rid
+            self.ssrc_of[rid] = packet.ssrc
+            for rtx_ssrc, rtx_rid in self.rtx_layer_of.items():
+                if rtx_rid == rid:
+                    rtx_table[rtx_ssrc] = packet.ssrc
+        repaired = ext.repaired_rtp_stream_id
+        if repaired is not None and repaired in self.rids:
+            self.rtx_layer_of[packet.ssrc] = repaired
+            media = self.ssrc_of.get(repaired)
+            if media is not None:
+                rtx_table[packet.ssrc] = media
+        if packet.ssrc in self.layer_of or packet.ssrc in self.rtx_layer_of:
+            return True
+        self.unknown_dropped += 1
+        return False
+
+
+def tap_simulcast_receiver(receiver: RTCRtpReceiver, rids: tuple[str, ...], on_packet: LayerTap,
+                           on_sr: LayerReportTap) -> SimulcastDemux:
+    """Route a simulcast receiver's packets, by layer, to ``on_packet(rid, packet)`` instead
+    of its decoder (RTX unwrapped, NACKs generated per SSRC), and SRs to ``on_sr``."""
+    if not hasattr(receiver, _JITTER_ATTR) or not hasattr(receiver, _RTX_SSRC_ATTR):
+        raise HookError("RTCRtpReceiver has no jitter buffer / RTX table attribute")
+    demux = SimulcastDemux(rids)
+    layer_of = demux.layer_of
+
+    def on_unwrapped(packet: RtpPacket) -> None:
+        rid = layer_of.get(packet.ssrc)
+        if rid is not None:
+            on_packet(rid, packet)
+
+    setattr(receiver, _JITTER_ATTR, _ForwardingTap(on_unwrapped))
+    original_rtp = receiver._handle_rtp_packet
+    rtx_table: dict[int, int] = getattr(receiver, _RTX_SSRC_ATTR)
+
+    async def handle_rtp(packet: RtpPacket, arrival_time_ms: int) -> None:
+        if not isinstance(getattr(receiver, _NACK_ATTR, None), (_PerSsrcNacks, type(None))):
+            setattr(receiver, _NACK_ATTR, _PerSsrcNacks())  # created by receive(): swap once
+        if demux.classify(packet, rtx_table):
+            await original_rtp(packet, arrival_time_ms)
+
+    receiver._handle_rtp_packet = handle_rtp  # type: ignore[method-assign]
+    original_rtcp = receiver._handle_rtcp_packet
+
+    async def handle_rtcp(packet: Any) -> None:
+        if isinstance(packet, RtcpSrPacket):
+            rid = layer_of.get(packet.ssrc)
+            if rid is not None:
+                info = packet.sender_info
+                on_sr(rid, packet.ssrc, info.ntp_timestamp, info.rtp_timestamp)
+        await original_rtcp(packet)
+
+    receiver._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+    return demux

@@ -25,7 +25,16 @@ from aiortc.rtp import RtpPacket
 
 from lotcast.media import native
 from lotcast.media.aiortc_hooks import PacketSender, set_sender_report
-from lotcast.media.rtp import SequenceMapper, build_packet, keyframe_detector, with_payload_type
+from lotcast.media.rtp import (
+    SEQ_MOD,
+    TS_MOD,
+    SequenceMapper,
+    build_packet,
+    keyframe_detector,
+    shifted,
+    vp8_keyframe_size,
+    with_payload_type,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,14 +51,21 @@ SendEntry = tuple[Callable[[bytes], bytes], Callable[[bytes, Any], None], Any]
 
 
 class SendGroup:
-    """The sinks of one payload type, prepared for the per-packet loop: a native SinkSet for
-    those with a native target, Python (protect, sendto, addr) entries for the rest."""
+    """The sinks of one payload type (and one seq/timestamp shift: viewers that switched
+    simulcast layers), prepared for the per-packet loop: a native SinkSet for those with a
+    native target, Python (protect, sendto, addr) entries for the rest. A shifted group's
+    packets are rewritten once in Python, then sent as they are."""
 
-    __slots__ = ("entries", "native", "native_sinks", "payload_type", "sinks")
+    __slots__ = ("entries", "native", "native_sinks", "payload_type", "seq_delta", "sinks",
+                 "ts_delta")
 
     def __init__(self, payload_type: int, rewrite: bool, sinks: list[ForwardSink],
-                 use_native: bool) -> None:
+                 use_native: bool, seq_delta: int = 0, ts_delta: int = 0) -> None:
         self.payload_type = payload_type
+        self.seq_delta = seq_delta
+        self.ts_delta = ts_delta
+        if seq_delta or ts_delta:
+            rewrite = False
         on_native = [s for s in sinks if use_native and s.native_target() is not None]
         on_python = [s for s in sinks if not (use_native and s.native_target() is not None)]
         self.native: native.SinkSet | None = None
@@ -65,8 +81,8 @@ class ForwardSink:
     """One viewer's copy of one track."""
 
     __slots__ = ("aiortc_reports", "base_octets", "base_packets", "cancel_refresh", "closed",
-                 "on_first_packet", "packet_sender", "payload_type", "report", "rtp_sender",
-                 "waiting_keyframe")
+                 "on_first_packet", "on_switched", "packet_sender", "payload_type", "report",
+                 "rtp_sender", "seq_delta", "ts_delta", "waiting_keyframe")
 
     def __init__(self, packet_sender: PacketSender, rtp_sender: RTCRtpSender, payload_type: int,
                  on_first_packet: Callable[[], None] | None = None,
@@ -85,6 +101,12 @@ class ForwardSink:
         self.base_octets = 0
         self.on_first_packet = on_first_packet
         self.cancel_refresh: Callable[[], None] | None = None
+        # added to the forwarder's seq/timestamp for this viewer: nonzero once it switched
+        # simulcast layers (each layer numbers its own packets)
+        self.seq_delta = 0
+        self.ts_delta = 0
+        # called with the new forwarder when a layer switch completes
+        self.on_switched: Callable[[TrackForwarder], None] | None = None
 
     def entry(self) -> SendEntry:
         ps = self.packet_sender
@@ -106,6 +128,7 @@ class TrackForwarder:
         self._is_keyframe_start = keyframe_detector(codec.mimeType)
         assert codec.payloadType is not None
         self._base_pt: int = codec.payloadType
+        self._base_mime = codec.mimeType.lower()
         self._sinks: list[ForwardSink] = []
         self._waiting: list[ForwardSink] = []
         self._groups: tuple[SendGroup, ...] = ()
@@ -138,12 +161,23 @@ class TrackForwarder:
         self.keyframe_replays = 0
         self.last_packet_time = 0.0
         self.last_sender_report_time = 0.0
+        # simulcast layer switches into this forwarder, completed at its next key frame:
+        # sink -> the forwarder feeding it until then
+        self._switching: dict[ForwardSink, TrackForwarder] = {}
+        self._last_sent: bytes | None = None  # the newest packet drained (switches follow it)
+        self.frame_size: tuple[int, int] | None = None  # from the last VP8 key frame
+        self.layer_switches = 0
+        self._rate_sample = (time.monotonic(), 0)
+        self.bitrate: int | None = None  # bits/s of payload, measured (`measure_bitrate`)
 
     # --- viewers ------------------------------------------------------------------------
 
     @property
     def sink_count(self) -> int:
         return len(self._sinks)
+
+    def sinks(self) -> list[ForwardSink]:
+        return list(self._sinks)
 
     def add_sink(self, sink: ForwardSink) -> None:
         sink.base_packets = self.packets_in
@@ -194,13 +228,14 @@ class TrackForwarder:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        by_pt: dict[int, list[ForwardSink]] = {}
+        by_pt: dict[tuple[int, int, int], list[ForwardSink]] = {}
         for sink in self._sinks:
             if not sink.waiting_keyframe and not sink.closed:
-                by_pt.setdefault(sink.payload_type, []).append(sink)
+                key = (sink.payload_type, sink.seq_delta, sink.ts_delta)
+                by_pt.setdefault(key, []).append(sink)
         use_native = native.enabled()
-        self._groups = tuple(SendGroup(pt, pt != self._base_pt, sinks, use_native)
-                             for pt, sinks in by_pt.items())
+        self._groups = tuple(SendGroup(pt, pt != self._base_pt, sinks, use_native, dseq, dts)
+                             for (pt, dseq, dts), sinks in by_pt.items())
         if not self._path_logged and self._groups:
             self._path_logged = True
             on_native = sum(len(g.native_sinks) for g in self._groups)
@@ -253,6 +288,8 @@ class TrackForwarder:
                 self._apply_local_sender_report(sink)
         self.last_packet_time = time.monotonic()
         keyframe = self.kind == "video" and self._is_keyframe_start(payload)
+        if keyframe and self._base_mime == "video/vp8":
+            self.frame_size = vp8_keyframe_size(payload) or self.frame_size
         self._pending.append((data, keyframe))
         if not self._drain_scheduled:
             self._drain_scheduled = True
@@ -267,6 +304,8 @@ class TrackForwarder:
         while pending and budget > 0:
             data, keyframe = pending.popleft()
             if keyframe:
+                if self._switching:
+                    self._complete_switches(data)
                 self._keyframe_wanted = False
                 self._gop = [data]
                 self._gop_started = time.monotonic()
@@ -279,8 +318,15 @@ class TrackForwarder:
                     self._gop = None
             for group in self._groups:
                 sink_set = group.native
+                pt = group.payload_type
+                if group.seq_delta or group.ts_delta:
+                    out = shifted(data, pt, group.seq_delta, group.ts_delta)
+                elif pt == self._base_pt or sink_set is not None:
+                    out = data
+                else:
+                    out = with_payload_type(data, pt)
                 if sink_set is not None:
-                    result = sink_set.send(data)
+                    result = sink_set.send(out)
                     if result is not None:
                         self._native_failed(group, result)
                     budget -= sink_set.size
@@ -289,8 +335,8 @@ class TrackForwarder:
                 entries = group.entries
                 if not entries:
                     continue
-                pt = group.payload_type
-                out = data if pt == self._base_pt else with_payload_type(data, pt)
+                if out is data and pt != self._base_pt:
+                    out = with_payload_type(data, pt)
                 for index, (protect, sendto, addr) in enumerate(entries):
                     try:
                         sendto(protect(out), addr)
@@ -300,6 +346,7 @@ class TrackForwarder:
                         self._send_failed(group.sinks[index], exc)
                 budget -= len(entries)
                 self.packets_sent += len(entries)
+            self._last_sent = data
         if pending:
             self._drain_scheduled = True
             assert self._loop is not None
@@ -341,14 +388,14 @@ class TrackForwarder:
     def _apply_local_sender_report(self, sink: ForwardSink) -> None:
         # No SR from the source yet: until one comes, map "now" to the newest timestamp rather
         # than let aiortc report NTP zero (January 1900).
-        sink.report = (current_ntp_time(), self.mapper.last_out_ts, 0, 0)
+        sink.report = (current_ntp_time(), (self.mapper.last_out_ts + sink.ts_delta) % TS_MOD, 0, 0)
         if sink.aiortc_reports:
             set_sender_report(sink.rtp_sender, *sink.report)
 
     def _apply_sender_report(self, sink: ForwardSink) -> None:
         assert self._sender_report is not None
         ntp, rtp_ts = self._sender_report
-        sink.report = (ntp, rtp_ts, self.packets_in - sink.base_packets,
+        sink.report = (ntp, (rtp_ts + sink.ts_delta) % TS_MOD, self.packets_in - sink.base_packets,
                        self.octets_in - sink.base_octets)
         if sink.aiortc_reports:
             set_sender_report(sink.rtp_sender, *sink.report)
@@ -358,12 +405,16 @@ class TrackForwarder:
     def retransmit(self, sink: ForwardSink, sequence_numbers: list[int]) -> None:
         if sink.closed or sink.packet_sender.protect is None:
             return
-        for seq in sequence_numbers:
+        shift = sink.seq_delta or sink.ts_delta
+        for wire_seq in sequence_numbers:
+            seq = (wire_seq - sink.seq_delta) % SEQ_MOD
             slot = seq % HISTORY_SIZE
             data = self._history[slot]
             if data is None or self._history_seq[slot] != seq:
                 continue
-            if sink.payload_type != self._base_pt:
+            if shift:
+                data = shifted(data, sink.payload_type, sink.seq_delta, sink.ts_delta)
+            elif sink.payload_type != self._base_pt:
                 data = with_payload_type(data, sink.payload_type)
             try:
                 sink.packet_sender.send(data)
@@ -407,7 +458,78 @@ class TrackForwarder:
         self.keyframe_requests_sent += 1
         return True
 
+    # --- simulcast layer switches -----------------------------------------------------------
+
+    def switch_in(self, sink: ForwardSink, current: TrackForwarder) -> None:
+        """Move ``sink`` from ``current`` (another layer of the same stream, same output SSRC)
+        to this forwarder at this forwarder's next key frame, asking for one; ``current``
+        keeps feeding it until then."""
+        for other in (current, *self._switching.values()):
+            other._switching.pop(sink, None)
+        if current is self:
+            return
+        self._switching[sink] = current
+        self.request_keyframe()
+
+    def switching(self, sink: ForwardSink) -> bool:
+        return sink in self._switching
+
+    def _complete_switches(self, keyframe: bytes) -> None:
+        """At this forwarder's key frame: every switching sink leaves its old forwarder and
+        continues here, its seq/timestamp shifted to follow on from what it was sent."""
+        seq = (keyframe[2] << 8) | keyframe[3]
+        ts = int.from_bytes(keyframe[4:8], "big")
+        now = time.monotonic()
+        switching, self._switching = self._switching, {}
+        for sink, old in switching.items():
+            if sink.closed or sink not in old._sinks:
+                continue
+            last = old._last_sent
+            gap = max(1, int((now - old.mapper.last_wall) * self.codec.clockRate))
+            last_seq = 0 if last is None else (last[2] << 8) | last[3]
+            last_ts = old.mapper.last_out_ts if last is None else int.from_bytes(last[4:8], "big")
+            viewer_seq = (last_seq + sink.seq_delta) % SEQ_MOD
+            viewer_ts = (last_ts + sink.ts_delta) % TS_MOD
+            old._release(sink)
+            sink.seq_delta = (viewer_seq + 1 - seq) % SEQ_MOD
+            sink.ts_delta = (viewer_ts + gap - ts) % TS_MOD
+            sink.waiting_keyframe = False
+            sink.base_packets = self.packets_in
+            sink.base_octets = self.octets_in
+            self._sinks.append(sink)
+            on_resolve = getattr(sink.packet_sender, "on_resolve", None)
+            if on_resolve is not None:
+                sink.cancel_refresh = on_resolve(self._rebuild)
+            self.layer_switches += 1
+            if sink.on_first_packet is not None:
+                sink.on_first_packet()
+                sink.on_first_packet = None
+            if sink.on_switched is not None:
+                sink.on_switched(self)
+        self._rebuild()
+
+    def _release(self, sink: ForwardSink) -> None:
+        """Drop ``sink`` from this forwarder without closing it (it moves to another layer)."""
+        if sink.cancel_refresh is not None:
+            sink.cancel_refresh()
+            sink.cancel_refresh = None
+        if sink in self._sinks:
+            self._sinks.remove(sink)
+        if sink in self._waiting:
+            self._waiting.remove(sink)
+        self._rebuild()
+
+    def measure_bitrate(self) -> int | None:
+        """The payload bitrate since the previous measurement (at least 1 s apart)."""
+        now = time.monotonic()
+        then, octets = self._rate_sample
+        if now - then >= 1.0:
+            self.bitrate = int((self.octets_in - octets) * 8 / (now - then))
+            self._rate_sample = (now, self.octets_in)
+        return self.bitrate
+
     def close(self) -> None:
+        self._switching.clear()
         if self._deferred_request is not None:
             self._deferred_request.cancel()
             self._deferred_request = None

@@ -28,6 +28,7 @@ from lotcast.media.aiortc_hooks import (
     SilentTrack,
     answer_consent_checks_fast,
     hook_sender,
+    negotiate_rid_extensions,
     negotiated_codecs,
     new_peer_connection,
     peer_cname,
@@ -41,6 +42,7 @@ from lotcast.media.sdp import (
     OfferSummary,
     SdpError,
     TrickleFragment,
+    answer_simulcast,
     ice_credentials,
     parse_description,
     transport_mids,
@@ -155,6 +157,9 @@ class PeerSession:
     def prepare(self) -> None:
         """Hook between setRemoteDescription and createAnswer."""
 
+    def choose_layer(self, rid: str | None) -> None:
+        """The viewer's wanted simulcast layer (None: automatic); only viewers have one."""
+
     async def add_trickle(self, fragment: TrickleFragment) -> None:
         """Apply a trickle-ice-sdpfrag (RFC 8840) that is not an ICE restart."""
         first = next(iter(self._transport_mids.values()), None)
@@ -204,17 +209,33 @@ class IngestSession(PeerSession):
             chosen[kind] = mime
         super().__init__(stream)
         self._generation: int | None = None
+        # RFC 8853 simulcast: the video layers, each to a forwarder of its own (stream.py)
+        self.simulcast = summary.simulcast
         for kind, mime in chosen.items():
             transceiver = self.pc.addTransceiver(kind, direction="recvonly")
             transceiver.setCodecPreferences(preferred_capabilities(kind, mime))
 
     def prepare(self) -> None:
         receivers: dict[str, tuple[RTCRtpReceiver, RTCRtpCodecParameters]] = {}
+        simulcast = self.simulcast
         for transceiver in self.pc.getTransceivers():
             codecs = negotiated_codecs(transceiver)
             if codecs and transceiver.kind not in receivers:
                 receivers[transceiver.kind] = (transceiver.receiver, codecs[0])
-        self._generation = self.stream.attach_source(receivers)
+                if transceiver.kind == "video" and simulcast is not None:
+                    negotiate_rid_extensions(transceiver, simulcast.rid_ext_id,
+                                             simulcast.repaired_rid_ext_id)
+        rids = simulcast.rids if simulcast is not None and "video" in receivers else ()
+        if rids:
+            assert simulcast is not None
+            self.stream.layer_sizes = dict(simulcast.sizes)
+        self._generation = self.stream.attach_source(receivers, rids=rids)
+
+    async def answer(self, offer_sdp: str) -> str:
+        answer = await super().answer(offer_sdp)
+        if self.simulcast is not None and self.stream.layers:
+            answer = answer_simulcast(answer, self.simulcast)
+        return answer
 
     def stopped(self) -> None:
         if self._generation is not None:
@@ -247,6 +268,7 @@ class EgressSession(PeerSession):
         self._wiring: list[tuple[TrackForwarder, RTCRtpTransceiver]] = []
         self._sinks: list[tuple[TrackForwarder, ForwardSink]] = []
         self._on_first_frame = on_first_frame
+        self._wanted_rid: str | None = None
         self._cancel_end_watch = stream.on_end(lambda: self.close_soon("stream ended"))
         # lean RTCP (viewer_rtcp.py): reports from one clock, feedback through our parser;
         # None: aiortc's per-sender RTCP tasks and parser (LOTCAST_LEAN_RTCP=0)
@@ -273,20 +295,54 @@ class EgressSession(PeerSession):
     def _hook(self, forwarder: TrackForwarder, sender: RTCRtpSender) -> None:
         session = self
 
-        def sink() -> ForwardSink | None:
-            for fwd, s in session._sinks:
-                if fwd is forwarder:
-                    return s
-            return None
+        kind = forwarder.kind
+
+        def current() -> tuple[TrackForwarder, ForwardSink] | None:
+            # a video sink may have moved to another simulcast layer's forwarder
+            return next(((f, s) for f, s in session._sinks if f.kind == kind), None)
 
         def on_nack(seqs: list[int]) -> None:
-            s = sink()
-            if s is not None:
-                forwarder.retransmit(s, seqs)
+            found = current()
+            if found is not None:
+                found[0].retransmit(found[1], seqs)
+
+        def on_keyframe_request() -> None:
+            found = current()
+            (forwarder if found is None else found[0]).request_keyframe()
 
         hook_sender(sender, forwarder.output_ssrc,
-                    SenderFeedback(on_nack=on_nack, on_keyframe_request=forwarder.request_keyframe,
+                    SenderFeedback(on_nack=on_nack, on_keyframe_request=on_keyframe_request,
                                    on_alive=self.touch))
+
+    def choose_layer(self, rid: str | None) -> None:
+        """Pin the video to simulcast layer ``rid`` (None: the top one), switched at that
+        layer's next key frame (TrackForwarder.switch_in)."""
+        layers = self.stream.layers
+        self._wanted_rid = rid
+        found = next(((f, s) for f, s in self._sinks if f.kind == "video"), None)
+        if found is None or not layers:
+            return
+        target = layers.get(rid) if rid is not None else next(iter(layers.values()))
+        if target is None:
+            return
+        current, sink = found
+        target.switch_in(sink, current)
+
+    def _switched(self, sink: ForwardSink, forwarder: TrackForwarder) -> None:
+        self._sinks = [(forwarder if s is sink else f, s) for f, s in self._sinks]
+        if self.rtcp is not None:
+            track = self.rtcp.tracks.get(forwarder.output_ssrc)
+            if track is not None:
+                track.forwarder = forwarder
+
+    @property
+    def video_layer(self) -> str | None:
+        """The rid of the simulcast layer this viewer's video comes from (None: one layer)."""
+        found = next((f for f, _ in self._sinks if f.kind == "video"), None)
+        for rid, forwarder in self.stream.layers.items():
+            if forwarder is found:
+                return rid
+        return None
 
     def started(self) -> None:
         for forwarder, transceiver in self._wiring:
@@ -300,10 +356,13 @@ class EgressSession(PeerSession):
             assert pt is not None
             sink = ForwardSink(packet_sender, transceiver.sender, pt, first,
                                aiortc_reports=self.rtcp is None)
+            sink.on_switched = lambda fwd, s=sink: self._switched(s, fwd)
             self._sinks.append((forwarder, sink))
             if self.rtcp is not None:
                 self.rtcp.add_track(forwarder, sink)
             forwarder.add_sink(sink)
+        if self._wanted_rid is not None:
+            self.choose_layer(self._wanted_rid)
         if self.rtcp is not None and self._sinks:
             self.rtcp.start(self._sinks[0][1].packet_sender.send_rtcp, peer_cname(self.pc))
             answer_consent_checks_fast(self._wiring[0][1].sender.transport)

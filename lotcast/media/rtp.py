@@ -31,6 +31,47 @@ def with_payload_type(packet: bytes, payload_type: int) -> bytes:
     return packet[:1] + bytes([(packet[1] & 0x80) | payload_type]) + packet[2:]
 
 
+def shifted(packet: bytes, payload_type: int, seq_delta: int, ts_delta: int) -> bytes:
+    """The same packet with its payload type replaced and ``seq_delta``/``ts_delta`` added to
+    its sequence number and timestamp (a viewer that switched simulcast layers)."""
+    seq = (((packet[2] << 8) | packet[3]) + seq_delta) % SEQ_MOD
+    ts = (int.from_bytes(packet[4:8], "big") + ts_delta) % TS_MOD
+    return (packet[:1] + bytes([(packet[1] & 0x80) | payload_type]) + seq.to_bytes(2, "big")
+            + ts.to_bytes(4, "big") + packet[8:])
+
+
+def _vp8_descriptor_size(payload: bytes) -> int:
+    pos = 1
+    if payload[0] & 0x80:
+        if len(payload) < 2:
+            return len(payload)
+        ext = payload[1]
+        pos = 2
+        if ext & 0x80:
+            if len(payload) <= pos:
+                return len(payload)
+            pos += 2 if payload[pos] & 0x80 else 1
+        if ext & 0x40:
+            pos += 1
+        if ext & 0x30:
+            pos += 1
+    return pos
+
+
+def vp8_keyframe_size(payload: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first packet of a VP8 key frame (RFC 6386 section 9.1: the
+    3-byte frame tag, the start code 9d 01 2a, then 14-bit width and height); None otherwise."""
+    if not vp8_is_keyframe_start(payload):
+        return None
+    pos = _vp8_descriptor_size(payload)
+    header = payload[pos:pos + 10]
+    if len(header) < 10 or header[3:6] != b"\x9d\x01\x2a":
+        return None
+    width = int.from_bytes(header[6:8], "little") & 0x3FFF
+    height = int.from_bytes(header[8:10], "little") & 0x3FFF
+    return (width, height) if width and height else None
+
+
 def vp8_is_keyframe_start(payload: bytes) -> bool:
     """First packet of a VP8 key frame (RFC 7741 payload descriptor + payload header)."""
     if not payload:

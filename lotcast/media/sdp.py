@@ -38,6 +38,112 @@ class SdpError(Exception):
 class OfferSummary:
     # kind -> accepted codec mime types the offer lists, in the offer's order
     kinds: dict[str, list[str]] = field(default_factory=dict)
+    # a publish offer's video simulcast (RFC 8853), None without a=simulcast
+    simulcast: SimulcastOffer | None = None
+
+
+RID_URI = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"
+REPAIRED_RID_URI = "urn:ietf:params:rtp-hdrext:sdes:repaired-rtp-stream-id"
+MID_URI = "urn:ietf:params:rtp-hdrext:sdes:mid"
+MAX_SIMULCAST_LAYERS = 4
+_RID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+@dataclass(frozen=True)
+class SimulcastOffer:
+    """The send layers of a video m-section: rids in the offer's a=simulcast order (the
+    publisher's preference; our host page lists them high to low), the extmap ids of the rid
+    header extensions, and each rid's a=imageattr/max-width size if the offer gives one."""
+
+    rids: tuple[str, ...]
+    rid_ext_id: int
+    repaired_rid_ext_id: int | None
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def _video_section(text: str) -> list[str] | None:
+    lines = text.splitlines()
+    section: list[str] | None = None
+    for line in lines:
+        if line.startswith("m="):
+            if section is not None:
+                return section
+            section = [line] if line.startswith("m=video") else None
+        elif section is not None:
+            section.append(line)
+    return section
+
+
+def parse_simulcast(text: str) -> SimulcastOffer | None:
+    """The video simulcast of a publish offer; None when it has none. SdpError(422) on a
+    simulcast the broadcaster cannot receive (no rid header extension, unknown rids...)."""
+    section = _video_section(text)
+    if section is None:
+        return None
+    send: list[str] | None = None
+    declared: dict[str, dict[str, str]] = {}
+    ext_ids: dict[str, int] = {}
+    for line in section:
+        if line.startswith("a=simulcast:"):
+            parts = line[len("a=simulcast:"):].split()
+            if len(parts) < 2 or parts[0] != "send" or send is not None:
+                raise SdpError(422, f"simulcast must be 'a=simulcast:send <rids>': {line[:60]!r}")
+            # alternatives ("h,h2") take the first; a paused rid ("~l") is still a layer
+            send = [alt.split(",")[0].lstrip("~") for alt in parts[1].split(";")]
+        elif line.startswith("a=rid:"):
+            fields = line[len("a=rid:"):].split()
+            if len(fields) >= 2 and fields[1] == "send":
+                params = {}
+                for item in (fields[2].split(";") if len(fields) > 2 else []):
+                    key, _, value = item.partition("=")
+                    params[key] = value
+                declared[fields[0]] = params
+        elif line.startswith("a=extmap:"):
+            head, _, uri = line[len("a=extmap:"):].partition(" ")
+            try:
+                ext_ids[uri.split()[0] if uri else ""] = int(head.split("/")[0])
+            except ValueError:
+                continue
+    if send is None:
+        return None
+    if not 1 <= len(send) <= MAX_SIMULCAST_LAYERS or len(set(send)) != len(send):
+        raise SdpError(422, f"simulcast needs 1-{MAX_SIMULCAST_LAYERS} distinct rids")
+    for rid in send:
+        if not rid or len(rid) > 16 or not set(rid) <= _RID_CHARS:
+            raise SdpError(422, f"simulcast rid {rid[:20]!r} is not 1-16 letters/digits/-/_")
+        if rid not in declared:
+            raise SdpError(422, f"simulcast names rid {rid!r} without 'a=rid:{rid} send'")
+    if RID_URI not in ext_ids:
+        raise SdpError(422, f"simulcast needs the {RID_URI} header extension")
+    sizes: dict[str, tuple[int, int]] = {}
+    for rid in send:
+        params = declared[rid]
+        if params.get("max-width", "").isdigit() and params.get("max-height", "").isdigit():
+            sizes[rid] = (int(params["max-width"]), int(params["max-height"]))
+    return SimulcastOffer(tuple(send), ext_ids[RID_URI], ext_ids.get(REPAIRED_RID_URI), sizes)
+
+
+def answer_simulcast(answer: str, simulcast: SimulcastOffer) -> str:
+    """Our answer with the receive side of the offer's simulcast added to its video section:
+    'a=rid:<id> recv' per layer and 'a=simulcast:recv <rids>' (RFC 8853 section 5.3)."""
+    out: list[str] = []
+    in_video = False
+    added = False
+
+    def add() -> None:
+        out.extend(f"a=rid:{rid} recv" for rid in simulcast.rids)
+        out.append("a=simulcast:recv " + ";".join(simulcast.rids))
+
+    for line in answer.splitlines():
+        if line.startswith("m="):
+            if in_video and not added:
+                add()
+                added = True
+            in_video = line.startswith("m=video")
+        out.append(line)
+    if in_video and not added:
+        add()
+    return "\r\n".join(out) + "\r\n"
 
 
 def _check_lines(text: str) -> None:
@@ -167,6 +273,8 @@ def check_offer(text: str, purpose: Purpose) -> OfferSummary:
         if not accepted:
             continue
         summary.kinds[media.kind] = accepted
+    if purpose == "publish" and "video" in summary.kinds:
+        summary.simulcast = parse_simulcast(text)
     if not summary.kinds:
         raise SdpError(
             422, "offer has no media we accept: need VP8 or H.264 video and/or Opus audio"

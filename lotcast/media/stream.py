@@ -22,7 +22,12 @@ from collections.abc import Callable, Iterator
 from aiortc import RTCRtpCodecParameters, RTCRtpReceiver
 from aiortc.rtp import RtpPacket
 
-from lotcast.media.aiortc_hooks import request_keyframe, tap_receiver
+from lotcast.media.aiortc_hooks import (
+    SimulcastDemux,
+    request_keyframe,
+    tap_receiver,
+    tap_simulcast_receiver,
+)
 from lotcast.media.forwarder import KEYFRAME_REQUEST_INTERVAL, TrackForwarder
 from lotcast.media.rtp import KeyframeTest, keyframe_detector
 
@@ -81,11 +86,14 @@ class _Role(enum.Enum):
 class _Source:
     """One attached set of receivers and what the stream does with their packets."""
 
-    __slots__ = ("attached_at", "generation", "is_keyframe", "last_keyframe_request",
-                 "receivers", "role", "ssrcs")
+    __slots__ = ("attached_at", "demux", "generation", "is_keyframe", "last_keyframe_request",
+                 "receivers", "rids", "role", "ssrcs")
 
-    def __init__(self, generation: int, receivers: Receivers, role: _Role) -> None:
+    def __init__(self, generation: int, receivers: Receivers, role: _Role,
+                 rids: tuple[str, ...] = ()) -> None:
         self.generation = generation
+        self.rids = rids  # simulcast video layers, top first (empty: one layer)
+        self.demux: SimulcastDemux | None = None
         self.receivers = receivers
         self.role = role
         self.attached_at = time.monotonic()
@@ -117,6 +125,9 @@ class MediaStream:
         # counters: switches made, by how they ended, and how long each waited (ms)
         self.switch_ends: dict[str, int] = {end.value: 0 for end in SwitchEnd}
         self.switch_waits_ms: list[float] = []
+        self._layers: dict[str, TrackForwarder] = {}
+        # rid -> (width, height) the simulcast offer declared (a=rid max-width/max-height)
+        self.layer_sizes: dict[str, tuple[int, int]] = {}
 
     @property
     def live(self) -> bool:
@@ -130,14 +141,23 @@ class MediaStream:
         logger.info("stream %s: %s -> %s", self.id, self.state.value, new.value)
         self.state = new
 
+    @property
+    def layers(self) -> dict[str, TrackForwarder]:
+        """Simulcast video: rid -> its forwarder, top layer first (that one is also
+        ``tracks["video"]``); empty for a single-layer stream."""
+        return self._layers
+
     def codecs(self) -> dict[str, RTCRtpCodecParameters]:
         return {kind: fwd.codec for kind, fwd in self.tracks.items()}
 
-    def attach_source(self, receivers: Receivers, at_keyframe: bool = False) -> int:
+    def attach_source(self, receivers: Receivers, at_keyframe: bool = False,
+                      rids: tuple[str, ...] = ()) -> int:
         """Feed this stream from these receivers; returns the source generation for detach.
 
         With ``at_keyframe`` and a live source feeding, the new one is pending: it takes over
-        at its first video key frame (see the module docstring; ``wait_switched``)."""
+        at its first video key frame (see the module docstring; ``wait_switched``). With
+        ``rids`` the video receiver carries these simulcast layers (top first), each fed to a
+        forwarder of its own (``layers``)."""
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None
@@ -145,7 +165,8 @@ class MediaStream:
         make_before_break = (at_keyframe and self.state is StreamState.LIVE
                              and self._feeding is not None)
         source = _Source(self.source_generation, receivers,
-                         _Role.PENDING if make_before_break else _Role.FEEDING)
+                         _Role.PENDING if make_before_break else _Role.FEEDING,
+                         rids if "video" in receivers else ())
         if self._pending is not None:  # superseded before it took over
             self._end_pending(SwitchEnd.ABANDONED)
         for kind, (receiver, codec) in receivers.items():
@@ -153,11 +174,16 @@ class MediaStream:
             if forwarder is None:
                 forwarder = TrackForwarder(kind, codec, self._output_ssrcs[kind])
                 self.tracks[kind] = forwarder
-            self._tap(source, kind, receiver, forwarder)
+            if kind == "video" and source.rids:
+                self._tap_layers(source, receiver, codec, forwarder)
+            else:
+                self._tap(source, kind, receiver, forwarder)
+        if not source.rids and self._layers and not make_before_break:
+            self._drop_layers(())
         if not make_before_break:
             self._feed_from(source)
             self._set_state(StreamState.LIVE)
-            for forwarder in self.tracks.values():
+            for forwarder in self._all_forwarders():
                 forwarder.resync_all()
             return source.generation
         self._pending = source
@@ -191,6 +217,50 @@ class MediaStream:
 
         tap_receiver(receiver, on_packet, on_report)
 
+    def _tap_layers(self, source: _Source, receiver: RTCRtpReceiver, codec: RTCRtpCodecParameters,
+                    top: TrackForwarder) -> None:
+        """A simulcast video receiver: each layer's packets to that layer's forwarder (the
+        top one is ``tracks["video"]``; all share the stream's output SSRC)."""
+        self._drop_layers(source.rids)
+        layers: dict[str, TrackForwarder] = {}
+        for index, rid in enumerate(source.rids):
+            forwarder = top if index == 0 else self._layers.get(rid)
+            if forwarder is None or forwarder.codec.mimeType != codec.mimeType:
+                forwarder = TrackForwarder("video", codec, self._output_ssrcs["video"])
+            layers[rid] = forwarder
+        self._layers = layers
+        top_rid = source.rids[0]
+        feeding = _Role.FEEDING
+
+        def on_packet(rid: str, packet: RtpPacket) -> None:
+            role = source.role
+            if role is feeding:
+                layers[rid].on_source_packet(packet)
+            elif role is _Role.PENDING and rid == top_rid:
+                self._held(source, "video", packet)
+
+        def on_report(rid: str, ssrc: int, ntp: int, rtp_timestamp: int) -> None:
+            if rid == top_rid:
+                source.ssrcs["video"] = ssrc
+            if source.role is feeding:
+                layers[rid].on_source_sender_report(ssrc, ntp, rtp_timestamp)
+
+        source.demux = tap_simulcast_receiver(receiver, source.rids, on_packet, on_report)
+
+    def _drop_layers(self, keep: tuple[str, ...]) -> None:
+        """Layers the new source lacks: their viewers move to the top layer, at its next key
+        frame; the layer's forwarder closes once it has none left."""
+        top = self.tracks.get("video")
+        for rid, forwarder in list(self._layers.items()):
+            if rid in keep or forwarder is top:
+                continue
+            if top is not None:
+                for sink in forwarder.sinks():
+                    top.switch_in(sink, forwarder)
+            self._layers.pop(rid)
+        if not keep:
+            self._layers = {}
+
     def _feed_from(self, source: _Source) -> None:
         """Make ``source`` the one feeding viewers; the previous one's packets are dropped from
         now on (its connection may still deliver some before it closes)."""
@@ -202,6 +272,11 @@ class MediaStream:
         for kind, (receiver, _codec) in source.receivers.items():
             forwarder = self.tracks[kind]
             forwarder.keyframe_requester = _keyframe_requester(receiver, forwarder, source, kind)
+        demux = source.demux
+        if demux is not None:
+            receiver = source.receivers["video"][0]
+            for rid, forwarder in self._layers.items():
+                forwarder.keyframe_requester = _layer_requester(receiver, demux, rid)
 
     def _held(self, source: _Source, kind: str, packet: RtpPacket) -> None:
         """A packet of the pending source: dropped, unless it starts the video key frame that
@@ -275,7 +350,7 @@ class MediaStream:
             self.switch_waits_ms.append(round(waited_ms, 1))
             del self.switch_waits_ms[:-SWITCH_WAITS_KEPT]
             if end is not SwitchEnd.KEYFRAME:
-                for forwarder in self.tracks.values():
+                for forwarder in self._all_forwarders():
                     forwarder.resync_all()
         logger.info("stream %s: source %d %s after %.0f ms", self.id, pending.generation,
                     "dropped" if end is SwitchEnd.ABANDONED else f"took over ({end.value})",
@@ -315,11 +390,16 @@ class MediaStream:
             return
         feeding.role = _Role.RETIRED
         self._feeding = None
-        for forwarder in self.tracks.values():
+        for forwarder in self._all_forwarders():
             forwarder.keyframe_requester = None
         self._set_state(StreamState.ORPHANED)
         loop = asyncio.get_running_loop()
         self._grace_timer = loop.call_later(self._grace, self.end)
+
+    def _all_forwarders(self) -> list[TrackForwarder]:
+        out = list(self.tracks.values())
+        out += [f for f in self._layers.values() if f not in out]
+        return out
 
     def counters(self) -> dict[str, object]:
         """What /api/stats shows for this stream: state, per-track packet counters and the
@@ -335,6 +415,12 @@ class MediaStream:
             out[f"{kind}_send_errors"] = t.send_errors
             out[f"{kind}_largest_packet"] = t.largest_packet
             out[f"{kind}_native_packets_sent"] = t.native_packets_sent
+        if self._layers:
+            out["layers"] = {rid: {"packets_in": f.packets_in, "packets_sent": f.packets_sent,
+                                   "viewers": f.sink_count, "keyframe_requests":
+                                   f.keyframe_requests_sent, "switches_in": f.layer_switches,
+                                   "size": list(f.frame_size) if f.frame_size else None}
+                             for rid, f in self._layers.items()}
         out["switch_state"] = self.switch_state.value
         out["switches"] = sum(n for end, n in self.switch_ends.items()
                               if end != SwitchEnd.ABANDONED.value)
@@ -361,7 +447,7 @@ class MediaStream:
         if self._pending is not None:
             self._end_pending(SwitchEnd.ABANDONED)
         self._set_state(StreamState.ENDED)
-        for forwarder in self.tracks.values():
+        for forwarder in self._all_forwarders():
             forwarder.close()
         for callback in list(self._end_callbacks):
             callback()
@@ -378,6 +464,18 @@ def _keyframe_requester(receiver: RTCRtpReceiver, forwarder: TrackForwarder, sou
         if ssrc is None:
             return False
         request_keyframe(receiver, ssrc)
+        return True
+
+    return request
+
+
+def _layer_requester(receiver: RTCRtpReceiver, demux: SimulcastDemux,
+                     rid: str) -> Callable[[], bool]:
+    def request() -> bool:
+        ssrc = demux.ssrc_of.get(rid)
+        if ssrc is None:
+            return False
+        request_keyframe(receiver, ssrc)  # a PLI for this layer's SSRC only
         return True
 
     return request

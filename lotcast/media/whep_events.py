@@ -107,10 +107,18 @@ class LayerChoice:
 
 
 def stream_layers(stream: MediaStream) -> list[Layer]:
-    """The layers of ``stream``: today one, without rid (no simulcast ingest yet)."""
+    """The layers of ``stream``: its simulcast layers, top first (rid, size from the last VP8
+    key frame or else the offer, measured payload bitrate), or one layer without rid."""
     if "video" not in stream.tracks:
         return []
-    return [Layer(None)]
+    if not stream.layers:
+        return [Layer(None)]
+    out = []
+    for rid, forwarder in stream.layers.items():
+        size = forwarder.frame_size or stream.layer_sizes.get(rid)
+        out.append(Layer(rid, width=size[0] if size else None, height=size[1] if size else None,
+                         bitrate=forwarder.measure_bitrate()))
+    return out
 
 
 def stream_active(stream: MediaStream, now: float) -> bool:
@@ -224,6 +232,7 @@ class Subscription:
     active: bool | None = None
     viewercount: int | None = None
     viewercount_at: float = 0.0
+    layers_key: tuple[tuple[str | None, int | None, int | None], ...] | None = None
 
     def push(self, name: str, data: dict[str, Any]) -> None:
         if self.state is not SubscriptionState.OPEN or name not in self.events:
@@ -268,6 +277,7 @@ class WhepEvents:
             self._choices.pop(session.id, None)
         else:
             self._choices[session.id] = choice
+        session.choose_layer(choice.encoding_id)
         return choice
 
     # --- subscriptions -----------------------------------------------------------------------
@@ -356,9 +366,14 @@ class WhepEvents:
     def _tell(self, sub: Subscription, stream: MediaStream, now: float,
               count: int | None = None) -> None:
         active = stream_active(stream, now)
+        key = tuple((x.encoding_id, x.width, x.height) for x in stream_layers(stream))
         if active is not sub.active:
             sub.active = active
+            sub.layers_key = key
             sub.push("active" if active else "inactive", {})
+            sub.push("layers", layers_event(stream))
+        elif active and key != sub.layers_key:  # a layer's size became known, or layers changed
+            sub.layers_key = key
             sub.push("layers", layers_event(stream))
         viewers = self._count_viewers(stream.id) if count is None else count
         if viewers != sub.viewercount and now - sub.viewercount_at >= VIEWERCOUNT_INTERVAL_S:

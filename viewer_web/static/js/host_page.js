@@ -198,7 +198,9 @@ function originOf(url) {
 
 /** A new WhipPublisher whose state changes drive the page while it is the current one. */
 function newPublisher(endpoint, negotiation) {
-  const pub = new WhipPublisher(endpoint, { token });
+  // simulcast unless the page asks for one layer (?simulcast=0)
+  const simulcast = new URLSearchParams(location.search).get("simulcast") !== "0";
+  const pub = new WhipPublisher(endpoint, { token, simulcast });
   pub.addEventListener("statechange", (ev) => {
     if (publisher !== pub) return;
     const { state, error } = ev.detail;

@@ -14,10 +14,37 @@ const DISCONNECTED_GRACE_MS = 3000;
 const SILENCE_MS = 2500; // no RTCP receiver report from the server for this long -> probe it
 const SUSPECT_SILENCE_MS = 1200; // ... or this long after the page saw the broadcaster drop
 
+// Simulcast (RFC 8853): three VP8 layers, full / half / quarter resolution, listed top first
+// (the broadcaster treats the a=simulcast order as high to low).
+export const SIMULCAST_ENCODINGS = [
+  { rid: "h", scaleResolutionDownBy: 1, maxBitrate: 1_500_000 },
+  { rid: "m", scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+  { rid: "l", scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+];
+
+/** A sendonly video transceiver with the simulcast layers when the browser takes them, else
+ * one layer (no rids: the server then sees an ordinary single-layer offer). */
+function addVideoTransceiver(pc, video, stream, simulcast) {
+  if (simulcast && video) {
+    try {
+      const tx = pc.addTransceiver(video, {
+        direction: "sendonly", streams: [stream], sendEncodings: SIMULCAST_ENCODINGS.map((e) => ({ ...e })),
+      });
+      const encodings = tx.sender.getParameters().encodings || [];
+      if (encodings.length === SIMULCAST_ENCODINGS.length) return { tx, simulcast: true };
+      pc.removeTrack(tx.sender);
+      tx.stop();
+    } catch {
+      // no simulcast here: one layer below
+    }
+  }
+  return { tx: pc.addTransceiver(video || "video", { direction: "sendonly", streams: [stream] }), simulcast: false };
+}
+
 export class WhipPublisher extends EventTarget {
   /**
    * @param {string} endpoint  e.g. "/whip/main"
-   * @param {{token?: string, iceServers?: RTCIceServer[], videoCodecs?: string[], gatherTimeoutMs?: number}} opts
+   * @param {{token?: string, iceServers?: RTCIceServer[], videoCodecs?: string[], gatherTimeoutMs?: number, simulcast?: boolean}} opts
    */
   constructor(endpoint, opts = {}) {
     super();
@@ -26,6 +53,8 @@ export class WhipPublisher extends EventTarget {
     this.iceServers = opts.iceServers ?? null; // null: ask the endpoint (OPTIONS, Link headers)
     this.videoCodecs = opts.videoCodecs || ["video/VP8", "video/H264"];
     this.gatherTimeoutMs = opts.gatherTimeoutMs ?? 1500;
+    this.simulcast = opts.simulcast ?? false; // ask for SIMULCAST_ENCODINGS (VP8 only)
+    this.simulcastActive = false; // the offer carried them
     this.pc = null;
     this.location = null;
     this.etag = null;
@@ -74,9 +103,11 @@ export class WhipPublisher extends EventTarget {
     // Always negotiate both m-lines so the server sees a stable layout; a missing track is
     // simply an inactive sender.
     const audioTx = pc.addTransceiver(audio || "audio", { direction: "sendonly", streams: [stream] });
-    const videoTx = pc.addTransceiver(video || "video", { direction: "sendonly", streams: [stream] });
+    const { tx: videoTx, simulcast } = addVideoTransceiver(pc, video, stream, this.simulcast);
+    this.simulcastActive = simulcast;
     preferCodecs(audioTx, "audio", ["audio/opus"]);
-    preferCodecs(videoTx, "video", this.videoCodecs);
+    // simulcast layers are switched per viewer at VP8 key frames: VP8 first
+    preferCodecs(videoTx, "video", simulcast ? ["video/VP8", ...this.videoCodecs.filter((c) => c !== "video/VP8")] : this.videoCodecs);
 
     const late = [];
     let posted = false;

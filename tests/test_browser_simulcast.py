@@ -1,0 +1,142 @@
+"""Real Chromium, real services: the host page publishes three simulcast layers (RFC 8853) over
+WHIP; aiortc viewers on the origin pin a layer each with the WHEP layer POST and decode three
+different resolutions; a viewer switched between layers keeps decoding (issue 11)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx
+import pytest
+from aiortc import RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from browser_support import PageLog, chromium, cluster, open_page, wait_for
+from media_support import Viewer, http_client
+from sse_support import Session, parse_links, subscribed
+
+from lotcast.redis_server import RedisServer
+
+
+class SizedViewer:
+    """A WHEP viewer (aiortc) that records the size of every decoded video frame."""
+
+    def __init__(self, base_url: str, stream: str) -> None:
+        self.viewer = Viewer(base_url, stream)
+        self.sizes: list[tuple[int, int]] = []
+        self.session: Session | None = None
+
+    async def start(self) -> Session:
+        v = self.viewer
+        v.pc.addTransceiver("audio", direction="recvonly")
+        v.pc.addTransceiver("video", direction="recvonly")
+
+        @v.pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "video":
+                v._tasks.append(asyncio.ensure_future(self._video(track)))
+
+        await v.pc.setLocalDescription(await v.pc.createOffer())
+        async with http_client() as http:
+            response = await http.post(v.url, content=v.pc.localDescription.sdp,
+                                       headers={"Content-Type": "application/sdp"})
+        assert response.status_code == 201, (response.status_code, response.text)
+        v.resource = urljoin(str(response.url), response.headers["Location"])
+        await v.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+        self.session = Session(v, parse_links(response.headers.get("Link", ""), v.resource))
+        return self.session
+
+    async def _video(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError, asyncio.CancelledError):
+            while True:
+                frame = await track.recv()
+                self.sizes.append((frame.width, frame.height))  # type: ignore[attr-defined]
+
+    async def pin(self, rid: str | None) -> None:
+        assert self.session is not None
+        body = {"encodingId": rid} if rid is not None else {}
+        async with http_client() as http:
+            response = await http.post(self.session.layer, json=body)
+        assert response.status_code == 204, (response.status_code, response.text)
+
+    async def stop(self) -> None:
+        await self.viewer.stop()
+
+
+def decoding(viewer: SizedViewer, size: tuple[int, int], frames: int) -> Any:
+    """Until ``frames`` consecutive decoded frames (from now on) have ``size``."""
+    start = len(viewer.sizes)
+
+    async def check() -> bool:
+        recent = viewer.sizes[start:]
+        run = 0
+        for s in recent:
+            run = run + 1 if s == size else 0
+        return run >= frames
+
+    return check
+
+
+async def stream_layers(base_url: str, stream: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.get(f"{base_url}/api/stats")
+    for s in response.json().get("streams", []):
+        if s.get("id") == stream:
+            return dict(s.get("layers") or {})
+    return {}
+
+
+@pytest.mark.timeout(240)
+async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
+        redis_server: RedisServer) -> None:
+    stream = "browser-simulcast"
+    log = PageLog()
+    with cluster(redis_server.url, relays=1) as c:
+        async with chromium() as browser:
+            host = await open_page(
+                browser, f"{c.origin.url}/host?stream={stream}#token={c.host_token()}", log, "host")
+            await host.click("#go-live")
+
+            async def three_layers() -> dict[str, Any] | None:
+                layers = await stream_layers(c.origin.url, stream)
+                sized = {rid: v for rid, v in layers.items() if v.get("size")}
+                return layers if len(sized) == 3 else None
+
+            layers = await wait_for(three_layers, 60, "three layers with key frames", log)
+            assert list(layers) == ["h", "m", "l"], layers
+            sizes = {rid: tuple(v["size"]) for rid, v in layers.items()}
+            assert len(set(sizes.values())) == 3, sizes
+            assert sizes["h"][0] > sizes["m"][0] > sizes["l"][0], sizes
+
+            viewers = {rid: SizedViewer(c.origin.url, stream) for rid in ("h", "m", "l")}
+            try:
+                for rid, viewer in viewers.items():
+                    session = await viewer.start()
+                    if rid == "h":  # the default is the top layer; the others pin theirs
+                        async with httpx.AsyncClient(timeout=10) as http, \
+                                subscribed(http, session, ["layers"]) as events:
+                            await events.wait("layers")
+                            event = dict(events.events[-1][1])
+                        listed = event["video"]["layers"]  # type: ignore[index]
+                        assert [x.get("encodingId") for x in listed] == ["h", "m", "l"], event
+                    else:
+                        await viewer.pin(rid)
+                for rid, viewer in viewers.items():
+                    await wait_for(decoding(viewer, sizes[rid], 10), 45,
+                                   f"viewer pinned to {rid} decodes {sizes[rid]}", log)
+                # switch the top viewer down and back up: each switch at a key frame of the
+                # target layer, no decode error (aiortc's decoder would drop or skip frames)
+                top = viewers["h"]
+                for rid in ("l", "h"):
+                    await top.pin(rid)
+                    await wait_for(decoding(top, sizes[rid], 15), 45,
+                                   f"switched viewer decodes {rid} {sizes[rid]}", log)
+                stats = await stream_layers(c.origin.url, stream)
+                assert stats["l"]["switches_in"] >= 2, stats
+                assert stats["h"]["switches_in"] >= 1, stats
+            finally:
+                for viewer in viewers.values():
+                    await viewer.stop()
+
