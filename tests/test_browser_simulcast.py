@@ -65,20 +65,37 @@ class SizedViewer:
         await self.viewer.stop()
 
 
-def decoding(viewer: SizedViewer, size: tuple[int, int], frames: int) -> Any:
-    """Until ``frames`` consecutive decoded frames (from now on) have ``size``."""
+def decoding(viewer: SizedViewer, base_url: str, stream: str, rid: str, frames: int) -> Any:
+    """Until the last ``frames`` frames decoded from now on have layer ``rid``'s size, as the
+    node serving the viewer last saw it in that layer's key frames (Chromium may scale a
+    layer down under CPU load, always with a new key frame)."""
     start = len(viewer.sizes)
 
-    async def check() -> bool:
-        recent = viewer.sizes[start:]
-        run = 0
-        for s in recent:
-            run = run + 1 if s == size else 0
-        return run >= frames
+    async def check() -> tuple[int, int] | NotYet:
+        layers = await stream_layers(base_url, stream)
+        sizes = {r: tuple(v["size"]) for r, v in layers.items() if v.get("size")}
+        recent = viewer.sizes[start:][-frames:]
+        want = sizes.get(rid)
+        if (len(recent) == frames and want is not None and len(set(sizes.values())) == 3
+                and all(s == want for s in recent)):
+            return want
+        return NotYet(f"layer sizes {sizes}, frames decoded {len(viewer.sizes)}, "
+                      f"last {viewer.sizes[-3:]}")
 
     return check
 
 
+class NotYet:
+    """A falsy poll result that says what was seen (wait_for prints it on a timeout)."""
+
+    def __init__(self, seen: str) -> None:
+        self.seen = seen
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return self.seen
 async def stream_layers(base_url: str, stream: str) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=10) as http:
         response = await http.get(f"{base_url}/api/stats")
@@ -88,15 +105,39 @@ async def stream_layers(base_url: str, stream: str) -> dict[str, Any]:
     return {}
 
 
-@pytest.mark.timeout(240)
+async def relay_stats(base_url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.get(f"{base_url}/api/stats")
+    return dict(response.json())
+
+
+async def pinned(base_url: str, stream: str, rids: list[str | None], log: PageLog) -> None:
+    """Viewers of ``base_url`` pinned to ``rids`` (None: the default, the top layer) each
+    decode their layer's size."""
+    viewers = [SizedViewer(base_url, stream) for _ in rids]
+    try:
+        for rid, viewer in zip(rids, viewers, strict=True):
+            await viewer.start()
+            if rid is not None:
+                await viewer.pin(rid)
+        for rid, viewer in zip(rids, viewers, strict=True):
+            await wait_for(decoding(viewer, base_url, stream, rid or "h", 10), 45,
+                           f"{base_url} viewer on {rid or 'default'} decodes it", log)
+    finally:
+        for viewer in viewers:
+            await viewer.stop()
+
+
+@pytest.mark.timeout(300)
 async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
         redis_server: RedisServer) -> None:
     stream = "browser-simulcast"
     log = PageLog()
-    with cluster(redis_server.url, relays=1) as c:
+    # origin fan-out 1: relay-0 pulls from the origin, relay-1 cascades from relay-0
+    with cluster(redis_server.url, relays=2, relay_args=["--origin-fanout", "1"]) as c:
         async with chromium() as browser:
             host = await open_page(
-                browser, f"{c.origin.url}/host?stream={stream}#token={c.host_token()}", log, "host")
+                browser, f"{c.origin.url}/host?stream={stream}&simulcast=1#token={c.host_token()}", log, "host")
             await host.click("#go-live")
 
             async def three_layers() -> dict[str, Any] | None:
@@ -124,19 +165,31 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
                     else:
                         await viewer.pin(rid)
                 for rid, viewer in viewers.items():
-                    await wait_for(decoding(viewer, sizes[rid], 10), 45,
-                                   f"viewer pinned to {rid} decodes {sizes[rid]}", log)
+                    await wait_for(decoding(viewer, c.origin.url, stream, rid, 10), 45,
+                                   f"viewer pinned to {rid} decodes it", log)
                 # switch the top viewer down and back up: each switch at a key frame of the
                 # target layer, no decode error (aiortc's decoder would drop or skip frames)
                 top = viewers["h"]
                 for rid in ("l", "h"):
                     await top.pin(rid)
-                    await wait_for(decoding(top, sizes[rid], 15), 45,
-                                   f"switched viewer decodes {rid} {sizes[rid]}", log)
+                    await wait_for(decoding(top, c.origin.url, stream, rid, 15), 45,
+                                   f"switched viewer decodes {rid}", log)
                 stats = await stream_layers(c.origin.url, stream)
                 assert stats["l"]["switches_in"] >= 2, stats
                 assert stats["h"]["switches_in"] >= 1, stats
             finally:
                 for viewer in viewers.values():
                     await viewer.stop()
+
+            # through a relay: it pulls every layer from the origin (one pull per lower layer)
+            relay0, relay1 = c.relays
+            await pinned(relay0.url, stream, ["m", "l", None], log)
+            stats = await relay_stats(relay0.url)
+            (mine,) = [s for s in stats["streams"] if s["id"] == stream]
+            assert list(mine["layers"]) == ["h", "m", "l"], mine
+            # and across a cascade hop: relay-1 pulls the layers from relay-0, unchanged
+            await pinned(relay1.url, stream, ["l", "m", None], log)
+            stats = await relay_stats(relay1.url)
+            (pull,) = stats["upstreams"]
+            assert pull["depth"] == 1 and pull["url"] == relay0.url, pull
 

@@ -37,7 +37,7 @@ from lotcast.config import Settings
 from lotcast.ids import STREAM_ID_RULE, is_valid_stream_id
 from lotcast.media.peer import EgressSession, IngestSession, PeerSession
 from lotcast.media.sdp import SdpError, check_offer, parse_trickle
-from lotcast.media.stream import MediaStream, StreamRouter
+from lotcast.media.stream import LAYERS_HEADER, MediaStream, StreamRouter
 from lotcast.media.upstream import NotLiveError
 from lotcast.media.whep_events import JSON, ExtensionError, WhepEvents, link_headers, read_json_body
 from lotcast.tasks import cancel_and_wait
@@ -313,9 +313,14 @@ class WebRtcEndpoints:
         offer = await self._read_offer(request)
         summary = check_offer(offer, "play")
         stream = await self._playable(stream_id)
-        session = EgressSession(stream, summary, self.on_first_frame)
+        # ?layer=<rid>: one lower simulcast layer only (a relay's layer pull, docs/http-api.md)
+        session = EgressSession(stream, summary, self.on_first_frame,
+                                layer=request.query_params.get("layer") or None)
         answer = await session.answer(offer)
-        return await self._created(request, "whep", session, answer, identity)
+        response = await self._created(request, "whep", session, answer, identity)
+        if stream.layers:  # the simulcast layers, top first: a relay pulls the others too
+            response.headers[LAYERS_HEADER] = ",".join(stream.layers)
+        return response
 
     async def _playable(self, stream_id: str) -> MediaStream:
         try:

@@ -435,7 +435,7 @@ class TrackForwarder:
         now = time.monotonic()
         wait = self._last_keyframe_request + KEYFRAME_REQUEST_INTERVAL - now
         if wait <= 0 and self._send_keyframe_request(now):
-            if not self._waiting:
+            if not self._waiting and not self._switching:
                 return
             wait = KEYFRAME_REQUEST_INTERVAL  # viewers still waiting: ask again if none comes
         if self.keyframe_requester is not None and self._deferred_request is None:
@@ -446,7 +446,7 @@ class TrackForwarder:
 
     def _deferred_keyframe_request(self) -> None:
         self._deferred_request = None
-        if self._keyframe_wanted or self._waiting:
+        if self._keyframe_wanted or self._waiting or self._switching:
             self._keyframe_wanted = True
             self._try_keyframe_request()
 

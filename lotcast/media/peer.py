@@ -256,9 +256,17 @@ class EgressSession(PeerSession):
     kind = "egress"
 
     def __init__(self, stream: MediaStream, summary: OfferSummary,
-                 on_first_frame: Callable[[float], None] | None = None) -> None:
+                 on_first_frame: Callable[[float], None] | None = None,
+                 layer: str | None = None) -> None:
+        tracks = dict(stream.tracks)
+        if layer is not None:  # a child relay's pull of one lower simulcast layer
+            pinned = stream.layers.get(layer)
+            if pinned is None:
+                have = ", ".join(stream.layers) or "none (one layer)"
+                raise SdpError(422, f"stream has no simulcast layer {layer[:20]!r}; layers: {have}")
+            tracks = {"video": pinned}
         served = [
-            forwarder for kind, forwarder in stream.tracks.items()
+            forwarder for kind, forwarder in tracks.items()
             if forwarder.codec.mimeType.lower() in summary.kinds.get(kind, [])
         ]
         if not served:

@@ -44,6 +44,9 @@ SWITCH_TIMEOUT_S = 2.0
 OLD_SILENT_S = 0.5
 SWITCH_CHECK_S = 0.1
 SWITCH_WAITS_KEPT = 16
+# The 201 of a WHEP POST for a simulcast stream lists its layers, top first ("h,m,l"): a relay
+# pulling it pulls each lower layer too (``?layer=<rid>``, relay's MediaStream.attach_layer).
+LAYERS_HEADER = "Lotcast-Layers"
 
 
 class StreamState(enum.Enum):
@@ -126,6 +129,7 @@ class MediaStream:
         self.switch_ends: dict[str, int] = {end.value: 0 for end in SwitchEnd}
         self.switch_waits_ms: list[float] = []
         self._layers: dict[str, TrackForwarder] = {}
+        self._layer_sources: dict[str, int] = {}  # a relay's layer pulls: rid -> generation
         # rid -> (width, height) the simulcast offer declared (a=rid max-width/max-height)
         self.layer_sizes: dict[str, tuple[int, int]] = {}
 
@@ -151,13 +155,15 @@ class MediaStream:
         return {kind: fwd.codec for kind, fwd in self.tracks.items()}
 
     def attach_source(self, receivers: Receivers, at_keyframe: bool = False,
-                      rids: tuple[str, ...] = ()) -> int:
+                      rids: tuple[str, ...] = (), keep_layers: bool = False) -> int:
         """Feed this stream from these receivers; returns the source generation for detach.
 
         With ``at_keyframe`` and a live source feeding, the new one is pending: it takes over
         at its first video key frame (see the module docstring; ``wait_switched``). With
         ``rids`` the video receiver carries these simulcast layers (top first), each fed to a
-        forwarder of its own (``layers``)."""
+        forwarder of its own (``layers``). With ``keep_layers`` (a relay's pull, whose other
+        layers come from pulls of their own: ``set_layer_order``, ``attach_layer``) the
+        stream's layers stay as they are."""
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None
@@ -178,7 +184,7 @@ class MediaStream:
                 self._tap_layers(source, receiver, codec, forwarder)
             else:
                 self._tap(source, kind, receiver, forwarder)
-        if not source.rids and self._layers and not make_before_break:
+        if not source.rids and self._layers and not make_before_break and not keep_layers:
             self._drop_layers(())
         if not make_before_break:
             self._feed_from(source)
@@ -247,9 +253,62 @@ class MediaStream:
 
         source.demux = tap_simulcast_receiver(receiver, source.rids, on_packet, on_report)
 
+    # --- a relay's simulcast layers: one pull per layer below the top (relay/upstreams.py) ---
+
+    def set_layer_order(self, order: tuple[str, ...]) -> None:
+        """The layers the upstream carries, top first (its ``Lotcast-Layers``): the top one is
+        ``tracks["video"]`` (the main pull), the others get forwarders fed by `attach_layer`;
+        viewers of a layer that is gone move to the top one. Empty: one layer."""
+        top = self.tracks.get("video")
+        if top is None or len(order) < 2:
+            self._drop_layers(())
+            return
+        self._drop_layers(order)
+        self._layers = {rid: top if index == 0 else (self._layers.get(rid) or TrackForwarder(
+            "video", top.codec, self._output_ssrcs["video"])) for index, rid in enumerate(order)}
+
+    def attach_layer(self, rid: str, receiver: RTCRtpReceiver) -> int:
+        """Feed layer ``rid`` (not the top one) from this receiver; returns its generation for
+        `detach_layer`. A new receiver for a layer replaces the previous one at once (its
+        viewers wait for the new one's key frame, which is asked for)."""
+        forwarder = self._layers.get(rid)
+        if forwarder is None or forwarder is self.tracks.get("video"):
+            raise ValueError(f"stream {self.id} has no lower layer {rid!r}")
+        self.source_generation += 1
+        generation = self.source_generation
+        self._layer_sources[rid] = generation
+        sources = self._layer_sources
+
+        def on_packet(packet: RtpPacket) -> None:
+            if sources.get(rid) == generation:
+                forwarder.on_source_packet(packet)
+
+        def on_report(ssrc: int, ntp: int, rtp_timestamp: int) -> None:
+            if sources.get(rid) == generation:
+                forwarder.on_source_sender_report(ssrc, ntp, rtp_timestamp)
+
+        tap_receiver(receiver, on_packet, on_report)
+
+        def request() -> bool:
+            ssrc = forwarder.mapper.source_ssrc
+            if ssrc is None or sources.get(rid) != generation:
+                return False
+            request_keyframe(receiver, ssrc)
+            return True
+
+        forwarder.keyframe_requester = request
+        return generation
+
+    def detach_layer(self, rid: str, generation: int) -> None:
+        if self._layer_sources.get(rid) == generation:
+            del self._layer_sources[rid]
+            forwarder = self._layers.get(rid)
+            if forwarder is not None:
+                forwarder.keyframe_requester = None
+
     def _drop_layers(self, keep: tuple[str, ...]) -> None:
         """Layers the new source lacks: their viewers move to the top layer, at its next key
-        frame; the layer's forwarder closes once it has none left."""
+        frame; the layer's forwarder is dropped (unfed from now on)."""
         top = self.tracks.get("video")
         for rid, forwarder in list(self._layers.items()):
             if rid in keep or forwarder is top:

@@ -19,7 +19,7 @@ from aiortc import RTCPeerConnection, RTCRtpCodecParameters, RTCRtpReceiver
 from aiortc import RTCSessionDescription as SessionDescription
 
 from lotcast.media.aiortc_hooks import negotiated_codecs, new_peer_connection
-from lotcast.media.stream import MediaStream, StreamState
+from lotcast.media.stream import LAYERS_HEADER, MediaStream, StreamState
 from lotcast.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,10 @@ class UpstreamPull:
         self.consecutive_stalls = consecutive_stalls
         self.stalls = 0
         self._kinds: set[str] = set()
+        # the upstream's lower simulcast layers, one pull each (rid -> its peer connection)
+        self._layer_pcs: dict[str, RTCPeerConnection] = {}
+        self._layer_task: asyncio.Task[None] | None = None
+        self.layer_pull_failures = 0
 
     @property
     def peer_connection(self) -> RTCPeerConnection | None:
@@ -149,14 +153,71 @@ class UpstreamPull:
         self._pc = pc
         self._kinds = set(receivers)
         # a pull that replaces another feeding the stream takes over at its first key frame
-        self._generation = self.stream.attach_source(receivers, at_keyframe=True)
+        self._generation = self.stream.attach_source(receivers, at_keyframe=True,
+                                                     keep_layers=True)
+        order = tuple(r.strip() for r in response.headers.get(LAYERS_HEADER, "").split(",")
+                      if r.strip())
+        self.stream.set_layer_order(order if "video" in receivers else ())
         self._set_state(PullState.CONNECTED)
         self._watchdog = asyncio.ensure_future(self._watch(pc))
+        if len(order) > 1 and "video" in receivers:
+            self._layer_task = asyncio.ensure_future(self._pull_layers(pc, order[1:]))
 
         @pc.on("connectionstatechange")
         def _changed() -> None:
             if pc.connectionState in ("failed", "closed") and self._pc is pc:
                 self._lost()
+
+    async def _pull_layers(self, main: RTCPeerConnection, rids: tuple[str, ...]) -> None:
+        """One WHEP pull (video only, ``?layer=<rid>``) per lower simulcast layer, feeding that
+        layer's forwarder; they live as long as the main pull ``main``. A layer whose pull
+        fails stays unfed until the main pull reconnects (its viewers then see no video)."""
+        old, self._layer_pcs = self._layer_pcs, {}
+        for pc in old.values():
+            await pc.close()
+        for rid in rids:
+            if self._pc is not main:
+                return
+            try:
+                await self._pull_layer(main, rid)
+            except (NotLiveError, httpx.HTTPError, ValueError) as exc:
+                self.layer_pull_failures += 1
+                logger.warning("upstream %s: pull of layer %s failed: %r", self.stream.id, rid, exc)
+
+    async def _pull_layer(self, main: RTCPeerConnection, rid: str) -> None:
+        pc = new_peer_connection()
+        pc.addTransceiver("video", direction="recvonly")
+        try:
+            await pc.setLocalDescription(await pc.createOffer())
+            response = await self._http.post(
+                f"{self.upstream_url}/whep/{self.stream.id}", params={"layer": rid},
+                content=pc.localDescription.sdp.encode(),
+                headers={"Content-Type": "application/sdp"}, follow_redirects=True,
+                timeout=self._answer_timeout)
+            if response.status_code != 201:
+                raise NotLiveError(f"upstream answered {response.status_code}: {response.text}")
+            await pc.setRemoteDescription(SessionDescription(sdp=response.text, type="answer"))
+            receiver = next((t.receiver for t in pc.getTransceivers()
+                             if t.kind == "video" and negotiated_codecs(t)), None)
+            if receiver is None or self._pc is not main:
+                raise NotLiveError("no video layer negotiated, or the main pull went")
+            generation = self.stream.attach_layer(rid, receiver)
+        except BaseException:
+            await pc.close()
+            raise
+        self._layer_pcs[rid] = pc
+
+        @pc.on("connectionstatechange")
+        def _changed() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                self.stream.detach_layer(rid, generation)
+
+    async def _close_layers(self) -> None:
+        await cancel_and_wait(self._layer_task)
+        self._layer_task = None
+        pcs, self._layer_pcs = self._layer_pcs, {}
+        for pc in pcs.values():
+            await pc.close()
 
     async def _watch(self, pc: RTCPeerConnection) -> None:
         kind = watched_kind(self._kinds)
@@ -198,6 +259,7 @@ class UpstreamPull:
             self._retry_task = asyncio.ensure_future(self._reconnect(pc))
 
     async def _reconnect(self, old: RTCPeerConnection | None) -> None:
+        await self._close_layers()
         if old is not None:
             await old.close()
         deadline = time.monotonic() + self._retry_window
@@ -222,6 +284,7 @@ class UpstreamPull:
         self._set_state(PullState.CLOSED)
         await cancel_and_wait(self._watchdog)
         await cancel_and_wait(self._retry_task)
+        await self._close_layers()
         pc, self._pc = self._pc, None
         if pc is not None:
             await pc.close()

@@ -198,8 +198,9 @@ function originOf(url) {
 
 /** A new WhipPublisher whose state changes drive the page while it is the current one. */
 function newPublisher(endpoint, negotiation) {
-  // simulcast unless the page asks for one layer (?simulcast=0)
-  const simulcast = new URLSearchParams(location.search).get("simulcast") !== "0";
+  // three simulcast layers with ?simulcast=1 (one layer by default for now: see
+  // docs/operations.md "Simulcast")
+  const simulcast = new URLSearchParams(location.search).get("simulcast") === "1";
   const pub = new WhipPublisher(endpoint, { token, simulcast });
   pub.addEventListener("statechange", (ev) => {
     if (publisher !== pub) return;
