@@ -45,14 +45,15 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-import websockets
+from lean_watchers import WatcherPool
+from ws_bench import wait_relay_settled
 
 from lotcast.auth import Role, TokenAuthority
 from lotcast.config import DEV_JWT_SECRET
 from lotcast.interactive.client import RoomClient
 from lotcast.interactive.devserver import DevServerProcess
-from lotcast.interactive.protocol import encode_client
 from lotcast.redis_cluster import LocalRedisCluster
 from lotcast.redis_server import RedisServer
 
@@ -81,18 +82,6 @@ class Step:
     seconds: float = 0.0
 
 
-async def watcher(url: str, room: str, stop: asyncio.Event, frames: list[int]) -> None:
-    ws_url = url.replace("http://", "ws://") + f"/ws/{room}"
-    async with websockets.connect(ws_url, max_size=None) as ws:
-        await ws.send(encode_client("hello", cid="h"))
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(ws.recv(), 1.0)
-                frames[0] += 1
-            except TimeoutError:
-                continue
-
-
 async def run(args: argparse.Namespace) -> None:
     redis: RedisServer | LocalRedisCluster
     redis = LocalRedisCluster(3, 1) if args.redis == "cluster" else RedisServer()
@@ -102,12 +91,12 @@ async def run(args: argparse.Namespace) -> None:
                 else [redis.pid] if redis.pid else [])
         extra = ("--bid-rate", "0", "--vote-rate", "0", "--ws-msg-rate", "0")
         with DevServerProcess(redis.url, *extra, jwt_secret=DEV_JWT_SECRET) as node:
-            await measure(args, node.url, pids)
+            await measure(args, node.url, pids, node._proc.pid)
     finally:
         redis.close()
 
 
-async def measure(args: argparse.Namespace, url: str, pids: list[int]) -> None:
+async def measure(args: argparse.Namespace, url: str, pids: list[int], node_pid: int) -> None:
     rooms = [f"bench-{i}" for i in range(args.rooms)]
     bidders: list[RoomClient] = []
     lots: list[str] = []
@@ -125,16 +114,36 @@ async def measure(args: argparse.Namespace, url: str, pids: list[int]) -> None:
                  for r in rooms[group:group + 50]]
         await asyncio.gather(*(b.connect() for b in batch))
         bidders += batch
-    stop = asyncio.Event()
-    frames = [0]
-    watchers = []
-    for r in rooms:
-        for _ in range(args.watchers):
-            watchers.append(asyncio.create_task(watcher(url, r, stop, frames)))
-        await asyncio.sleep(0.002 * args.watchers)
-    await asyncio.sleep(2)
-    print(f"{args.redis} (acks: {args.ack}): {len(rooms)} rooms x {args.watchers} watchers, "
-          f"{len(bidders)} bidders")
+    pool = WatcherPool(url, rooms, args.watchers, args.workers, ramp_batch=args.ramp_batch)
+    try:
+        await steps_run(args, rooms, bidders, lots, pids, node_pid, pool)
+    finally:
+        await asyncio.to_thread(pool.close)
+        for b in bidders:
+            await b.close()
+
+
+def watcher_line(m0: list[dict[str, Any]], m1: list[dict[str, Any]], seconds: float) -> str:
+    """The watcher processes' own CPU, loop lag and frames over one step."""
+    cpu = [(b["cpu_s"] - a["cpu_s"]) / seconds for a, b in zip(m0, m1, strict=True)]
+    frames = sum(b["frames"] - a["frames"] for a, b in zip(m0, m1, strict=True))
+    lost = sum(b["stats"].get("disconnects", 0) - a["stats"].get("disconnects", 0)
+               for a, b in zip(m0, m1, strict=True))
+    return (f"      watchers: {len(m1)} processes {sum(cpu) * 100:4.0f}% CPU in all (busiest "
+            f"{max(cpu) * 100:3.0f}% of a core), loop lag p99 "
+            f"{max(m['lag_p99_ms'] for m in m1):6.1f} ms max {max(m['lag_max_ms'] for m in m1):6.1f}"
+            f" ms, {frames / seconds:8.0f} frames/s, {sum(m['connected'] for m in m1)} connected,"
+            f" {lost} lost")
+
+
+async def steps_run(args: argparse.Namespace, rooms: list[str], bidders: list[RoomClient],
+                    lots: list[str], pids: list[int], node_pid: int, pool: WatcherPool) -> None:
+    connected, ramp_s, stats = await asyncio.to_thread(pool.wait_ready)
+    await asyncio.to_thread(wait_relay_settled, node_pid, 60.0, ramp_s)
+    failed = {k: v for k, v in stats.items() if v}
+    print(f"{args.redis} (acks: {args.ack}): {len(rooms)} rooms x {args.watchers} watchers "
+          f"({connected} connected in {ramp_s:.0f} s over {len(pool.procs)} processes"
+          f"{f', {failed}' if failed else ''}), {len(bidders)} bidders")
     amounts = [1] * len(rooms)
     steps = []
     rates = [int(r) for r in args.rates.split(",")]
@@ -152,6 +161,8 @@ async def measure(args: argparse.Namespace, url: str, pids: list[int]) -> None:
             else:
                 step.errors += 1
 
+        m0 = await asyncio.to_thread(pool.mark)
+        own0, node0 = cpu_seconds([os.getpid()]), cpu_seconds([node_pid])
         cpu0, t0 = cpu_seconds(pids), time.perf_counter()
         total = int(rate * args.seconds)
         for n in range(total):
@@ -166,6 +177,8 @@ async def measure(args: argparse.Namespace, url: str, pids: list[int]) -> None:
         await asyncio.gather(*pending, return_exceptions=True)
         step.seconds = time.perf_counter() - t0
         step.redis_cpu = cpu_seconds(pids) - cpu0
+        own, node_cpu = cpu_seconds([os.getpid()]) - own0, cpu_seconds([node_pid]) - node0
+        m1 = await asyncio.to_thread(pool.mark)
         steps.append(step)
         acks = sorted(step.acks) or [0.0]
         p50, p99 = acks[len(acks) // 2], acks[min(len(acks) - 1, int(len(acks) * 0.99))]
@@ -174,17 +187,16 @@ async def measure(args: argparse.Namespace, url: str, pids: list[int]) -> None:
               f"{len(step.acks) / step.seconds:7.1f}/s  ack p50 {p50:6.2f} ms  p99 {p99:7.2f} ms"
               f"  max {acks[-1]:7.1f} ms  errors {step.errors}  Redis CPU {cpu_us:6.1f} us/bid",
               flush=True)
+        load = os.getloadavg()
+        print(f"{watcher_line(m0, m1, step.seconds)}\n      node {node_cpu / step.seconds * 100:.0f}%"
+              f" CPU, bidders' process {own / step.seconds * 100:.0f}%, Redis "
+              f"{step.redis_cpu / step.seconds * 100:.0f}%; load average {load[0]:.1f}", flush=True)
+        frames_total = sum(m["frames"] for m in m1)
         if warmup:
             steps.pop()
-    stop.set()
-    for t in watchers:
-        t.cancel()
-    await asyncio.gather(*watchers, return_exceptions=True)
-    for b in bidders:
-        await b.close()
     over = next((s.rate for s in steps if s.acks and
                  sorted(s.acks)[int(len(s.acks) * 0.99)] > P99_LIMIT_MS), None)
-    print(f"  watcher frames received: {frames[0]}; ack p99 passes {P99_LIMIT_MS:.0f} ms at: "
+    print(f"  watcher frames received: {frames_total}; ack p99 passes {P99_LIMIT_MS:.0f} ms at: "
           f"{f'{over} bids/s' if over else 'not within the rates tried'}")
 
 
@@ -197,6 +209,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--ack", choices=["off", "wait", "auto"], default="auto",
                         help="the node's redis_ack policy (durable acks wait for a replica)")
+    parser.add_argument("--workers", type=int, default=2, help="watcher processes (uvloop)")
+    parser.add_argument("--ramp-batch", type=int, default=40,
+                        help="concurrent watcher connects per process")
     args = parser.parse_args()
     os.environ["LOTCAST_REDIS_ACK"] = args.ack  # inherited by the node process
     asyncio.run(run(args))
