@@ -44,7 +44,9 @@ import asyncio
 import contextlib
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lean_watchers import WatcherPool
@@ -72,12 +74,21 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK
 
 
+def run_queue_wait(pid: int) -> float:
+    """Seconds the process's main thread was runnable but waiting for a CPU (the kernel's
+    schedstat): when it grows, the machine, not the process, was the limit."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 @dataclass
 class Step:
     rate: int
     sent: int = 0
     acks: list[float] = field(default_factory=list)  # ms
-    errors: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # error code -> count
     redis_cpu: float = 0.0
     seconds: float = 0.0
 
@@ -159,10 +170,11 @@ async def steps_run(args: argparse.Namespace, rooms: list[str], bidders: list[Ro
             if reply["type"] == "ack":
                 step.acks.append((time.perf_counter() - sent) * 1000)
             else:
-                step.errors += 1
+                step.errors[str(reply.get("code"))] += 1
 
         m0 = await asyncio.to_thread(pool.mark)
         own0, node0 = cpu_seconds([os.getpid()]), cpu_seconds([node_pid])
+        wait0 = run_queue_wait(node_pid)
         cpu0, t0 = cpu_seconds(pids), time.perf_counter()
         total = int(rate * args.seconds)
         for n in range(total):
@@ -178,6 +190,7 @@ async def steps_run(args: argparse.Namespace, rooms: list[str], bidders: list[Ro
         step.seconds = time.perf_counter() - t0
         step.redis_cpu = cpu_seconds(pids) - cpu0
         own, node_cpu = cpu_seconds([os.getpid()]) - own0, cpu_seconds([node_pid]) - node0
+        node_wait = run_queue_wait(node_pid) - wait0
         m1 = await asyncio.to_thread(pool.mark)
         steps.append(step)
         acks = sorted(step.acks) or [0.0]
@@ -185,11 +198,12 @@ async def steps_run(args: argparse.Namespace, rooms: list[str], bidders: list[Ro
         cpu_us = step.redis_cpu / max(1, len(step.acks)) * 1e6
         print(f"  {'warm-up' if warmup else 'target'} {rate:5d}/s: acked "
               f"{len(step.acks) / step.seconds:7.1f}/s  ack p50 {p50:6.2f} ms  p99 {p99:7.2f} ms"
-              f"  max {acks[-1]:7.1f} ms  errors {step.errors}  Redis CPU {cpu_us:6.1f} us/bid",
+              f"  max {acks[-1]:7.1f} ms  errors {dict(step.errors) or 0}  Redis CPU {cpu_us:6.1f} us/bid",
               flush=True)
         load = os.getloadavg()
         print(f"{watcher_line(m0, m1, step.seconds)}\n      node {node_cpu / step.seconds * 100:.0f}%"
-              f" CPU, bidders' process {own / step.seconds * 100:.0f}%, Redis "
+              f" CPU (runnable but waiting for a CPU {node_wait / step.seconds * 100:.0f}% of the "
+              f"time), bidders' process {own / step.seconds * 100:.0f}%, Redis "
               f"{step.redis_cpu / step.seconds * 100:.0f}%; load average {load[0]:.1f}", flush=True)
         frames_total = sum(m["frames"] for m in m1)
         if warmup:
