@@ -13,7 +13,7 @@ import httpx
 import pytest
 from aiortc import RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from browser_support import PageLog, chromium, cluster, open_page, wait_for
+from browser_support import PageLog, chromium, cluster, open_page, page_state, playing_on, wait_for
 from media_support import Viewer, http_client
 from sse_support import Session, parse_links, subscribed
 
@@ -79,8 +79,10 @@ def decoding(viewer: SizedViewer, base_url: str, stream: str, rid: str, frames: 
         if (len(recent) == frames and want is not None and len(set(sizes.values())) == 3
                 and all(s == want for s in recent)):
             return want
-        return NotYet(f"layer sizes {sizes}, frames decoded {len(viewer.sizes)}, "
-                      f"last {viewer.sizes[-3:]}")
+        flow = {r: (v["packets_in"], v["keyframe_requests"], v["switches_in"])
+                for r, v in layers.items()}
+        return NotYet(f"layer sizes {sizes}, (packets in, key-frame requests, switches in) "
+                      f"{flow}, frames decoded {len(viewer.sizes)}, last {viewer.sizes[-3:]}")
 
     return check
 
@@ -103,6 +105,18 @@ async def stream_layers(base_url: str, stream: str) -> dict[str, Any]:
         if s.get("id") == stream:
             return dict(s.get("layers") or {})
     return {}
+
+
+async def outbound(host: Any) -> Any:
+    """The host page's video layers as Chromium sends them (for failure messages)."""
+    return await host.evaluate("""async () => {
+        const out = [];
+        (await window.lotcast.publisher.pc.getStats()).forEach((s) => {
+            if (s.type === 'outbound-rtp' && s.kind === 'video') out.push([s.rid, s.frameWidth,
+                s.framesPerSecond, s.qualityLimitationReason, s.bytesSent]);
+        });
+        return out;
+    }""")
 
 
 async def relay_stats(base_url: str) -> dict[str, Any]:
@@ -136,8 +150,8 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
     # origin fan-out 1: relay-0 pulls from the origin, relay-1 cascades from relay-0
     with cluster(redis_server.url, relays=2, relay_args=["--origin-fanout", "1"]) as c:
         async with chromium() as browser:
-            host = await open_page(
-                browser, f"{c.origin.url}/host?stream={stream}&simulcast=1#token={c.host_token()}", log, "host")
+            host_url = f"{c.origin.url}/host?stream={stream}&simulcast=1#token={c.host_token()}"
+            host = await open_page(browser, host_url, log, "host")
             await host.click("#go-live")
 
             async def three_layers() -> dict[str, Any] | None:
@@ -172,8 +186,13 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
                 top = viewers["h"]
                 for rid in ("l", "h"):
                     await top.pin(rid)
-                    await wait_for(decoding(top, c.origin.url, stream, rid, 15), 45,
-                                   f"switched viewer decodes {rid}", log)
+                    log.add(f"host outbound before the switch to {rid}: {await outbound(host)}")
+                    try:
+                        await wait_for(decoding(top, c.origin.url, stream, rid, 15), 45,
+                                       f"switched viewer decodes {rid}", log)
+                    except AssertionError as exc:
+                        raise AssertionError(f"{exc}\nhost outbound now: {await outbound(host)}"
+                                             ) from None
                 stats = await stream_layers(c.origin.url, stream)
                 assert stats["l"]["switches_in"] >= 2, stats
                 assert stats["h"]["switches_in"] >= 1, stats
@@ -192,4 +211,30 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
             stats = await relay_stats(relay1.url)
             (pull,) = stats["upstreams"]
             assert pull["depth"] == 1 and pull["url"] == relay0.url, pull
+
+            # the watch page on the cascade child: its quality menu lists the layers, and Low /
+            # High switch what Chromium decodes (its getStats counts no decode failure)
+            page = await open_page(browser, f"{relay1.url}/watch?stream={stream}", log, "viewer")
+            await wait_for(playing_on(page, relay1.url, 10), 60, "watch page playing", log)
+            await wait_for(lambda: page.is_visible("#quality-wrap"), 20, "quality menu shown", log)
+            sizes = {rid: tuple(v["size"]) for rid, v in (await stream_layers(
+                relay1.url, stream)).items()}
+            for choice, rid in (("low", "l"), ("high", "h"), ("medium", "m")):
+                await page.select_option("#quality", choice)
+
+                async def shows(rid: str = rid) -> bool:
+                    state = await page_state(page)
+                    return (state.get("videoWidth"), state.get("videoHeight")) == sizes[rid]
+
+                await wait_for(shows, 45, f"watch page decodes {choice} {sizes[rid]}", log)
+            decoded = await page.evaluate("""async () => {
+                let out = null;
+                (await window.lotcast.pc.getStats()).forEach((s) => {
+                    if (s.type === 'inbound-rtp' && s.kind === 'video') out = s;
+                });
+                return out && {framesDecoded: out.framesDecoded, pliCount: out.pliCount,
+                               keyFramesDecoded: out.keyFramesDecoded};
+            }""")
+            # each switch started at a key frame of the new layer
+            assert decoded["keyFramesDecoded"] >= 4, decoded
 
