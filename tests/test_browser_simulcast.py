@@ -17,6 +17,7 @@ from browser_support import PageLog, chromium, cluster, open_page, page_state, p
 from media_support import Viewer, http_client
 from sse_support import Session, parse_links, subscribed
 
+from lotcast.media.aiortc_hooks import drop_incoming_rtp
 from lotcast.redis_server import RedisServer
 
 
@@ -83,6 +84,19 @@ def decoding(viewer: SizedViewer, base_url: str, stream: str, rid: str, frames: 
                 for r, v in layers.items()}
         return NotYet(f"layer sizes {sizes}, (packets in, key-frame requests, switches in) "
                       f"{flow}, frames decoded {len(viewer.sizes)}, last {viewer.sizes[-3:]}")
+
+    return check
+
+
+def lower(viewer: SizedViewer, base_url: str, stream: str) -> Any:
+    """Until the last 5 frames decoded from now on are all of a layer below the top one."""
+    start = len(viewer.sizes)
+
+    async def check() -> bool:
+        layers = await stream_layers(base_url, stream)
+        below = {tuple(v["size"]) for rid, v in layers.items() if rid != "h" and v.get("size")}
+        recent = viewer.sizes[start:][-5:]
+        return len(recent) == 5 and all(s in below for s in recent)
 
     return check
 
@@ -237,4 +251,28 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
             }""")
             # each switch started at a key frame of the new layer
             assert decoded["keyFramesDecoded"] >= 4, decoded
+
+            # automatic layer: a viewer that never pinned one loses 40 % of its packets, by
+            # sequence number, so retransmissions are lost too (a fault injected on its side,
+            # before decryption) and is moved down; once the loss ends it is moved back up
+            auto = SizedViewer(c.origin.url, stream)
+            lossy = {"on": False}
+
+            def lose(data: bytes) -> bool:
+                return lossy["on"] and ((data[2] << 8) | data[3]) % 5 < 2
+
+            try:
+                await auto.start()
+                dtls = auto.viewer.pc.getTransceivers()[1].receiver.transport
+                drop_incoming_rtp(dtls, lose)
+                await wait_for(decoding(auto, c.origin.url, stream, "h", 10), 45,
+                               "automatic viewer starts on the top layer", log)
+                lossy["on"] = True
+                await wait_for(lower(auto, c.origin.url, stream), 45,
+                               "lossy automatic viewer moved down", log)
+                lossy["on"] = False
+                await wait_for(decoding(auto, c.origin.url, stream, "h", 10), 60,
+                               "automatic viewer back on the top layer", log)
+            finally:
+                await auto.stop()
 

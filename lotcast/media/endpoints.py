@@ -314,8 +314,10 @@ class WebRtcEndpoints:
         summary = check_offer(offer, "play")
         stream = await self._playable(stream_id)
         # ?layer=<rid>: one lower simulcast layer only (a relay's layer pull, docs/http-api.md)
+        # ?auto=0: no automatic layer choice (a relay's main pull: its top layer as it is)
         session = EgressSession(stream, summary, self.on_first_frame,
-                                layer=request.query_params.get("layer") or None)
+                                layer=request.query_params.get("layer") or None,
+                                auto_layer=request.query_params.get("auto") != "0")
         answer = await session.answer(offer)
         response = await self._created(request, "whep", session, answer, identity)
         if stream.layers:  # the simulcast layers, top first: a relay pulls the others too

@@ -125,7 +125,7 @@ class UpstreamPull:
             await pc.setLocalDescription(await pc.createOffer())
             url = f"{self.upstream_url}/whep/{self.stream.id}"
             response = await self._http.post(
-                url, content=pc.localDescription.sdp.encode(),
+                url, params={"auto": "0"}, content=pc.localDescription.sdp.encode(),
                 headers={"Content-Type": "application/sdp"}, follow_redirects=True,
                 timeout=self._answer_timeout,
             )
