@@ -11,6 +11,7 @@ from urllib.parse import urljoin
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from aiortc import RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from browser_support import PageLog, chromium, cluster, open_page, page_state, playing_on, wait_for
@@ -18,6 +19,7 @@ from media_support import Viewer, http_client
 from sse_support import Session, parse_links, subscribed
 
 from lotcast.media.aiortc_hooks import drop_incoming_rtp
+from lotcast.ops.registry import read_live_nodes
 from lotcast.redis_server import RedisServer
 
 
@@ -80,9 +82,9 @@ def decoding(viewer: SizedViewer, base_url: str, stream: str, rid: str, frames: 
         if (len(recent) == frames and want is not None and len(set(sizes.values())) == 3
                 and all(s == want for s in recent)):
             return want
-        flow = {r: (v["packets_in"], v["keyframe_requests"], v["switches_in"])
+        flow = {r: (v["packets_in"], v["keyframe_requests"], v["switches_in"], v["viewers"])
                 for r, v in layers.items()}
-        return NotYet(f"layer sizes {sizes}, (packets in, key-frame requests, switches in) "
+        return NotYet(f"layer sizes {sizes}, (packets in, key-frame requests, switches in, viewers) "
                       f"{flow}, frames decoded {len(viewer.sizes)}, last {viewer.sizes[-3:]}")
 
     return check
@@ -131,6 +133,15 @@ async def outbound(host: Any) -> Any:
         });
         return out;
     }""")
+
+
+async def carried_by(redis_url: str, node_id: str, stream: str) -> bool:
+    redis = aioredis.from_url(redis_url)
+    try:
+        nodes = await read_live_nodes(redis)
+    finally:
+        await redis.aclose()
+    return any(n.node_id == node_id and n.carries(stream) for n in nodes)
 
 
 async def relay_stats(base_url: str) -> dict[str, Any]:
@@ -220,7 +231,10 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
             stats = await relay_stats(relay0.url)
             (mine,) = [s for s in stats["streams"] if s["id"] == stream]
             assert list(mine["layers"]) == ["h", "m", "l"], mine
-            # and across a cascade hop: relay-1 pulls the layers from relay-0, unchanged
+            # and across a cascade hop: relay-1 pulls the layers from relay-0, unchanged (once
+            # relay-0's heartbeat says it carries the stream, relay-1 cascades from it)
+            await wait_for(lambda: carried_by(c.redis_url, "relay-0", stream), 30,
+                           "relay-0 registered as carrying the stream", log)
             await pinned(relay1.url, stream, ["l", "m", None], log)
             stats = await relay_stats(relay1.url)
             (pull,) = stats["upstreams"]

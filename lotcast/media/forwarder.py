@@ -31,6 +31,7 @@ from lotcast.media.rtp import (
     SequenceMapper,
     build_packet,
     keyframe_detector,
+    seq_newer,
     shifted,
     vp8_keyframe_size,
     with_payload_type,
@@ -81,8 +82,8 @@ class ForwardSink:
     """One viewer's copy of one track."""
 
     __slots__ = ("aiortc_reports", "base_octets", "base_packets", "cancel_refresh", "closed",
-                 "on_first_packet", "on_switched", "packet_sender", "payload_type", "report",
-                 "rtp_sender", "seq_delta", "ts_delta", "waiting_keyframe")
+                 "first_seq", "on_first_packet", "on_switched", "packet_sender", "payload_type",
+                 "report", "rtp_sender", "seq_delta", "ts_delta", "waiting_keyframe")
 
     def __init__(self, packet_sender: PacketSender, rtp_sender: RTCRtpSender, payload_type: int,
                  on_first_packet: Callable[[], None] | None = None,
@@ -105,6 +106,9 @@ class ForwardSink:
         # simulcast layers (each layer numbers its own packets)
         self.seq_delta = 0
         self.ts_delta = 0
+        # the viewer's seq of the first packet from this forwarder after a layer switch: a NACK
+        # for an older one asks for the old layer's packet, which this history does not have
+        self.first_seq: int | None = None
         # called with the new forwarder when a layer switch completes
         self.on_switched: Callable[[TrackForwarder], None] | None = None
 
@@ -406,7 +410,10 @@ class TrackForwarder:
         if sink.closed or sink.packet_sender.protect is None:
             return
         shift = sink.seq_delta or sink.ts_delta
+        first = sink.first_seq
         for wire_seq in sequence_numbers:
+            if first is not None and seq_newer(first, wire_seq):
+                continue
             seq = (wire_seq - sink.seq_delta) % SEQ_MOD
             slot = seq % HISTORY_SIZE
             data = self._history[slot]
@@ -493,6 +500,7 @@ class TrackForwarder:
             old._release(sink)
             sink.seq_delta = (viewer_seq + 1 - seq) % SEQ_MOD
             sink.ts_delta = (viewer_ts + gap - ts) % TS_MOD
+            sink.first_seq = (viewer_seq + 1) % SEQ_MOD
             sink.waiting_keyframe = False
             sink.base_packets = self.packets_in
             sink.base_octets = self.octets_in
