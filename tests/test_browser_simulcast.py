@@ -209,6 +209,15 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
                 # switch the top viewer down and back up: each switch at a key frame of the
                 # target layer, no decode error (aiortc's decoder would drop or skip frames)
                 top = viewers["h"]
+
+                async def top_layer_steady() -> bool:
+                    # Chromium ramps its top layer up over its first seconds; a switch back to
+                    # it while it ran at a few frames/s has left the aiortc viewer without a
+                    # decoded frame (seen twice, not understood yet: see the issue 11 report)
+                    return any(rid == "h" and (fps or 0) >= 15
+                               for rid, _w, fps, _q, _b in await outbound(host))
+
+                await wait_for(top_layer_steady, 30, "Chromium's top layer at >= 15 fps", log)
                 for rid in ("l", "h"):
                     await top.pin(rid)
                     log.add(f"host outbound before the switch to {rid}: {await outbound(host)}")
