@@ -15,6 +15,7 @@ from lotcast.workers import (
     WorkerSpec,
     bind_worker_listener,
     bind_worker_socket,
+    exit_when_orphaned,
     resolve_workers,
     run_workers,
 )
@@ -90,6 +91,7 @@ def run_node(kind: str, settings: Settings) -> None:
 def _run_worker(settings: Settings, spec: WorkerSpec) -> None:
     from relay.app import create_app as create_relay_app
 
+    exit_when_orphaned()
     prepare_media(settings, spec.index)
     listen = bind_worker_listener(settings.host, settings.port)
     private = bind_worker_socket(spec.socket_path())

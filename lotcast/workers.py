@@ -132,6 +132,29 @@ def bind_worker_socket(path: Path) -> socket.socket:
     return sock
 
 
+# A worker whose parent died exits after this long even if its own shutdown is stuck.
+ORPHAN_EXIT_S = 5.0
+
+
+def exit_when_orphaned(poll: float = 0.5) -> threading.Thread:
+    """In a worker: a daemon thread that ends the process once its parent (the node's parent
+    process) is gone. The parent-death signal (SIGINT) asks for a clean shutdown first; a thread
+    that only watches the parent id still ends a worker whose loop never finishes it, which
+    would otherwise go on heartbeating as the node into the registry."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        log.warning("parent %d gone: exiting in %.0f s at the latest", parent, ORPHAN_EXIT_S)
+        time.sleep(ORPHAN_EXIT_S)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="orphan-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """Every setting as its LOTCAST_* variable: how the parent hands its whole configuration
     (flags and environment alike) to a worker started with no flags."""

@@ -239,3 +239,21 @@ async def test_two_workers_one_node(redis_server: RedisServer,
             finally:
                 await asyncio.gather(*(v.stop() for v in viewers), return_exceptions=True)
                 await publisher.stop()
+
+
+@pytest.mark.timeout(90)
+async def test_kill_9_of_the_node_parent_leaves_no_worker_behind(redis_server: RedisServer) -> None:
+    """A worker outliving its parent would keep heartbeating as the node (seen in CI: an orphan
+    relay-0 worker in the registry for minutes). Each worker gets SIGINT when its parent dies
+    and exits at the latest ORPHAN_EXIT_S after noticing the parent is gone."""
+    with running_cluster(redis_server, relay_args=["--workers", "2"]) as cluster:
+        relay = cluster.relay
+        workers = [psutil.Process(pid) for pid in relay.info["worker_pids"]]
+        assert len(workers) == 2 and all(w.is_running() for w in workers)
+        relay.kill()  # SIGKILL of the parent: it stops nothing itself
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(
+                w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers):
+            await asyncio.sleep(0.2)
+        left = [w.pid for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+        assert left == [], f"workers {left} outlived their parent"
