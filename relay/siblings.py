@@ -71,9 +71,9 @@ class Siblings:
     async def ask(self, worker: int, method: str, path: str, headers: Mapping[str, str],
                   body: bytes = b"") -> httpx.Response | None:
         """One sibling's answer, or None when it cannot be reached (dead, restarting)."""
-        sent = {k: v for k, v in headers.items() if k.lower() not in ("host", "content-length")}
         try:
-            return await self._clients[worker].request(method, path, headers=sent, content=body)
+            return await self._clients[worker].request(method, path, headers=_forwarded(headers),
+                                                       content=body)
         except httpx.HTTPError as exc:
             log.info("worker w%d unreachable for %s %s: %r", worker, method, path, exc)
             return None
@@ -91,7 +91,7 @@ class Siblings:
                           headers: Mapping[str, str]) -> httpx.Response | None:
         """The first sibling answer other than 404, its body not read yet (an event stream):
         the caller reads it with ``aiter_raw`` and must ``aclose`` it."""
-        sent = {k: v for k, v in headers.items() if k.lower() not in ("host", "content-length")}
+        sent = _forwarded(headers)
         for worker in self.spec.siblings():
             client = self._clients[worker]
             try:
@@ -117,6 +117,11 @@ class Siblings:
     async def close(self) -> None:
         for client in self._clients.values():
             await client.aclose()
+
+
+def _forwarded(headers: Mapping[str, str]) -> dict[str, str]:
+    """A client's request headers as sent on to a sibling (which sets its own host and length)."""
+    return {k: v for k, v in headers.items() if k.lower() not in ("host", "content-length")}
 
 
 def relayed(answer: httpx.Response) -> Response:

@@ -16,21 +16,26 @@ that batch has arrived, goes out together one interval later.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import struct
 from collections.abc import Iterator
 
 import msgpack
 import pytest
-from ws_support import Watcher, hub_stats, node_stats, until
+from ws_support import (
+    Watcher,
+    assert_native_writer_built,
+    hub_stats,
+    native_and_fallback_nodes,
+    node_stats,
+    until,
+)
 
 from lotcast.auth import Role, TokenAuthority
 from lotcast.config import DEV_JWT_SECRET
-from lotcast.interactive import _wswrite, wswrite
+from lotcast.interactive import _wswrite
 from lotcast.interactive.client import RoomClient
 from lotcast.interactive.devserver import DevServerProcess
-from lotcast.interactive.outbox import SNDBUF_ENV
 from lotcast.redis_server import RedisServer
 
 AUTHORITY = TokenAuthority(DEV_JWT_SECRET)
@@ -45,32 +50,15 @@ RCVBUF = 4096
 
 @pytest.fixture(autouse=True)
 def native_writer_built() -> None:
-    assert wswrite.enabled(), (f"native writer not built ({wswrite.IMPORT_ERROR}); install gcc "
-                               "and the Python headers, then pip install -e .")
+    assert_native_writer_built()
 
 
 @pytest.fixture(scope="module")
 def nodes(redis_server: RedisServer) -> Iterator[tuple[DevServerProcess, DevServerProcess]]:
     args = ("--bid-rate", "0", "--ws-msg-rate", "0", "--ws-flush-interval-ms", str(INTERVAL_MS))
-    native = DevServerProcess(redis_server.url, *args, jwt_secret=DEV_JWT_SECRET)
-    fallback = DevServerProcess(redis_server.url, *args, jwt_secret=DEV_JWT_SECRET)
-    saved = {k: os.environ.get(k) for k in (wswrite.ENV, SNDBUF_ENV)}
-    os.environ[SNDBUF_ENV] = str(SNDBUF)
-    try:
-        try:
-            native.start()
-            os.environ[wswrite.ENV] = "0"
-            fallback.start()
-        finally:  # the nodes keep what they inherited; this process's environment is restored
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        yield native, fallback
-    finally:
-        fallback.stop()
-        native.stop()
+    # server side: every large batch comes up short
+    with native_and_fallback_nodes(redis_server.url, args, SNDBUF) as pair:
+        yield pair
 
 
 def acked(bidder: Watcher) -> set[str]:

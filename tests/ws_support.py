@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
@@ -14,6 +16,10 @@ import msgpack
 import websockets.asyncio.client as wsclient
 from websockets.exceptions import ConnectionClosed
 
+from lotcast.config import DEV_JWT_SECRET
+from lotcast.interactive import wswrite
+from lotcast.interactive.devserver import DevServerProcess
+from lotcast.interactive.outbox import SNDBUF_ENV
 from lotcast.interactive.protocol import decode_server_frame
 
 
@@ -111,3 +117,35 @@ async def until(predicate: Any, within: float = 20.0) -> None:
     async with asyncio.timeout(within):
         while not predicate():
             await asyncio.sleep(0.01)
+
+
+def assert_native_writer_built() -> None:
+    # setup.sh installs gcc and the Python headers, so a missing extension is a broken install
+    assert wswrite.enabled(), (f"native writer not built ({wswrite.IMPORT_ERROR}); install gcc "
+                               "and the Python headers, then pip install -e .")
+
+
+@contextlib.contextmanager
+def native_and_fallback_nodes(redis_url: str, args: tuple[str, ...],
+                              sndbuf: int) -> Iterator[tuple[DevServerProcess, DevServerProcess]]:
+    """Two devserver nodes with server send buffers of `sndbuf`: the native writer, and the
+    Python fallback (LOTCAST_NATIVE_WS=0)."""
+    native = DevServerProcess(redis_url, *args, jwt_secret=DEV_JWT_SECRET)
+    fallback = DevServerProcess(redis_url, *args, jwt_secret=DEV_JWT_SECRET)
+    saved = {k: os.environ.get(k) for k in (wswrite.ENV, SNDBUF_ENV)}
+    os.environ[SNDBUF_ENV] = str(sndbuf)
+    try:
+        try:
+            native.start()
+            os.environ[wswrite.ENV] = "0"
+            fallback.start()
+        finally:  # the nodes keep what they inherited; this process's environment is restored
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        yield native, fallback
+    finally:
+        fallback.stop()
+        native.stop()

@@ -405,19 +405,27 @@ class WebRtcEndpoints:
                             f"{allow.replace(', OPTIONS', '')}", {"Allow": allow})
         return None
 
-    async def sse_subscribe(self, request: Request) -> Response:
-        """POST {session}/sse: subscribe to events (draft-ietf-wish-whep server-sent events)."""
+    async def _extension_post(self, request: Request,
+                              handle: Callable[[PeerSession, bytes], Response]) -> Response:
+        """A WHEP extension's POST (or OPTIONS) on a session: the caller's JSON body to `handle`."""
         async def work() -> Response:
             early = self._extension_options(request, EXTENSION_METHODS)
             if early is not None:
                 return early
             session = self._own_session(request, "whep", authorized=True)
             body = await read_json_body(request.stream(), request.headers.get("content-type", ""))
+            return handle(session, body)
+
+        return await self._guard(work())
+
+    async def sse_subscribe(self, request: Request) -> Response:
+        """POST {session}/sse: subscribe to events (draft-ietf-wish-whep server-sent events)."""
+        def subscribe(session: PeerSession, body: bytes) -> Response:
             sub = self.events.subscribe(session, body)
             return Response(status_code=201, headers={
                 **CORS, "Location": f"{request.url.path}/{sub.id}"})
 
-        return await self._guard(work())
+        return await self._extension_post(request, subscribe)
 
     async def sse_stream(self, request: Request) -> Response:
         """GET {session}/sse/{sub}: the event stream (its unguessable URL is the capability)."""
@@ -442,16 +450,11 @@ class WebRtcEndpoints:
 
     async def layer(self, request: Request) -> Response:
         """POST {session}/layer: the viewer's layer choice (draft-ietf-wish-whep layer)."""
-        async def work() -> Response:
-            early = self._extension_options(request, EXTENSION_METHODS)
-            if early is not None:
-                return early
-            session = self._own_session(request, "whep", authorized=True)
-            body = await read_json_body(request.stream(), request.headers.get("content-type", ""))
+        def choose(session: PeerSession, body: bytes) -> Response:
             self.events.choose_layer(session, body)
             return Response(status_code=204, headers=CORS)
 
-        return await self._guard(work())
+        return await self._extension_post(request, choose)
 
     async def _patch(self, request: Request, session: PeerSession) -> Response:
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
