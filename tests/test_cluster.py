@@ -243,6 +243,11 @@ async def test_sigterm_drains_viewers_to_other_relays_without_a_gap(
 
             per_relay = Counter(cluster.node_of(v.relay_url) for v in group)
             stats = await relay_stats(cluster)
+            for _ in range(50):  # a child's pull shows in its parent's stats once it is live
+                if any(st["children"] for st in stats.values()):
+                    break
+                await asyncio.sleep(0.2)
+                stats = await relay_stats(cluster)
             victim = next(k for k, st in stats.items() if st["children"])
             proc = cluster.relays[victim]
             movers = [v for v in group if cluster.node_of(v.relay_url) == victim]

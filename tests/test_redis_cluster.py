@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -253,7 +254,8 @@ async def test_failover_mid_auction_loses_no_acknowledged_bid(
                 n += 1
                 key = f"{i}-{n}"
                 amount = 100 + n * 40 + i  # distinct per bidder
-                for _ in range(100):  # retry one bid (same idempotency key) until answered
+                retry_until = time.monotonic() + 60  # the failover gap, however long it lasts
+                while True:  # retry one bid (same idempotency key) until answered
                     try:
                         reply = await client.request("bid", lot=lot, amount=amount, key=key,
                                                      within=15)
@@ -269,7 +271,8 @@ async def test_failover_mid_auction_loses_no_acknowledged_bid(
                     except TimeoutError:
                         wrong.append(("no answer", i, key))
                         return
-                    if reply["type"] == "error" and reply["code"] == "unavailable":
+                    if (reply["type"] == "error" and reply["code"] == "unavailable"
+                            and time.monotonic() < retry_until):
                         unavailable += 1
                         await asyncio.sleep(0.05)
                         continue
