@@ -51,6 +51,8 @@ from relay.upstreams import PARENT_CHECK_INTERVAL_S, RelayUpstreams
 # A WHEP POST bounced between full relays stops after this many redirects.
 MAX_REDIRECT_HOPS = 2
 logger = logging.getLogger(__name__)
+# How long a draining relay keeps asking placement for where its viewers go next (seconds).
+RECONNECT_PLACEMENT_WINDOW_S = 1.5
 # Set while a WHEP POST from a verified child relay is handled (it skips the viewer capacity).
 _child_pull: ContextVar[str | None] = ContextVar("child_pull", default=None)
 
@@ -159,8 +161,20 @@ def create_app(settings: Settings, worker: WorkerSpec | None = None) -> Starlett
 
     async def next_relay_url(stream_id: str) -> str | None:
         """Where a viewer of this draining relay should POST next (WHEP `reconnect` event)."""
-        placement = await placer.place(stream_id, exclude={settings.node_id})
-        return None if placement.relay is None else whep_url(placement.relay, stream_id)
+        # A sibling's heartbeat can be a moment late (a busy machine): look again for a little
+        # while (within the drain listener's 2 s) before the event goes out without a URL.
+        deadline = asyncio.get_running_loop().time() + RECONNECT_PLACEMENT_WINDOW_S
+        while True:
+            placement = await placer.place(stream_id, exclude={settings.node_id})
+            if placement.relay is not None:
+                return whep_url(placement.relay, stream_id)
+            if asyncio.get_running_loop().time() >= deadline:
+                nodes = await placer.nodes()
+                logger.warning("drain: no relay to send %s's viewers to: %s", stream_id,
+                               [(n.node_id, n.state.value, n.viewers, n.capacity, n.cpu,
+                                 n.heartbeat_ms) for n in nodes])
+                return None
+            await asyncio.sleep(min(0.25, settings.heartbeat_interval))
 
     drainer.on_drain(lambda: endpoints.events.reconnect_all(next_relay_url))
 

@@ -123,12 +123,15 @@ async def outbound(host: Any) -> Any:
 
 
 async def carried_by(redis_url: str, node_id: str, stream: str) -> bool:
+    """``node_id``'s heartbeat says it carries ``stream`` and would take a cascade child (below
+    placement's CPU limit: the heartbeat after three viewers' handshakes can be above it on a
+    slow machine, and a child then rightly pulls from the origin)."""
     redis = aioredis.from_url(redis_url)
     try:
         nodes = await read_live_nodes(redis)
     finally:
         await redis.aclose()
-    return any(n.node_id == node_id and n.carries(stream) for n in nodes)
+    return any(n.node_id == node_id and n.carries(stream) and n.cpu < 0.9 for n in nodes)
 
 
 async def relay_stats(base_url: str) -> dict[str, Any]:
@@ -217,18 +220,26 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
 
             # through a relay: it pulls every layer from the origin (one pull per lower layer)
             relay0, relay1 = c.relays
-            await pinned(relay0.url, stream, ["m", "l", None], log)
-            stats = await relay_stats(relay0.url)
-            (mine,) = [s for s in stats["streams"] if s["id"] == stream]
-            assert list(mine["layers"]) == ["h", "m", "l"], mine
-            # and across a cascade hop: relay-1 pulls the layers from relay-0, unchanged (once
-            # relay-0's heartbeat says it carries the stream, relay-1 cascades from it)
-            await wait_for(lambda: carried_by(c.redis_url, "relay-0", stream), 30,
-                           "relay-0 registered as carrying the stream", log)
-            await pinned(relay1.url, stream, ["l", "m", None], log)
-            stats = await relay_stats(relay1.url)
-            (pull,) = stats["upstreams"]
-            assert pull["depth"] == 1 and pull["url"] == relay0.url, pull
+            # one viewer stays on relay-0 throughout, so it keeps carrying the stream (without
+            # one its pull lingers out 10 s after the pinned viewers leave, and relay-1 would
+            # rightly pull from the origin instead: a slow CI machine got there)
+            keeper = SizedViewer(relay0.url, stream)
+            await keeper.start()
+            try:
+                await pinned(relay0.url, stream, ["m", "l", None], log)
+                stats = await relay_stats(relay0.url)
+                (mine,) = [s for s in stats["streams"] if s["id"] == stream]
+                assert list(mine["layers"]) == ["h", "m", "l"], mine
+                # and across a cascade hop: relay-1 pulls the layers from relay-0, unchanged (once
+                # relay-0's heartbeat says it carries the stream, relay-1 cascades from it)
+                await wait_for(lambda: carried_by(c.redis_url, "relay-0", stream), 30,
+                               "relay-0 registered as carrying the stream", log)
+                await pinned(relay1.url, stream, ["l", "m", None], log)
+                stats = await relay_stats(relay1.url)
+                (pull,) = stats["upstreams"]
+                assert pull["depth"] == 1 and pull["url"] == relay0.url, pull
+            finally:
+                await keeper.stop()
 
             # the watch page on the cascade child: its quality menu lists the layers, and Low /
             # High switch what Chromium decodes (its getStats counts no decode failure)
