@@ -23,7 +23,9 @@ from lotcast.config import Settings
 from lotcast.interactive.protocol import encode_republish
 from lotcast.interactive.service import InteractiveService
 from lotcast.interactive.session import ClientSession
+from lotcast.media.aiortc_hooks import close_udp_mux, current_udp_mux, open_udp_mux, udp_mux_enabled
 from lotcast.media.endpoints import SessionTable, WebRtcEndpoints
+from lotcast.media.mux_metrics import UdpMuxCollector
 from lotcast.media.peer import EgressSession, IngestSession
 from lotcast.media.stream import MediaStream, StreamRouter
 from lotcast.media.upstream import NotLiveError
@@ -51,6 +53,8 @@ def create_app(settings: Settings) -> Starlette:
         return stream
 
     metrics = NodeMetrics(settings.node_id, "broadcaster")
+    if udp_mux_enabled():  # --udp-port: the origin's one media port
+        metrics.registry.register(UdpMuxCollector(current_udp_mux))
     endpoints = WebRtcEndpoints(settings, authority, router, sessions, live_stream,
                                 accept_publish=True,
                                 on_first_frame=metrics.first_frame_seconds.observe)
@@ -167,6 +171,7 @@ def create_app(settings: Settings) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await open_udp_mux()  # a taken --udp-port fails the start, not the first publisher
         sessions.start()
         await interactive.start()
         nonlocal registered
@@ -188,6 +193,7 @@ def create_app(settings: Settings) -> Starlette:
             await interactive.close()
             await sessions.close()
             router.close()
+            close_udp_mux()
             await redis.aclose()
 
     app = Starlette(

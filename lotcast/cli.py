@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from lotcast.turn import CoturnServer
 
 # Every Settings field is a flag on both services; these only mean something on a relay.
-RELAY_ONLY = {"origin_url", "max_viewers", "origin_fanout", "workers", "udp_port", "ice_announce_ip"}
+RELAY_ONLY = {"origin_url", "max_viewers", "origin_fanout", "workers"}
 BROADCASTER_ONLY = {"max_streams"}
 SERVICE_FLAGS = {
     "broadcaster": [f.name for f in fields(Settings) if f.name not in RELAY_ONLY],

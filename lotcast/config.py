@@ -64,11 +64,12 @@ class Settings:
     # Relay: worker processes serving this node (lotcast/workers.py); 0 = one per usable CPU
     # (affinity and cgroup quota). max_viewers is the node's total, split between them.
     workers: int = 0
-    # Relay: serve every viewer's ICE/DTLS/SRTP through one UDP port per worker (worker i binds
-    # udp_port + i on ice_ip, advertised as the host candidate); 0 = a socket per peer connection.
+    # Serve every peer connection's ICE/DTLS/SRTP through one UDP port (a relay: one per worker,
+    # worker i binds udp_port + i; a broadcaster: its publishers and the relays pulling from it)
+    # on ice_ip, advertised as the host candidate; 0 = a socket per peer connection.
     udp_port: int = 0
-    # Relay with udp_port: the address its mux host candidates carry instead of ice_ip (which the
-    # mux still binds), e.g. the node's IP when a k8s hostPort maps node:port to pod:port, as
+    # With udp_port: the address the mux host candidates carry instead of ice_ip (which the mux
+    # still binds), e.g. the node's IP when a k8s hostPort maps node:port to pod:port, as
     # mediasoup's announcedAddress; the port is unchanged. Empty = ice_ip.
     ice_announce_ip: str = ""
     log_level: str = "info"

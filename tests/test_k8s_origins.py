@@ -30,12 +30,12 @@ def test_broadcaster_is_several_draining_origins(overlay: str) -> None:
     (pdb,) = [p for p in of_kind(objs, "PodDisruptionBudget")
               if selector_matches(p["spec"]["selector"], pod_labels(origin))]
     assert pdb["spec"]["maxUnavailable"] == 1
-    # one per node (hostNetwork port), and a URL per pod: 307s and relay pulls name one origin
+    # one per node (its host ports), and a URL per pod: 307s and relay pulls name one origin
     terms = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert any(t["topologyKey"] == "kubernetes.io/hostname"
                and selector_matches(t["labelSelector"], pod_labels(origin)) for t in terms)
     url = env["LOTCAST_PUBLIC_URL"]
-    assert "$(NODE_NAME)" in url or "$(LOTCAST_ICE_IP)" in url, url
+    assert "$(NODE_NAME)" in url or "$(LOTCAST_ICE_ANNOUNCE_IP)" in url, url
     names = [e["name"] for e in container["env"]]
-    referenced = "NODE_NAME" if "$(NODE_NAME)" in url else "LOTCAST_ICE_IP"
+    referenced = "NODE_NAME" if "$(NODE_NAME)" in url else "LOTCAST_ICE_ANNOUNCE_IP"
     assert names.index(referenced) < names.index("LOTCAST_PUBLIC_URL")  # defined before use

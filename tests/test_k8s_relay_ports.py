@@ -2,8 +2,8 @@
 worker (LOTCAST_UDP_PORT + i, i < the worker count, which follows limits.cpu), as container ports
 mapped to the same node port (hostPort), in the headless Service lotcast-relay-media and in the
 relays' NetworkPolicy, in every overlay; that relays run without hostNetwork, binding the pod IP
-and announcing the node's (LOTCAST_ICE_IP / LOTCAST_ICE_ANNOUNCE_IP); and that the broadcaster's
-policy, which has no mux yet, keeps its UDP range."""
+and announcing the node's (LOTCAST_ICE_IP / LOTCAST_ICE_ANNOUNCE_IP); and that the broadcaster
+does the same with its one UDP port (LOTCAST_UDP_PORT, no hostNetwork), opened alone."""
 
 from __future__ import annotations
 
@@ -114,11 +114,27 @@ def test_relay_network_policy_opens_exactly_its_ports(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_broadcaster_keeps_its_udp_range_until_it_has_a_mux(overlay: str) -> None:
+def test_broadcaster_serves_media_on_one_host_port_without_host_network(overlay: str) -> None:
     objs = objects(overlay)
     workload, container = lotcast_container(objs, "broadcaster")
     env = container_env(objs, container)
-    assert "LOTCAST_UDP_PORT" not in env and pod_spec(workload).get("hostNetwork") is True
+    port = int(env["LOTCAST_UDP_PORT"])
+    spec = pod_spec(workload)
+    assert "hostNetwork" not in spec and "dnsPolicy" not in spec, spec
+    assert _field(container, "LOTCAST_ICE_IP") == "status.podIP"
+    assert _field(container, "LOTCAST_ICE_ANNOUNCE_IP") == "status.hostIP"
+    mapped = [(p["name"], p["protocol"], p["containerPort"], p.get("hostPort"))
+              for p in container["ports"]]
+    assert mapped == [("http", "TCP", 8080, 8080), ("media", "UDP", port, port)]
+    # an origin and a relay may share a node: their host ports must not collide
+    _, _, workers, base = _relay(overlay)
+    assert not base <= port < base + workers, (port, base, workers)
+    public = env["LOTCAST_PUBLIC_URL"]
+    assert public in ("http://$(LOTCAST_ICE_ANNOUNCE_IP):8080",
+                      "https://$(NODE_NAME).edge.lotcast.example.com:8080"), public
+    annotations = workload["metadata"].get("annotations", {})
+    assert not any("CKV_K8S_19" in v for v in annotations.values())
+    assert any(v.startswith("CKV_K8S_26=") for v in annotations.values())
     policy = named(objs, "NetworkPolicy", "lotcast-broadcaster-ingress")
     assert selector_matches(policy["spec"]["podSelector"], pod_labels(workload))
-    assert _allowed(policy) == [("TCP", 8080, 8080), ("UDP", 1024, 65535)]
+    assert _allowed(policy) == [("TCP", 8080, 8080), ("UDP", port, port)]

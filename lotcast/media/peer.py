@@ -219,6 +219,7 @@ class IngestSession(PeerSession):
             transceiver.setCodecPreferences(preferred_capabilities(kind, mime))
 
     def prepare(self) -> None:
+        use_udp_mux(self.pc)  # the origin's one media port, when configured (--udp-port)
         receivers: dict[str, tuple[RTCRtpReceiver, RTCRtpCodecParameters]] = {}
         simulcast = self.simulcast
         for transceiver in self.pc.getTransceivers():
