@@ -65,16 +65,22 @@ def _field(container: dict, name: str) -> str | None:
     return str(path) if path is not None else None
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_relays_bind_the_pod_ip_and_announce_the_node_ip_through_host_ports(overlay: str) -> None:
-    workload, container, workers, base = _relay(overlay)
+def _host_ports_of_pod_bound_media(workload: dict, container: dict) -> list[tuple]:
+    """(name, protocol, containerPort, hostPort) of every port, after checking the pod is in
+    the pod network, binds its media to the pod IP and announces the node's."""
     spec = pod_spec(workload)
     assert "hostNetwork" not in spec and "dnsPolicy" not in spec, spec
     assert _field(container, "LOTCAST_ICE_IP") == "status.podIP"
     assert _field(container, "LOTCAST_ICE_ANNOUNCE_IP") == "status.hostIP"
+    return [(p["name"], p["protocol"], p["containerPort"], p.get("hostPort"))
+            for p in container["ports"]]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_relays_bind_the_pod_ip_and_announce_the_node_ip_through_host_ports(overlay: str) -> None:
+    workload, container, workers, base = _relay(overlay)
     # every port the relay serves is the node's port of the same number
-    mapped = [(p["name"], p["protocol"], p["containerPort"], p.get("hostPort"))
-              for p in container["ports"]]
+    mapped = _host_ports_of_pod_bound_media(workload, container)
     assert mapped == [("http", "TCP", 8081, 8081),
                       *((f"media-{i}", "UDP", base + i, base + i) for i in range(workers))]
     # browsers and other nodes reach it at the node's address (prod: the node's DNS name)
@@ -119,12 +125,7 @@ def test_broadcaster_serves_media_on_one_host_port_without_host_network(overlay:
     workload, container = lotcast_container(objs, "broadcaster")
     env = container_env(objs, container)
     port = int(env["LOTCAST_UDP_PORT"])
-    spec = pod_spec(workload)
-    assert "hostNetwork" not in spec and "dnsPolicy" not in spec, spec
-    assert _field(container, "LOTCAST_ICE_IP") == "status.podIP"
-    assert _field(container, "LOTCAST_ICE_ANNOUNCE_IP") == "status.hostIP"
-    mapped = [(p["name"], p["protocol"], p["containerPort"], p.get("hostPort"))
-              for p in container["ports"]]
+    mapped = _host_ports_of_pod_bound_media(workload, container)
     assert mapped == [("http", "TCP", 8080, 8080), ("media", "UDP", port, port)]
     # an origin and a relay may share a node: their host ports must not collide
     _, _, workers, base = _relay(overlay)
