@@ -86,6 +86,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lotcast.auth import Role, TokenAuthority
 from lotcast.interactive.client import RoomClient
 
+PROBE_BIDDERS = 4  # AckProbe: at 10 bids/s in total each stays under the per-user limit
 BASE_AMOUNT = 1000  # start price; amount = BASE_AMOUNT + microseconds since t0
 EDGES = np.concatenate(([0.0], np.logspace(-5, 2, 1401)))  # seconds, 10 us .. 100 s (~1.2 %)
 
@@ -590,11 +591,135 @@ async def setup_lot(http_url: str, room: str, host_token: str) -> str:
         await host.close()
 
 
-def server_stats(http_url: str, timeout: float = 20.0) -> dict[str, Any]:
+def server_stats(http_url: str, timeout: float = 20.0, redis_url: str = "") -> dict[str, Any]:
+    """/interactive/stats, plus (keys starting with "_") the node's bid-ack histogram from
+    /metrics and Redis's FCALL counters (INFO commandstats) when `redis_url` is given."""
     try:
-        return dict(httpx.get(f"{http_url}/interactive/stats", timeout=timeout).json())
+        out = dict(httpx.get(f"{http_url}/interactive/stats", timeout=timeout).json())
     except (httpx.HTTPError, ValueError) as exc:
         return {"error": repr(exc)}
+    with contextlib.suppress(httpx.HTTPError):
+        text = httpx.get(f"{http_url}/metrics", timeout=timeout).text
+        out["_bid_ack_buckets"] = prom_buckets(text, "lotcast_bid_ack_latency_seconds")
+    if redis_url:
+        import redis as redis_sync
+
+        with contextlib.suppress(Exception):
+            client = redis_sync.Redis.from_url(redis_url, socket_timeout=timeout)
+            stats = client.info("commandstats")
+            client.close()
+            fcall = stats.get("cmdstat_fcall") or {}
+            out["_fcall"] = {"calls": int(fcall.get("calls", 0)),
+                             "usec": float(fcall.get("usec", 0))}
+    return out
+
+
+def prom_buckets(text: str, name: str) -> dict[float, float]:
+    """Cumulative bucket counts of histogram `name` (summed over label sets), by upper bound."""
+    out: dict[float, float] = {}
+    prefix = name + "_bucket{"
+    for line in text.splitlines():
+        if not line.startswith(prefix):
+            continue
+        labels, _, value = line[len(prefix):].rpartition("} ")
+        le = next((part.split("=", 1)[1].strip('"') for part in labels.split(",")
+                   if part.startswith("le=")), None)
+        if le is None:
+            continue
+        bound = float("inf") if le == "+Inf" else float(le)
+        out[bound] = out.get(bound, 0.0) + float(value)
+    return out
+
+
+def prom_pct(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """p50/p99 (bucket upper bounds, ms) of a cumulative histogram between two scrapes."""
+    bounds = sorted(after)
+    if not bounds:
+        return {}
+    cum = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = cum[-1]
+    out: dict[str, float] = {"n": total}
+    if total <= 0:
+        return out
+    for q in (50, 99):
+        i = next(i for i, c in enumerate(cum) if c >= total * q / 100.0)
+        out[f"p{q:g}"] = bounds[i] * 1000.0
+    return out
+
+
+class AckProbe:
+    """A few extra bidders (and a Redis PING) on an asyncio loop in a thread of this process,
+    which is otherwise idle during the windows: their ack latency is what a client whose own
+    loop is not loaded sees. Set against the load client's acks (the same node, the same
+    Redis), it says how much of the ack wait is the load client's own loop lag."""
+
+    def __init__(self, ws_url: str, tokens: list[str], lot: str, rate: float, t0: float,
+                 redis_url: str) -> None:
+        self.ws_url, self.tokens, self.lot, self.rate, self.t0 = ws_url, tokens, lot, rate, t0
+        self.redis_url = redis_url
+        self.acks: list[tuple[float, float]] = []  # (send time, latency) of accepted bids
+        self.pings: list[tuple[float, float]] = []  # (send time, Redis PING round trip)
+        self.lag: list[tuple[float, float]] = []
+        self.error = ""
+        self._stop = False
+        self._thread: Any = None
+
+    def start(self) -> None:
+        import threading
+
+        self._thread = threading.Thread(target=self._entry, name="ack-probe", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        if self._thread is not None:
+            self._thread.join(timeout=15)
+
+    def _entry(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except Exception as exc:  # reported, never fatal for the run
+            self.error = repr(exc)
+
+    async def _main(self) -> None:
+        import redis.asyncio as aioredis
+
+        stats: Counter[str] = Counter()
+        sink = Sink(self.t0)
+        bidders = [Bidder(self.ws_url, tok, self.lot, stats, sink) for tok in self.tokens]
+        for b in bidders:
+            await b.connect()
+        redis = aioredis.Redis.from_url(self.redis_url) if self.redis_url else None
+        loop = asyncio.get_running_loop()
+        step = 1.0 / max(0.1, self.rate)
+        nxt = loop.time()
+        try:
+            for i in itertools.count():
+                if self._stop:
+                    break
+                nxt += step
+                await bidders[i % len(bidders)].bid(self.t0)
+                if redis is not None and i % 2 == 0:
+                    sent = time.time()
+                    await redis.ping()
+                    self.pings.append((sent, time.time() - sent))
+                late = loop.time() - nxt
+                if late > 0:
+                    self.lag.append((time.time(), late))
+                await asyncio.sleep(max(0.0, nxt - loop.time()))
+            await asyncio.sleep(0.5)
+        finally:
+            for b in bidders:
+                self.acks += b.acks["bid"]
+                await b.close()
+            if redis is not None:
+                await redis.aclose()
+
+    def window(self, start: float, end: float) -> dict[str, Any]:
+        acks = np.array([lat for sent, lat in self.acks if start <= sent < end])
+        pings = np.array([rtt for sent, rtt in self.pings if start <= sent < end])
+        return {"ack": pct(hist(acks)) if len(acks) else {},
+                "redis_ping": pct(hist(pings)) if len(pings) else {}}
 
 
 class CpuWatch:
@@ -817,6 +942,24 @@ class Floor:
         return self._cache[key]
 
 
+def fanout_split(hub0: dict[str, Any], hub1: dict[str, Any], relay_cpu_s: float
+                 ) -> dict[str, float]:
+    """The hub's own thread-CPU counters of the native path between two /interactive/stats
+    snapshots: the per-socket eligibility check and the native send calls, per socket / per
+    write and as a share of the relay's CPU in the same span (issue 9 item 4)."""
+    def delta(name: str) -> float:
+        return float(hub1.get(name, 0) or 0) - float(hub0.get(name, 0) or 0)
+
+    probed, writes = delta("native_probed"), delta("native_writes")
+    probe_ms, send_ms = delta("probe_cpu_ms"), delta("send_cpu_ms")
+    if probed <= 0:
+        return {}
+    cpu_ms = max(1e-9, relay_cpu_s * 1000)
+    return {"probed": probed, "writes": writes, "probe_ms": probe_ms, "send_ms": send_ms,
+            "probe_ns": probe_ms * 1e6 / probed, "send_us": send_ms * 1e3 / max(1.0, writes),
+            "probe_share": probe_ms / cpu_ms, "send_share": send_ms / cpu_ms}
+
+
 def ack_write_pct(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
     """p50/p99 of the node's Function reply -> ack write delay between two /interactive/stats
     snapshots (fixed buckets: each percentile is its bucket's upper bound), n and queued."""
@@ -935,6 +1078,13 @@ def run(args: argparse.Namespace) -> int:
         time.sleep(1.5)  # let the viewer count settle
         if args.settle > 0 and relay_pid:
             wait_relay_settled(relay_pid, args.settle, ramp_s)
+        redis_url = redis.url if redis is not None else ""
+        probe = None
+        if args.probe_rate > 0:
+            probe = AckProbe(ws_url, [authority.mint(Role.BIDDER, f"probe-{i}", f"Probe {i}")
+                                      for i in range(PROBE_BIDDERS)],
+                             lot, args.probe_rate, t0, redis_url)
+            probe.start()
         if args.wait_idle > 0:
             wait_for_idle(args.wait_idle, args.idle_cores)
         stats_before = server_stats(http_url)
@@ -951,7 +1101,7 @@ def run(args: argparse.Namespace) -> int:
         # At each phase boundary: CPU (cheap, on time) and the node's counters, fetched on a
         # thread so that a node too busy to answer does not delay the next CPU mark.
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(phases) + 2)
-        fetch = functools.partial(server_stats, http_url, 5.0)
+        fetch = functools.partial(server_stats, http_url, 5.0, redis_url)
         raw_marks = [(time.time(), cpu.total(), cpu.others(), pool.submit(fetch))]
         mid_future = None
         while len(raw_marks) <= len(phases):
@@ -963,6 +1113,8 @@ def run(args: argparse.Namespace) -> int:
             if mid_future is None and time.time() > start_at + total_s / 2:
                 mid_future = pool.submit(fetch)
         marks = [(t, c, o, f.result()) for t, c, o, f in raw_marks]
+        if probe is not None:
+            probe.stop()
         stats_mid = mid_future.result() if mid_future is not None else {}
         pool.shutdown(wait=False)
         cpu_total = cpu.total()
@@ -995,7 +1147,7 @@ def run(args: argparse.Namespace) -> int:
                 proc.terminate()
         floor = Floor(Path(tmp.name))
         report(args, phases, results, connected, ramp_s, stats_before, stats_mid, stats_after,
-               cpu, cpu_total, sched, marks, profile_lines, floor)
+               cpu, cpu_total, sched, marks, profile_lines, floor, probe)
         if relay is not None:
             problems = [line.rstrip() for line in relay.output
                         if " WARNING " in line or " ERROR " in line or "Traceback" in line]
@@ -1066,7 +1218,8 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
            after: dict[str, Any], cpu: CpuWatch, cpu_total: dict[str, float],
            sched: dict[str, tuple[float, float]],
            marks: list[tuple[float, dict[str, float], float, dict[str, Any]]],
-           profile_lines: list[str], floor: Floor | None = None) -> None:
+           profile_lines: list[str], floor: Floor | None = None,
+           probe: AckProbe | None = None) -> None:
     rs = [r for r in results.values() if not r.get("aborted")]
     if not rs:
         print("no worker results")
@@ -1112,7 +1265,17 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
         relay_us = relay_cpu / span * secs / all_frames * 1e6 if all_frames else 0.0
         fl = floor.measure(watchers_total, int(mean_frame)) \
             if floor is not None else None
+        fan = fanout_split(hub0, hub1, relay_cpu)
+        waits = {
+            "probe": probe.window(t0_, t1_) if probe is not None else {},
+            "node_bid_ack": prom_pct(st0.get("_bid_ack_buckets") or {},
+                                     st1.get("_bid_ack_buckets") or {}),
+        }
+        f0, f1 = st0.get("_fcall") or {}, st1.get("_fcall") or {}
+        if f1.get("calls", 0) > f0.get("calls", 0):
+            waits["fcall_us"] = (f1["usec"] - f0.get("usec", 0)) / (f1["calls"] - f0["calls"])
         row = {
+            "fanout": fan, "ack_waits": waits,
             "ack_write": ack_write_pct(st0 if isinstance(st0, dict) else {},
                                        st1 if isinstance(st1, dict) else {}),
             "mean_frame_bytes": mean_frame, "floor": fl,
@@ -1145,6 +1308,15 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
                   f"{fmt_bucket(aw['p99.9'])}, mean {aw['mean']:.3f} ms (n={int(aw['n']):,}, "
                   f"{int(aw['queued'])} queued behind earlier frames of their socket); longest "
                   f"fan-out turn so far {row['hub_turn_max_ms']:.1f} ms")
+        nb, pr = waits["node_bid_ack"], waits["probe"]
+        if nb.get("n") or pr:
+            print("  where an ack waits: node, bid received -> ack written (Redis round trips "
+                  f"included): p50 <= {nb.get('p50', 0):g} ms, p99 <= {nb.get('p99', 0):g} ms; "
+                  f"Redis FCALL run time {waits.get('fcall_us', 0):.0f} us mean")
+            if pr:
+                print(f"    idle-loop client ({PROBE_BIDDERS} probe bidders in the bench's own "
+                      f"process): ack {fmt(pr['ack'])}")
+                print(f"    idle-loop client: Redis PING {fmt(pr['redis_ping'])}")
         print(f"bid -> watcher delivery (each):  {fmt(row['bid_deliver'])}")
         print(f"bid -> last watcher (per bid):   {fmt(row['bid_last'])}; "
               f"{complete_bids}/{len(per_bid)} bids reached every watcher")
@@ -1171,6 +1343,12 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
         print(f"delivered {row['frames_per_s']:,.0f} socket frames/s (all sockets); relay "
               f"{row['relay_cpu'] * 100:.0f}% of a core = {row['relay_us_per_frame']:.1f} us CPU "
               f"per delivered frame; redis {row['redis_cpu'] * 100:.0f}%")
+        if fan.get("probed"):
+            print(f"  fan-out, thread CPU (exact, not sampled): per-socket eligibility check "
+                  f"{fan['probe_ns']:.0f} ns per socket = {fan['probe_share'] * 100:.1f}% of the "
+                  f"relay's CPU; native send {fan['send_us']:.2f} us per native write = "
+                  f"{fan['send_share'] * 100:.1f}% ({int(fan['probed']):,} sockets checked, "
+                  f"{int(fan['writes']):,} written natively)")
         if fl:
             print(f"C floor (load/ws_floor.c, this run): {fl['us_per_frame']:.2f} us per frame "
                   f"({fl['sockets']} sockets, {fl['frame_bytes']} B frames, best of 3); relay / "
@@ -1262,6 +1440,8 @@ def main() -> int:
                     help="started relay only: LOTCAST_WS_FLUSH_INTERVAL_MS (0 = server default, 100)")
     ap.add_argument("--profile", action="store_true", help="py-spy record the relay during the window")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--probe-rate", type=float, default=10.0,
+                    help="bids/s from probe bidders on an idle loop in this process (0: none)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                     help="after the ramp, wait up to this long for the machine to be quiet "
                     "(shared machines: other processes skew every latency figure)")

@@ -75,6 +75,11 @@ class HubStats:
     bans: int = 0  # sockets closed because their user was banned
     native_writes: int = 0  # frames written to a socket by the native batch writer
     short_writes: int = 0  # of which the kernel took only part (the rest went to the transport)
+    # Thread CPU of the native path (time.thread_time, so a descheduled loop does not count):
+    # deciding per socket whether it may take the raw write, and the native send calls.
+    native_probed: int = 0  # sockets checked for the native path
+    probe_cpu_ms: float = 0.0
+    send_cpu_ms: float = 0.0
     fanout_turns: int = 0
     fanout_turn_max_ms: float = 0.0  # the longest turn: what an ack could wait behind
     stretch_drains: int = 0  # batches the BATCH_STRETCH_MAX bound forced out
@@ -469,10 +474,13 @@ class RoomHub:
                       len(job.subs))
             if job.pos < job.native:
                 end = min(end, job.native)
-                written, short = wswrite.deliver_native(
+                written, short, probe_s, send_s = wswrite.deliver_native(
                     job.frame, job.subs[job.pos:end])  # type: ignore[arg-type]
                 stats.native_writes += written
                 stats.short_writes += short
+                stats.native_probed += end - job.pos
+                stats.probe_cpu_ms += probe_s * 1000
+                stats.send_cpu_ms += send_s * 1000
             else:
                 for sub in job.subs[job.pos:end]:
                     sub.push(job.frame)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from time import thread_time
 from typing import Protocol
 
 from lotcast.interactive.outbox import framed
@@ -55,9 +56,13 @@ def enabled() -> bool:
     return _wswrite is not None and os.environ.get(ENV, "1").strip().lower() not in _OFF
 
 
-def deliver_native(payload: bytes, subs: Sequence[BatchSubscriber]) -> tuple[int, int]:
-    """Write one server frame (`payload`, framed once) to `subs`; (native writes, short ones)."""
+def deliver_native(payload: bytes, subs: Sequence[BatchSubscriber]
+                   ) -> tuple[int, int, float, float]:
+    """Write one server frame (`payload`, framed once) to `subs`; (native writes, short ones,
+    CPU seconds of this thread spent deciding which sockets may take it, and in the native
+    call: the per-socket and the kernel part of the fan-out, counted in the hub's stats)."""
     assert _wswrite is not None
+    began = thread_time()
     wire = framed(payload)
     fds: list[int] = []
     takers: list[BatchSubscriber] = []
@@ -69,12 +74,14 @@ def deliver_native(payload: bytes, subs: Sequence[BatchSubscriber]) -> tuple[int
             takers.append(sub)
         else:
             queued.append(sub)
+    probed = thread_time()
     # Native first: nothing between the checks above and this call can close an fd.
     shorts = _wswrite.send_many(wire, fds) if fds else []
+    sent = thread_time()
     if _FAULT_SLICE_S:
         time.sleep(_FAULT_SLICE_S)
     for index, result in shorts:
         takers[index].native_rest(wire, result)
     for sub in queued:
         sub.push(payload)
-    return len(fds), len(shorts)
+    return len(fds), len(shorts), probed - began, sent - probed
