@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from time import thread_time
 from typing import Protocol
 
@@ -25,7 +25,9 @@ from lotcast.interactive.outbox import framed
 
 try:
     from lotcast.interactive import _wswrite
-except ImportError as exc:  # not built on this machine: the per-socket path serves
+
+    _wswrite.send_ready  # noqa: B018 (a stale build without it: the per-socket path serves)
+except (ImportError, AttributeError) as exc:  # not built here: the per-socket path serves
     _wswrite = None  # type: ignore[assignment]
     IMPORT_ERROR: str | None = repr(exc)
 else:
@@ -56,32 +58,27 @@ def enabled() -> bool:
     return _wswrite is not None and os.environ.get(ENV, "1").strip().lower() not in _OFF
 
 
-def deliver_native(payload: bytes, subs: Sequence[BatchSubscriber]
-                   ) -> tuple[int, int, float, float]:
-    """Write one server frame (`payload`, framed once) to `subs`; (native writes, short ones,
-    CPU seconds of this thread spent deciding which sockets may take it, and in the native
-    call: the per-socket and the kernel part of the fan-out, counted in the hub's stats)."""
+def deliver_native(payload: bytes, subs: Sequence[BatchSubscriber],
+                   probes: Sequence[Callable[[], int]]) -> tuple[int, int, float, float]:
+    """Write one server frame (`payload`, framed once) to `subs`, whose `native_fd` methods are
+    `probes` (looked up once, when the socket joined the hub). Returns (native writes, short
+    ones, CPU seconds of this thread spent asking the sockets whether they may take it, and in
+    the native call): the per-socket and the kernel part of the fan-out, in the hub's stats.
+
+    Per socket only its own answer runs in Python (one call, collected by a comprehension);
+    skipping the sockets that said no, and listing them, is the extension's job."""
     assert _wswrite is not None
     began = thread_time()
     wire = framed(payload)
-    fds: list[int] = []
-    takers: list[BatchSubscriber] = []
-    queued: list[BatchSubscriber] = []
-    for sub in subs:
-        fd = sub.native_fd()
-        if fd >= 0:
-            fds.append(fd)
-            takers.append(sub)
-        else:
-            queued.append(sub)
+    fds = [probe() for probe in probes]
     probed = thread_time()
     # Native first: nothing between the checks above and this call can close an fd.
-    shorts = _wswrite.send_many(wire, fds) if fds else []
+    shorts, queued = _wswrite.send_ready(wire, fds)
     sent = thread_time()
     if _FAULT_SLICE_S:
         time.sleep(_FAULT_SLICE_S)
     for index, result in shorts:
-        takers[index].native_rest(wire, result)
-    for sub in queued:
-        sub.push(payload)
-    return len(fds), len(shorts), probed - began, sent - probed
+        subs[index].native_rest(wire, result)
+    for index in queued:
+        subs[index].push(payload)
+    return len(fds) - len(queued), len(shorts), probed - began, sent - probed
