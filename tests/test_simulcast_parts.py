@@ -1,13 +1,23 @@
 """Simulcast parts without sockets: the offer's a=simulcast/a=rid parse and its 422s, the
 answer's receive lines, the rid demux (RTX table, SSRCs learned once the extensions stop), the
-per-viewer seq/timestamp shift and the VP8 key frame size (issue 11)."""
+per-viewer seq/timestamp shift and the VP8 key frame size, and the forwarder's layer switches
+(at a frame end of the old layer, numbering on from its newest packet, NACKs across a switch,
+a new choice cancelling the one under way) (issue 11)."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+from types import SimpleNamespace
+from typing import Any, cast
+
 import pytest
+from aiortc import RTCRtpCodecParameters
 from aiortc.rtp import HeaderExtensions, RtpPacket
 
+from lotcast.media import forwarder as forwarder_module
 from lotcast.media.aiortc_hooks import SimulcastDemux
+from lotcast.media.forwarder import ForwardSink, TrackForwarder
 from lotcast.media.rtp import build_packet, shifted, vp8_keyframe_size
 from lotcast.media.sdp import SdpError, answer_simulcast, parse_simulcast
 
@@ -136,3 +146,170 @@ def test_automatic_layer_goes_down_at_once_up_slowly_and_holds_off_after_a_relap
     assert next_layer(state, late + UP_STABLE_S + 1, 2, 3, reports + 5, 0, 600_000, rates) == 1
     # one layer: nothing to choose
     assert next_layer(LayerChoiceState(), 0.0, 0, 1, 1, 200, None, [None]) == 0
+
+
+# --- per-viewer layer switches in the forwarder (lotcast/media/forwarder.py) -----------------
+
+class CapturingSender:
+    """Stands in for a viewer's SRTP+socket pair: records what the forwarder sends it."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.protect = lambda data: data
+        self.sendto = lambda data, addr: self.sent.append(data)
+        self.addr = ("127.0.0.1", 9)
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def alive(self) -> bool:
+        return True
+
+
+VP8_CODEC = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=96)
+PACKETS_PER_FRAME = {"h": 3, "m": 2, "l": 1}
+
+
+class FakeLayer:
+    """One simulcast layer's packets: VP8 payload descriptors (a key frame when asked), its
+    own SSRC, sequence numbers and timestamps; the payload names layer, frame and packet."""
+
+    def __init__(self, rid: str, ssrc: int, seq: int, ts: int) -> None:
+        self.rid, self.ssrc, self.seq, self.ts = rid, ssrc, seq, ts
+        self.frame = 0
+        self.keyframe_wanted = True
+        self.forwarder = TrackForwarder("video", VP8_CODEC, output_ssrc=77)
+        self.forwarder.keyframe_requester = self.ask
+        self.requests = 0
+
+    def ask(self) -> bool:
+        self.requests += 1
+        self.keyframe_wanted = True
+        return True
+
+    def frame_packets(self) -> list[RtpPacket]:
+        key, self.keyframe_wanted = self.keyframe_wanted, False
+        count = PACKETS_PER_FRAME[self.rid]
+        out = []
+        for index in range(count):
+            descriptor = bytes([0x10 if index == 0 else 0x00])
+            header = bytes([0x00 if key else 0x01]) if index == 0 else b""
+            tag = f"{self.rid}{self.frame}.{index}{'K' if key and index == 0 else ''}".encode()
+            p = RtpPacket(payload_type=96, marker=int(index == count - 1),
+                          sequence_number=self.seq, timestamp=self.ts, ssrc=self.ssrc)
+            p.payload = descriptor + header + tag
+            out.append(p)
+            self.seq = (self.seq + 1) % (1 << 16)
+        self.ts = (self.ts + 3000) % (1 << 32)
+        self.frame += 1
+        return out
+
+
+def tag_of(data: bytes) -> str:
+    payload = data[12:]
+    return payload[2:].decode() if payload[0] & 0x10 else payload[1:].decode()
+
+
+def seq_ts(data: bytes) -> tuple[int, int]:
+    return (data[2] << 8) | data[3], int.from_bytes(data[4:8], "big")
+
+
+async def feed(layer: FakeLayer, packets: list[RtpPacket]) -> None:
+    for p in packets:
+        layer.forwarder.on_source_packet(p)
+        await asyncio.sleep(0)  # one packet per loop turn, as the receive path delivers them
+
+
+def simulcast() -> tuple[dict[str, FakeLayer], ForwardSink, CapturingSender]:
+    layers = {"h": FakeLayer("h", 1, 65500, 4294960000), "m": FakeLayer("m", 2, 10, 50),
+              "l": FakeLayer("l", 3, 30000, 2 ** 31)}
+    sender = CapturingSender()
+    sink = ForwardSink(cast(Any, sender), cast(Any, SimpleNamespace()), 100)
+    layers["h"].forwarder.add_sink(sink)
+    return layers, sink, sender
+
+
+async def test_three_switches_follow_the_newest_packet_at_a_frame_end_continuous_seq_and_ts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # every key-frame request goes out at once (the 500 ms throttle would hold the second one
+    # to h, asked already when the viewer joined)
+    monkeypatch.setattr(forwarder_module, "KEYFRAME_REQUEST_INTERVAL", 0.0)
+    layers, sink, sender = simulcast()
+    for layer in layers.values():
+        await feed(layer, layer.frame_packets())
+    current = layers["h"]
+    for rid in ("l", "m", "h"):
+        target = layers[rid]
+        target.forwarder.switch_in(sink, current.forwarder)
+        old = current.frame_packets()
+        new = target.frame_packets()
+        # the old layer's frame starts, an old packet of it comes again (RTX payload
+        # padding), the new layer's key frame arrives, then the old frame ends
+        await feed(current, old[:1])
+        await feed(current, [old[0]])
+        await feed(target, new)
+        if len(old) > 1:  # waits for the old layer's frame to end
+            assert current.forwarder.sinks() == [sink], rid
+        await feed(current, old[1:])
+        assert target.forwarder.sinks() == [sink] and current.forwarder.sinks() == [], rid
+        await feed(target, target.frame_packets())
+        await feed(current, current.frame_packets())  # no longer sent to this viewer
+        current = target
+    tags = [tag_of(d).rstrip("K") for d in sender.sent]
+    assert tags == ["h0.0", "h0.1", "h0.2", "h1.0", "h1.1", "h1.2",  # h, whole frames
+                    "l1.0", "l2.0", "l3.0",  # l's key frame replayed after h's frame ended
+                    "m1.0", "m1.1", "m2.0", "m2.1", "m3.0", "m3.1",  # l was between frames
+                    "h3.0", "h3.1", "h3.2", "h4.0", "h4.1", "h4.2"], tags
+    # each layer's first packet is the first of its key frame
+    assert [tag_of(sender.sent[i]).endswith("K") for i in (0, 6, 9, 15)] == [True] * 4
+    stamps = [seq_ts(d) for d in sender.sent]
+    for (seq_a, ts_a), (seq_b, ts_b) in itertools.pairwise(stamps):
+        assert seq_b == (seq_a + 1) % (1 << 16), stamps
+        assert 0 <= (ts_b - ts_a) % (1 << 32) < 1 << 31, stamps  # never backwards
+    assert all(d[1] & 0x7F == 100 for d in sender.sent)
+    assert [layers[r].forwarder.duplicates_dropped for r in ("h", "l", "m")] == [1, 1, 1]
+    assert [layers[r].forwarder.layer_switches for r in ("h", "m", "l")] == [1, 1, 1]
+
+
+async def test_a_nack_for_a_packet_sent_before_a_switch_is_answered_by_the_layer_it_left(
+) -> None:
+    layers, sink, sender = simulcast()
+    h, m, low = layers["h"], layers["m"], layers["l"]
+    for layer in layers.values():
+        await feed(layer, layer.frame_packets())
+    low.forwarder.switch_in(sink, h.forwarder)
+    await feed(low, low.frame_packets())
+    m.forwarder.switch_in(sink, low.forwarder)
+    await feed(m, m.frame_packets())
+    by_seq = {seq_ts(d)[0]: d for d in sender.sent}
+    assert [tag_of(by_seq[s]) for s in sorted(by_seq)] == [
+        "h0.0K", "h0.1", "h0.2", "l1.0K", "m1.0K", "m1.1"]
+    first_h, last_l, first_m = min(by_seq), min(by_seq) + 3, min(by_seq) + 4
+    sender.sent.clear()
+    # the viewer lost the last packet of l and the first of m: each from its own layer, as sent
+    m.forwarder.retransmit(sink, [last_l, first_m])
+    assert sender.sent == [by_seq[last_l], by_seq[first_m]]
+    # two layers back (h) is not answered: those numbers are no longer h's shift
+    sender.sent.clear()
+    m.forwarder.retransmit(sink, [first_h])
+    assert sender.sent == []
+
+
+async def test_a_new_choice_cancels_the_switch_under_way() -> None:
+    layers, sink, sender = simulcast()
+    h, m, low = layers["h"], layers["m"], layers["l"]
+    for layer in layers.values():
+        await feed(layer, layer.frame_packets())
+    low.forwarder.switch_in(sink, h.forwarder)
+    m.forwarder.switch_in(sink, h.forwarder)  # changed its mind before l's key frame
+    await feed(low, low.frame_packets())
+    assert h.forwarder.sinks() == [sink] and not low.forwarder.switching(sink)
+    await feed(m, m.frame_packets())
+    assert m.forwarder.sinks() == [sink] and h.forwarder.sinks() == []
+    low.forwarder.switch_in(sink, m.forwarder)
+    low.forwarder.switch_in(sink, m.forwarder)  # asked twice: one switch
+    m.forwarder.switch_in(sink, m.forwarder)  # and back to where it is: no switch at all
+    await feed(low, low.frame_packets())
+    assert m.forwarder.sinks() == [sink] and low.forwarder.sinks() == []
+    assert [layers[r].forwarder.layer_switches for r in ("h", "m", "l")] == [0, 1, 0]
+    assert [tag_of(d)[0] for d in sender.sent] == ["h", "h", "h", "m", "m"]

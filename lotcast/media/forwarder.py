@@ -7,7 +7,11 @@ native fan-out (lotcast/media/native.py: one C call per packet per payload-type 
 sink whose sender has a native target, else by the Python loop here (the fallback when the
 extension is missing or LOTCAST_NATIVE_FANOUT=0; both produce the same SRTP bytes). Joining
 video viewers wait for the next key frame; NACKs are answered from a shared history; PLI/FIR
-from any number of viewers collapse into one throttled upstream request.
+from any number of viewers collapse into one throttled upstream request. A viewer moving to
+another simulcast layer (another forwarder of the same stream) moves between two whole frames:
+the new layer's key frame, after the old layer's last frame has ended, numbered on from the
+newest packet it was sent (LayerSwitch); packets a source sends again are dropped, as they
+would otherwise reach viewers twice and make a switch number on from an old packet.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ SEND_BUDGET = 2000  # packet-copies sent before yielding to the event loop
 KEYFRAME_REPLAY_WINDOW = 0.5
 GOP_CACHE_PACKETS = 400
 ERROR_LOG_INTERVAL = 5.0  # seconds between log lines about failed sends of one track
+# A layer switch waits for the old layer to finish its frame; a layer silent this long has no
+# frame to finish (the publisher paused it, or its source is gone).
+SWITCH_IDLE_S = 0.2
 
 SendEntry = tuple[Callable[[bytes], bytes], Callable[[bytes, Any], None], Any]
 
@@ -78,12 +85,30 @@ class SendGroup:
         self.sinks = tuple(on_python)
 
 
+class LayerSwitch:
+    """A sink's pending move from ``source`` to ``target`` (simulcast layers of one stream).
+
+    It completes at the first point where the viewer's decoder sees no break: the target has a
+    key frame drained after the request (``keyframes_at_request``) and the source has just
+    finished a frame (its newest packet carries the marker bit), or is silent. The viewer then
+    gets the target's packets from that key frame on (replayed from its cache when the key
+    frame came while the source was still mid-frame), numbered on from the source's newest."""
+
+    __slots__ = ("keyframes_at_request", "source", "target")
+
+    def __init__(self, source: TrackForwarder, target: TrackForwarder) -> None:
+        self.source = source
+        self.target = target
+        self.keyframes_at_request = target.keyframes_drained
+
+
 class ForwardSink:
     """One viewer's copy of one track."""
 
     __slots__ = ("aiortc_reports", "base_octets", "base_packets", "cancel_refresh", "closed",
                  "first_seq", "on_first_packet", "on_switched", "packet_sender", "payload_type",
-                 "report", "rtp_sender", "seq_delta", "ts_delta", "waiting_keyframe")
+                 "previous", "report", "rtp_sender", "seq_delta", "switch", "ts_delta",
+                 "waiting_keyframe")
 
     def __init__(self, packet_sender: PacketSender, rtp_sender: RTCRtpSender, payload_type: int,
                  on_first_packet: Callable[[], None] | None = None,
@@ -107,8 +132,12 @@ class ForwardSink:
         self.seq_delta = 0
         self.ts_delta = 0
         # the viewer's seq of the first packet from this forwarder after a layer switch: a NACK
-        # for an older one asks for the old layer's packet, which this history does not have
+        # for an older one asks for a packet of the layer it left (``previous``: that forwarder,
+        # the sink's seq/timestamp shift there and the first seq it had there), answered from
+        # that layer's history; older ones are not answered
         self.first_seq: int | None = None
+        self.previous: tuple[TrackForwarder, int, int, int | None] | None = None
+        self.switch: LayerSwitch | None = None  # a layer switch under way
         # called with the new forwarder when a layer switch completes
         self.on_switched: Callable[[TrackForwarder], None] | None = None
 
@@ -165,10 +194,15 @@ class TrackForwarder:
         self.keyframe_replays = 0
         self.last_packet_time = 0.0
         self.last_sender_report_time = 0.0
-        # simulcast layer switches into this forwarder, completed at its next key frame:
-        # sink -> the forwarder feeding it until then
-        self._switching: dict[ForwardSink, TrackForwarder] = {}
-        self._last_sent: bytes | None = None  # the newest packet drained (switches follow it)
+        # simulcast layer switches (LayerSwitch): the sinks switching into this forwarder, and
+        # this forwarder's sinks switching out of it
+        self._switching: dict[ForwardSink, LayerSwitch] = {}
+        self._leaving: set[ForwardSink] = set()
+        self.keyframes_drained = 0
+        # the newest packet drained, by sequence number (a late retransmission drained after
+        # it is older): a sink switching away continues its numbering from this one
+        self._newest: bytes | None = None
+        self.duplicates_dropped = 0  # source packets already forwarded (RTX payload padding)
         self.frame_size: tuple[int, int] | None = None  # from the last VP8 key frame
         self.layer_switches = 0
         self._rate_sample = (time.monotonic(), 0)
@@ -229,6 +263,7 @@ class TrackForwarder:
             self._sinks.remove(sink)
         if sink in self._waiting:
             self._waiting.remove(sink)
+        self._cancel_switch(sink)
         self._rebuild()
 
     def _rebuild(self) -> None:
@@ -277,10 +312,15 @@ class TrackForwarder:
         )
         if switched and self.packets_in:
             self.resync_all()
+        slot = out_seq % HISTORY_SIZE
+        if not switched and self._history_seq[slot] == out_seq:
+            # a packet forwarded already, received again (a publisher's RTX payload padding, an
+            # answer to a NACK whose original came late): viewers that lost it ask for it
+            self.duplicates_dropped += 1
+            return
         payload = packet.payload
         data = build_packet(packet.marker, self._base_pt, out_seq, out_ts, self.output_ssrc,
                             payload)
-        slot = out_seq % HISTORY_SIZE
         self._history[slot] = data
         self._history_seq[slot] = out_seq
         if len(data) > self.largest_packet:
@@ -308,11 +348,12 @@ class TrackForwarder:
         while pending and budget > 0:
             data, keyframe = pending.popleft()
             if keyframe:
-                if self._switching:
-                    self._complete_switches(data)
+                self.keyframes_drained += 1
                 self._keyframe_wanted = False
                 self._gop = [data]
                 self._gop_started = time.monotonic()
+                if self._switching:
+                    self._switch_at_keyframe()
                 if self._waiting:
                     self._admit_waiting()
             elif self._gop is not None:
@@ -350,7 +391,13 @@ class TrackForwarder:
                         self._send_failed(group.sinks[index], exc)
                 budget -= len(entries)
                 self.packets_sent += len(entries)
-            self._last_sent = data
+            newest = self._newest
+            if newest is None or seq_newer((data[2] << 8) | data[3], (newest[2] << 8) | newest[3]):
+                self._newest = data
+                if self._leaving and data[1] & 0x80:  # a frame ended: switch away after it
+                    self._switch_after_frame()
+            if self._switching and not keyframe:
+                self._switch_from_silent()
         if pending:
             self._drain_scheduled = True
             assert self._loop is not None
@@ -409,26 +456,35 @@ class TrackForwarder:
     def retransmit(self, sink: ForwardSink, sequence_numbers: list[int]) -> None:
         if sink.closed or sink.packet_sender.protect is None:
             return
-        shift = sink.seq_delta or sink.ts_delta
         first = sink.first_seq
+        previous = sink.previous
         for wire_seq in sequence_numbers:
             if first is not None and seq_newer(first, wire_seq):
+                # sent before the sink's last layer switch: the layer it left has it
+                if previous is not None:
+                    layer, seq_delta, ts_delta, before = previous
+                    if before is None or not seq_newer(before, wire_seq):
+                        layer._resend(sink, wire_seq, seq_delta, ts_delta)
                 continue
-            seq = (wire_seq - sink.seq_delta) % SEQ_MOD
-            slot = seq % HISTORY_SIZE
-            data = self._history[slot]
-            if data is None or self._history_seq[slot] != seq:
-                continue
-            if shift:
-                data = shifted(data, sink.payload_type, sink.seq_delta, sink.ts_delta)
-            elif sink.payload_type != self._base_pt:
-                data = with_payload_type(data, sink.payload_type)
-            try:
-                sink.packet_sender.send(data)
-            except Exception as exc:
-                self._send_failed(sink, exc)
-                continue
-            self.nack_packets_served += 1
+            self._resend(sink, wire_seq, sink.seq_delta, sink.ts_delta)
+
+    def _resend(self, sink: ForwardSink, wire_seq: int, seq_delta: int, ts_delta: int) -> None:
+        """Send ``sink`` this forwarder's packet that it got as ``wire_seq`` (with this shift)."""
+        seq = (wire_seq - seq_delta) % SEQ_MOD
+        slot = seq % HISTORY_SIZE
+        data = self._history[slot]
+        if data is None or self._history_seq[slot] != seq:
+            return
+        if seq_delta or ts_delta:
+            data = shifted(data, sink.payload_type, seq_delta, ts_delta)
+        elif sink.payload_type != self._base_pt:
+            data = with_payload_type(data, sink.payload_type)
+        try:
+            sink.packet_sender.send(data)
+        except Exception as exc:
+            self._send_failed(sink, exc)
+            return
+        self.nack_packets_served += 1
 
     def request_keyframe(self) -> None:
         """Ask the source for a key frame, at most once per KEYFRAME_REQUEST_INTERVAL; a request
@@ -442,7 +498,7 @@ class TrackForwarder:
         now = time.monotonic()
         wait = self._last_keyframe_request + KEYFRAME_REQUEST_INTERVAL - now
         if wait <= 0 and self._send_keyframe_request(now):
-            if not self._waiting and not self._switching:
+            if not self._waiting and not self._switch_needs_keyframe():
                 return
             wait = KEYFRAME_REQUEST_INTERVAL  # viewers still waiting: ask again if none comes
         if self.keyframe_requester is not None and self._deferred_request is None:
@@ -453,7 +509,7 @@ class TrackForwarder:
 
     def _deferred_keyframe_request(self) -> None:
         self._deferred_request = None
-        if self._keyframe_wanted or self._waiting or self._switching:
+        if self._keyframe_wanted or self._waiting or self._switch_needs_keyframe():
             self._keyframe_wanted = True
             self._try_keyframe_request()
 
@@ -470,50 +526,127 @@ class TrackForwarder:
     def switch_in(self, sink: ForwardSink, current: TrackForwarder) -> None:
         """Move ``sink`` from ``current`` (another layer of the same stream, same output SSRC)
         to this forwarder at this forwarder's next key frame, asking for one; ``current``
-        keeps feeding it until then."""
-        for other in (current, *self._switching.values()):
-            other._switching.pop(sink, None)
+        keeps feeding it until then (see LayerSwitch). A switch still under way is cancelled
+        first (wherever it was going); switching to ``current`` only cancels it."""
+        current._cancel_switch(sink)
         if current is self:
             return
-        self._switching[sink] = current
+        switch = LayerSwitch(current, self)
+        sink.switch = switch
+        self._switching[sink] = switch
+        current._leaving.add(sink)
         self.request_keyframe()
 
     def switching(self, sink: ForwardSink) -> bool:
         return sink in self._switching
 
-    def _complete_switches(self, keyframe: bytes) -> None:
-        """At this forwarder's key frame: every switching sink leaves its old forwarder and
-        continues here, its seq/timestamp shifted to follow on from what it was sent."""
+    def _cancel_switch(self, sink: ForwardSink) -> None:
+        switch = sink.switch
+        if switch is not None:
+            sink.switch = None
+            switch.target._switching.pop(sink, None)
+            switch.source._leaving.discard(sink)
+
+    def _switch_ready(self, switch: LayerSwitch) -> bool:
+        """A key frame drained since the switch was asked for is cached here."""
+        return self.keyframes_drained > switch.keyframes_at_request and self._gop is not None
+
+    def _switch_needs_keyframe(self) -> bool:
+        return any(not self._switch_ready(switch) for switch in self._switching.values())
+
+    def _switch_at_keyframe(self) -> None:
+        """This forwarder's key frame (the packet being drained): sinks whose old layer is
+        between frames (or silent, or never sent them anything) continue here from this
+        packet; the others follow when their old layer's frame ends, or at the next key frame
+        if it has not ended by then (a publisher that never marks a frame's end)."""
+        now = time.monotonic()
+        for sink, switch in list(self._switching.items()):
+            if sink not in switch.source._sinks or sink.closed:
+                self._cancel_switch(sink)
+            elif (switch.source._between_frames(sink, now)
+                  or self.keyframes_drained - switch.keyframes_at_request > 1):
+                self._complete_switch(sink, switch, replay=False)
+
+    def _switch_from_silent(self) -> None:
+        """A switch ready here whose old layer went silent mid-frame: complete it now."""
+        now = time.monotonic()
+        for sink, switch in list(self._switching.items()):
+            if (self._switch_ready(switch)
+                    and now - switch.source.last_packet_time > SWITCH_IDLE_S):
+                self._complete_switch(sink, switch, replay=True)
+            elif self._gop is None and self.keyframes_drained > switch.keyframes_at_request:
+                # its key frame left the cache before the old layer's frame ended: another one
+                self.request_keyframe()
+
+    def _switch_after_frame(self) -> None:
+        """A frame of this forwarder just ended: sinks leaving it whose new layer has its key
+        frame cached go there now."""
+        for sink in list(self._leaving):
+            switch = sink.switch
+            if switch is not None and switch.target._switch_ready(switch):
+                switch.target._complete_switch(sink, switch, replay=True)
+
+    def _between_frames(self, sink: ForwardSink, now: float) -> bool:
+        newest = self._newest
+        return (sink.waiting_keyframe or newest is None or bool(newest[1] & 0x80)
+                or now - self.last_packet_time > SWITCH_IDLE_S)
+
+    def _complete_switch(self, sink: ForwardSink, switch: LayerSwitch, replay: bool) -> None:
+        """Move ``sink`` here from ``switch.source``, its seq/timestamp shifted to follow on from
+        the newest packet it was sent there. ``replay``: this forwarder's packets since its
+        cached key frame are sent to it now (else the key frame being drained reaches it)."""
+        old = switch.source
+        self._cancel_switch(sink)
+        if sink.closed or sink not in old._sinks:
+            return
+        gop = self._gop
+        if gop is None:  # (the key frame being drained is always cached)
+            return
+        keyframe = gop[0]
         seq = (keyframe[2] << 8) | keyframe[3]
         ts = int.from_bytes(keyframe[4:8], "big")
-        now = time.monotonic()
-        switching, self._switching = self._switching, {}
-        for sink, old in switching.items():
-            if sink.closed or sink not in old._sinks:
-                continue
-            last = old._last_sent
-            gap = max(1, int((now - old.mapper.last_wall) * self.codec.clockRate))
-            last_seq = 0 if last is None else (last[2] << 8) | last[3]
-            last_ts = old.mapper.last_out_ts if last is None else int.from_bytes(last[4:8], "big")
-            viewer_seq = (last_seq + sink.seq_delta) % SEQ_MOD
-            viewer_ts = (last_ts + sink.ts_delta) % TS_MOD
-            old._release(sink)
-            sink.seq_delta = (viewer_seq + 1 - seq) % SEQ_MOD
-            sink.ts_delta = (viewer_ts + gap - ts) % TS_MOD
-            sink.first_seq = (viewer_seq + 1) % SEQ_MOD
-            sink.waiting_keyframe = False
-            sink.base_packets = self.packets_in
-            sink.base_octets = self.octets_in
-            self._sinks.append(sink)
-            on_resolve = getattr(sink.packet_sender, "on_resolve", None)
-            if on_resolve is not None:
-                sink.cancel_refresh = on_resolve(self._rebuild)
-            self.layer_switches += 1
-            if sink.on_first_packet is not None:
-                sink.on_first_packet()
-                sink.on_first_packet = None
-            if sink.on_switched is not None:
-                sink.on_switched(self)
+        last = old._newest
+        if last is None or sink.waiting_keyframe:
+            last_seq, last_ts = old.mapper.last_out_seq, old.mapper.last_out_ts
+        else:
+            last_seq, last_ts = (last[2] << 8) | last[3], int.from_bytes(last[4:8], "big")
+        # the key frame's timestamp follows the old layer's newest by the wall-clock time
+        # between them (at least one tick: a new frame for the viewer's jitter buffer)
+        arrived = self._gop_started if replay else time.monotonic()
+        gap = max(1, int((arrived - old.mapper.last_wall) * self.codec.clockRate))
+        viewer_seq = (last_seq + sink.seq_delta) % SEQ_MOD
+        viewer_ts = (last_ts + sink.ts_delta) % TS_MOD
+        sent_packets = old.packets_in - sink.base_packets
+        sent_octets = old.octets_in - sink.base_octets
+        old._release(sink)
+        sink.previous = (old, sink.seq_delta, sink.ts_delta, sink.first_seq)
+        sink.seq_delta = (viewer_seq + 1 - seq) % SEQ_MOD
+        sink.ts_delta = (viewer_ts + gap - ts) % TS_MOD
+        sink.first_seq = (viewer_seq + 1) % SEQ_MOD
+        sink.waiting_keyframe = False
+        # the Sender Reports' counts go on from what the sink was sent on the old layer
+        sink.base_packets = self.packets_in - sent_packets
+        sink.base_octets = self.octets_in - sent_octets
+        self._sinks.append(sink)
+        on_resolve = getattr(sink.packet_sender, "on_resolve", None)
+        if on_resolve is not None:
+            sink.cancel_refresh = on_resolve(self._rebuild)
+        self.layer_switches += 1
+        if replay:
+            for data in gop:
+                try:
+                    sink.packet_sender.send(shifted(data, sink.payload_type, sink.seq_delta,
+                                                    sink.ts_delta))
+                except Exception as exc:
+                    self._send_failed(sink, exc)
+            self.packets_sent += len(gop)
+        if self._sender_report is not None:
+            self._apply_sender_report(sink)
+        if sink.on_first_packet is not None:
+            sink.on_first_packet()
+            sink.on_first_packet = None
+        if sink.on_switched is not None:
+            sink.on_switched(self)
         self._rebuild()
 
     def _release(self, sink: ForwardSink) -> None:
@@ -537,7 +670,8 @@ class TrackForwarder:
         return self.bitrate
 
     def close(self) -> None:
-        self._switching.clear()
+        for sink in [*self._switching, *self._leaving]:
+            self._cancel_switch(sink)
         if self._deferred_request is not None:
             self._deferred_request.cancel()
             self._deferred_request = None
