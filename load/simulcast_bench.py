@@ -20,9 +20,10 @@ print their own CPU. Phases, in this order, each with a fresh publisher and farm
    (a fault injector in the farm's receive path: no root, no tc; aiortc NACKs the gaps and the
    viewer sends a PLI for a gap still open after 250 ms, at most one per 500 ms): key-frame
    requests reaching the publisher per minute, and what the lossy viewers sent.
-4. layer switches: --switchers aiortc viewers that decode, on the same relay, each POSTing a
-   new layer --switches times; latency = from just before the POST to the first decoded frame
-   of the new layer's size (its key frame, asked of the publisher by the relay).
+4. layer switches, the farm still watching (no loss): --switchers aiortc viewers that decode,
+   on the same relay, each POSTing a new layer --switches times; latency = from just before
+   the POST to the first decoded frame of the new layer's size (its key frame, asked of the
+   publisher by the relay).
 
 Saturation: a window is marked SATURATED when the relay or a farm process used more than 90 % of
 a core, or the farm received under 97 % of what the relay says it delivered; then measure at a
@@ -73,11 +74,11 @@ class Farm:
     def __init__(self) -> None:
         self.procs: list[asyncio.subprocess.Process] = []
 
-    async def start(self, base_url: str, stream: str, n: int, pins: str, loss: float) -> None:
+    async def start(self, base_url: str, stream: str, n: int, pins: str) -> None:
         for first in range(0, n, FARM_SIZE):
             self.procs.append(await asyncio.create_subprocess_exec(
                 sys.executable, str(HERE / "simulcast_farm.py"), base_url, stream,
-                str(min(FARM_SIZE, n - first)), str(first), pins, str(loss),
+                str(min(FARM_SIZE, n - first)), str(first), pins,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE))
         for proc in self.procs:  # they all join at once
             assert proc.stdout is not None
@@ -127,6 +128,11 @@ def _delivered(stats: dict[str, Any], stream: str) -> int:
                   else s.get("video_packets_sent", 0))
         total -= s.get("video_send_drops", 0) + s.get("video_send_errors", 0)
     return total
+
+
+def _counter(stats: dict[str, Any], stream: str, suffix: str) -> int:
+    return sum(int(v) for s in _stream_stats(stats, stream) for k, v in s.items()
+               if k.endswith(suffix))
 
 
 def _layers(stats: dict[str, Any], stream: str) -> dict[str, dict[str, Any]]:
@@ -179,6 +185,9 @@ async def window(servers: Servers, farm: Farm, stream: str, publisher: Simulcast
         "relay_delivered_per_s": delivered / wall,
         "us_relay": 1e6 * cpu / max(1, farm_packets),
         "us_whole": 1e6 * whole / max(1, farm_packets),
+        "us_relay_counted": 1e6 * cpu / max(1, delivered),
+        "nacks_served_per_s": (_counter(relay_after, stream, "_nacks_served")
+                               - _counter(relay_before, stream, "_nacks_served")) / wall,
         "keyframe_requests_at_publisher": at_publisher,
         "keyframe_requests_per_min": 60 * sum(at_publisher.values()) / wall,
         "origin_keyframe_requests": origin_kf,
@@ -316,7 +325,8 @@ async def switch_latencies(relay_url: str, stream: str, sizes: dict[str, tuple[i
 
 
 async def phase(servers: Servers, stream: str, simulcast: bool, n: int, seconds: float,
-                loss: float, profile: str | None, switchers: int, switches: int) -> dict[str, Any]:
+                losses: list[float], profile: str | None, switchers: int,
+                switches: int) -> dict[str, Any]:
     publisher = SimulcastPublisher(servers.origin_url, stream, host_token(), simulcast=simulcast)
     await publisher.start()
     farm = Farm()
@@ -326,24 +336,23 @@ async def phase(servers: Servers, stream: str, simulcast: bool, n: int, seconds:
         await asyncio.sleep(2.0)
         pins = ",".join(x.rid for x in LAYERS) if simulcast else "auto"
         joined = time.monotonic()
-        await farm.start(servers.relay_url, stream, n, pins, loss)
+        await farm.start(servers.relay_url, stream, n, pins)
         out["join_s"] = time.monotonic() - joined
         await asyncio.sleep(4.0)  # settle: ICE, the pinned viewers' first key frames
         out["clean"] = await window(servers, farm, stream, publisher, seconds, profile)
-        if simulcast:
-            await farm.command("LOSS ON")
+        for fraction in losses if simulcast else []:
+            await farm.command(f"LOSS {fraction}")
             await asyncio.sleep(2.0)
-            out["lossy"] = await window(servers, farm, stream, publisher, seconds)
-            await farm.command("LOSS OFF")
+            out[f"lossy {fraction}"] = await window(servers, farm, stream, publisher, seconds)
+            await farm.command("LOSS 0")
+        if simulcast and switchers:  # with the farm still watching, its loss off
+            out["sizes"] = sizes
+            out["switch"] = await switch_latencies(servers.relay_url, stream, sizes, switchers,
+                                                   switches, timeout=5.0)
         results = await farm.stop()
         out["without_video"] = sum(r["without_video"] for r in results)
         out["ttff_p95"] = pct([t for r in results for t in r["ttff"]], 0.95)
         out["lossy_viewers"] = sum(r["lossy"] for r in results)
-        if simulcast and switchers:
-            out["sizes"] = sizes
-            out["switch"] = await switch_latencies(servers.relay_url, stream, sizes, switchers,
-                                                   switches, timeout=5.0)
-            out["switch_keyframe_requests"] = publisher.keyframe_requests()
         out["nacked_at_publisher"] = {x.spec.rid: x.nacked for x in publisher.layers}
     finally:
         farm.kill()
@@ -353,25 +362,30 @@ async def phase(servers: Servers, stream: str, simulcast: bool, n: int, seconds:
 
 def _row(label: str, w: dict[str, Any]) -> str:
     farm = "/".join(f"{100 * c:.0f}" for c in w["farm_cpu"])
-    return (f"{label:>22} {w['us_relay']:>9.2f} {w['us_whole']:>9.2f} "
+    return (f"{label:>22} {w['us_relay']:>9.2f} {w['us_whole']:>9.2f} {w['us_relay_counted']:>9.2f} "
             f"{w['farm_packets_per_s']:>10.0f} {w['relay_delivered_per_s']:>10.0f} "
-            f"{100 * w['relay_cpu']:>6.0f}% {100 * w['whole_cpu']:>6.0f}% {farm:>9}% "
-            f"{w['load_avg']:>5.1f}  {w['saturated'] or 'no'}")
+            f"{w['nacks_served_per_s']:>7.0f} {100 * w['relay_cpu']:>6.0f}% "
+            f"{100 * w['whole_cpu']:>6.0f}% {farm:>9}% {w['load_avg']:>5.1f}  {w['saturated'] or 'no'}")
 
 
-def report(n: int, loss: float, one: dict[str, Any], sim: dict[str, Any],
-           profiles: dict[str, str]) -> None:
+def report(n: int, one: dict[str, Any], sim: dict[str, Any], profiles: dict[str, str]) -> None:
+    lossy = {key: w for key, w in sim.items() if key.startswith("lossy ")}
     print(f"\n{n} viewers (farm processes of at most {FARM_SIZE}); simulcast: "
           f"{n - sim['lossy_viewers']} pinned in turn to h/m/l, {sim['lossy_viewers']} on Auto "
-          f"(the lossy ones in the lossy window)")
-    print(f"{'window':>22} {'relay µs':>9} {'whole µs':>9} {'farm pkt/s':>10} "
-          f"{'relay pkt/s':>10} {'relay':>7} {'whole':>7} {'farm CPU':>10} {'load':>5}  saturated")
-    print("  (µs of server CPU per packet the farm received; whole = relay + origin + Redis)")
+          f"(the lossy ones in the lossy windows)")
+    print("µs of server CPU per packet the farm received (whole = relay + origin + Redis; "
+          "'relay/sent': per packet the relay counts sent; 'NACK h+a': packets/s the relay resent "
+          "on NACKs, top layer and audio)")
+    print(f"{'window':>22} {'relay µs':>9} {'whole µs':>9} {'relay/sent':>9} {'farm pkt/s':>10} "
+          f"{'relay pkt/s':>10} {'NACK h+a':>7} {'relay':>7} {'whole':>7} {'farm CPU':>10} "
+          f"{'load':>5}  saturated")
     print(_row("single layer", one["clean"]))
     print(_row("simulcast", sim["clean"]))
-    print(_row(f"simulcast, {loss:.0%} loss", sim["lossy"]))
-    print(f"simulcast viewers per layer on the relay: {sim['clean']['relay_layer_viewers']} "
-          f"(lossy window end: {sim['lossy']['relay_layer_viewers']})")
+    for key, w in lossy.items():
+        print(_row(f"simulcast, {float(key.split()[1]):.0%} loss", w))
+    print(f"simulcast viewers per layer on the relay at the end of each window: "
+          f"{sim['clean']['relay_layer_viewers']}, "
+          + ", ".join(f"{k}: {w['relay_layer_viewers']}" for k, w in lossy.items()))
     for what in ("us_relay", "us_whole"):
         ratio = sim["clean"][what] / one["clean"][what]
         name = "relay" if what == "us_relay" else "whole server"
@@ -381,24 +395,28 @@ def report(n: int, loss: float, one: dict[str, Any], sim: dict[str, Any],
     print(f"CPU per viewer-second, whole server: simulcast "
           f"{1000 * sim['clean']['whole_cpu'] / n:.3f} ms vs single layer "
           f"{1000 * one['clean']['whole_cpu'] / n:.3f} ms")
+    if one["clean"]["saturated"] or sim["clean"]["saturated"]:
+        print(f"SATURATED at {n} viewers: measure at fewer")
     print(f"time to first frame p95: single {one['ttff_p95']:.2f} s, simulcast "
           f"{sim['ttff_p95']:.2f} s; viewers without video: {one['without_video']} / "
           f"{sim['without_video']}")
-    for label, w in (("no lossy viewer", sim["clean"]),
-                     (f"{sim['lossy_viewers']} viewers ({sim['lossy_viewers'] / n:.0%}) losing "
-                      f"{loss:.0%}", sim["lossy"])):
-        print(f"key-frame requests reaching the publisher, {label}: "
-              f"{w['keyframe_requests_per_min']:.1f}/min {w['keyframe_requests_at_publisher']} "
-              f"in {w['wall_s']:.0f} s; the origin sent {w['origin_keyframe_requests']}; "
-              f"the farm's viewers sent {w['farm_plis_per_min']:.1f} PLI/min")
-    print(f"single layer, no loss: {one['clean']['keyframe_requests_per_min']:.1f} key-frame "
-          f"requests/min at the publisher")
+    windows = [("single layer, no lossy viewer", one["clean"]),
+               ("simulcast, no lossy viewer", sim["clean"])]
+    windows += [(f"simulcast, {sim['lossy_viewers']} viewers ({sim['lossy_viewers'] / n:.0%}) "
+                 f"losing {float(k.split()[1]):.0%}", w) for k, w in lossy.items()]
+    print("key-frame requests (PLI/FIR) reaching the publisher:")
+    for label, w in windows:
+        print(f"  {label}: {w['keyframe_requests_per_min']:.1f}/min "
+              f"{w['keyframe_requests_at_publisher']} in {w['wall_s']:.0f} s; the origin asked "
+              f"{w['origin_keyframe_requests']}; the farm's viewers sent "
+              f"{w['farm_plis_per_min']:.1f} PLI/min")
     if "switch" in sim:
         lat = sim["switch"]["latencies"]
         every = [x for v in lat.values() for x in v]
         print(f"layer switch, WHEP layer POST -> first decoded frame of the new layer "
               f"({len(every)} switches; sizes {sim['sizes']}): p50 {1000 * pct(every, 0.5):.0f} ms, "
-              f"p95 {1000 * pct(every, 0.95):.0f} ms, max {1000 * max(every, default=float('nan')):.0f} ms")
+              f"p95 {1000 * pct(every, 0.95):.0f} ms, "
+              f"max {1000 * max(every, default=float('nan')):.0f} ms")
         for rid, values in lat.items():
             print(f"  to {rid}: {len(values)} switches, p50 {1000 * pct(values, 0.5):.0f} ms, "
                   f"p95 {1000 * pct(values, 0.95):.0f} ms")
@@ -416,8 +434,8 @@ async def main() -> None:
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--viewers", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=20.0, help="each window")
-    parser.add_argument("--loss", type=float, default=0.05,
-                        help="fraction of RTP datagrams a lossy viewer drops")
+    parser.add_argument("--loss", type=float, nargs="+", default=[0.05, 0.4],
+                        help="fraction of RTP datagrams a lossy viewer drops: a window each")
     parser.add_argument("--switchers", type=int, default=3)
     parser.add_argument("--switches", type=int, default=10, help="per switching viewer")
     parser.add_argument("--profile", choices=("py-spy", "perf"),
@@ -442,7 +460,7 @@ async def main() -> None:
             print("".join(cluster.relay.output[-30:]), file=sys.stderr)
             print("".join(cluster.origin.output[-30:]), file=sys.stderr)
             raise
-    report(args.viewers, args.loss, one, sim, profiles)
+    report(args.viewers, one, sim, profiles)
 
 
 if __name__ == "__main__":

@@ -3,18 +3,19 @@ CountingViewer (counts packets at the jitter buffer after SRTP, RTX and NACK han
 decodes), pinned to a layer with the WHEP layer POST of its session, and with a fault injector
 for a lossy path.
 
-    python load/simulcast_farm.py BASE_URL STREAM COUNT FIRST PINS LOSS
+    python load/simulcast_farm.py BASE_URL STREAM COUNT FIRST PINS
 
 Viewer number FIRST + i (numbered across all farms of a run) is *lossy* when that number is
 9 mod 10 (10 % of the viewers): it stays on Auto (the server's automatic layer choice, as a
-player's default), and once told ``LOSS ON`` its network drops a random LOSS fraction of the RTP
+player's default), and once told ``LOSS <fraction>`` its network drops that random fraction of the RTP
 datagrams it receives, before SRTP decryption, so aiortc's receiver NACKs the gaps as over a
 real lossy link (drop_incoming_rtp; no root, no tc). Like a player that cannot complete a frame,
-a lossy viewer asks for a key frame (PLI) when a video packet is still missing 250 ms after it
-noticed the gap, at most once per 500 ms. The other viewers are pinned in turn to the rids of
+every viewer asks for a key frame (PLI) when a video packet is still missing 250 ms after it
+noticed the gap, at most once per 500 ms (aiortc's own receiver asks only when 512 packets
+behind, and these viewers bypass its jitter buffer). The other viewers are pinned in turn to the rids of
 PINS (comma-separated; ``auto``: no pin). Prints READY once every viewer has video (or after
 20 s); then reads commands on stdin: ``MARK`` prints one JSON line {"packets", "cpu_s", "t",
-"plis"} (a window is the difference of two marks), ``LOSS ON`` / ``LOSS OFF``; on EOF it prints
+"plis"} (a window is the difference of two marks), ``LOSS <fraction>`` (0: off); on EOF it prints
 one JSON line of results.
 """
 
@@ -55,13 +56,11 @@ def is_lossy(number: int) -> bool:
 
 
 class FarmViewer(CountingViewer):
-    def __init__(self, base_url: str, stream: str, pin: str | None, lossy: bool,
-                 loss: float) -> None:
+    def __init__(self, base_url: str, stream: str, pin: str | None, lossy: bool) -> None:
         super().__init__(base_url, stream)
         self.pin = pin
         self.lossy = lossy
-        self.loss = loss
-        self.losing = False  # LOSS ON
+        self.loss = 0.0  # of RTP datagrams dropped, for a lossy viewer, once told
         self.plis = 0
         self.layer_url: str | None = None
         self._video_receiver: object | None = None
@@ -78,10 +77,6 @@ class FarmViewer(CountingViewer):
         self._video_receiver = video.receiver
         self.started = time.monotonic()
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        if self.lossy:
-            rng = random.Random()
-            drop_incoming_rtp(video.receiver.transport,
-                              lambda _: self.losing and rng.random() < self.loss)
         response = await http.post(self.url, content=self.pc.localDescription.sdp,
                                    headers={"Content-Type": "application/sdp"})
         if response.status_code != 201:
@@ -90,6 +85,9 @@ class FarmViewer(CountingViewer):
         self.layer_url = parse_links(response.headers.get("Link", ""),
                                      self.resource).get(LAYER_REL)
         await self.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+        if self.lossy:  # on the bundled transport, known once the answer is set
+            rng = random.Random()
+            drop_incoming_rtp(video.receiver.transport, lambda _: rng.random() < self.loss)
         if self.pin is not None and self.layer_url is not None:
             pinned = await http.post(self.layer_url, json={"encodingId": self.pin})
             if pinned.status_code != 204:
@@ -97,8 +95,6 @@ class FarmViewer(CountingViewer):
 
     def _on_video_packet(self, packet: RtpPacket) -> None:
         self._on_video(packet)
-        if not self.lossy:
-            return
         # a player's key-frame request: a gap the NACKs did not fill in time
         now = time.monotonic()
         seq, self._ssrc = packet.sequence_number, packet.ssrc
@@ -123,8 +119,7 @@ def _mark(farm: list[FarmViewer]) -> str:
                        "t": time.monotonic(), "plis": sum(v.plis for v in farm)})
 
 
-async def main(base_url: str, stream: str, count: int, first: int, pins: list[str | None],
-               loss: float) -> None:
+async def main(base_url: str, stream: str, count: int, first: int, pins: list[str | None]) -> None:
     restrict_host_addresses(["127.0.0.1"])
     farm: list[FarmViewer] = []
     pinned = 0
@@ -132,7 +127,7 @@ async def main(base_url: str, stream: str, count: int, first: int, pins: list[st
         lossy = is_lossy(number)
         pin = None if lossy else pins[pinned % len(pins)]
         pinned += not lossy
-        farm.append(FarmViewer(base_url, stream, pin, lossy, loss))
+        farm.append(FarmViewer(base_url, stream, pin, lossy))
     limits = httpx.Limits(max_connections=max(100, 2 * count))
     async with httpx.AsyncClient(verify=False, trust_env=False, timeout=30, limits=limits) as http:
         for batch in range(0, count, 10):
@@ -146,9 +141,9 @@ async def main(base_url: str, stream: str, count: int, first: int, pins: list[st
             command = line.strip()
             if command == "MARK":
                 print(_mark(farm), flush=True)
-            elif command in ("LOSS ON", "LOSS OFF"):
+            elif command.startswith("LOSS "):
                 for viewer in farm:
-                    viewer.losing = command == "LOSS ON"
+                    viewer.loss = float(command.split()[1])
                 print(json.dumps({"loss": command}), flush=True)
         result = {
             "ttff": [v.first_video - v.started for v in farm if v.first_video is not None],
@@ -163,5 +158,4 @@ async def main(base_url: str, stream: str, count: int, first: int, pins: list[st
 
 if __name__ == "__main__":
     pin_list = [None if p == "auto" else p for p in sys.argv[5].split(",")]
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), pin_list,
-                     float(sys.argv[6])))
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), pin_list))
