@@ -13,6 +13,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <time.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
@@ -200,7 +201,165 @@ done:
     return out;
 }
 
+/* send_slots(frame, slots, fds, ready, transports): the hub's ready set (wswrite.ReadySet).
+ *
+ * `slots` lists the sockets of one slice as slot numbers; per slot, fds[slot] is its fd (-1: the
+ * slot is free), ready[slot] is 1 while the socket's own side (its outbox) is idle, kept up to
+ * date by the socket's notifications, and transports[slot] its asyncio transport. A slot takes
+ * the raw write only if it is ready and its transport, asked here (get_write_buffer_size() == 0
+ * and not is_closing(): the standard asyncio WriteTransport API, answered in C by uvloop), holds
+ * nothing and is open: what uvicorn wrote on its own (pings, pongs, closes) is in that buffer,
+ * and a lost connection is closing before its fd is reused. Returns (shorts, pushes, gone):
+ * shorts as send_many's (index into slots, result); pushes: indices whose frame must go through
+ * the socket's queue; gone: indices of free slots (left the hub after the batch was queued);
+ * and the thread CPU seconds of the checks (the per-socket part, counted in the hub's stats). */
+static PyObject *name_size, *name_closing;
+
+static int transport_idle(PyObject *transport) {
+    PyObject *size = PyObject_CallMethodNoArgs(transport, name_size);
+    if (size == NULL) {
+        return -1;
+    }
+    int busy = PyObject_IsTrue(size);
+    Py_DECREF(size);
+    if (busy != 0) {
+        return busy < 0 ? -1 : 0;
+    }
+    PyObject *closing = PyObject_CallMethodNoArgs(transport, name_closing);
+    if (closing == NULL) {
+        return -1;
+    }
+    int shut = PyObject_IsTrue(closing);
+    Py_DECREF(closing);
+    return shut < 0 ? -1 : !shut;
+}
+
+static PyObject *send_slots(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer frame, slots, fds, ready;
+    PyObject *transports;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*O!:send_slots", &frame, &slots, &fds, &ready,
+                          &PyList_Type, &transports)) {
+        return NULL;
+    }
+    PyObject *out = NULL, *short_list = NULL, *push_list = NULL, *gone_list = NULL;
+    int *go = NULL;
+    short_t *shorts = NULL;
+    Py_ssize_t n = slots.len / (Py_ssize_t)sizeof(int);
+    Py_ssize_t nslots = fds.len / (Py_ssize_t)sizeof(int);
+    const int *slot = slots.buf, *fd = fds.buf;
+    const unsigned char *ok = ready.buf;
+    if (slots.itemsize != sizeof(int) || fds.itemsize != sizeof(int) || ready.len < nslots
+            || PyList_GET_SIZE(transports) < nslots) {
+        PyErr_SetString(PyExc_ValueError, "slots/fds must be int arrays; ready, transports "
+                        "must cover every slot");
+        goto done;
+    }
+    struct timespec began, checked;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &began);
+    go = PyMem_Malloc(sizeof(int) * (size_t)(n > 0 ? n : 1));
+    shorts = PyMem_Malloc(sizeof(short_t) * (size_t)(n > 0 ? n : 1));
+    push_list = PyList_New(0);
+    gone_list = PyList_New(0);
+    if (go == NULL || shorts == NULL || push_list == NULL || gone_list == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_NoMemory();
+        }
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int s = slot[i];
+        go[i] = -1;
+        if (s < 0 || s >= nslots) {
+            PyErr_Format(PyExc_ValueError, "slot %d out of range", s);
+            goto done;
+        }
+        PyObject *list = NULL;
+        if (fd[s] < 0) {
+            list = gone_list;
+        } else if (!ok[s]) {
+            list = push_list;
+        } else {
+            int idle = transport_idle(PyList_GET_ITEM(transports, s));
+            if (idle < 0) {
+                goto done;
+            }
+            if (idle) {
+                go[i] = fd[s];
+            } else {
+                list = push_list;
+            }
+        }
+        if (list != NULL) {
+            PyObject *index = PyLong_FromSsize_t(i);
+            if (index == NULL || PyList_Append(list, index) < 0) {
+                Py_XDECREF(index);
+                goto done;
+            }
+            Py_DECREF(index);
+        }
+    }
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &checked);
+    double check_s = (double)(checked.tv_sec - began.tv_sec)
+                     + (double)(checked.tv_nsec - began.tv_nsec) / 1e9;
+    const char *data = frame.buf;
+    Py_ssize_t len = frame.len;
+    Py_ssize_t nshort = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (go[i] < 0) {
+            continue;
+        }
+        Py_ssize_t sent = 0;
+        while (sent < len) {
+            ssize_t r = send(go[i], data + sent, (size_t)(len - sent), MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (r > 0) {
+                sent += r;
+                continue;
+            }
+            if (r < 0 && errno == EINTR) {
+                continue;
+            }
+            if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+                sent = -(Py_ssize_t)errno;
+            }
+            break;
+        }
+        if (sent != len) {
+            shorts[nshort].index = i;
+            shorts[nshort].result = sent;
+            nshort++;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    short_list = PyList_New(nshort);
+    if (short_list == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < nshort; k++) {
+        PyObject *pair = Py_BuildValue("(nn)", shorts[k].index, shorts[k].result);
+        if (pair == NULL) {
+            goto done;
+        }
+        PyList_SET_ITEM(short_list, k, pair);
+    }
+    out = Py_BuildValue("(OOOd)", short_list, push_list, gone_list, check_s);
+done:
+    Py_XDECREF(short_list);
+    Py_XDECREF(push_list);
+    Py_XDECREF(gone_list);
+    PyMem_Free(go);
+    PyMem_Free(shorts);
+    PyBuffer_Release(&frame);
+    PyBuffer_Release(&slots);
+    PyBuffer_Release(&fds);
+    PyBuffer_Release(&ready);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"send_slots", send_slots, METH_VARARGS,
+     "send_slots(frame, slots, fds, ready, transports) -> (shorts, pushes, gone, check_s)"},
     {"send_many", send_many, METH_VARARGS,
      "send_many(frame, fds) -> [(index, sent or -errno)] for the sockets that did not take it all"},
     {"send_ready", send_ready, METH_VARARGS,
@@ -216,4 +375,11 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__wswrite(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__wswrite(void) {
+    name_size = PyUnicode_InternFromString("get_write_buffer_size");
+    name_closing = PyUnicode_InternFromString("is_closing");
+    if (name_size == NULL || name_closing == NULL) {
+        return NULL;
+    }
+    return PyModule_Create(&module);
+}

@@ -1,5 +1,9 @@
 from collections.abc import Sequence
+from typing import Any
 
 def send_many(frame: bytes, fds: Sequence[int]) -> list[tuple[int, int]]: ...
 
 def send_ready(frame: bytes, fds: Sequence[int]) -> tuple[list[tuple[int, int]], list[int]]: ...
+
+def send_slots(frame: bytes, slots: Any, fds: Any, ready: bytearray, transports: list[Any]
+               ) -> tuple[list[tuple[int, int]], list[int], list[int], float]: ...

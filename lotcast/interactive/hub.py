@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,10 +90,12 @@ class HubStats:
 
 @dataclass
 class _Job:
-    """One frame to write to `subs`: the first `native` of them may take the native path, and
-    `probes` are their `native_fd` methods (wswrite.deliver_native)."""
+    """One frame to write to the sockets in `slots` of the hub's ReadySet (told), then to
+    `subs`: the first `native` of them asked (`probes` are their `native_fd` methods), the rest
+    by push. `pos` counts across both."""
 
     frame: bytes
+    slots: array[int]
     subs: list[Subscriber]
     probes: list[Callable[[], int]]
     native: int
@@ -118,6 +121,9 @@ class RoomHub:
         self._native_subs: dict[Subscriber, Callable[[], int]] = {}
         self._plain_subs: dict[Subscriber, None] = {}
         self._native_on = wswrite.enabled()
+        # sockets that tell the hub when they may take raw writes (wswrite.LinkedSubscriber)
+        self._ready = wswrite.ReadySet()
+        self._ready_on = self._native_on and wswrite.ready_set_enabled()
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue()
         self._last_payload: bytes | None = None  # the event at self.offset (_log_rewound)
         self._pending: list[bytes] = []
@@ -188,14 +194,22 @@ class RoomHub:
         if sub in self.sockets:
             return
         self.sockets.add(sub)
-        probe = getattr(sub, "native_fd", None) if self._native_on else None
-        if probe is not None and hasattr(sub, "native_rest"):
-            self._native_subs[sub] = probe
-        else:
-            self._plain_subs[sub] = None
+        if self._native_on and hasattr(sub, "native_rest"):
+            if self._ready_on and hasattr(sub, "native_link"):
+                if not self._fanout_jobs:
+                    self._ready.recycle()
+                if not self._ready.add(sub):  # type: ignore[arg-type]
+                    self._plain_subs[sub] = None  # never takes raw writes
+                return
+            probe = getattr(sub, "native_fd", None)
+            if probe is not None:
+                self._native_subs[sub] = probe
+                return
+        self._plain_subs[sub] = None
 
     def detach(self, sub: Subscriber) -> None:
         self.sockets.discard(sub)
+        self._ready.remove(sub)  # type: ignore[arg-type]
         self._native_subs.pop(sub, None)
         self._plain_subs.pop(sub, None)
 
@@ -301,6 +315,7 @@ class RoomHub:
         for sub in list(self.sockets):
             sub.close_soon(code, reason)
         self.sockets.clear()
+        self._ready.clear()
         self._native_subs.clear()
         self._plain_subs.clear()
 
@@ -459,7 +474,7 @@ class RoomHub:
         come first in a job and are written FANOUT_SLICE per native call (wswrite.py).
         """
         natives = list(self._native_subs)
-        self._fanout_jobs.append(_Job(frame, natives + list(self._plain_subs),
+        self._fanout_jobs.append(_Job(frame, self._ready.slots(), natives + list(self._plain_subs),
                                       list(self._native_subs.values()), len(natives)))
         if self._fanout_handle is None:
             self._fanout_step()
@@ -484,24 +499,31 @@ class RoomHub:
         budget = FANOUT_CHUNK
         while self._fanout_jobs and (drain or budget > 0):
             job = self._fanout_jobs[0]
-            end = min(job.pos + (FANOUT_SLICE if drain else min(FANOUT_SLICE, budget)),
-                      len(job.subs))
-            if job.pos < job.native:
-                end = min(end, job.native)
-                written, short, probe_s, send_s = wswrite.deliver_native(
-                    job.frame, job.subs[job.pos:end],  # type: ignore[arg-type]
-                    job.probes[job.pos:end])
+            told = len(job.slots)
+            total = told + len(job.subs)
+            end = min(job.pos + (FANOUT_SLICE if drain else min(FANOUT_SLICE, budget)), total)
+            if job.pos < told + job.native:
+                if job.pos < told:
+                    end = min(end, told)
+                    written, short, probe_s, send_s = wswrite.deliver_slots(
+                        job.frame, job.slots[job.pos:end], self._ready)
+                else:
+                    end = min(end, told + job.native)
+                    first, last = job.pos - told, end - told
+                    written, short, probe_s, send_s = wswrite.deliver_native(
+                        job.frame, job.subs[first:last],  # type: ignore[arg-type]
+                        job.probes[first:last])
                 stats.native_writes += written
                 stats.short_writes += short
                 stats.native_probed += end - job.pos
                 stats.probe_cpu_ms += probe_s * 1000
                 stats.send_cpu_ms += send_s * 1000
             else:
-                for sub in job.subs[job.pos:end]:
+                for sub in job.subs[job.pos - told:end - told]:
                     sub.push(job.frame)
             budget -= end - job.pos
             job.pos = end
-            if job.pos >= len(job.subs):
+            if job.pos >= total:
                 self._fanout_jobs.popleft()
             if time.perf_counter() - started >= turn:
                 break
@@ -515,6 +537,7 @@ class RoomHub:
             self._fanout_handle = asyncio.get_running_loop().call_later(0, self._fanout_step)
             return
         self._draining = False
+        self._ready.recycle()
         if self._stretch_handle is not None:
             self._stretch_handle.cancel()
             self._stretch_handle = None
