@@ -17,7 +17,7 @@ from aiortc.rtp import HeaderExtensions, RtpPacket
 
 from lotcast.media import forwarder as forwarder_module
 from lotcast.media.aiortc_hooks import SimulcastDemux
-from lotcast.media.forwarder import ForwardSink, TrackForwarder
+from lotcast.media.forwarder import SWITCH_WAIT_FRAMES, ForwardSink, TrackForwarder
 from lotcast.media.rtp import build_packet, shifted, vp8_keyframe_size
 from lotcast.media.sdp import SdpError, answer_simulcast, parse_simulcast
 
@@ -313,3 +313,47 @@ async def test_a_new_choice_cancels_the_switch_under_way() -> None:
     assert m.forwarder.sinks() == [sink] and low.forwarder.sinks() == []
     assert [layers[r].forwarder.layer_switches for r in ("h", "m", "l")] == [0, 1, 0]
     assert [tag_of(d)[0] for d in sender.sent] == ["h", "h", "h", "m", "m"]
+
+
+async def test_the_old_layer_goes_on_until_the_new_key_frame_is_whole_even_a_late_packet_of_it(
+) -> None:
+    layers, sink, sender = simulcast()
+    h, m = layers["h"], layers["m"]
+    for layer in layers.values():
+        await feed(layer, layer.frame_packets())
+    m.forwarder.switch_in(sink, h.forwarder)
+    key, after = m.frame_packets(), m.frame_packets()
+    # m's key frame starts; its second packet is lost upstream and comes back (RTX) late
+    await feed(m, key[:1] + after)
+    await feed(h, h.frame_packets())  # the viewer still gets h meanwhile
+    assert h.forwarder.sinks() == [sink]
+    await feed(m, key[1:])
+    assert m.forwarder.sinks() == [sink] and h.forwarder.sinks() == []
+    await feed(m, m.frame_packets())
+    got = [(tag_of(d).rstrip("K"), seq_ts(d)) for d in sender.sent]
+    assert [t for t, _ in got] == ["h0.0", "h0.1", "h0.2", "h1.0", "h1.1", "h1.2",
+                                   "m1.0", "m2.0", "m2.1", "m1.1",  # as they came, at once
+                                   "m3.0", "m3.1"], got
+    # in sequence order: one numbering on from h's last packet, time never going back
+    ordered = [st for _, st in sorted(got, key=lambda g: (g[1][0] - got[0][1][0]) % (1 << 16))]
+    assert [(s - ordered[0][0]) % (1 << 16) for s, _ in ordered] == list(range(12))
+    for (_, ts_a), (_, ts_b) in itertools.pairwise(ordered):
+        assert (ts_b - ts_a) % (1 << 32) < 1 << 31, ordered
+
+
+async def test_a_switch_away_from_a_layer_paused_mid_frame_waits_a_few_frames_not_forever(
+) -> None:
+    layers, sink, sender = simulcast()
+    h, low = layers["h"], layers["l"]
+    for layer in layers.values():
+        await feed(layer, layer.frame_packets())
+    low.forwarder.switch_in(sink, h.forwarder)
+    await feed(h, h.frame_packets()[:1])  # then the publisher pauses h mid-frame
+    for _ in range(SWITCH_WAIT_FRAMES):
+        await feed(low, low.frame_packets())
+        assert h.forwarder.sinks() == [sink]
+    await feed(low, low.frame_packets())
+    assert low.forwarder.sinks() == [sink]
+    tags = [tag_of(d).rstrip("K") for d in sender.sent]
+    assert tags == ["h0.0", "h0.1", "h0.2", "h1.0",
+                    *[f"l{i}.0" for i in range(1, SWITCH_WAIT_FRAMES + 2)]], tags

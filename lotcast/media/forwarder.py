@@ -51,9 +51,11 @@ SEND_BUDGET = 2000  # packet-copies sent before yielding to the event loop
 KEYFRAME_REPLAY_WINDOW = 0.5
 GOP_CACHE_PACKETS = 400
 ERROR_LOG_INTERVAL = 5.0  # seconds between log lines about failed sends of one track
-# A layer switch waits for the old layer to finish its frame; a layer silent this long has no
-# frame to finish (the publisher paused it, or its source is gone).
-SWITCH_IDLE_S = 0.2
+# A layer switch waits for the old layer to finish its frame for at most this many frames of
+# the new layer after its key frame (a layer the publisher paused, or whose source is gone,
+# finishes none). Counted in frames, not seconds: after a stall of this process both layers'
+# packets come in one burst, and the old one's may be handled last.
+SWITCH_WAIT_FRAMES = 5
 
 SendEntry = tuple[Callable[[bytes], bytes], Callable[[bytes, Any], None], Any]
 
@@ -88,11 +90,15 @@ class SendGroup:
 class LayerSwitch:
     """A sink's pending move from ``source`` to ``target`` (simulcast layers of one stream).
 
-    It completes at the first point where the viewer's decoder sees no break: the target has a
-    key frame drained after the request (``keyframes_at_request``) and the source has just
-    finished a frame (its newest packet carries the marker bit), or is silent. The viewer then
-    gets the target's packets from that key frame on (replayed from its cache when the key
-    frame came while the source was still mid-frame), numbered on from the source's newest."""
+    It completes at the first point where the viewer's decoder sees no break and waits for no
+    frame: the target has a whole key frame (every packet of it) drained after the request
+    (``keyframes_at_request``), and the source has just finished a frame (its newest packet
+    carries the marker bit), or has finished none for SWITCH_WAIT_FRAMES of the target's. Until
+    then the source keeps feeding the viewer (a big key frame takes a while to arrive: the
+    viewer keeps getting frames meanwhile); then it gets the target's packets from that key
+    frame on, replayed from the target's cache, numbered on from the source's newest. A key
+    frame that never completes (a packet of it lost for good): the switch is made at the next
+    key frame's start."""
 
     __slots__ = ("keyframes_at_request", "source", "target")
 
@@ -199,6 +205,14 @@ class TrackForwarder:
         self._switching: dict[ForwardSink, LayerSwitch] = {}
         self._leaving: set[ForwardSink] = set()
         self.keyframes_drained = 0
+        # the cached key frame: its first seq, timestamp, packets drained of it so far, last
+        # seq (from its marker bit) and whether all of it is here; frames ended since it began
+        self._gop_frames = 0
+        self._kf_seq = 0
+        self._kf_ts = 0
+        self._kf_packets = 0
+        self._kf_end: int | None = None
+        self._kf_complete = False
         # the newest packet drained, by sequence number (a late retransmission drained after
         # it is older): a sink switching away continues its numbering from this one
         self._newest: bytes | None = None
@@ -347,11 +361,18 @@ class TrackForwarder:
         pending = self._pending
         while pending and budget > 0:
             data, keyframe = pending.popleft()
+            completed = False  # this packet made the cached key frame whole
             if keyframe:
                 self.keyframes_drained += 1
                 self._keyframe_wanted = False
                 self._gop = [data]
                 self._gop_started = time.monotonic()
+                self._kf_seq = (data[2] << 8) | data[3]
+                self._kf_ts = int.from_bytes(data[4:8], "big")
+                self._kf_packets = 1
+                self._kf_end = self._kf_seq if data[1] & 0x80 else None
+                self._kf_complete = completed = self._kf_end is not None
+                self._gop_frames = int(completed)
                 if self._switching:
                     self._switch_at_keyframe()
                 if self._waiting:
@@ -359,6 +380,10 @@ class TrackForwarder:
             elif self._gop is not None:
                 if len(self._gop) < GOP_CACHE_PACKETS:
                     self._gop.append(data)
+                    if data[1] & 0x80:
+                        self._gop_frames += 1
+                    if not self._kf_complete:
+                        completed = self._count_keyframe_packet(data)
                 else:
                     self._gop = None
             for group in self._groups:
@@ -396,8 +421,11 @@ class TrackForwarder:
                 self._newest = data
                 if self._leaving and data[1] & 0x80:  # a frame ended: switch away after it
                     self._switch_after_frame()
-            if self._switching and not keyframe:
-                self._switch_from_silent()
+            if self._switching:  # (after the groups: a replay to a sink includes this packet)
+                if completed:
+                    self._switch_keyframe_complete()
+                elif not keyframe:
+                    self._switch_if_old_stuck()
         if pending:
             self._drain_scheduled = True
             assert self._loop is not None
@@ -547,35 +575,53 @@ class TrackForwarder:
             switch.target._switching.pop(sink, None)
             switch.source._leaving.discard(sink)
 
+    def _count_keyframe_packet(self, data: bytes) -> bool:
+        """A packet drained after the cached key frame's first: True if it made it whole."""
+        if int.from_bytes(data[4:8], "big") != self._kf_ts:
+            return False
+        self._kf_packets += 1
+        if data[1] & 0x80:
+            self._kf_end = (data[2] << 8) | data[3]
+        end = self._kf_end
+        if end is not None and self._kf_packets == (end - self._kf_seq) % SEQ_MOD + 1:
+            self._kf_complete = True
+        return self._kf_complete
+
     def _switch_ready(self, switch: LayerSwitch) -> bool:
-        """A key frame drained since the switch was asked for is cached here."""
-        return self.keyframes_drained > switch.keyframes_at_request and self._gop is not None
+        """A whole key frame drained since the switch was asked for is cached here."""
+        return (self.keyframes_drained > switch.keyframes_at_request and self._gop is not None
+                and self._kf_complete)
 
     def _switch_needs_keyframe(self) -> bool:
-        return any(not self._switch_ready(switch) for switch in self._switching.values())
+        """A switch into this forwarder has no key frame (started) since it asked for one."""
+        return any(self.keyframes_drained == switch.keyframes_at_request or self._gop is None
+                   for switch in self._switching.values())
 
     def _switch_at_keyframe(self) -> None:
-        """This forwarder's key frame (the packet being drained): sinks whose old layer is
-        between frames (or silent, or never sent them anything) continue here from this
-        packet; the others follow when their old layer's frame ends, or at the next key frame
-        if it has not ended by then (a publisher that never marks a frame's end)."""
-        now = time.monotonic()
+        """This forwarder's key frame starts (the packet being drained). A switch that saw a
+        key frame here already and still waits (it never completed, or the old layer never
+        ended a frame) is made now, from this packet."""
         for sink, switch in list(self._switching.items()):
             if sink not in switch.source._sinks or sink.closed:
                 self._cancel_switch(sink)
-            elif (switch.source._between_frames(sink, now)
-                  or self.keyframes_drained - switch.keyframes_at_request > 1):
+            elif self.keyframes_drained - switch.keyframes_at_request > 1:
                 self._complete_switch(sink, switch, replay=False)
 
-    def _switch_from_silent(self) -> None:
-        """A switch ready here whose old layer went silent mid-frame: complete it now."""
-        now = time.monotonic()
+    def _switch_keyframe_complete(self) -> None:
+        """The cached key frame is whole: sinks whose old layer is between frames (or never
+        sent them anything) come here now."""
         for sink, switch in list(self._switching.items()):
-            if (self._switch_ready(switch)
-                    and now - switch.source.last_packet_time > SWITCH_IDLE_S):
+            if self._switch_ready(switch) and switch.source._between_frames(sink):
+                self._complete_switch(sink, switch, replay=True)
+
+    def _switch_if_old_stuck(self) -> None:
+        """A switch ready here whose old layer ended no frame for SWITCH_WAIT_FRAMES of this
+        one's (paused mid-frame, or its source gone): complete it now."""
+        for sink, switch in list(self._switching.items()):
+            if self._switch_ready(switch) and self._gop_frames > SWITCH_WAIT_FRAMES:
                 self._complete_switch(sink, switch, replay=True)
             elif self._gop is None and self.keyframes_drained > switch.keyframes_at_request:
-                # its key frame left the cache before the old layer's frame ended: another one
+                # its key frame left the cache before the switch could be made: another one
                 self.request_keyframe()
 
     def _switch_after_frame(self) -> None:
@@ -586,10 +632,9 @@ class TrackForwarder:
             if switch is not None and switch.target._switch_ready(switch):
                 switch.target._complete_switch(sink, switch, replay=True)
 
-    def _between_frames(self, sink: ForwardSink, now: float) -> bool:
+    def _between_frames(self, sink: ForwardSink) -> bool:
         newest = self._newest
-        return (sink.waiting_keyframe or newest is None or bool(newest[1] & 0x80)
-                or now - self.last_packet_time > SWITCH_IDLE_S)
+        return sink.waiting_keyframe or newest is None or bool(newest[1] & 0x80)
 
     def _complete_switch(self, sink: ForwardSink, switch: LayerSwitch, replay: bool) -> None:
         """Move ``sink`` here from ``switch.source``, its seq/timestamp shifted to follow on from
@@ -611,7 +656,8 @@ class TrackForwarder:
         else:
             last_seq, last_ts = (last[2] << 8) | last[3], int.from_bytes(last[4:8], "big")
         # the key frame's timestamp follows the old layer's newest by the wall-clock time
-        # between them (at least one tick: a new frame for the viewer's jitter buffer)
+        # between their arrivals (at least one tick: a new frame for the viewer's jitter
+        # buffer; a key frame that arrived while the old layer went on is shown right after)
         arrived = self._gop_started if replay else time.monotonic()
         gap = max(1, int((arrived - old.mapper.last_wall) * self.codec.clockRate))
         viewer_seq = (last_seq + sink.seq_delta) % SEQ_MOD
