@@ -86,8 +86,14 @@ async def test_chromium_publishes_h264_only_and_chromium_plays_it_through_a_rela
                 assert set(video_codecs(sdp["local"])) == {"H264"}, video_codecs(sdp["local"])
                 # the broadcaster's WHIP answer negotiated H.264 (nothing else was offered)
                 assert set(video_codecs(sdp["remote"])) == {"H264"}, sdp["remote"]
-                host_stats = await wait_for(lambda: host.evaluate("window.lotcast.stats()"), 15,
-                                            "host page stats", log)
+                async def host_codec_stats() -> dict[str, Any] | None:
+                    # the page samples getStats() periodically: its first sample can predate the
+                    # codec (every field None), so wait for one that names it
+                    stats = await host.evaluate("window.lotcast.stats()")
+                    return stats if stats and stats.get("codec") else None
+
+                host_stats = await wait_for(host_codec_stats, 15, "host page stats with a codec",
+                                            log)
                 assert host_stats["codec"] == "video/H264", host_stats
 
                 viewer = await open_page(browser, f"{c.relay.url}/watch?stream={stream}", log,
