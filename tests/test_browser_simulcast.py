@@ -1,12 +1,15 @@
 """Real Chromium, real services: the host page publishes three simulcast layers (RFC 8853) over
 WHIP; aiortc viewers pinned to a layer each with the WHEP layer POST decode three different
-resolutions on the origin, through a relay and across a cascade hop; an aiortc viewer switched
-down keeps decoding; the watch page's quality menu switches Chromium's decode (issue 11)."""
+resolutions on the origin, through a relay and across a cascade hop; one aiortc viewer switched
+h -> l -> m -> h decodes each layer's size after each switch, its RTP continuous; the watch
+page's quality menu switches Chromium's decode with no key-frame request and no freeze over
+200 ms of its own; the host's encoder gets at most one key-frame request per switch (issue 11)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from typing import Any
 from urllib.parse import urljoin
 
@@ -19,6 +22,7 @@ from browser_support import PageLog, chromium, cluster, open_page, page_state, p
 from media_support import Viewer, http_client
 from sse_support import Session, parse_links, subscribed
 
+from lotcast.media.aiortc_hooks import drop_incoming_rtp, negotiated_codecs
 from lotcast.ops.registry import read_live_nodes
 from lotcast.redis_server import RedisServer
 
@@ -30,6 +34,7 @@ class SizedViewer:
         self.viewer = Viewer(base_url, stream)
         self.sizes: list[tuple[int, int]] = []
         self.session: Session | None = None
+        self.wire: list[tuple[int, int]] = []  # (seq, timestamp) of each video RTP datagram
 
     async def start(self) -> Session:
         v = self.viewer
@@ -48,6 +53,15 @@ class SizedViewer:
         assert response.status_code == 201, (response.status_code, response.text)
         v.resource = urljoin(str(response.url), response.headers["Location"])
         await v.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+        video = next(t for t in v.pc.getTransceivers() if t.kind == "video")
+        video_pts = {c.payloadType for c in negotiated_codecs(video)}
+
+        def record(data: bytes) -> bool:  # a probe on the wire, before SRTP: drops nothing
+            if data[1] & 0x7F in video_pts:
+                self.wire.append(((data[2] << 8) | data[3], int.from_bytes(data[4:8], "big")))
+            return False
+
+        drop_incoming_rtp(video.receiver.transport, record)
         self.session = Session(v, parse_links(response.headers.get("Link", ""), v.resource))
         return self.session
 
@@ -90,6 +104,49 @@ def decoding(viewer: SizedViewer, base_url: str, stream: str, rid: str, frames: 
     return check
 
 
+def wire_problems(wire: list[tuple[int, int]]) -> list[str]:
+    """What breaks continuity in the video RTP one viewer received (in arrival order): a
+    sequence number used again for another packet (another timestamp), timestamps going back
+    in sequence order, a run of more than 20 sequence numbers missing (skipped: a loss that
+    NACKs did not repair is a few, on loopback)."""
+    problems: list[str] = []
+    first_ts: dict[int, int] = {}
+    by_ext: dict[int, int] = {}
+    ext = None
+    last = 0
+    for seq, ts in wire:
+        if seq in first_ts and first_ts[seq] != ts:
+            problems.append(f"seq {seq} came with timestamp {first_ts[seq]}, then with {ts}")
+        first_ts.setdefault(seq, ts)
+        ext = seq if ext is None else ext + ((seq - last + 0x8000) % 0x10000 - 0x8000)
+        last = seq
+        by_ext.setdefault(ext, ts)
+    ordered = sorted(by_ext.items())
+    for (seq_a, ts_a), (seq_b, ts_b) in itertools.pairwise(ordered):
+        if (ts_b - ts_a) % (1 << 32) >= 1 << 31:
+            problems.append(f"timestamp {ts_b} (seq {seq_b % 0x10000}) before {ts_a}")
+        if seq_b - seq_a > 21:
+            problems.append(f"{seq_b - seq_a - 1} seqs missing after {seq_a % 0x10000}")
+    return problems
+
+
+async def host_keyframe_requests(host: Any) -> dict[str, int]:
+    """PLIs + FIRs each of the host page's layers has received (Chromium's outbound-rtp)."""
+    return dict(await host.evaluate("""async () => {
+        const out = {};
+        (await window.lotcast.publisher.pc.getStats()).forEach((s) => {
+            if (s.type === 'outbound-rtp' && s.kind === 'video') {
+                out[s.rid || ''] = (s.pliCount || 0) + (s.firCount || 0);
+            }
+        });
+        return out;
+    }"""))
+
+
+def requests_since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {rid: count - before.get(rid, 0) for rid, count in after.items()}
+
+
 class NotYet:
     """A falsy poll result that says what was seen (wait_for prints it on a timeout)."""
 
@@ -101,6 +158,55 @@ class NotYet:
 
     def __repr__(self) -> str:
         return self.seen
+# The watch page's inbound video as getStats has it (window.__inbound()) and the freezes
+# Chromium counted since this ran (window.__freezes: [count added, seconds added] per 50 ms
+# sample that saw freezeCount grow).
+WATCH_FREEZES = """() => {
+    const inbound = async () => {
+        let out = null;
+        (await window.lotcast.pc.getStats()).forEach((s) => {
+            if (s.type === 'inbound-rtp' && s.kind === 'video') out = s;
+        });
+        return out;
+    };
+    window.__freezes = [];
+    let last = null;
+    setInterval(async () => {
+        const s = await inbound();
+        if (!s) return;
+        if (last && s.freezeCount > last.freezeCount) {
+            window.__freezes.push([s.freezeCount - last.freezeCount,
+                                   s.totalFreezesDuration - last.totalFreezesDuration,
+                                   Math.round(performance.now())]);
+        }
+        last = s;
+    }, 50);
+    // for failure messages: the switches asked for and the longest gaps between presented
+    // frames (requestVideoFrameCallback), with the time and size of the frame after each
+    window.__marks = [];
+    window.__mark = (what) => window.__marks.push([what, Math.round(performance.now())]);
+    window.__gaps = [];
+    const video = document.getElementById('video');
+    let previous = null;
+    const onFrame = (now, meta) => {
+        if (previous !== null && now - previous > 100) {
+            window.__gaps.push([Math.round(now - previous), Math.round(now), meta.width,
+                                meta.height, meta.rtpTimestamp]);
+        }
+        previous = now;
+        video.requestVideoFrameCallback(onFrame);
+    };
+    video.requestVideoFrameCallback(onFrame);
+    window.__inbound = async () => {
+        const s = await inbound();
+        return {framesDecoded: s.framesDecoded, keyFramesDecoded: s.keyFramesDecoded,
+                pliCount: s.pliCount || 0, firCount: s.firCount || 0,
+                freezeCount: s.freezeCount || 0, totalFreezesDuration: s.totalFreezesDuration || 0,
+                framesDropped: s.framesDropped || 0, nackCount: s.nackCount || 0};
+    };
+}"""
+
+
 async def stream_layers(base_url: str, stream: str) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=10) as http:
         response = await http.get(f"{base_url}/api/stats")
@@ -140,7 +246,8 @@ async def relay_stats(base_url: str) -> dict[str, Any]:
     return dict(response.json())
 
 
-async def pinned(base_url: str, stream: str, rids: list[str | None], log: PageLog) -> None:
+async def pinned(base_url: str, stream: str, rids: list[str | None], log: PageLog,
+                 upstream_url: str) -> None:
     """Viewers of ``base_url`` pinned to ``rids`` (None: the default, the top layer) each
     decode their layer's size."""
     viewers = [SizedViewer(base_url, stream) for _ in rids]
@@ -150,8 +257,15 @@ async def pinned(base_url: str, stream: str, rids: list[str | None], log: PageLo
             if rid is not None:
                 await viewer.pin(rid)
         for rid, viewer in zip(rids, viewers, strict=True):
-            await wait_for(decoding(viewer, base_url, stream, rid or "h", 10), 45,
-                           f"{base_url} viewer on {rid or 'default'} decodes it", log)
+            try:
+                await wait_for(decoding(viewer, base_url, stream, rid or "h", 10), 45,
+                               f"{base_url} viewer on {rid or 'default'} decodes it", log)
+            except AssertionError as exc:
+                mine = await relay_stats(base_url)
+                raise AssertionError(
+                    f"{exc}\nits node's pulls {mine.get('upstreams')}, streams "
+                    f"{mine.get('streams')}\nupstream's layers "
+                    f"{await stream_layers(upstream_url, stream)}") from None
     finally:
         for viewer in viewers:
             await viewer.stop()
@@ -196,14 +310,13 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
                 for rid, viewer in viewers.items():
                     await wait_for(decoding(viewer, c.origin.url, stream, rid, 10), 45,
                                    f"viewer pinned to {rid} decodes it", log)
-                # switch the top viewer down: at a key frame of the target layer, so its
-                # decoder goes on (aiortc's decoder would drop or skip frames)
+                # switch the top viewer down, across and back up, each at a key frame of the
+                # target layer after a frame of the old one ended, so its decoder goes on
                 top = viewers["h"]
-
-                # one switch of this aiortc viewer (a second switch of the same aiortc viewer
-                # intermittently left it without decoded frames, not understood yet: see the
-                # issue 11 report; the watch page below switches three times)
-                for rid in ("l",):
+                asked_before = await host_keyframe_requests(host)
+                wire_start = len(top.wire)
+                switches = ("l", "m", "h")
+                for rid in switches:
                     await top.pin(rid)
                     log.add(f"host outbound before the switch to {rid}: {await outbound(host)}")
                     try:
@@ -213,7 +326,14 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
                         raise AssertionError(f"{exc}\nhost outbound now: {await outbound(host)}"
                                              ) from None
                 stats = await stream_layers(c.origin.url, stream)
-                assert stats["l"]["switches_in"] >= 2, stats
+                # the pinned viewers' own switches from the top layer, then this viewer's
+                assert (stats["l"]["switches_in"], stats["m"]["switches_in"],
+                        stats["h"]["switches_in"]) == (2, 2, 1), stats
+                # its RTP across the three switches: one numbering, time never going back
+                assert wire_problems(top.wire[wire_start:]) == [], len(top.wire)
+                # the host's encoder was asked for one key frame per switch, by the layer
+                asked = requests_since(asked_before, await host_keyframe_requests(host))
+                assert all(asked[rid] <= switches.count(rid) for rid in asked), (asked, stats)
             finally:
                 for viewer in viewers.values():
                     await viewer.stop()
@@ -226,7 +346,7 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
             keeper = SizedViewer(relay0.url, stream)
             await keeper.start()
             try:
-                await pinned(relay0.url, stream, ["m", "l", None], log)
+                await pinned(relay0.url, stream, ["m", "l", None], log, c.origin.url)
                 stats = await relay_stats(relay0.url)
                 (mine,) = [s for s in stats["streams"] if s["id"] == stream]
                 assert list(mine["layers"]) == ["h", "m", "l"], mine
@@ -234,7 +354,7 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
                 # relay-0's heartbeat says it carries the stream, relay-1 cascades from it)
                 await wait_for(lambda: carried_by(c.redis_url, "relay-0", stream), 30,
                                "relay-0 registered as carrying the stream", log)
-                await pinned(relay1.url, stream, ["l", "m", None], log)
+                await pinned(relay1.url, stream, ["l", "m", None], log, relay0.url)
                 stats = await relay_stats(relay1.url)
                 (pull,) = stats["upstreams"]
                 assert pull["depth"] == 1 and pull["url"] == relay0.url, pull
@@ -242,13 +362,18 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
                 await keeper.stop()
 
             # the watch page on the cascade child: its quality menu lists the layers, and Low /
-            # High switch what Chromium decodes (its getStats counts no decode failure)
+            # High / Medium switch what Chromium decodes
             page = await open_page(browser, f"{relay1.url}/watch?stream={stream}", log, "viewer")
             await wait_for(playing_on(page, relay1.url, 10), 60, "watch page playing", log)
             await wait_for(lambda: page.is_visible("#quality-wrap"), 20, "quality menu shown", log)
             sizes = {rid: tuple(v["size"]) for rid, v in (await stream_layers(
                 relay1.url, stream)).items()}
-            for choice, rid in (("low", "l"), ("high", "h"), ("medium", "m")):
+            await page.evaluate(WATCH_FREEZES)
+            before = await page.evaluate("window.__inbound()")
+            asked_before = await host_keyframe_requests(host)
+            choices = (("low", "l"), ("high", "h"), ("medium", "m"))
+            for choice, rid in choices:
+                await page.evaluate(f"window.__mark('{choice}')")
                 await page.select_option("#quality", choice)
 
                 async def shows(rid: str = rid) -> bool:
@@ -256,14 +381,38 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
                     return (state.get("videoWidth"), state.get("videoHeight")) == sizes[rid]
 
                 await wait_for(shows, 45, f"watch page decodes {choice} {sizes[rid]}", log)
-            decoded = await page.evaluate("""async () => {
-                let out = null;
-                (await window.lotcast.pc.getStats()).forEach((s) => {
-                    if (s.type === 'inbound-rtp' && s.kind === 'video') out = s;
-                });
-                return out && {framesDecoded: out.framesDecoded, pliCount: out.pliCount,
-                               keyFramesDecoded: out.keyFramesDecoded};
-            }""")
+                # 30 frames on: a freeze is counted when the frame after it is rendered
+                shown = (await page.evaluate("window.__inbound()"))["framesDecoded"]
+
+                async def decoded_on(shown: int = shown) -> bool:
+                    return bool((await page.evaluate("window.__inbound()"))["framesDecoded"]
+                                >= shown + 30)
+
+                await wait_for(decoded_on, 30, f"30 frames decoded after {choice}", log)
+            after = await page.evaluate("window.__inbound()")
+            freezes = await page.evaluate("window.__freezes")
+            asked = requests_since(asked_before, await host_keyframe_requests(host))
+            layers = await stream_layers(relay1.url, stream)
+            timeline = await page.evaluate("[window.__marks, window.__gaps]")
+            seen = (f"inbound before {before}, after {after}, freezes [count, s, at ms] {freezes},"
+                    f" host asked {asked}, switches asked [choice, at ms] {timeline[0]}, "
+                    f"presentation gaps over 100 ms [ms, at ms, width, height, rtp ts] "
+                    f"{timeline[1]}")
             # each switch started at a key frame of the new layer
-            assert decoded["keyFramesDecoded"] >= 4, decoded
+            assert after["keyFramesDecoded"] - before["keyFramesDecoded"] >= len(choices), seen
+            # no decode error: Chromium asks for a key frame (PLI, or FIR) whenever it cannot
+            # decode what it got (a frame without its references, a corrupt one); it asked none
+            assert (after["pliCount"], after["firCount"]) == (before["pliCount"],
+                                                              before["firCount"]), seen
+            # no freeze over 200 ms: Chromium counts a freeze (freezeCount, and its length in
+            # totalFreezesDuration) when a frame comes max(3 x, + 150 ms) later than the average
+            # frame interval; the page samples both every 50 ms, so each sample whose count went
+            # up by one gives that freeze's exact length (two in one sample: their sum, an upper
+            # bound for each)
+            assert all(duration <= 0.2 for _count, duration in freezes), seen
+            # the host's encoder: at most one key-frame request per switch, to the layer
+            # switched to (relay-1 asks relay-0, which asks the origin, which asks the host,
+            # each at most once per 500 ms while no key frame has come)
+            assert all(asked[rid] <= [r for _, r in choices].count(rid) for rid in asked), (
+                seen, {rid: v["keyframe_requests"] for rid, v in layers.items()})
 
