@@ -837,8 +837,9 @@ HOT_PATH = (  # (label, function names in the stack); the first match counts
     ("per socket: push to a busy socket's outbox / direct write (fallback path)",
      ("ClientSession.push", "Outbox.push", "DirectSocket.__call__")),
     ("per socket: outbox sender task wake-ups (Outbox._run)", ("Outbox._run",)),
-    ("per batch: the native send_many call (kernel work, GIL released) and its loop",
-     ("deliver_native",)),
+    ("per batch: the native send call (kernel work, GIL released; on the told path also the "
+     "C check of each ready socket's transport) and its loop",
+     ("deliver_native", "deliver_slots")),
     ("per batch: msgpack encode + framing (protocol encode_*, framed)",
      ("encode_events", "encode_viewers", "encode_tally", "_framed")),
     ("per batch: hub bookkeeping (_broadcast, _flush, _fanout_step itself)",
@@ -1353,6 +1354,14 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
             print(f"C floor (load/ws_floor.c, this run): {fl['us_per_frame']:.2f} us per frame "
                   f"({fl['sockets']} sockets, {fl['frame_bytes']} B frames, best of 3); relay / "
                   f"floor = {row['floor_ratio']:.2f}x (mean frame {mean_frame:,.0f} B)")
+            if fan.get("writes") and fl["us_per_frame"]:
+                own = (fan["probe_ms"] + fan["send_ms"]) * 1e3 / fan["writes"]
+                fan["own_us"], fan["own_ratio"] = own, own / fl["us_per_frame"]
+                print(f"  the native fan-out alone (check + send, thread CPU): {own:.2f} us per "
+                      f"frame = {fan['own_ratio']:.2f}x floor; the relay's other "
+                      f"{max(0.0, 1 - fan['probe_share'] - fan['send_share']) * 100:.0f}% of CPU "
+                      "is per bid and per socket outside the batches (requests, acks, pub/sub, "
+                      "Redis calls, keepalive pings)")
         elif floor is not None and floor.error:
             print(f"C floor not measured: {floor.error}")
         print(f"load client {row['client_cpu'] * 100:.0f}% CPU over {len(rs)} process(es) "
