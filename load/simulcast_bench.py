@@ -193,6 +193,8 @@ async def window(servers: Servers, farm: Farm, stream: str, publisher: Simulcast
         "origin_keyframe_requests": origin_kf,
         "farm_plis_per_min": 60 * sum(a["plis"] - b["plis"] for a, b in
                                       zip(marks_after, marks_before, strict=True)) / wall,
+        "dropped_per_s": sum(a["dropped"] - b["dropped"] for a, b in
+                             zip(marks_after, marks_before, strict=True)) / wall,
         "relay_layer_viewers": {rid: x["viewers"] for rid, x in
                                 _layers(relay_after, stream).items()},
         "load_avg": psutil.getloadavg()[0],
@@ -438,6 +440,7 @@ async def main() -> None:
                         help="fraction of RTP datagrams a lossy viewer drops: a window each")
     parser.add_argument("--switchers", type=int, default=3)
     parser.add_argument("--switches", type=int, default=10, help="per switching viewer")
+    parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument("--profile", choices=("py-spy", "perf"),
                         help="profile the relay in both CPU windows")
     args = parser.parse_args()
@@ -461,6 +464,9 @@ async def main() -> None:
             print("".join(cluster.origin.output[-30:]), file=sys.stderr)
             raise
     report(args.viewers, one, sim, profiles)
+    if args.json:
+        args.json.write_text(json.dumps({"viewers": args.viewers, "single": one, "simulcast": sim},
+                                        default=list))
 
 
 if __name__ == "__main__":

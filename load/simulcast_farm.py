@@ -15,7 +15,7 @@ noticed the gap, at most once per 500 ms (aiortc's own receiver asks only when 5
 behind, and these viewers bypass its jitter buffer). The other viewers are pinned in turn to the rids of
 PINS (comma-separated; ``auto``: no pin). Prints READY once every viewer has video (or after
 20 s); then reads commands on stdin: ``MARK`` prints one JSON line {"packets", "cpu_s", "t",
-"plis"} (a window is the difference of two marks), ``LOSS <fraction>`` (0: off); on EOF it prints
+"plis", "dropped"} (a window is the difference of two marks), ``LOSS <fraction>`` (0: off); on EOF it prints
 one JSON line of results.
 """
 
@@ -62,6 +62,7 @@ class FarmViewer(CountingViewer):
         self.lossy = lossy
         self.loss = 0.0  # of RTP datagrams dropped, for a lossy viewer, once told
         self.plis = 0
+        self.dropped = 0  # RTP datagrams the fault injector dropped
         self.layer_url: str | None = None
         self._video_receiver: object | None = None
         self._highest: int | None = None
@@ -87,11 +88,17 @@ class FarmViewer(CountingViewer):
         await self.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
         if self.lossy:  # on the bundled transport, known once the answer is set
             rng = random.Random()
-            drop_incoming_rtp(video.receiver.transport, lambda _: rng.random() < self.loss)
+            drop_incoming_rtp(video.receiver.transport, lambda _: self._drop(rng.random()))
         if self.pin is not None and self.layer_url is not None:
             pinned = await http.post(self.layer_url, json={"encodingId": self.pin})
             if pinned.status_code != 204:
                 raise RuntimeError(f"layer POST {pinned.status_code}: {pinned.text}")
+
+    def _drop(self, draw: float) -> bool:
+        if draw < self.loss:
+            self.dropped += 1
+            return True
+        return False
 
     def _on_video_packet(self, packet: RtpPacket) -> None:
         self._on_video(packet)
@@ -116,7 +123,8 @@ class FarmViewer(CountingViewer):
 def _mark(farm: list[FarmViewer]) -> str:
     times = os.times()
     return json.dumps({"packets": sum(v.packets for v in farm), "cpu_s": times.user + times.system,
-                       "t": time.monotonic(), "plis": sum(v.plis for v in farm)})
+                       "t": time.monotonic(), "plis": sum(v.plis for v in farm),
+                       "dropped": sum(v.dropped for v in farm)})
 
 
 async def main(base_url: str, stream: str, count: int, first: int, pins: list[str | None]) -> None:
