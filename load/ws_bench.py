@@ -970,7 +970,7 @@ def ack_write_pct(before: dict[str, Any], after: dict[str, Any]) -> dict[str, fl
     counts = np.array(a["counts"]) - np.array(b.get("counts", [0] * len(a["counts"])))
     total = int(counts.sum())
     out: dict[str, float] = {"n": float(total),
-                             "queued": float(a["queued"] - b.get("queued", 0))}
+                             "queued": float(a.get("queued", 0) - b.get("queued", 0))}
     if total <= 0:
         return out
     bounds = [*a["bounds_ms"], float("inf")]
@@ -1272,6 +1272,8 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
             "node_bid_ack": prom_pct(st0.get("_bid_ack_buckets") or {},
                                      st1.get("_bid_ack_buckets") or {}),
         }
+        waits["node_loop_lag"] = ack_write_pct({"ack_write": hub0.get("flush_late") or {}},
+                                               {"ack_write": hub1.get("flush_late") or {}})
         f0, f1 = st0.get("_fcall") or {}, st1.get("_fcall") or {}
         if f1.get("calls", 0) > f0.get("calls", 0):
             waits["fcall_us"] = (f1["usec"] - f0.get("usec", 0)) / (f1["calls"] - f0["calls"])
@@ -1309,11 +1311,15 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
                   f"{fmt_bucket(aw['p99.9'])}, mean {aw['mean']:.3f} ms (n={int(aw['n']):,}, "
                   f"{int(aw['queued'])} queued behind earlier frames of their socket); longest "
                   f"fan-out turn so far {row['hub_turn_max_ms']:.1f} ms")
-        nb, pr = waits["node_bid_ack"], waits["probe"]
+        nb, pr, lag = waits["node_bid_ack"], waits["probe"], waits["node_loop_lag"]
         if nb.get("n") or pr:
             print("  where an ack waits: node, bid received -> ack written (Redis round trips "
                   f"included): p50 <= {nb.get('p50', 0):g} ms, p99 <= {nb.get('p99', 0):g} ms; "
                   f"Redis FCALL run time {waits.get('fcall_us', 0):.0f} us mean")
+            if lag.get("n"):
+                print(f"    node event-loop lag (the hub's batch timer, n={int(lag['n'])}): p50 "
+                      f"{fmt_bucket(lag['p50'])}, p99 {fmt_bucket(lag['p99'])}, mean "
+                      f"{lag['mean']:.2f} ms")
             if pr:
                 print(f"    idle-loop client ({PROBE_BIDDERS} probe bidders in the bench's own "
                       f"process): ack {fmt(pr['ack'])}")

@@ -15,7 +15,7 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgpack  # type: ignore[import-untyped]
@@ -23,6 +23,7 @@ import msgpack  # type: ignore[import-untyped]
 from lotcast import keys
 from lotcast.interactive import protocol as wire
 from lotcast.interactive import wswrite
+from lotcast.interactive.ackwrite import Delays
 from lotcast.interactive.protocol import (
     CloseCode,
     encode_events,
@@ -86,6 +87,9 @@ class HubStats:
     fanout_turn_max_ms: float = 0.0  # the longest turn: what an ack could wait behind
     stretch_drains: int = 0  # batches the BATCH_STRETCH_MAX bound forced out
     batch_gap_max_ms: float = 0.0  # the longest time between two event batches while pending
+    # how late the batch timer fired: the node's event-loop lag (what an ack's Redis reply also
+    # waits for before its task runs), sampled whenever events are pending
+    flush_late: Delays = field(default_factory=Delays)
 
 
 @dataclass
@@ -128,6 +132,7 @@ class RoomHub:
         self._last_payload: bytes | None = None  # the event at self.offset (_log_rewound)
         self._pending: list[bytes] = []
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._flush_due = 0.0
         self._last_flush = 0.0
         self._tallies: dict[str, list[int]] = {}
         self._tally_handles: dict[str, asyncio.TimerHandle] = {}
@@ -348,7 +353,12 @@ class RoomHub:
         if self._flush_handle is None:
             loop = asyncio.get_running_loop()
             delay = max(0.0, self._last_flush + self.flush_interval - loop.time())
-            self._flush_handle = loop.call_later(delay, self._flush)
+            self._flush_due = loop.time() + delay
+            self._flush_handle = loop.call_later(delay, self._flush_timer)
+
+    def _flush_timer(self) -> None:
+        self.stats.flush_late.add(max(0.0, asyncio.get_running_loop().time() - self._flush_due))
+        self._flush()
 
     def _flush(self) -> None:
         if self._flush_handle is not None:
