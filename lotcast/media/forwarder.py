@@ -112,9 +112,9 @@ class ForwardSink:
     """One viewer's copy of one track."""
 
     __slots__ = ("aiortc_reports", "base_octets", "base_packets", "cancel_refresh", "closed",
-                 "first_seq", "on_first_packet", "on_switched", "packet_sender", "payload_type",
-                 "previous", "report", "rtp_sender", "seq_delta", "switch", "ts_delta",
-                 "waiting_keyframe")
+                 "first_seq", "on_first_packet", "on_switched", "packet_sender", "paused",
+                 "paused_seq", "payload_type", "previous", "report", "rtp_sender", "seq_delta",
+                 "switch", "ts_delta", "waiting_keyframe")
 
     def __init__(self, packet_sender: PacketSender, rtp_sender: RTCRtpSender, payload_type: int,
                  on_first_packet: Callable[[], None] | None = None,
@@ -146,6 +146,10 @@ class ForwardSink:
         self.switch: LayerSwitch | None = None  # a layer switch under way
         # called with the new forwarder when a layer switch completes
         self.on_switched: Callable[[TrackForwarder], None] | None = None
+        # video paused (TrackForwarder.pause: its path carries not even the lowest layer);
+        # paused_seq: the viewer's newest seq then, its resumed key frame follows on from it
+        self.paused = False
+        self.paused_seq: int | None = None
 
     def entry(self) -> SendEntry:
         ps = self.packet_sender
@@ -170,6 +174,7 @@ class TrackForwarder:
         self._base_mime = codec.mimeType.lower()
         self._sinks: list[ForwardSink] = []
         self._waiting: list[ForwardSink] = []
+        self._resuming: list[ForwardSink] = []  # paused sinks back at the next key frame
         self._groups: tuple[SendGroup, ...] = ()
         self._history: list[bytes | None] = [None] * HISTORY_SIZE
         self._history_seq: list[int] = [-1] * HISTORY_SIZE
@@ -283,7 +288,7 @@ class TrackForwarder:
     def _rebuild(self) -> None:
         by_pt: dict[tuple[int, int, int], list[ForwardSink]] = {}
         for sink in self._sinks:
-            if not sink.waiting_keyframe and not sink.closed:
+            if not sink.waiting_keyframe and not sink.closed and not sink.paused:
                 key = (sink.payload_type, sink.seq_delta, sink.ts_delta)
                 by_pt.setdefault(key, []).append(sink)
         use_native = native.enabled()
@@ -298,6 +303,8 @@ class TrackForwarder:
                         self.kind, on_native, on_python, reason)
 
     def _admit_waiting(self) -> None:
+        if self._resuming and self._gop:
+            self._resume_at(self._gop[0])
         for sink in self._waiting:
             sink.waiting_keyframe = False
             if sink.on_first_packet is not None:
@@ -705,6 +712,45 @@ class TrackForwarder:
         if sink in self._waiting:
             self._waiting.remove(sink)
         self._rebuild()
+
+    # --- pausing one viewer's video (lotcast/media/auto_layer.py) ----------------------------
+
+    def pause(self, sink: ForwardSink) -> None:
+        """Stop sending this track to ``sink``; it stays a sink, for a later ``resume``."""
+        if sink.paused or sink not in self._sinks or sink.switch is not None:
+            return
+        newest = self._newest
+        if sink in self._resuming:  # paused again before it came back: it still has that seq
+            self._resuming.remove(sink)
+        elif newest is not None and not sink.waiting_keyframe:
+            sink.paused_seq = (((newest[2] << 8) | newest[3]) + sink.seq_delta) % SEQ_MOD
+        if sink in self._waiting:
+            self._waiting.remove(sink)
+        sink.waiting_keyframe = False
+        sink.paused = True
+        self._rebuild()
+
+    def resume(self, sink: ForwardSink) -> None:
+        """Send to ``sink`` again from this track's next key frame (asked for), numbered on
+        from the newest packet it was sent, so its decoder sees no gap to NACK."""
+        if not sink.paused or sink not in self._sinks:
+            return
+        sink.paused = False
+        sink.waiting_keyframe = True
+        self._waiting.append(sink)
+        self._resuming.append(sink)
+        self.request_keyframe()
+
+    def _resume_at(self, keyframe: bytes) -> None:
+        seq = (keyframe[2] << 8) | keyframe[3]
+        for sink in self._resuming:
+            if sink.paused_seq is not None and not sink.closed:
+                # NACKs for packets from before the pause: this history, at the old shift
+                sink.previous = (self, sink.seq_delta, sink.ts_delta, sink.first_seq)
+                sink.seq_delta = (sink.paused_seq + 1 - seq) % SEQ_MOD
+                sink.first_seq = (sink.paused_seq + 1) % SEQ_MOD
+                sink.paused_seq = None
+        self._resuming.clear()
 
     def measure_bitrate(self) -> int | None:
         """The payload bitrate since the previous measurement (at least 1 s apart)."""

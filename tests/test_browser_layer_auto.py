@@ -1,0 +1,254 @@
+"""Real Chromium, real nodes, a real narrow path (issue 11, automatic layer): the host page
+publishes three simulcast layers; two watch pages play them on auto through a relay; `tc` on
+`lo` narrows only one viewer's path (the packets to its UDP port) below the top layer's bitrate.
+Within 5 s that viewer decodes a lower layer; within 15 s of the path widening again it is back
+on the top layer; the other viewer stays on the top layer and keeps decoding throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from browser_support import PageLog, chromium, cluster, open_page, playing_on, wait_for
+from tc_support import LoopbackShaper, shaped_loopback
+
+from lotcast.redis_server import RedisServer
+
+STREAM = "layer-auto"
+SHAPED_LATENCY_MS = 300  # the narrow path's queue: a full one delays this much, then drops
+WIRE_EXTRA_KBIT = 60
+SAMPLE_S = 0.2
+STALL_S = 2.0  # no new decoded frame for this long is a stall
+
+
+@pytest.fixture
+def loopback_shaper() -> Iterator[LoopbackShaper]:
+    """tc on lo, removed after the test however it ends (fails, not skips, without tc)."""
+    with shaped_loopback() as shaper:
+        yield shaper
+
+
+_VIDEO_JS = """async () => {
+    const pc = window.lotcast.pc;
+    if (!pc) return null;
+    let out = null;
+    (await pc.getStats()).forEach((s) => {
+        if (s.type === 'inbound-rtp' && s.kind === 'video') out = {
+            width: s.frameWidth || 0, height: s.frameHeight || 0,
+            frames: s.framesDecoded || 0, freezes: s.freezeCount || 0,
+            keyFrames: s.keyFramesDecoded || 0, nacks: s.nackCount || 0,
+            lost: s.packetsLost || 0};
+    });
+    return out;
+}"""
+
+_PORT_JS = """async () => {
+    const stats = await window.lotcast.pc.getStats();
+    let pair = null;
+    stats.forEach((s) => {
+        if (s.type === 'transport' && s.selectedCandidatePairId) {
+            pair = stats.get(s.selectedCandidatePairId);
+        }
+    });
+    if (!pair) return null;
+    const local = stats.get(pair.localCandidateId);
+    return local ? {port: local.port, address: local.address || null, protocol: local.protocol} : null;
+}"""
+
+_OUTBOUND_JS = """async () => {
+    const out = {};
+    (await window.lotcast.publisher.pc.getStats()).forEach((s) => {
+        if (s.type === 'outbound-rtp' && s.kind === 'video') out[s.rid] = {
+            bytes: s.bytesSent, width: s.frameWidth, fps: s.framesPerSecond,
+            plis: s.pliCount, firs: s.firCount, limit: s.qualityLimitationReason};
+    });
+    return out;
+}"""
+
+
+class Sampler:
+    """Every SAMPLE_S, each watch page's decoded video (size, frames) from getStats()."""
+
+    def __init__(self, pages: dict[str, Any]) -> None:
+        self.pages = pages
+        self.samples: dict[str, list[tuple[float, dict[str, int]]]] = {name: [] for name in pages}
+
+    async def run(self) -> None:
+        while True:
+            for name, page in self.pages.items():
+                video = await page.evaluate(_VIDEO_JS)
+                if video is not None:
+                    self.samples[name].append((time.monotonic(), video))
+            await asyncio.sleep(SAMPLE_S)
+
+    def last(self, name: str) -> dict[str, int]:
+        return self.samples[name][-1][1] if self.samples[name] else {}
+
+    def since(self, name: str, start: float) -> list[tuple[float, dict[str, int]]]:
+        return [(t, v) for t, v in self.samples[name] if t >= start]
+
+    def summary_widths(self, name: str, start: float) -> list[tuple[float, int]]:
+        """(seconds since ``start``, width) at each change of the decoded width."""
+        widths: list[tuple[float, int]] = []
+        for t, v in self.since(name, start):
+            if not widths or widths[-1][1] != v["width"]:
+                widths.append((round(t - start, 1), v["width"]))
+        return widths
+
+    def summary(self, name: str, start: float) -> str:
+        return f"{name}: widths (s, px) {self.summary_widths(name, start)}, last {self.last(name)}"
+
+
+@contextlib.asynccontextmanager
+async def sampling(pages: dict[str, Any]) -> AsyncIterator[Sampler]:
+    sampler = Sampler(pages)
+    task = asyncio.ensure_future(sampler.run())
+    try:
+        yield sampler
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+def longest_stall(samples: list[tuple[float, dict[str, int]]]) -> float:
+    """The longest time without a new decoded frame in ``samples``."""
+    longest, since, frames = 0.0, None, None
+    for t, v in samples:
+        if frames is None or v["frames"] > frames:
+            since, frames = t, v["frames"]
+        elif since is not None:
+            longest = max(longest, t - since)
+    return longest
+
+
+async def layer_bitrates(host: Any, seconds: float = 3.0) -> dict[str, float]:
+    """Each simulcast layer's bits/s as the host page sends it, over ``seconds``."""
+    before = await host.evaluate(_OUTBOUND_JS)
+    await asyncio.sleep(seconds)
+    after = await host.evaluate(_OUTBOUND_JS)
+    return {rid: (after[rid]["bytes"] - before[rid]["bytes"]) * 8 / seconds
+            for rid in after if rid in before}
+
+
+async def host_plis(host: Any) -> dict[str, int]:
+    """Key-frame requests (PLI + FIR) the host page's encoder got, per layer."""
+    out = await host.evaluate(_OUTBOUND_JS)
+    return {rid: (v.get("plis") or 0) + (v.get("firs") or 0) for rid, v in out.items()}
+
+
+@pytest.mark.timeout(420)
+async def test_a_narrow_path_moves_only_that_viewer_down_and_back_up(
+        redis_server: RedisServer, loopback_shaper: LoopbackShaper) -> None:
+    log = PageLog()
+    with cluster(redis_server.url, relays=1) as c:
+        relay = c.relay
+        try:
+            async with chromium() as browser:
+                host = await open_page(browser, f"{c.origin.url}/host?stream={STREAM}&simulcast=1"
+                                                f"#token={c.host_token()}", log, "host")
+                await host.click("#go-live")
+                pages = {name: await open_page(browser, f"{relay.url}/watch?stream={STREAM}",
+                                               log, name) for name in ("shaped", "other")}
+                for page in pages.values():
+                    await wait_for(playing_on(page, relay.url, 10), 60, "watch page playing", log)
+
+                async with sampling(pages) as sampler:
+                    # both on the top layer (auto starts there), steadily, before any shaping
+                    async def top_width() -> int | None:
+                        out = await host.evaluate(_OUTBOUND_JS)
+                        widths = sorted((v.get("width") or 0 for v in out.values()), reverse=True)
+                        return widths[0] if len(widths) == 3 and widths[2] > 0 else None
+
+                    top = await wait_for(top_width, 60, "host sends three layers", log)
+
+                    async def both_on_top_for(seconds: float) -> bool:
+                        start = time.monotonic() - seconds
+                        for name in pages:
+                            recent = sampler.since(name, start)
+                            if (len(recent) < seconds / SAMPLE_S / 2
+                                    or any(v["width"] != top for _, v in recent)):
+                                return False
+                        return True
+
+                    try:
+                        await wait_for(lambda: both_on_top_for(3.0), 60,
+                                       "both viewers decode the top layer for 3 s", log)
+                    except AssertionError as exc:
+                        raise AssertionError(
+                            f"{exc}\ntop {top}\n{sampler.summary('shaped', 0)}\n"
+                            f"{sampler.summary('other', 0)}\n{c.logs(40)}") from None
+                    # the host's bandwidth estimate ramps up for a while: the top layer must be
+                    # well above the middle one before a path between them means anything
+                    async def ramped() -> dict[str, float] | None:
+                        rates = await layer_bitrates(host, 2.0)
+                        log.add(f"layer bitrates {rates}")
+                        return rates if rates.get("h", 0) > 2 * rates.get("m", 1e9) else None
+
+                    rates = await wait_for(ramped, 150, "the top layer's bitrate ramped up", log)
+                    # halfway between what the top and the middle layer need on the wire (with
+                    # audio, RTP/SRTP/UDP/IP overhead and our reports: ~60 kbit/s)
+                    rate_kbit = int((rates["h"] + rates["m"]) / 2 / 1000) + WIRE_EXTRA_KBIT
+                    plis_before = await host_plis(host)
+                    loopback_shaper.install(rate_kbit, SHAPED_LATENCY_MS)
+                    port = await pages["shaped"].evaluate(_PORT_JS)
+                    assert port is not None and port["port"], port
+                    log.add(f"shaping {port} to {rate_kbit} kbit/s at {time.time():.3f}")
+
+                    shaped_at = time.monotonic()
+                    loopback_shaper.shape(int(port["port"]))
+
+                    async def shaped_lower() -> dict[str, int] | None:
+                        last = sampler.last("shaped")
+                        return last if 0 < last.get("width", 0) < top else None
+
+                    try:
+                        await wait_for(shaped_lower, 5, "the shaped viewer decodes a lower layer",
+                                       log, interval=0.1)
+                    except AssertionError as exc:
+                        raise AssertionError(f"{exc}\n{sampler.summary('shaped', shaped_at)}\n"
+                                             f"{loopback_shaper.stats()}\n{c.logs(30)}") from None
+                    await asyncio.sleep(2.0)  # it stays down while the path is narrow
+                    unshaped_at = time.monotonic()
+                    loopback_shaper.unshape()
+                    log.add(f"unshaped at {time.time():.3f}")
+
+                    async def shaped_top() -> dict[str, int] | None:
+                        last = sampler.last("shaped")
+                        return last if last.get("width") == top else None
+
+                    try:
+                        await wait_for(shaped_top, 15, "the shaped viewer back on the top layer",
+                                       log, interval=0.1)
+                    except AssertionError as exc:
+                        raise AssertionError(f"{exc}\n{sampler.summary('shaped', shaped_at)}\n"
+                                             f"{c.logs(30)}") from None
+                    ended = time.monotonic()
+                    await asyncio.sleep(1.0)
+
+                switches = len(sampler.summary_widths("shaped", shaped_at)) - 1
+                plis = {rid: n - plis_before.get(rid, 0) for rid, n in (await host_plis(host)).items()}
+                print(f"layer bitrates {rates}, path {rate_kbit} kbit/s; {switches} layer switches,"
+                      f" key-frame requests reaching the host meanwhile {plis}")
+                print(f"shaped: lower after {_first(sampler, 'shaped', shaped_at, top):.1f} s, "
+                      f"top again {ended - unshaped_at:.1f} s after the shaping ended; "
+                      f"{sampler.summary('shaped', shaped_at)}; host {await host.evaluate(_OUTBOUND_JS)}")
+                print("\n".join(line for line in log.lines if "shap" in line))
+                print("".join(line for line in relay.output if "automatic layer" in line))
+                other = sampler.since("other", shaped_at)
+                assert other, "no samples of the other viewer"
+                widths = {v["width"] for _, v in other}
+                assert widths == {top}, sampler.summary("other", shaped_at)
+                stall = longest_stall(other)
+                assert stall < STALL_S, (stall, sampler.summary("other", shaped_at))
+                assert other[-1][1]["frames"] > other[0][1]["frames"], other[-1]
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\npage log:\n{log.tail()}") from None
+
+
+def _first(sampler: Sampler, name: str, start: float, top: int) -> float:
+    return next((t - start for t, v in sampler.since(name, start) if 0 < v["width"] < top), -1.0)
