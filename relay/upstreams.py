@@ -38,6 +38,9 @@ PARENT_PROBE_TIMEOUT_S = 0.5
 PARENT_ANSWER_TIMEOUT_S = 4.0
 # How often the origin bindings of origin-fed streams are compared with their pulls.
 ORIGIN_CHECK_INTERVAL_S = 0.25
+# A replaced pull keeps feeding its lower simulcast layers at most this long while the new pull's
+# layer pulls connect (one WHEP exchange each) and switch at their key frames.
+LAYER_HANDOVER_TIMEOUT_S = 6.0
 # (stream, exclude node ids, below depth) -> where to pull from
 Chooser = Callable[[str, Collection[str], "int | None"], Awaitable[Upstream]]
 ParentCheck = Callable[[str, str], Awaitable[bool]]
@@ -259,6 +262,10 @@ class RelayUpstreams:
             self._pulls[stream_id] = new
             self._upstreams[stream_id] = upstream
             old.stream.on_end(lambda: self._forget(stream_id, new))
+        # the old pull's lower simulcast layers feed their viewers until the new ones take over
+        if not await new.wait_layers(LAYER_HANDOVER_TIMEOUT_S):
+            logger.warning("stream %s: lower layers of the new pull not all feeding after %.0f s",
+                           stream_id, LAYER_HANDOVER_TIMEOUT_S)
         await old.close()
         return True
 

@@ -29,6 +29,7 @@ from lotcast.media.aiortc_hooks import (
     tap_simulcast_receiver,
 )
 from lotcast.media.forwarder import KEYFRAME_REQUEST_INTERVAL, TrackForwarder
+from lotcast.media.layer_feed import LayerFeeds
 from lotcast.media.rtp import KeyframeTest, keyframe_detector
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class MediaStream:
         self.switch_ends: dict[str, int] = {end.value: 0 for end in SwitchEnd}
         self.switch_waits_ms: list[float] = []
         self._layers: dict[str, TrackForwarder] = {}
-        self._layer_sources: dict[str, int] = {}  # a relay's layer pulls: rid -> generation
+        self._layer_feeds = LayerFeeds()  # a relay's layer pulls, make before break
         # rid -> (width, height) the simulcast offer declared (a=rid max-width/max-height)
         self.layer_sizes: dict[str, tuple[int, int]] = {}
 
@@ -269,42 +270,25 @@ class MediaStream:
 
     def attach_layer(self, rid: str, receiver: RTCRtpReceiver) -> int:
         """Feed layer ``rid`` (not the top one) from this receiver; returns its generation for
-        `detach_layer`. A new receiver for a layer replaces the previous one at once (its
-        viewers wait for the new one's key frame, which is asked for)."""
+        `detach_layer`. A layer already fed keeps its source until the new one's first key
+        frame (make before break, lotcast/media/layer_feed.py)."""
         forwarder = self._layers.get(rid)
         if forwarder is None or forwarder is self.tracks.get("video"):
             raise ValueError(f"stream {self.id} has no lower layer {rid!r}")
         self.source_generation += 1
-        generation = self.source_generation
-        self._layer_sources[rid] = generation
-        sources = self._layer_sources
-
-        def on_packet(packet: RtpPacket) -> None:
-            if sources.get(rid) == generation:
-                forwarder.on_source_packet(packet)
-
-        def on_report(ssrc: int, ntp: int, rtp_timestamp: int) -> None:
-            if sources.get(rid) == generation:
-                forwarder.on_source_sender_report(ssrc, ntp, rtp_timestamp)
-
-        tap_receiver(receiver, on_packet, on_report)
-
-        def request() -> bool:
-            ssrc = forwarder.mapper.source_ssrc
-            if ssrc is None or sources.get(rid) != generation:
-                return False
-            request_keyframe(receiver, ssrc)
-            return True
-
-        forwarder.keyframe_requester = request
-        return generation
+        self._layer_feeds.attach(rid, receiver, forwarder, self.source_generation)
+        return self.source_generation
 
     def detach_layer(self, rid: str, generation: int) -> None:
-        if self._layer_sources.get(rid) == generation:
-            del self._layer_sources[rid]
-            forwarder = self._layers.get(rid)
-            if forwarder is not None:
-                forwarder.keyframe_requester = None
+        self._layer_feeds.detach(rid, generation, self._layers.get(rid))
+
+    def layer_switched(self, rid: str, generation: int) -> bool:
+        """Whether layer ``rid`` is fed by source ``generation`` now (no longer pending)."""
+        return self._layer_feeds.feeding_generation(rid) == generation
+
+    @property
+    def layer_switch_ends(self) -> dict[str, int]:
+        return dict(self._layer_feeds.ends)
 
     def _drop_layers(self, keep: tuple[str, ...]) -> None:
         """Layers the new source lacks: their viewers move to the top layer, at its next key
@@ -317,6 +301,7 @@ class MediaStream:
                 for sink in forwarder.sinks():
                     top.switch_in(sink, forwarder)
             self._layers.pop(rid)
+            self._layer_feeds.drop(rid)
         if not keep:
             self._layers = {}
 
@@ -485,6 +470,8 @@ class MediaStream:
                               if end != SwitchEnd.ABANDONED.value)
         out["switch_ends"] = dict(self.switch_ends)
         out["switch_waits_ms"] = list(self.switch_waits_ms)
+        if self._layer_feeds.ends:  # a relay's lower-layer pulls: how each source took over
+            out["layer_switch_ends"] = self.layer_switch_ends
         return out
 
     def on_end(self, callback: Callable[[], None]) -> Callable[[], None]:

@@ -91,6 +91,7 @@ class UpstreamPull:
         # the upstream's lower simulcast layers, one pull each (rid -> its peer connection)
         self._layer_pcs: dict[str, RTCPeerConnection] = {}
         self._layer_task: asyncio.Task[None] | None = None
+        self._layer_generations: dict[str, int] = {}  # rid -> its source generation
         self.layer_pull_failures = 0
 
     @property
@@ -206,18 +207,46 @@ class UpstreamPull:
             await pc.close()
             raise
         self._layer_pcs[rid] = pc
+        self._layer_generations[rid] = generation
 
         @pc.on("connectionstatechange")
         def _changed() -> None:
             if pc.connectionState in ("failed", "closed"):
                 self.stream.detach_layer(rid, generation)
 
+    async def wait_layers(self, within: float) -> bool:
+        """Wait, at most ``within`` s, until this pull's lower-layer pulls are attached and
+        each one feeds its layer (its first key frame came, or its switch bound passed): the
+        pull this one replaces is closed only then, so a lower layer's viewers never lose their
+        source in between. True when every layer got there in time."""
+        deadline = time.monotonic() + within
+        if self._layer_task is not None:
+            await asyncio.wait({self._layer_task}, timeout=within)
+        while True:
+            if all(self.stream.layer_switched(rid, generation)
+                   for rid, generation in self._layer_generations.items()):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+
     async def _close_layers(self) -> None:
         await cancel_and_wait(self._layer_task)
         self._layer_task = None
         pcs, self._layer_pcs = self._layer_pcs, {}
+        self._layer_generations = {}
         for pc in pcs.values():
             await pc.close()
+
+    def _last_media(self, kind: str) -> float:
+        """When this pull last brought media of ``kind``. A simulcast stream's publisher may
+        pause its top layer (Chromium does when its bandwidth estimate or CPU cannot carry it;
+        the lower layers come through pulls of their own): then the pull's audio tells that it
+        is alive, not the top layer's silence."""
+        if kind == "video" and self.stream.layers and "audio" in self.stream.tracks:
+            return max(t.last_packet_time for t in self.stream.tracks.values())
+        track = self.stream.tracks.get(kind)
+        return track.last_packet_time if track is not None else 0.0
 
     async def _watch(self, pc: RTCPeerConnection) -> None:
         kind = watched_kind(self._kinds)
@@ -227,8 +256,7 @@ class UpstreamPull:
         wait = stall_wait(self.consecutive_stalls)
         while self._pc is pc:
             await asyncio.sleep(WATCH_INTERVAL)
-            track = self.stream.tracks.get(kind)
-            last = track.last_packet_time if track is not None else 0.0
+            last = self._last_media(kind)
             if last > since and self.consecutive_stalls:
                 self.consecutive_stalls = 0  # media came back: the next stall is news again
                 wait = stall_wait(0)
