@@ -150,22 +150,29 @@ class Servers:
 
 
 async def window(servers: Servers, farm: Farm, stream: str, publisher: SimulcastPublisher,
-                 seconds: float, profile: str | None = None) -> dict[str, Any]:
+                 seconds: float, profile: tuple[str, str] | None = None) -> dict[str, Any]:
+    """One measured window; ``profile``: (relay's, origin's) profile outputs, both sampled
+    through the window."""
     async with _client() as http:
         relay_before = (await http.get(f"{servers.relay_url}/api/stats")).json()
         origin_before = (await http.get(f"{servers.origin_url}/api/stats")).json()
         marks_before = await farm.command("MARK")
         cpu_before, whole_before = _cpu_of(servers.relay), _cpu_of(servers.whole)
+        origin_before = _cpu_of(servers.whole[1:2])
         t0 = time.monotonic()
-        profiler = await _start_profile(profile, servers.relay[0], seconds)
+        profilers = [await _start_profile(out, proc, seconds) for out, proc in
+                     zip(profile, [servers.relay[0], servers.whole[1]], strict=True)
+                     ] if profile else []
         await asyncio.sleep(seconds)
         cpu, whole = _cpu_of(servers.relay) - cpu_before, _cpu_of(servers.whole) - whole_before
+        origin_cpu = _cpu_of(servers.whole[1:2]) - origin_before
         marks_after = await farm.command("MARK")
         t1 = time.monotonic()
         relay_after = (await http.get(f"{servers.relay_url}/api/stats")).json()
         origin_after = (await http.get(f"{servers.origin_url}/api/stats")).json()
-        if profiler is not None:
-            await asyncio.wait_for(profiler.wait(), 120)
+        for profiler in profilers:
+            if profiler is not None:
+                await asyncio.wait_for(profiler.wait(), 120)
     wall = t1 - t0
     farm_packets = sum(a["packets"] - b["packets"] for a, b in zip(marks_after, marks_before,
                                                                      strict=True))
@@ -180,6 +187,7 @@ async def window(servers: Servers, farm: Farm, stream: str, publisher: Simulcast
         "wall_s": wall,
         "relay_cpu": cpu / wall,
         "whole_cpu": whole / wall,
+        "origin_cpu": origin_cpu / wall,
         "farm_cpu": farm_cpu,
         "farm_packets_per_s": farm_packets / wall,
         "relay_delivered_per_s": delivered / wall,
@@ -197,6 +205,8 @@ async def window(servers: Servers, farm: Farm, stream: str, publisher: Simulcast
                              zip(marks_after, marks_before, strict=True)) / wall,
         "relay_layer_viewers": {rid: x["viewers"] for rid, x in
                                 _layers(relay_after, stream).items()},
+        "relay_viewers": sum(w.get("viewers", 0) for w in relay_after.get("workers",
+                                                                         [relay_after])),
         "load_avg": psutil.getloadavg()[0],
     }
     reasons = []
@@ -208,6 +218,12 @@ async def window(servers: Servers, farm: Farm, stream: str, publisher: Simulcast
         reasons.append(f"farm received {farm_packets / delivered:.1%} of the relay's packets")
     result["saturated"] = "; ".join(reasons)
     return result
+
+
+def _check_viewers(result: dict[str, Any], n: int) -> None:
+    if result["relay_viewers"] < n:
+        more = f"the relay has {result['relay_viewers']} of the {n} viewers"
+        result["saturated"] = "; ".join(x for x in (result["saturated"], more) if x)
 
 
 async def layer_sizes(base_url: str, stream: str, timeout: float = 30) -> dict[str, tuple[int, int]]:
@@ -327,7 +343,7 @@ async def switch_latencies(relay_url: str, stream: str, sizes: dict[str, tuple[i
 
 
 async def phase(servers: Servers, stream: str, simulcast: bool, n: int, seconds: float,
-                losses: list[float], profile: str | None, switchers: int,
+                losses: list[float], profile: tuple[str, str] | None, switchers: int,
                 switches: int) -> dict[str, Any]:
     publisher = SimulcastPublisher(servers.origin_url, stream, host_token(), simulcast=simulcast)
     await publisher.start()
@@ -342,10 +358,12 @@ async def phase(servers: Servers, stream: str, simulcast: bool, n: int, seconds:
         out["join_s"] = time.monotonic() - joined
         await asyncio.sleep(4.0)  # settle: ICE, the pinned viewers' first key frames
         out["clean"] = await window(servers, farm, stream, publisher, seconds, profile)
+        _check_viewers(out["clean"], n)
         for fraction in losses if simulcast else []:
             await farm.command(f"LOSS {fraction}")
             await asyncio.sleep(2.0)
             out[f"lossy {fraction}"] = await window(servers, farm, stream, publisher, seconds)
+            _check_viewers(out[f"lossy {fraction}"], n)
             await farm.command("LOSS 0")
         if simulcast and switchers:  # with the farm still watching, its loss off
             out["sizes"] = sizes
@@ -360,6 +378,49 @@ async def phase(servers: Servers, stream: str, simulcast: bool, n: int, seconds:
         farm.kill()
         await publisher.stop()
     return out
+
+
+IDLE_LEAVES = ("epoll_pwait", "epoll_wait", "select", "poll", "__futex_abstimed_wait_common",
+               "futex_wait", "pthread_cond_timedwait", "sem_timedwait")
+# threads parked on a queue or lock (aiortc's idle decoder threads, the executor's workers)
+IDLE_FRAMES = {"Condition.wait (threading.py)", "Queue.get (queue.py)",
+               "_worker (concurrent/futures/thread.py)"}
+BUSY = "(all busy samples)"
+
+
+def profile_rates(profile: str, seconds: float, sample_ms: float = 10.0) -> dict[str, float]:
+    """ms of CPU per second of the window, inclusive, per Python function (``name (file)``) of a
+    py-spy raw profile (100 samples/s; stacks ending in an idle wait left out)."""
+    rates: dict[str, float] = {}
+    for line in Path(profile.partition(":")[2]).read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = [f.rsplit(":", 1)[0] + ")" if ".py:" in f else f.split(" (")[0]
+                  for f in stack.split(";")[1:]]
+        if not frames or frames[-1] in IDLE_LEAVES or IDLE_FRAMES & set(frames):
+            continue
+        rate = int(count_text) * sample_ms / seconds
+        rates[BUSY] = rates.get(BUSY, 0.0) + rate
+        for frame in set(frames):
+            rates[frame] = rates.get(frame, 0.0) + rate
+    return rates
+
+
+def print_profile_diff(profiles: dict[str, str], one: dict[str, Any], sim: dict[str, Any]) -> None:
+    """Where the simulcast CPU goes: per node, the functions whose inclusive CPU grew most
+    from the single-layer window to the simulcast one."""
+    for node in ("relay", "origin"):
+        single = profile_rates(profiles[f"{node}, single"], one["clean"]["wall_s"])
+        simul = profile_rates(profiles[f"{node}, simulcast"], sim["clean"]["wall_s"])
+        print(f"\n{node}: sampled busy CPU {single.get(BUSY, 0.0):.0f} ms/s single layer -> "
+              f"{simul.get(BUSY, 0.0):.0f} ms/s simulcast (process CPU "
+              f"{1000 * one['clean'][node + '_cpu']:.0f} -> {1000 * sim['clean'][node + '_cpu']:.0f}"
+              " ms/s); the functions that grew most (inclusive ms of CPU per second):")
+        grown = sorted(set(single) | set(simul),
+                       key=lambda f: simul.get(f, 0.0) - single.get(f, 0.0), reverse=True)
+        for frame in grown[:25]:
+            print(f"  {single.get(frame, 0.0):7.1f} -> {simul.get(frame, 0.0):7.1f}  {frame}")
 
 
 def _row(label: str, w: dict[str, Any]) -> str:
@@ -427,8 +488,10 @@ def report(n: int, one: dict[str, Any], sim: dict[str, Any], profiles: dict[str,
     print(f"NACKed packets resent by the publisher: single {one['nacked_at_publisher']}, "
           f"simulcast {sim['nacked_at_publisher']}")
     for name, profile in profiles.items():
-        print(f"\n--- profile of the relay, {name} ({profile}) ---")
+        print(f"\n--- profile of the {name} ({profile}) ---")
         print(summarize_profile(profile))
+    if profiles and all(p.startswith("py-spy:") for p in profiles.values()):
+        print_profile_diff(profiles, one, sim)
 
 
 async def main() -> None:
@@ -442,7 +505,7 @@ async def main() -> None:
     parser.add_argument("--switches", type=int, default=10, help="per switching viewer")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
     parser.add_argument("--profile", choices=("py-spy", "perf"),
-                        help="profile the relay in both CPU windows")
+                        help="profile the relay and the origin in both CPU windows")
     args = parser.parse_args()
     relay_args = ["--max-viewers", "5000", "--workers", "1"]
     profiles: dict[str, str] = {}
@@ -452,13 +515,20 @@ async def main() -> None:
         try:
             suffix = "txt" if args.profile == "py-spy" else "data"
             for name in ("single", "simulcast"):
-                if args.profile:
-                    profiles[name] = f"{args.profile}:/tmp/simulcast-{name}.{suffix}"
+                for node in ("relay", "origin"):
+                    if args.profile:
+                        profiles[f"{node}, {name}"] = (f"{args.profile}:/tmp/simulcast-{node}-"
+                                                       f"{name}.{suffix}")
+
+            def of(name: str) -> tuple[str, str] | None:
+                return ((profiles[f"relay, {name}"], profiles[f"origin, {name}"])
+                        if args.profile else None)
+
             one = await phase(servers, "bench-one", False, args.viewers, args.seconds, args.loss,
-                              profiles.get("single"), 0, 0)
+                              of("single"), 0, 0)
             await asyncio.sleep(2.0)
             sim = await phase(servers, "bench-sim", True, args.viewers, args.seconds, args.loss,
-                              profiles.get("simulcast"), args.switchers, args.switches)
+                              of("simulcast"), args.switchers, args.switches)
         except Exception:
             print("".join(cluster.relay.output[-30:]), file=sys.stderr)
             print("".join(cluster.origin.output[-30:]), file=sys.stderr)
