@@ -193,6 +193,9 @@ async def test_a_narrow_path_moves_only_that_viewer_down_and_back_up(
                     # halfway between what the top and the middle layer need on the wire (with
                     # audio, RTP/SRTP/UDP/IP overhead and our reports: ~60 kbit/s)
                     rate_kbit = int((rates["h"] + rates["m"]) / 2 / 1000) + WIRE_EXTRA_KBIT
+                    # (the automatic choice must have left both on the top layer meanwhile)
+                    await wait_for(lambda: both_on_top_for(2.0), 30,
+                                   "both viewers still on the top layer before the shaping", log)
                     plis_before = await host_plis(host)
                     loopback_shaper.install(rate_kbit, SHAPED_LATENCY_MS)
                     port = await pages["shaped"].evaluate(_PORT_JS)
