@@ -2,7 +2,9 @@
 publishes three simulcast layers; two watch pages play them on auto through a relay; `tc` on
 `lo` narrows only one viewer's path (the packets to its UDP port) below the top layer's bitrate.
 Within 5 s that viewer decodes a lower layer; within 15 s of the path widening again it is back
-on the top layer; the other viewer stays on the top layer and keeps decoding throughout."""
+on the top layer; the other viewer stays on the top layer and keeps decoding throughout. A path
+narrower than even the lowest layer pauses the viewer's video (its audio goes on), and the video
+comes back (up to the top layer) once the path widens."""
 
 from __future__ import annotations
 
@@ -36,13 +38,16 @@ _VIDEO_JS = """async () => {
     const pc = window.lotcast.pc;
     if (!pc) return null;
     let out = null;
+    let audio = 0;
     (await pc.getStats()).forEach((s) => {
+        if (s.type === 'inbound-rtp' && s.kind === 'audio') audio = s.packetsReceived || 0;
         if (s.type === 'inbound-rtp' && s.kind === 'video') out = {
             width: s.frameWidth || 0, height: s.frameHeight || 0,
             frames: s.framesDecoded || 0, freezes: s.freezeCount || 0,
             keyFrames: s.keyFramesDecoded || 0, nacks: s.nackCount || 0,
             lost: s.packetsLost || 0};
     });
+    if (out) out.audio = audio;
     return out;
 }"""
 
@@ -255,3 +260,80 @@ async def test_a_narrow_path_moves_only_that_viewer_down_and_back_up(
 
 def _first(sampler: Sampler, name: str, start: float, top: int) -> float:
     return next((t - start for t, v in sampler.since(name, start) if 0 < v["width"] < top), -1.0)
+
+
+PAUSE_PATH_KBIT = 100  # audio (~65 kbit/s on the wire) fits, the lowest layer does not
+
+
+@pytest.mark.timeout(300)
+async def test_a_path_too_narrow_for_any_layer_pauses_video_keeps_audio_then_resumes(
+        redis_server: RedisServer, loopback_shaper: LoopbackShaper) -> None:
+    log = PageLog()
+    with cluster(redis_server.url, relays=1) as c:
+        relay = c.relay
+        try:
+            async with chromium() as browser:
+                host = await open_page(browser, f"{c.origin.url}/host?stream={STREAM}&simulcast=1"
+                                                f"#token={c.host_token()}", log, "host")
+                await host.click("#go-live")
+                page = await open_page(browser, f"{relay.url}/watch?stream={STREAM}", log, "viewer")
+                await wait_for(playing_on(page, relay.url, 10), 60, "watch page playing", log)
+
+                async def top_width() -> int | None:
+                    out = await host.evaluate(_OUTBOUND_JS)
+                    widths = sorted((v.get("width") or 0 for v in out.values()), reverse=True)
+                    return widths[0] if len(widths) == 3 and widths[2] > 0 else None
+
+                top = await wait_for(top_width, 60, "host sends three layers", log)
+                async with sampling({"viewer": page}) as sampler:
+                    async def on_top() -> dict[str, int] | None:
+                        last = sampler.last("viewer")
+                        return last if last.get("width") == top else None
+
+                    await wait_for(on_top, 60, "the viewer decodes the top layer", log)
+                    loopback_shaper.install(PAUSE_PATH_KBIT, SHAPED_LATENCY_MS)
+                    port = await page.evaluate(_PORT_JS)
+                    assert port is not None and port["port"], port
+                    shaped_at = time.monotonic()
+                    loopback_shaper.shape(int(port["port"]))
+
+                    def moves() -> list[str]:
+                        return [line for line in relay.output if "automatic layer" in line]
+
+                    async def paused() -> bool:
+                        # the relay paused it (from the lowest layer), and since then the page
+                        # decodes no frame while its audio goes on
+                        if not any("pause at layer 2/3" in line for line in moves()):
+                            return False
+                        recent = sampler.since("viewer", time.monotonic() - 3.0)
+                        return (len(recent) >= 5 and recent[-1][0] - recent[0][0] >= 2.5
+                                and recent[-1][1]["frames"] == recent[0][1]["frames"]
+                                and recent[-1][1]["audio"] > recent[0][1]["audio"])
+
+                    try:
+                        await wait_for(paused, 40, "video paused, audio going on", log)
+                    except AssertionError as exc:
+                        raise AssertionError(f"{exc}\n{sampler.summary('viewer', shaped_at)}\n"
+                                             f"{''.join(moves())}{loopback_shaper.stats()}"
+                                             ) from None
+                    paused_after = time.monotonic() - shaped_at
+                    unshaped_at = time.monotonic()
+                    loopback_shaper.unshape()
+
+                    async def back_on_top() -> dict[str, int] | None:
+                        recent = sampler.since("viewer", time.monotonic() - 1.5)
+                        return (recent[-1][1] if len(recent) >= 3
+                                and all(v["width"] == top for _, v in recent)
+                                and recent[-1][1]["frames"] > recent[0][1]["frames"] else None)
+
+                    try:
+                        await wait_for(back_on_top, 60, "video back, on the top layer", log)
+                    except AssertionError as exc:
+                        raise AssertionError(f"{exc}\n{sampler.summary('viewer', shaped_at)}\n"
+                                             f"{''.join(moves())}") from None
+                    back_after = time.monotonic() - unshaped_at
+                print(f"paused {paused_after:.1f} s after the shaping, back on the top layer "
+                      f"{back_after:.1f} s after it ended; {sampler.summary('viewer', shaped_at)}")
+                print("".join(line for line in relay.output if "automatic layer" in line))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\npage log:\n{log.tail()}") from None
