@@ -442,14 +442,15 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
             for (choice, asked_at), (_, rid) in zip(marks, choices, strict=True):
                 shown_at = next((at for at, _gap, width, height in resized
                                  if at >= asked_at and (width, height) == sizes[rid]), None)
-                assert shown_at is not None, (choice, seen)
+                assert shown_at is not None, f"{choice}: {seen}"
                 at_switch = [duration for _count, duration, at in freezes
                              if shown_at - 100 <= at <= shown_at + 250]
-                assert all(duration <= 0.2 for duration in at_switch), (choice, seen)
+                assert all(duration <= 0.2 for duration in at_switch), f"{choice}: {seen}"
                 allowed[rid] += 1 + repeats_allowed((shown_at - asked_at) / 1000)
             # the host's encoder: one key-frame request per switch, to the layer switched to
             # (relay-1 asks relay-0, which asks the origin, which asks the host; each again
             # only while none has come: repeats_allowed)
             assert all(asked[rid] <= allowed.get(rid, 0) for rid in asked), (
-                allowed, seen, {rid: v["keyframe_requests"] for rid, v in layers.items()})
+                f"allowed {allowed}, {seen}, relay-1's layers' key-frame requests "
+                f"{ {rid: v['keyframe_requests'] for rid, v in layers.items()} }")
 
