@@ -36,6 +36,13 @@ Latency sources:
 * frames per socket: each watcher (and bidder/chatter) counts its frames per 1 s of the run;
   printed are the mean, the busiest socket's average and the most frames any socket got in any
   one second, against the batch rate 1000 / ws_flush_interval_ms.
+* where an ack waits: the node's bid received -> ack written histogram (/metrics), its event-loop
+  lag (how late the hub's batch timer fired), Redis's FCALL run time (INFO commandstats), and
+  the acks of a few probe bidders plus a Redis PING on an idle loop in this process (--probe-rate):
+  set against the load client's acks, they separate the client's loop, the node and Redis.
+* fan-out CPU split (the hub's thread-CPU counters, not sampled): the per-socket eligibility
+  check and the native send, per socket / per write and as shares of the relay's CPU, and the
+  fan-out alone per frame against the C floor.
 * CPU per phase (relay, Redis, the load client's processes, everything else on the machine) from
   /proc at the phase boundaries; relay CPU / frames delivered to all sockets = CPU per frame.
   If the load client's CPU or loop lag is high, the client, not the server, was the limit.
