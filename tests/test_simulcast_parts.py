@@ -357,3 +357,26 @@ async def test_a_switch_away_from_a_layer_paused_mid_frame_waits_a_few_frames_no
     tags = [tag_of(d).rstrip("K") for d in sender.sent]
     assert tags == ["h0.0", "h0.1", "h0.2", "h1.0",
                     *[f"l{i}.0" for i in range(1, SWITCH_WAIT_FRAMES + 2)]], tags
+
+
+async def test_a_source_that_numbers_again_under_the_same_ssrc_is_a_new_source_not_duplicates(
+) -> None:
+    # a relay's new pull of the same upstream (a layer pull replaced) has the upstream's SSRC
+    # but numbers its packets its own way: some numbers are ones already forwarded
+    layers, _sink, sender = simulcast()
+    h = layers["h"]
+    await feed(h, h.frame_packets())
+    await feed(h, h.frame_packets())
+    h.seq = (h.seq - 4) % (1 << 16)  # the new session's numbers overlap the old one's
+    h.keyframe_wanted = True
+    await feed(h, h.frame_packets())
+    await feed(h, h.frame_packets())
+    assert h.forwarder.numbering_restarts == 1 and h.forwarder.duplicates_dropped == 0
+    tags = [tag_of(d).rstrip("K") for d in sender.sent]
+    assert tags == ["h0.0", "h0.1", "h0.2", "h1.0", "h1.1", "h1.2", "h2.0", "h2.1", "h2.2",
+                    "h3.0", "h3.1", "h3.2"], tags
+    seqs = [seq_ts(d)[0] for d in sender.sent]
+    assert [(s - seqs[0]) % (1 << 16) for s in seqs] == list(range(12)), seqs
+    # the same packet again is a duplicate: dropped
+    await feed(h, [h.frame_packets()[0]] * 2)
+    assert h.forwarder.duplicates_dropped == 1 and len(sender.sent) == 13

@@ -222,6 +222,7 @@ class TrackForwarder:
         # it is older): a sink switching away continues its numbering from this one
         self._newest: bytes | None = None
         self.duplicates_dropped = 0  # source packets already forwarded (RTX payload padding)
+        self.numbering_restarts = 0  # sources that reused numbers without a new SSRC
         self.frame_size: tuple[int, int] | None = None  # from the last VP8 key frame
         self.layer_switches = 0
         self._rate_sample = (time.monotonic(), 0)
@@ -331,14 +332,25 @@ class TrackForwarder:
         out_seq, out_ts, switched = self.mapper.map(
             packet.ssrc, packet.sequence_number, packet.timestamp
         )
-        if switched and self.packets_in:
-            self.resync_all()
         slot = out_seq % HISTORY_SIZE
         if not switched and self._history_seq[slot] == out_seq:
-            # a packet forwarded already, received again (a publisher's RTX payload padding, an
-            # answer to a NACK whose original came late): viewers that lost it ask for it
-            self.duplicates_dropped += 1
-            return
+            kept = self._history[slot]
+            if kept is not None and kept[12:] == packet.payload:
+                # a packet forwarded already, received again (a publisher's RTX payload
+                # padding, an answer to a NACK whose original came late): viewers that lost it
+                # ask for it
+                self.duplicates_dropped += 1
+                return
+            # another packet under a number already forwarded: the source restarted its
+            # numbering with the same SSRC (a new pull of the same upstream): a new source
+            self.numbering_restarts += 1
+            self.new_source()
+            out_seq, out_ts, switched = self.mapper.map(
+                packet.ssrc, packet.sequence_number, packet.timestamp
+            )
+            slot = out_seq % HISTORY_SIZE
+        if switched and self.packets_in:
+            self.resync_all()
         payload = packet.payload
         data = build_packet(packet.marker, self._base_pt, out_seq, out_ts, self.output_ssrc,
                             payload)
@@ -361,6 +373,12 @@ class TrackForwarder:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
             self._loop.call_soon(self._drain)
+
+    def new_source(self) -> None:
+        """The next packet comes from a new source even if its SSRC is the one before (a new
+        pull of the same upstream numbers its packets its own way): it is numbered on from
+        the newest packet, and video viewers wait for a key frame (which that packet may be)."""
+        self.mapper.source_ssrc = None
 
     def _drain(self) -> None:
         self._drain_scheduled = False
