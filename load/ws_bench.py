@@ -598,16 +598,19 @@ async def setup_lot(http_url: str, room: str, host_token: str) -> str:
         await host.close()
 
 
-def server_stats(http_url: str, timeout: float = 20.0, redis_url: str = "") -> dict[str, Any]:
-    """/interactive/stats, plus (keys starting with "_") the node's bid-ack histogram from
-    /metrics and Redis's FCALL counters (INFO commandstats) when `redis_url` is given."""
+def server_stats(http_url: str, timeout: float = 20.0, redis_url: str = "",
+                 metrics: bool = False) -> dict[str, Any]:
+    """/interactive/stats, plus (keys starting with "_") Redis's FCALL counters (INFO
+    commandstats) when `redis_url` is given and, with `metrics`, the node's bid-ack histogram
+    from /metrics (a scrape costs the relay CPU: its media telemetry lists every socket)."""
     try:
         out = dict(httpx.get(f"{http_url}/interactive/stats", timeout=timeout).json())
     except (httpx.HTTPError, ValueError) as exc:
         return {"error": repr(exc)}
-    with contextlib.suppress(httpx.HTTPError):
-        text = httpx.get(f"{http_url}/metrics", timeout=timeout).text
-        out["_bid_ack_buckets"] = prom_buckets(text, "lotcast_bid_ack_latency_seconds")
+    if metrics:
+        with contextlib.suppress(httpx.HTTPError):
+            text = httpx.get(f"{http_url}/metrics", timeout=timeout).text
+            out["_bid_ack_buckets"] = prom_buckets(text, "lotcast_bid_ack_latency_seconds")
     if redis_url:
         import redis as redis_sync
 
@@ -1109,7 +1112,7 @@ def run(args: argparse.Namespace) -> int:
         # At each phase boundary: CPU (cheap, on time) and the node's counters, fetched on a
         # thread so that a node too busy to answer does not delay the next CPU mark.
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(phases) + 2)
-        fetch = functools.partial(server_stats, http_url, 5.0, redis_url)
+        fetch = functools.partial(server_stats, http_url, 5.0, redis_url, args.node_metrics)
         raw_marks = [(time.time(), cpu.total(), cpu.others(), pool.submit(fetch))]
         mid_future = None
         while len(raw_marks) <= len(phases):
@@ -1319,10 +1322,12 @@ def report(args: argparse.Namespace, phases: list[str], results: dict[int, dict[
                   f"{int(aw['queued'])} queued behind earlier frames of their socket); longest "
                   f"fan-out turn so far {row['hub_turn_max_ms']:.1f} ms")
         nb, pr, lag = waits["node_bid_ack"], waits["probe"], waits["node_loop_lag"]
-        if nb.get("n") or pr:
-            print("  where an ack waits: node, bid received -> ack written (Redis round trips "
-                  f"included): p50 <= {nb.get('p50', 0):g} ms, p99 <= {nb.get('p99', 0):g} ms; "
-                  f"Redis FCALL run time {waits.get('fcall_us', 0):.0f} us mean")
+        if nb.get("n") or pr or lag.get("n"):
+            node_part = (f"node, bid received -> ack written (Redis round trips included): p50 "
+                         f"<= {nb.get('p50', 0):g} ms, p99 <= {nb.get('p99', 0):g} ms; "
+                         if nb.get("n") else "")
+            print(f"  where an ack waits: {node_part}Redis FCALL run time "
+                  f"{waits.get('fcall_us', 0):.0f} us mean")
             if lag.get("n"):
                 print(f"    node event-loop lag (the hub's batch timer, n={int(lag['n'])}): p50 "
                       f"{fmt_bucket(lag['p50'])}, p99 {fmt_bucket(lag['p99'])}, mean "
@@ -1462,6 +1467,10 @@ def main() -> int:
                     help="started relay only: LOTCAST_WS_FLUSH_INTERVAL_MS (0 = server default, 100)")
     ap.add_argument("--profile", action="store_true", help="py-spy record the relay during the window")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--node-metrics", action="store_true",
+                    help="scrape the node's /metrics at each window boundary for its bid "
+                         "received -> ack written histogram (the scrape costs the relay CPU in "
+                         "the windows: ~0.2 s at 2,000 sockets, its media telemetry lists them)")
     ap.add_argument("--probe-rate", type=float, default=10.0,
                     help="bids/s from probe bidders on an idle loop in this process (0: none)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
