@@ -17,7 +17,13 @@ from aiortc.rtp import HeaderExtensions, RtpPacket
 
 from lotcast.media import forwarder as forwarder_module
 from lotcast.media.aiortc_hooks import SimulcastDemux
-from lotcast.media.forwarder import SWITCH_WAIT_FRAMES, ForwardSink, TrackForwarder
+from lotcast.media.forwarder import (
+    HISTORY_SIZE,
+    MAX_SEQ_JUMP,
+    SWITCH_WAIT_FRAMES,
+    ForwardSink,
+    TrackForwarder,
+)
 from lotcast.media.rtp import build_packet, shifted, vp8_keyframe_size
 from lotcast.media.sdp import SdpError, answer_simulcast, parse_simulcast
 
@@ -380,3 +386,12 @@ async def test_a_source_that_numbers_again_under_the_same_ssrc_is_a_new_source_n
     # the same packet again is a duplicate: dropped
     await feed(h, [h.frame_packets()[0]] * 2)
     assert h.forwarder.duplicates_dropped == 1 and len(sender.sent) == 13
+    # numbers far ahead (beyond what NACKs reach) or far behind: a new numbering too
+    for jump in (MAX_SEQ_JUMP + 1, -(HISTORY_SIZE + 1)):
+        h.seq = (h.seq + jump) % (1 << 16)
+        h.keyframe_wanted = True
+        await feed(h, h.frame_packets())
+    assert h.forwarder.numbering_restarts == 3
+    seqs = [seq_ts(d)[0] for d in sender.sent]
+    assert [(s - seqs[0]) % (1 << 16) for s in seqs] == list(range(len(seqs))), seqs
+    assert len(seqs) == 19

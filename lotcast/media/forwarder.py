@@ -57,6 +57,11 @@ ERROR_LOG_INTERVAL = 5.0  # seconds between log lines about failed sends of one 
 # packets come in one burst, and the old one's may be handled last.
 SWITCH_WAIT_FRAMES = 5
 
+# A source packet numbered this far ahead of the newest one (more than a receiver's NACKs
+# reach: aiortc tracks 128 missing packets) or behind what the history keeps starts a new
+# numbering: the source restarted with the same SSRC (a new pull of the same upstream).
+MAX_SEQ_JUMP = 128
+
 SendEntry = tuple[Callable[[bytes], bytes], Callable[[bytes, Any], None], Any]
 
 
@@ -222,7 +227,7 @@ class TrackForwarder:
         # it is older): a sink switching away continues its numbering from this one
         self._newest: bytes | None = None
         self.duplicates_dropped = 0  # source packets already forwarded (RTX payload padding)
-        self.numbering_restarts = 0  # sources that reused numbers without a new SSRC
+        self.numbering_restarts = 0  # sources that numbered anew without a new SSRC
         self.frame_size: tuple[int, int] | None = None  # from the last VP8 key frame
         self.layer_switches = 0
         self._rate_sample = (time.monotonic(), 0)
@@ -329,6 +334,12 @@ class TrackForwarder:
     # --- source side --------------------------------------------------------------------
 
     def on_source_packet(self, packet: RtpPacket) -> None:
+        mapper = self.mapper
+        if mapper.started and packet.ssrc == mapper.source_ssrc:
+            ahead = (packet.sequence_number + mapper.seq_offset - mapper.last_out_seq) % SEQ_MOD
+            if MAX_SEQ_JUMP < ahead <= SEQ_MOD - HISTORY_SIZE:
+                self.numbering_restarts += 1
+                self.new_source()
         out_seq, out_ts, switched = self.mapper.map(
             packet.ssrc, packet.sequence_number, packet.timestamp
         )
