@@ -16,6 +16,8 @@ farms' own CPU (near 100% of a core: the farm, not the relay, was the limit).
 
     flock /tmp/bench.lock .venv/bin/python load/idle_viewer_bench.py --viewers 100 --seconds 20
     ... --profile py-spy      # py-spy of both relays during the viewer window
+    ... --compare consent     # the second relay keeps aioice's consent task per connection
+                              # (LOTCAST_LEAN_CONSENT=0) instead of aiortc's RTCP
 """
 
 from __future__ import annotations
@@ -123,15 +125,22 @@ async def main() -> None:
     parser.add_argument("--viewers", type=int, default=100, help="viewers per relay")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--profile", choices=("py-spy", "perf"))
+    parser.add_argument("--compare", choices=("rtcp", "consent"), default="rtcp",
+                        help="what the second relay does the old way: its RTCP "
+                             "(LOTCAST_LEAN_RTCP=0) or its ICE consent checks "
+                             "(LOTCAST_LEAN_CONSENT=0, one aioice task per connection)")
     args = parser.parse_args()
+    old_env, old_name = ((LEAN_ENV, "aiortc") if args.compare == "rtcp"
+                         else ("LOTCAST_LEAN_CONSENT", "aioice"))
     relay_args = ["--max-viewers", "5000", "--workers", "1"]
     with RedisServer() as redis, running_cluster(redis, relay_args=relay_args) as cluster:
         relays = {"lean": cluster.relay}
         old = ServiceProcess("relay", ["--port", "0", "--origin-url", cluster.origin.url,
-                                       "--node-id", "relay-aiortc-rtcp", *relay_args],
-                             env={**cluster.env, LEAN_ENV: "0"}).start()
+                                       "--node-id", f"relay-{old_name}-{args.compare}",
+                                       *relay_args],
+                             env={**cluster.env, old_env: "0"}).start()
         cluster.extra.append(old)
-        relays["aiortc"] = old
+        relays[old_name] = old
         publisher = Publisher(cluster.origin.url, STREAM, host_token())
         await publisher.pc.close()  # replaced by one with the slow tracks
         publisher.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -159,7 +168,7 @@ async def main() -> None:
     n = args.viewers
     print(f"\n{n} viewers per relay, near-idle source ({FPS} video + {FPS} audio frames/s), "
           f"{args.seconds:.0f} s windows, both relays measured at once")
-    print(f"{'RTCP path':>10} {'relay CPU idle':>14} {'with viewers':>12} "
+    print(f"{args.compare + ' path':>12} {'relay CPU idle':>14} {'with viewers':>12} "
           f"{'ms CPU/viewer-s':>15} {'pkts sent/s':>11} {'farm CPU':>8}")
     per: dict[str, float] = {}
     for path in relays:
@@ -167,10 +176,11 @@ async def main() -> None:
         idle_pct = 100 * b["cpu_s"] / b["wall_s"]
         load_pct = 100 * r["cpu_s"] / r["wall_s"]
         per[path] = 1000 * (r["cpu_s"] / r["wall_s"] - b["cpu_s"] / b["wall_s"]) / n
-        print(f"{path:>10} {idle_pct:>13.1f}% {load_pct:>11.1f}% {per[path]:>15.3f} "
+        print(f"{path:>12} {idle_pct:>13.1f}% {load_pct:>11.1f}% {per[path]:>15.3f} "
               f"{r['sent_per_s']:>11.0f} {100 * farm_cpu[path] / r['wall_s']:>7.0f}%")
-    if per.get("aiortc"):
-        print(f"lean / aiortc per-viewer cost: {per['lean'] / per['aiortc']:.2f}x")
+    if per.get(old_name):
+        print(f"lean / {old_name} {args.compare} per-viewer cost: "
+              f"{per['lean'] / per[old_name]:.2f}x")
     if args.profile:
         for path in relays:
             suffix = "txt" if args.profile == "py-spy" else "data"

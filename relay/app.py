@@ -32,6 +32,7 @@ from lotcast.config import Settings
 from lotcast.ids import is_valid_stream_id
 from lotcast.interactive.service import InteractiveService
 from lotcast.media.aiortc_hooks import close_udp_mux, current_udp_mux, open_udp_mux, udp_mux_enabled
+from lotcast.media.consent import consent_clock
 from lotcast.media.endpoints import CORS, SessionTable, WebRtcEndpoints
 from lotcast.media.mux_metrics import UdpMuxCollector
 from lotcast.media.peer import EgressSession, PeerSession
@@ -248,6 +249,7 @@ def create_app(settings: Settings, worker: WorkerSpec | None = None) -> Starlett
                            "url": p.upstream_url, "depth": upstreams.depth_of(p.stream.id)}
                           for p in upstreams.pulls()],
             "forwarded_packets": telemetry.forwarded_packets,
+            **consent_clock().counters(),
             "streams": [s.counters() for s in router],
         }
 

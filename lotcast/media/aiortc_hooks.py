@@ -178,6 +178,7 @@ def check_hooks() -> None:
         problems.append(f"pylibsrtp srtp_protect address ({exc})")
     problems += _udp_mux_problems()
     problems += check_simulcast_hooks()
+    problems += _consent_problems()
     if problems:
         raise HookError("aiortc/aioice internals changed: " + ", ".join(problems))
 
@@ -443,6 +444,96 @@ def answer_consent_checks_fast(dtls: RTCDtlsTransport) -> bool:
     return True
 
 
+class ConsentTarget:
+    """What one connection's consent checks need (lotcast/media/consent.py), taken from its
+    aioice Connection and nominated pair: who we are to the peer, how to send to it, and how to
+    hear its answer to a transaction id."""
+
+    __slots__ = ("_connection", "_protocol", "_remote", "controlling", "password", "priority",
+                 "tie_breaker", "username")
+
+    def __init__(self, connection: aioice.ice.Connection, pair: aioice.ice.CandidatePair) -> None:
+        self._connection = connection
+        self._protocol = pair.protocol
+        self._remote = tuple(pair.remote_addr[:2])
+        self.username = f"{connection.remote_username}:{connection.local_username}"
+        self.password = str(connection.remote_password).encode("utf8")
+        self.priority = aioice.candidate.candidate_priority(pair.component, "prflx")
+        self.controlling = bool(connection.ice_controlling)
+        self.tie_breaker = int(connection._tie_breaker)
+
+    @property
+    def closed(self) -> bool:
+        transport = self._protocol.transport
+        return bool(self._connection._closing or transport is None or transport.is_closing())
+
+    def send(self, data: bytes) -> None:
+        self._protocol.transport.sendto(data, self._remote)
+
+    def expect(self, transaction_id: bytes, answered: Callable[[bool], None]) -> None:
+        """Call ``answered(ok)`` when the peer's response to ``transaction_id`` arrives: ok for
+        a success response authenticated with the peer's password, False for an error one."""
+        self._protocol.transactions[transaction_id] = _ConsentAnswer(  # type: ignore[assignment]
+            answered, self.password)
+
+    def forget(self, transaction_id: bytes) -> None:
+        self._protocol.transactions.pop(transaction_id, None)
+
+    def close(self) -> None:
+        """Consent expired: close the connection (aiortc then closes the peer connection)."""
+        task = asyncio.ensure_future(self._connection.close())
+        _in_flight.add(task)
+        task.add_done_callback(_in_flight.discard)
+
+
+class _ConsentAnswer:
+    """Sits in aioice's StunProtocol.transactions like a Transaction: its datagram_received
+    hands it the parsed response."""
+
+    __slots__ = ("_answered", "_password")
+
+    def __init__(self, answered: Callable[[bool], None], password: bytes) -> None:
+        self._answered = answered
+        self._password = password
+
+    def response_received(self, message: aioice.stun.Message, addr: tuple[str, int]) -> None:
+        if message.message_class == aioice.stun.Class.RESPONSE:
+            if message.check_message_integrity(self._password):
+                self._answered(True)  # else: a forgery; the check times out
+        else:
+            self._answered(False)
+
+
+def take_over_consent(dtls: RTCDtlsTransport) -> ConsentTarget | None:
+    """Stop aioice's consent task of ``dtls``'s connection (a task and a transaction with its
+    timer per check, per connection) and hand its checks to the caller's clock; None when no
+    pair is nominated yet."""
+    connection = dtls.transport._connection
+    pair = connection._nominated.get(1)
+    if pair is None or connection.remote_password is None or pair.protocol.transport is None:
+        return None
+    task = connection._query_consent_task
+    if task is not None:
+        task.cancel()
+        connection._query_consent_task = None
+    return ConsentTarget(connection, pair)
+
+
+def _consent_problems() -> list[str]:
+    problems: list[str] = []
+    connect_src = inspect.getsource(aioice.ice.Connection.connect)
+    if "self._query_consent_task = asyncio.create_task(self.query_consent())" not in connect_src:
+        problems.append("aioice.ice.Connection._query_consent_task")
+    for needle in ("self._tie_breaker", "self.remote_password", "self.remote_username"):
+        if needle not in inspect.getsource(aioice.ice.Connection):
+            problems.append(f"aioice.ice.Connection {needle}")
+    received = inspect.getsource(aioice.ice.StunProtocol.datagram_received)
+    if ("transaction = self.transactions[message.transaction_id]" not in received
+            or "transaction.response_received(message, addr)" not in received):
+        problems.append("aioice.ice.StunProtocol.transactions")
+    return problems
+
+
 def observe_rtcp(dtls: RTCDtlsTransport, observer: Callable[[bytes], None]) -> None:
     """Tests: show ``observer`` every decrypted RTCP compound packet ``dtls`` receives, then let
     aiortc handle it as usual."""
@@ -667,6 +758,17 @@ def drop_incoming_rtp(dtls: RTCDtlsTransport, should_drop: Callable[[bytes], boo
                 return data
 
     ice._recv = recv
+
+
+def ignore_binding_requests(dtls: RTCDtlsTransport) -> None:
+    """Fault injection for tests: ``dtls``'s ICE connection stops answering STUN Binding
+    requests, as a peer that withdrew consent (RFC 7675) or whose path back is gone."""
+    connection = dtls.transport._connection
+
+    def request_received(message: Any, addr: tuple[str, int], via: Any) -> None:
+        return None
+
+    connection.request_received = request_received  # type: ignore[method-assign,assignment]
 
 
 # --- One UDP port per worker (lotcast/media/udpmux.py) ---------------------------------------

@@ -34,8 +34,10 @@ from lotcast.media.aiortc_hooks import (
     peer_cname,
     quiet_sender_rtcp,
     route_rtcp,
+    take_over_consent,
     use_udp_mux,
 )
+from lotcast.media.consent import consent_clock, lean_consent_enabled
 from lotcast.media.forwarder import ForwardSink, TrackForwarder
 from lotcast.media.layer_choice import LayerChoiceState, next_layer
 from lotcast.media.sdp import (
@@ -411,7 +413,12 @@ class EgressSession(PeerSession):
                                                                      self._auto_tick)
         if self.rtcp is not None and self._sinks:
             self.rtcp.start(self._sinks[0][1].packet_sender.send_rtcp, peer_cname(self.pc))
-            answer_consent_checks_fast(self._wiring[0][1].sender.transport)
+            dtls = self._wiring[0][1].sender.transport
+            answer_consent_checks_fast(dtls)
+            if lean_consent_enabled():
+                target = take_over_consent(dtls)
+                if target is not None:
+                    consent_clock().add(target)
 
     def _first_packet(self) -> None:
         if self._on_first_frame is not None:
