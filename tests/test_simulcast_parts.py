@@ -395,3 +395,23 @@ async def test_a_source_that_numbers_again_under_the_same_ssrc_is_a_new_source_n
     seqs = [seq_ts(d)[0] for d in sender.sent]
     assert [(s - seqs[0]) % (1 << 16) for s in seqs] == list(range(len(seqs))), seqs
     assert len(seqs) == 19
+
+
+async def test_a_paused_viewer_switched_to_another_layer_gets_nothing_until_resumed_there(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(forwarder_module, "KEYFRAME_REQUEST_INTERVAL", 0.0)  # resume's ask
+    layers, sink, sender = simulcast()
+    h, m = layers["h"], layers["m"]
+    for layer in layers.values():
+        await feed(layer, layer.frame_packets())
+    h.forwarder.pause(sink)
+    m.forwarder.switch_in(sink, h.forwarder)  # a layer POST while its video is paused
+    await feed(h, h.frame_packets()[:1])  # (mid-frame: no matter, nothing goes to it)
+    await feed(m, m.frame_packets())
+    assert m.forwarder.sinks() == [sink] and len(sender.sent) == 3  # moved, sent nothing
+    m.forwarder.resume(sink)
+    await feed(m, m.frame_packets())  # its next key frame (resume asks for one)
+    tags = [tag_of(d).rstrip("K") for d in sender.sent]
+    assert tags == ["h0.0", "h0.1", "h0.2", "m2.0", "m2.1"], tags
+    seqs = [seq_ts(d)[0] for d in sender.sent]
+    assert [(s - seqs[0]) % (1 << 16) for s in seqs] == list(range(5)), seqs

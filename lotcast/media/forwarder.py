@@ -670,7 +670,8 @@ class TrackForwarder:
 
     def _between_frames(self, sink: ForwardSink) -> bool:
         newest = self._newest
-        return sink.waiting_keyframe or newest is None or bool(newest[1] & 0x80)
+        return (sink.waiting_keyframe or sink.paused or newest is None
+                or bool(newest[1] & 0x80))
 
     def _complete_switch(self, sink: ForwardSink, switch: LayerSwitch, replay: bool) -> None:
         """Move ``sink`` here from ``switch.source``, its seq/timestamp shifted to follow on from
@@ -698,6 +699,10 @@ class TrackForwarder:
         gap = max(1, int((arrived - old.mapper.last_wall) * self.codec.clockRate))
         viewer_seq = (last_seq + sink.seq_delta) % SEQ_MOD
         viewer_ts = (last_ts + sink.ts_delta) % TS_MOD
+        if sink.paused:  # sent nothing since its pause: it goes on from there once resumed
+            replay = False
+            if sink.paused_seq is not None:
+                viewer_seq = sink.paused_seq
         sent_packets = old.packets_in - sink.base_packets
         sent_octets = old.octets_in - sink.base_octets
         old._release(sink)
