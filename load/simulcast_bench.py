@@ -20,7 +20,9 @@ print their own CPU. Phases, in this order, each with a fresh publisher and farm
    (a fault injector in the farm's receive path: no root, no tc; aiortc NACKs the gaps and the
    viewer sends a PLI for a gap still open after 250 ms, at most one per 500 ms): key-frame
    requests reaching the publisher per minute, and what the lossy viewers sent.
-4. layer switches, the farm still watching (no loss): --switchers aiortc viewers that decode,
+4. every farm viewer POSTs the top layer: one more CPU window, as many packets as one layer
+   sends, so the ratio to phase 1 isolates what the lower layers and their pulls cost.
+5. layer switches, the farm still watching (no loss): --switchers aiortc viewers that decode,
    on the same relay, each POSTing a new layer --switches times; latency = from just before
    the POST to the first decoded frame of the new layer's size (its key frame, asked of the
    publisher by the relay).
@@ -158,14 +160,14 @@ async def window(servers: Servers, farm: Farm, stream: str, publisher: Simulcast
         origin_before = (await http.get(f"{servers.origin_url}/api/stats")).json()
         marks_before = await farm.command("MARK")
         cpu_before, whole_before = _cpu_of(servers.relay), _cpu_of(servers.whole)
-        origin_before = _cpu_of(servers.whole[1:2])
+        origin_cpu_before = _cpu_of(servers.whole[1:2])
         t0 = time.monotonic()
         profilers = [await _start_profile(out, proc, seconds) for out, proc in
                      zip(profile, [servers.relay[0], servers.whole[1]], strict=True)
                      ] if profile else []
         await asyncio.sleep(seconds)
         cpu, whole = _cpu_of(servers.relay) - cpu_before, _cpu_of(servers.whole) - whole_before
-        origin_cpu = _cpu_of(servers.whole[1:2]) - origin_before
+        origin_cpu = _cpu_of(servers.whole[1:2]) - origin_cpu_before
         marks_after = await farm.command("MARK")
         t1 = time.monotonic()
         relay_after = (await http.get(f"{servers.relay_url}/api/stats")).json()
@@ -365,6 +367,13 @@ async def phase(servers: Servers, stream: str, simulcast: bool, n: int, seconds:
             out[f"lossy {fraction}"] = await window(servers, farm, stream, publisher, seconds)
             _check_viewers(out[f"lossy {fraction}"], n)
             await farm.command("LOSS 0")
+        if simulcast:  # every viewer on the top layer: as many packets as one layer sends
+            pinned = await farm.command(f"PIN {LAYERS[0].rid}")
+            if any(p["not_204"] for p in pinned):
+                raise RuntimeError(f"layer POSTs failed: {pinned}")
+            await asyncio.sleep(4.0)
+            out["all top"] = await window(servers, farm, stream, publisher, seconds)
+            _check_viewers(out["all top"], n)
         if simulcast and switchers:  # with the farm still watching, its loss off
             out["sizes"] = sizes
             out["switch"] = await switch_latencies(servers.relay_url, stream, sizes, switchers,
@@ -446,6 +455,7 @@ def report(n: int, one: dict[str, Any], sim: dict[str, Any], profiles: dict[str,
     print(_row("simulcast", sim["clean"]))
     for key, w in lossy.items():
         print(_row(f"simulcast, {float(key.split()[1]):.0%} loss", w))
+    print(_row("simulcast, all on h", sim["all top"]))
     print(f"simulcast viewers per layer on the relay at the end of each window: "
           f"{sim['clean']['relay_layer_viewers']}, "
           + ", ".join(f"{k}: {w['relay_layer_viewers']}" for k, w in lossy.items()))
@@ -455,9 +465,16 @@ def report(n: int, one: dict[str, Any], sim: dict[str, Any], profiles: dict[str,
         print(f"CPU per delivered packet, {name}: simulcast {sim['clean'][what]:.2f} µs vs "
               f"single layer {one['clean'][what]:.2f} µs = {ratio:.2f}x "
               f"(target <= 1.10: {'met' if ratio <= 1.10 else 'MISSED'})")
+    for what in ("us_relay", "us_whole"):
+        ratio = sim["all top"][what] / one["clean"][what]
+        name = "relay" if what == "us_relay" else "whole server"
+        print(f"  the same {n} viewers all on h (as many packets as one layer): {name} "
+              f"{sim['all top'][what]:.2f} µs = {ratio:.2f}x single layer")
     print(f"CPU per viewer-second, whole server: simulcast "
           f"{1000 * sim['clean']['whole_cpu'] / n:.3f} ms vs single layer "
           f"{1000 * one['clean']['whole_cpu'] / n:.3f} ms")
+    print(f"CPU per viewer-second, whole server, all on h: "
+          f"{1000 * sim['all top']['whole_cpu'] / n:.3f} ms")
     if one["clean"]["saturated"] or sim["clean"]["saturated"]:
         print(f"SATURATED at {n} viewers: measure at fewer")
     print(f"time to first frame p95: single {one['ttff_p95']:.2f} s, simulcast "

@@ -7,16 +7,17 @@ for a lossy path.
 
 Viewer number FIRST + i (numbered across all farms of a run) is *lossy* when that number is
 9 mod 10 (10 % of the viewers): it stays on Auto (the server's automatic layer choice, as a
-player's default), and once told ``LOSS <fraction>`` its network drops that random fraction of the RTP
-datagrams it receives, before SRTP decryption, so aiortc's receiver NACKs the gaps as over a
-real lossy link (drop_incoming_rtp; no root, no tc). Like a player that cannot complete a frame,
-every viewer asks for a key frame (PLI) when a video packet is still missing 250 ms after it
-noticed the gap, at most once per 500 ms (aiortc's own receiver asks only when 512 packets
-behind, and these viewers bypass its jitter buffer). The other viewers are pinned in turn to the rids of
-PINS (comma-separated; ``auto``: no pin). Prints READY once every viewer has video (or after
-20 s); then reads commands on stdin: ``MARK`` prints one JSON line {"packets", "cpu_s", "t",
-"plis", "dropped"} (a window is the difference of two marks), ``LOSS <fraction>`` (0: off); on EOF it prints
-one JSON line of results.
+player's default), and once told ``LOSS <fraction>`` its network drops that random fraction of
+the RTP datagrams it receives, before SRTP decryption, so aiortc's receiver NACKs the gaps as
+over a real lossy link (drop_incoming_rtp; no root, no tc). Like a player that cannot complete
+a frame, every viewer asks for a key frame (PLI) when a video packet is still missing 250 ms
+after it noticed the gap, at most once per 500 ms (aiortc's own receiver asks only when 512
+packets behind, and these viewers bypass its jitter buffer). The other viewers are pinned in
+turn to the rids of PINS (comma-separated; ``auto``: no pin). Prints READY once every viewer
+has video (or after 20 s); then reads commands on stdin: ``MARK`` prints one JSON line
+{"packets", "cpu_s", "t", "plis", "dropped"} (a window is the difference of two marks),
+``LOSS <fraction>`` (0: off), ``PIN <rid>`` (every viewer to that layer); on EOF it prints one
+JSON line of results.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ class FarmViewer(CountingViewer):
             if pinned.status_code != 204:
                 raise RuntimeError(f"layer POST {pinned.status_code}: {pinned.text}")
 
+    async def pin_to(self, http: httpx.AsyncClient, rid: str) -> int:
+        if self.layer_url is None:
+            return 0
+        self.pin = rid
+        return (await http.post(self.layer_url, json={"encodingId": rid})).status_code
+
     def _drop(self, draw: float) -> bool:
         if draw < self.loss:
             self.dropped += 1
@@ -149,6 +156,11 @@ async def main(base_url: str, stream: str, count: int, first: int, pins: list[st
             command = line.strip()
             if command == "MARK":
                 print(_mark(farm), flush=True)
+            elif command.startswith("PIN "):  # every viewer, the lossy ones too
+                rid = command.split()[1]
+                codes = await asyncio.gather(*(v.pin_to(http, rid) for v in farm))
+                print(json.dumps({"pinned": rid, "not_204": sum(c != 204 for c in codes)}),
+                      flush=True)
             elif command.startswith("LOSS "):
                 for viewer in farm:
                     viewer.loss = float(command.split()[1])
