@@ -21,6 +21,8 @@ python3 -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(
 command -v turnserver >/dev/null 2>&1 || need_apt+=(coturn)
 if [ "$TESTS" = 1 ]; then
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
+  # tc (iproute2): the layer-choice tests shape one viewer's path on lo (tests/tc_support.py)
+  command -v tc >/dev/null 2>&1 || [ -x /usr/sbin/tc ] || [ -x /sbin/tc ] || need_apt+=(iproute2)
   # GStreamer webrtcbin: the second WebRTC stack of the interop tests (tests/gst_support.py)
   for pkg in gstreamer1.0-plugins-bad gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly \
       gstreamer1.0-nice gstreamer1.0-tools python3-gi gir1.2-gst-plugins-bad-1.0 gir1.2-gstreamer-1.0; do

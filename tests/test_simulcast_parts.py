@@ -119,41 +119,6 @@ def test_vp8_key_frame_size_from_its_first_packet() -> None:
     assert vp8_keyframe_size(bytes([0x10, 0x50, 0x2A, 0x00, 0x9D, 0x01])) is None  # cut short
 
 
-def test_automatic_layer_goes_down_at_once_up_slowly_and_holds_off_after_a_relapse() -> None:
-    from lotcast.media.layer_choice import HOLD_S, UP_STABLE_S, LayerChoiceState, next_layer
-
-    state = LayerChoiceState()
-    rates: list[int | None] = [1_200_000, 400_000, 120_000]
-    # clean reports on the top layer: stays
-    assert next_layer(state, 0.0, 0, 3, 1, 0, None, rates) == 0
-    # one report with 12 % loss: one layer down at once
-    assert next_layer(state, 1.0, 0, 3, 2, 31, None, rates) == 1
-    # the same (old) report again is no news; nothing moves up within the hold-off
-    assert next_layer(state, 2.0, 1, 3, 2, 31, None, rates) == 1
-    # clean reports from t=3: up once both the hold-off (8 s after the move down) and 6 s of
-    # clean reports have passed, at t=9, not before
-    t, reports = 2.0, 2
-    while t < 1.0 + HOLD_S - 1:
-        t, reports = t + 1, reports + 1
-        assert next_layer(state, t, 1, 3, reports, 0, None, rates) == 1, t
-    t, reports = t + 1, reports + 1
-    assert t == 3.0 + UP_STABLE_S
-    assert next_layer(state, t, 1, 3, reports, 0, None, rates) == 0  # up, conservatively
-    # loss again soon after the move up: down, and the hold-off doubles
-    assert next_layer(state, t + 1, 0, 3, reports + 1, 40, None, rates) == 1
-    assert state.hold == 2 * HOLD_S
-    # a bandwidth estimate below the layer's bitrate moves down too; the lowest stays
-    assert next_layer(state, t + 2, 1, 3, reports + 1, 0, 300_000, rates) == 2
-    assert next_layer(state, t + 3, 2, 3, reports + 2, 90, None, rates) == 2
-    # an estimate without headroom for the layer above keeps it down however clean
-    late = t + 200
-    assert next_layer(state, late, 2, 3, reports + 3, 0, 450_000, rates) == 2
-    assert next_layer(state, late + UP_STABLE_S, 2, 3, reports + 4, 0, 450_000, rates) == 2
-    assert next_layer(state, late + UP_STABLE_S + 1, 2, 3, reports + 5, 0, 600_000, rates) == 1
-    # one layer: nothing to choose
-    assert next_layer(LayerChoiceState(), 0.0, 0, 1, 1, 200, None, [None]) == 0
-
-
 # --- per-viewer layer switches in the forwarder (lotcast/media/forwarder.py) -----------------
 
 class CapturingSender:

@@ -158,6 +158,8 @@ class LayerFeeds:
         if old is not None:
             old.role = _Role.RETIRED
         self._feed(rid, source, forwarder, end)
+        # a new pull of the same upstream has the same SSRC but numbers on its own way
+        forwarder.new_source()
         if packet is None or end is not LayerSwitchEnd.KEYFRAME:
             forwarder.resync_all()  # viewers wait for the new source's key frame
             if packet is not None:

@@ -37,9 +37,9 @@ from lotcast.media.aiortc_hooks import (
     take_over_consent,
     use_udp_mux,
 )
+from lotcast.media.auto_layer import AutoLayer
 from lotcast.media.consent import consent_clock, lean_consent_enabled
 from lotcast.media.forwarder import ForwardSink, TrackForwarder
-from lotcast.media.layer_choice import LayerChoiceState, next_layer
 from lotcast.media.sdp import (
     IceCredentials,
     OfferSummary,
@@ -54,8 +54,6 @@ from lotcast.media.stream import MediaStream
 from lotcast.media.viewer_rtcp import ViewerRtcp, lean_rtcp_enabled
 
 logger = logging.getLogger(__name__)
-
-AUTO_LAYER_INTERVAL = 1.0  # seconds between automatic layer decisions of one viewer
 
 
 class SessionState(enum.Enum):
@@ -285,9 +283,7 @@ class EgressSession(PeerSession):
         self._sinks: list[tuple[TrackForwarder, ForwardSink]] = []
         self._on_first_frame = on_first_frame
         self._wanted_rid: str | None = None
-        self._auto_state = LayerChoiceState()
-        self._auto_timer: asyncio.TimerHandle | None = None
-        self.auto_switches = 0
+        self.auto: AutoLayer | None = None  # the automatic layer choice (lean RTCP only)
         self._cancel_end_watch = stream.on_end(lambda: self.close_soon("stream ended"))
         # lean RTCP (viewer_rtcp.py): reports from one clock, feedback through our parser;
         # None: aiortc's per-sender RTCP tasks and parser (LOTCAST_LEAN_RTCP=0)
@@ -338,6 +334,8 @@ class EgressSession(PeerSession):
         layer's next key frame (TrackForwarder.switch_in)."""
         layers = self.stream.layers
         self._wanted_rid = rid
+        if self.auto is not None:
+            self.auto.pinned = rid is not None
         found = next(((f, s) for f, s in self._sinks if f.kind == "video"), None)
         if found is None or not layers:
             return
@@ -346,32 +344,6 @@ class EgressSession(PeerSession):
             return
         current, sink = found
         target.switch_in(sink, current)
-
-    def _auto_tick(self) -> None:
-        """Automatic layer (no layer POST pinned one): lotcast/media/layer_choice.py decides
-        from this viewer's receiver reports and REMB."""
-        self._auto_timer = asyncio.get_running_loop().call_later(AUTO_LAYER_INTERVAL,
-                                                                 self._auto_tick)
-        layers = list(self.stream.layers.values())
-        found = next(((f, s) for f, s in self._sinks if f.kind == "video"), None)
-        if self._wanted_rid is not None or len(layers) < 2 or found is None or self.rtcp is None:
-            return
-        current, sink = found
-        if current not in layers or any(f.switching(sink) for f in layers):
-            return
-        track = self.rtcp.tracks.get(current.output_ssrc)
-        if track is None:
-            return
-        index = layers.index(current)
-        target = next_layer(self._auto_state, time.monotonic(), index, len(layers),
-                            track.receiver_reports, track.fraction_lost, track.remb_bps,
-                            [f.measure_bitrate() for f in layers])
-        if target != index:
-            logger.info("egress %s/%s: automatic layer %d -> %d (loss %d/256, remb %s)",
-                        self.stream.id, self.id, index, target, track.fraction_lost,
-                        track.remb_bps)
-            self.auto_switches += 1
-            layers[target].switch_in(sink, current)
 
     def _switched(self, sink: ForwardSink, forwarder: TrackForwarder) -> None:
         self._sinks = [(forwarder if s is sink else f, s) for f, s in self._sinks]
@@ -408,9 +380,9 @@ class EgressSession(PeerSession):
             forwarder.add_sink(sink)
         if self._wanted_rid is not None:
             self.choose_layer(self._wanted_rid)
-        if self._auto_layer and self.rtcp is not None and len(self.stream.layers) > 1:
-            self._auto_timer = asyncio.get_running_loop().call_later(AUTO_LAYER_INTERVAL,
-                                                                     self._auto_tick)
+        if self._auto_layer and self.rtcp is not None:
+            self.auto = AutoLayer(lambda: list(self.stream.layers.values()), self.rtcp,
+                                  f"{self.stream.id}/{self.id}", self._wanted_rid is not None)
         if self.rtcp is not None and self._sinks:
             self.rtcp.start(self._sinks[0][1].packet_sender.send_rtcp, peer_cname(self.pc))
             dtls = self._wiring[0][1].sender.transport
@@ -425,9 +397,8 @@ class EgressSession(PeerSession):
             self._on_first_frame(time.monotonic() - self.created)
 
     def stopped(self) -> None:
-        if self._auto_timer is not None:
-            self._auto_timer.cancel()
-            self._auto_timer = None
+        if self.auto is not None:
+            self.auto.close()
         self._cancel_end_watch()
         if self.rtcp is not None:
             self.rtcp.stop()

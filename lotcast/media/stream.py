@@ -316,11 +316,16 @@ class MediaStream:
         for kind, (receiver, _codec) in source.receivers.items():
             forwarder = self.tracks[kind]
             forwarder.keyframe_requester = _keyframe_requester(receiver, forwarder, source, kind)
+            if old is not None and old is not source:
+                # a new pull of the same upstream has the same SSRC but numbers on its own way
+                forwarder.new_source()
         demux = source.demux
         if demux is not None:
             receiver = source.receivers["video"][0]
             for rid, forwarder in self._layers.items():
                 forwarder.keyframe_requester = _layer_requester(receiver, demux, rid)
+                if old is not None and old is not source:
+                    forwarder.new_source()
 
     def _held(self, source: _Source, kind: str, packet: RtpPacket) -> None:
         """A packet of the pending source: dropped, unless it starts the video key frame that
