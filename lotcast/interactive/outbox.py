@@ -35,7 +35,9 @@ class Outbox:
         self._send = send
         self._direct = direct
         self._native = direct if isinstance(direct, DirectSocket) else None
-        self.native_live = False  # set by the session: LIVE and not closing
+        self._native_live = False  # set by the session: LIVE and not closing
+        self._on_ready: Callable[[bool], None] | None = None  # the hub's (native_link)
+        self._told = False
         self._sending = False
         self.direct_frames = 0
         self.short_writes = 0  # native batch writes whose rest went to the transport's buffer
@@ -50,6 +52,40 @@ class Outbox:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="outbox-sender")
+        self._tell()
+
+    @property
+    def native_live(self) -> bool:
+        return self._native_live
+
+    @native_live.setter
+    def native_live(self, live: bool) -> None:
+        self._native_live = live
+        self._tell()
+
+    def _native_ok(self) -> bool:
+        return (self._native_live and not self._frames and not self._sending
+                and self._task is not None)
+
+    def _tell(self) -> None:
+        """Tell the hub (native_link) when our side's answer to "may a raw write go now?" flips."""
+        if self._on_ready is not None:
+            ok = self._native_ok()
+            if ok is not self._told:
+                self._told = ok
+                self._on_ready(ok)
+
+    def native_link(self, ready: Callable[[bool], None]) -> tuple[int, Any] | None:
+        """For the hub's ReadySet (wswrite.LinkedSubscriber): our fd and transport, and from now
+        on `ready(ok)` at every flip of our side (live, nothing queued here, not sending)."""
+        native = self._native
+        link = native.link() if native is not None else None
+        if link is None:
+            return None
+        self._on_ready = ready
+        self._told = self._native_ok()
+        ready(self._told)
+        return link
 
     def native_fd(self) -> int:
         """The fd for the hub's native batch write, when nothing is queued here or in the
@@ -82,6 +118,8 @@ class Outbox:
             self._written.append(written)
         self._frames.append(frame)
         self.queued_bytes += len(frame)
+        if self._told:
+            self._tell()
         if not self._wake.is_set():
             self._wake.set()
         return self.queued_bytes <= self.limit_bytes
@@ -100,6 +138,7 @@ class Outbox:
                 self._sending = True
                 await self._send(data)
                 self._sending = False
+                self._tell()
                 self.sent_frames += 1
                 for callback in written:
                     callback()
@@ -126,6 +165,7 @@ class Outbox:
         self._frames.clear()
         self._written.clear()
         self.queued_bytes = 0
+        self._tell()
 
 
 class DirectSocket:
@@ -184,6 +224,18 @@ class DirectSocket:
             fileno = getattr(sock, "fileno", None)
             fd = self._fd = -1 if self._conn.extensions or not callable(fileno) else int(fileno())
         return fd
+
+    def link(self) -> tuple[int, Any] | None:
+        """(fd, transport) for the hub's ReadySet, once OPEN; None if frames are transformed per
+        connection (an extension) or there is no socket: never native."""
+        if self._conn.state is not State.OPEN or self._conn.extensions:
+            return None
+        transport = self._owner.transport
+        sock = transport.get_extra_info("socket")
+        fileno = getattr(sock, "fileno", None)
+        if not callable(fileno):
+            return None
+        return int(fileno()), transport
 
     def rest(self, wire: bytes, result: int) -> None:
         """A native write took `result` bytes of `wire` (the rest goes to the transport's buffer,

@@ -115,6 +115,7 @@ class ClientSession:
         # else -1 (the frame then comes through `push`). The outbox's own method, no extra
         # frame: `_set_state` and `close_soon` keep `outbox.native_live` up to date.
         self.native_fd: Callable[[], int] = self.outbox.native_fd
+        self.native_link = self.outbox.native_link  # the hub's ReadySet: told, not asked
         self.flood = FloodGuard(deps.settings.ws_msg_rate, deps.settings.ws_msg_burst)
         self._held: list[bytes] = []
         self._held_bytes = 0
