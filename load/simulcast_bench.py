@@ -281,7 +281,12 @@ class SwitchingViewer:
         assert self.layer_url is not None
         start = time.monotonic()
         seen = len(self.frames)
-        response = await http.post(self.layer_url, json={"encodingId": rid})
+        try:
+            response = await http.post(self.layer_url, json={"encodingId": rid})
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            # a pooled keep-alive connection the server closed meanwhile: the POST is
+            # idempotent, send it again on a new one
+            response = await http.post(self.layer_url, json={"encodingId": rid})
         if response.status_code != 204:
             raise RuntimeError(f"layer POST {response.status_code}: {response.text}")
         while time.monotonic() - start < timeout:
