@@ -96,10 +96,14 @@ class FarmViewer(CountingViewer):
                 raise RuntimeError(f"layer POST {pinned.status_code}: {pinned.text}")
 
     async def pin_to(self, http: httpx.AsyncClient, rid: str) -> int:
+        """The layer POST's status (0: no layer link; -1: the request failed)."""
         if self.layer_url is None:
             return 0
         self.pin = rid
-        return (await http.post(self.layer_url, json={"encodingId": rid})).status_code
+        try:
+            return (await http.post(self.layer_url, json={"encodingId": rid})).status_code
+        except httpx.HTTPError:
+            return -1
 
     def _drop(self, draw: float) -> bool:
         if draw < self.loss:
@@ -159,8 +163,8 @@ async def main(base_url: str, stream: str, count: int, first: int, pins: list[st
             elif command.startswith("PIN "):  # every viewer, the lossy ones too
                 rid = command.split()[1]
                 codes = await asyncio.gather(*(v.pin_to(http, rid) for v in farm))
-                print(json.dumps({"pinned": rid, "not_204": sum(c != 204 for c in codes)}),
-                      flush=True)
+                print(json.dumps({"pinned": rid, "codes": {str(c): codes.count(c)
+                                                           for c in set(codes)}}), flush=True)
             elif command.startswith("LOSS "):
                 for viewer in farm:
                     viewer.loss = float(command.split()[1])

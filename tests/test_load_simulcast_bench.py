@@ -38,6 +38,8 @@ def test_simulcast_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert single["clean"]["farm_packets_per_s"] > 0 and sim["clean"]["farm_packets_per_s"] > 0
     assert sim["clean"]["dropped_per_s"] == 0
     assert sim["lossy 0.3"]["dropped_per_s"] > 0, sim["lossy 0.3"]
+    assert sim["pin_codes"] == {"204": 10}, sim["pin_codes"]  # every viewer moved to h
+    assert sim["all top"]["relay_layer_viewers"]["h"] == 10, sim["all top"]
     switch = sim["switch"]
     assert switch["stuck"] == [], switch
     assert sum(len(v) for v in switch["latencies"].values()) == 2, switch
