@@ -232,6 +232,13 @@ async def stream_layers(base_url: str, stream: str) -> dict[str, Any]:
     return {}
 
 
+async def stream_counter(base_url: str, stream: str, name: str) -> int:
+    async with httpx.AsyncClient(timeout=10) as http:
+        response = await http.get(f"{base_url}/api/stats")
+    entry = next(s for s in response.json()["streams"] if s["id"] == stream)
+    return int(entry.get(name, 0))
+
+
 async def outbound(host: Any) -> Any:
     """The host page's video layers as Chromium sends them (for failure messages)."""
     return await host.evaluate("""async () => {
@@ -348,13 +355,26 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
                     first = since + top.sizes[since:].index(size)
                     allowed[rid] += 1 + repeats_allowed(top.times[first] - asked_at)
                 stats = await stream_layers(c.origin.url, stream)
-                # the pinned viewers' own switches from the top layer, then this viewer's
-                assert (stats["l"]["switches_in"], stats["m"]["switches_in"],
-                        stats["h"]["switches_in"]) == (2, 2, 1), stats
+                # the pinned viewers' own switches from the top layer, then this viewer's; plus,
+                # if Chromium paused its top layer meanwhile (a low bandwidth estimate or CPU),
+                # the moves of its viewers to the middle layer and back (layer_fallback.py)
+                fallbacks = await stream_counter(c.origin.url, stream, "layer_fallbacks")
+                returns = await stream_counter(c.origin.url, stream, "layer_fallback_returns")
+                counts = (stats["l"]["switches_in"], stats["m"]["switches_in"],
+                          stats["h"]["switches_in"])
+                if fallbacks == 0:
+                    assert counts == (2, 2, 1), stats
+                else:
+                    assert counts[0] >= 2 and counts[1] >= 2 and counts[2] >= 1, stats
+                    assert sum(counts) == 5 + fallbacks + returns, (stats, fallbacks, returns)
                 # its RTP across the three switches: one numbering, time never going back
                 assert wire_problems(top.wire[wire_start:]) == [], len(top.wire)
                 # the host's encoder was asked for one key frame per switch, by the layer (and
-                # again only while one had not come: repeats_allowed)
+                # again only while one had not come: repeats_allowed); a fallback off the paused
+                # top layer asks the middle one, its return the top one (each with one repeat)
+                if fallbacks:
+                    allowed["m"] = allowed.get("m", 0) + 2 * fallbacks
+                    allowed["h"] = allowed.get("h", 0) + 2 * returns
                 asked = requests_since(asked_before, await host_keyframe_requests(host))
                 assert all(asked[rid] <= allowed.get(rid, 0) for rid in asked), (
                     asked, allowed, stats)

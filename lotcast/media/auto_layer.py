@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 
 from lotcast.media.forwarder import ForwardSink, TrackForwarder
+from lotcast.media.layer_fallback import flowing
 from lotcast.media.layer_rule import LayerRule, Mode, Move, Observation
 from lotcast.media.viewer_rtcp import TrackFeedback, ViewerRtcp
 
@@ -131,6 +132,8 @@ class AutoLayer:
             self._moving = True
             layers[index + 1].switch_in(sink, current)
         elif move is Move.UP:
+            if not flowing(layers[index - 1], self._clock()):
+                return  # the publisher stopped sending it (layer_fallback.py): stay
             layers[index - 1].switch_in(sink, current)
         elif move is Move.PAUSE:
             current.pause(sink)

@@ -29,6 +29,8 @@ from lotcast.media.aiortc_hooks import (
     tap_simulcast_receiver,
 )
 from lotcast.media.forwarder import KEYFRAME_REQUEST_INTERVAL, TrackForwarder
+from lotcast.media.layer_fallback import CHECK_S as FALLBACK_CHECK_S
+from lotcast.media.layer_fallback import LayerFallback
 from lotcast.media.layer_feed import LayerFeeds
 from lotcast.media.rtp import KeyframeTest, keyframe_detector
 
@@ -131,6 +133,9 @@ class MediaStream:
         self.switch_waits_ms: list[float] = []
         self._layers: dict[str, TrackForwarder] = {}
         self._layer_feeds = LayerFeeds()  # a relay's layer pulls, make before break
+        # viewers of a layer the publisher stopped sending go to one below that flows
+        self._fallback = LayerFallback(lambda: self._layers)
+        self._fallback_timer: asyncio.TimerHandle | None = None
         # rid -> (width, height) the simulcast offer declared (a=rid max-width/max-height)
         self.layer_sizes: dict[str, tuple[int, int]] = {}
 
@@ -236,6 +241,7 @@ class MediaStream:
                 forwarder = TrackForwarder("video", codec, self._output_ssrcs["video"])
             layers[rid] = forwarder
         self._layers = layers
+        self._arm_fallback()
         top_rid = source.rids[0]
         feeding = _Role.FEEDING
 
@@ -267,6 +273,18 @@ class MediaStream:
         self._drop_layers(order)
         self._layers = {rid: top if index == 0 else (self._layers.get(rid) or TrackForwarder(
             "video", top.codec, self._output_ssrcs["video"])) for index, rid in enumerate(order)}
+        self._arm_fallback()
+
+    def _arm_fallback(self) -> None:
+        if self._fallback_timer is None and len(self._layers) > 1 \
+                and self.state is not StreamState.ENDED:
+            self._fallback_timer = asyncio.get_running_loop().call_later(
+                FALLBACK_CHECK_S, self._fallback_tick)
+
+    def _fallback_tick(self) -> None:
+        self._fallback_timer = None
+        self._fallback.check()
+        self._arm_fallback()
 
     def attach_layer(self, rid: str, receiver: RTCRtpReceiver) -> int:
         """Feed layer ``rid`` (not the top one) from this receiver; returns its generation for
@@ -477,6 +495,8 @@ class MediaStream:
         out["switch_waits_ms"] = list(self.switch_waits_ms)
         if self._layer_feeds.ends:  # a relay's lower-layer pulls: how each source took over
             out["layer_switch_ends"] = self.layer_switch_ends
+        if self._layers:
+            out.update(self._fallback.counters())
         return out
 
     def on_end(self, callback: Callable[[], None]) -> Callable[[], None]:
@@ -498,6 +518,9 @@ class MediaStream:
         if self._pending is not None:
             self._end_pending(SwitchEnd.ABANDONED)
         self._set_state(StreamState.ENDED)
+        if self._fallback_timer is not None:
+            self._fallback_timer.cancel()
+            self._fallback_timer = None
         for forwarder in self._all_forwarders():
             forwarder.close()
         for callback in list(self._end_callbacks):
