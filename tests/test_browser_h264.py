@@ -76,7 +76,9 @@ async def test_chromium_publishes_h264_only_and_chromium_plays_it_through_a_rela
                 await context.add_init_script(H264_ONLY)
                 host = await context.new_page()
                 log.attach(host, "host")
-                await host.goto(f"{c.origin.url}/host?stream={stream}#token={c.host_token()}")
+                # an H.264-only encoder publishes one layer (simulcast needs VP8)
+                await host.goto(
+                    f"{c.origin.url}/host?stream={stream}&simulcast=0#token={c.host_token()}")
                 await host.click("#go-live")
                 await wait_for(lambda: _host_encoding(host), 40, "host page live and encoding", log)
                 offered = await host.evaluate("window.__videoCodecsOffered")

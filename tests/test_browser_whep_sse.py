@@ -34,8 +34,10 @@ async def test_watch_page_shows_the_sse_viewer_count_and_its_one_layer(
     log = PageLog()
     with cluster(redis_server.url, relays=1) as c:
         async with chromium() as browser:
+            # one layer: the host page without simulcast (as OBS or GStreamer publish)
             host = await open_page(
-                browser, f"{c.origin.url}/host?stream={stream}#token={c.host_token()}", log, "host")
+                browser, f"{c.origin.url}/host?stream={stream}&simulcast=0#token={c.host_token()}",
+                log, "host")
             await host.click("#go-live")
             viewer = await open_page(browser, f"{c.relay.url}/watch?stream={stream}", log, "viewer")
             await wait_for(playing_on(viewer, c.relay.url, 10), 60, "playing on the relay", log)
@@ -72,8 +74,10 @@ async def test_watch_page_follows_sse_reconnect_on_relay_drain(redis_server: Red
     with cluster(redis_server.url, relays=2, relay_args=["--drain-timeout", "20"]) as c:
         relay_a, relay_b = c.relays
         async with chromium() as browser:
+            # one layer: the host page without simulcast (as OBS or GStreamer publish)
             host = await open_page(
-                browser, f"{c.origin.url}/host?stream={stream}#token={c.host_token()}", log, "host")
+                browser, f"{c.origin.url}/host?stream={stream}&simulcast=0#token={c.host_token()}",
+                log, "host")
             await host.click("#go-live")
             viewer = await open_page(browser, f"{relay_a.url}/watch?stream={stream}", log, "viewer")
             await wait_for(playing_on(viewer, relay_a.url, 10), 60, "playing on relay A", log)

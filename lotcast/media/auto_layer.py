@@ -121,6 +121,8 @@ class AutoLayer:
 
     def _apply(self, move: Move, layers: list[TrackForwarder], index: int,
                current: TrackForwarder, sink: ForwardSink, obs: Observation) -> None:
+        if move is Move.UP and not flowing(layers[index - 1], self._clock()):
+            return  # the publisher stopped sending it (layer_fallback.py): stay
         self.moves[move] = self.moves.get(move, 0) + 1
         logger.info("automatic layer %s: %s at layer %d/%d (loss %s, rtt %s, base %s, remb %s,"
                     " hold %.0f s)", self._label, move.value, index, len(layers),
@@ -132,8 +134,6 @@ class AutoLayer:
             self._moving = True
             layers[index + 1].switch_in(sink, current)
         elif move is Move.UP:
-            if not flowing(layers[index - 1], self._clock()):
-                return  # the publisher stopped sending it (layer_fallback.py): stay
             layers[index - 1].switch_in(sink, current)
         elif move is Move.PAUSE:
             current.pause(sink)

@@ -117,7 +117,7 @@ class ForwardSink:
     """One viewer's copy of one track."""
 
     __slots__ = ("aiortc_reports", "base_octets", "base_packets", "cancel_refresh", "closed",
-                 "first_seq", "on_first_packet", "on_switched", "packet_sender", "paused",
+                 "first_seq", "fixed_layer", "on_first_packet", "on_switched", "packet_sender", "paused",
                  "paused_seq", "payload_type", "previous", "report", "rtp_sender", "seq_delta",
                  "switch", "ts_delta", "waiting_keyframe")
 
@@ -155,6 +155,9 @@ class ForwardSink:
         # paused_seq: the viewer's newest seq then, its resumed key frame follows on from it
         self.paused = False
         self.paused_seq: int | None = None
+        # a relay's pull (or a viewer that turned the automatic choice off): it carries its
+        # layer as the publisher sends it, never moved off a paused one (layer_fallback.py)
+        self.fixed_layer = False
 
     def entry(self) -> SendEntry:
         ps = self.packet_sender

@@ -9,20 +9,26 @@ path, and a layer that sends nothing shows neither. So one timer per stream with
 viewer) looks at each layer's last packet every CHECK_S: the viewers of a layer silent for
 SILENT_S move (at a key frame, as any switch) to the highest lower layer that flows, and go back
 to the layer they left once it flows again, if they are still where they were moved. A viewer
-that moved on in between (the automatic choice, a new pin) is left where it is.
+that moved on in between (the automatic choice, a new pin) is left where it is. A relay's pulls
+(and a viewer that turned the automatic choice off, ``?auto=0``) carry their layer as it is
+(``ForwardSink.fixed_layer``): a child relay falls back for its own viewers.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 from lotcast.media.forwarder import ForwardSink, TrackForwarder
 
+logger = logging.getLogger(__name__)
+
 CHECK_S = 0.25
-# Chromium's lowest layers can run at a few frames a second under CPU pressure; a second without
-# a packet is a layer that stopped, not a slow one.
-SILENT_S = 1.0
+# Chromium's layers can run at a few frames a second under CPU pressure, and its top layer comes
+# and goes while its bandwidth estimate ramps up: two seconds without a packet is a layer that
+# stopped, not a slow or hesitating one (each move costs a key frame of the target layer).
+SILENT_S = 2.0
 
 
 def flowing(forwarder: TrackForwarder, now: float) -> bool:
@@ -57,8 +63,10 @@ class LayerFallback:
             if target is None:  # nothing below flows either: the stream itself stalls
                 continue
             for sink in forwarder.sinks():
-                if sink.closed or any(f.switching(sink) for f in layers):
+                if sink.closed or sink.fixed_layer or any(f.switching(sink) for f in layers):
                     continue
+                logger.info("layer %d silent %.1f s: a viewer moves to layer %d", index,
+                            now - forwarder.last_packet_time, layers.index(target))
                 target.switch_in(sink, forwarder)
                 if sink in self._moved:  # moved twice: it goes back to where it first was
                     self._moved[sink] = (self._moved[sink][0], target)
@@ -77,6 +85,8 @@ class LayerFallback:
             if sink in left.sinks():  # the move had not happened yet: call it off
                 left.switch_in(sink, left)
             elif sink in moved_to.sinks() and not any(f.switching(sink) for f in layers):
+                logger.info("layer %d flows again: a viewer moves back from layer %d",
+                            layers.index(left), layers.index(moved_to))
                 left.switch_in(sink, moved_to)
                 self.returns += 1
 

@@ -49,6 +49,7 @@ from lotcast.media.sdp import (
     ice_credentials,
     parse_description,
     transport_mids,
+    without_receive_estimate,
 )
 from lotcast.media.stream import MediaStream
 from lotcast.media.viewer_rtcp import ViewerRtcp, lean_rtcp_enabled
@@ -236,7 +237,7 @@ class IngestSession(PeerSession):
         self._generation = self.stream.attach_source(receivers, rids=rids)
 
     async def answer(self, offer_sdp: str) -> str:
-        answer = await super().answer(offer_sdp)
+        answer = without_receive_estimate(await super().answer(offer_sdp))
         if self.simulcast is not None and self.stream.layers:
             answer = answer_simulcast(answer, self.simulcast)
         return answer
@@ -374,6 +375,7 @@ class EgressSession(PeerSession):
             sink = ForwardSink(packet_sender, transceiver.sender, pt, first,
                                aiortc_reports=self.rtcp is None)
             sink.on_switched = lambda fwd, s=sink: self._switched(s, fwd)
+            sink.fixed_layer = not self._auto_layer
             self._sinks.append((forwarder, sink))
             if self.rtcp is not None:
                 self.rtcp.add_track(forwarder, sink)

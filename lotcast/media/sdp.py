@@ -123,6 +123,20 @@ def parse_simulcast(text: str) -> SimulcastOffer | None:
     return SimulcastOffer(tuple(send), ext_ids[RID_URI], ext_ids.get(REPAIRED_RID_URI), sizes)
 
 
+ABS_SEND_TIME_URI = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+
+
+def without_receive_estimate(answer: str) -> str:
+    """Our answer to a publisher without REMB: no `goog-remb` feedback and no abs-send-time
+    extension, so the publisher's bandwidth estimate is its own loss-based one. aiortc's
+    receive-side estimator reads the arrival times of packets after our event loop handled them:
+    on a busy origin their jitter looks like a queue building, it keeps lowering its REMB, and
+    the publisher (Chromium) ends up sending its lowest simulcast layer at ~30 kbit/s."""
+    return "".join(line for line in answer.splitlines(keepends=True)
+                   if not (line.startswith("a=rtcp-fb:") and line.rstrip().endswith(" goog-remb"))
+                   and not (line.startswith("a=extmap:") and ABS_SEND_TIME_URI in line))
+
+
 def answer_simulcast(answer: str, simulcast: SimulcastOffer) -> str:
     """Our answer with the receive side of the offer's simulcast added to its video section:
     'a=rid:<id> recv' per layer and 'a=simulcast:recv <rids>' (RFC 8853 section 5.3)."""

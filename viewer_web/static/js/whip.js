@@ -22,10 +22,16 @@ export const SIMULCAST_ENCODINGS = [
   { rid: "l", scaleResolutionDownBy: 4, maxBitrate: 150_000 },
 ];
 
+/** Simulcast layers are switched per viewer at VP8 key frames: only with a VP8 encoder. */
+function canSimulcast() {
+  const codecs = globalThis.RTCRtpSender?.getCapabilities?.("video")?.codecs || [];
+  return codecs.some((c) => c.mimeType.toLowerCase() === "video/vp8");
+}
+
 /** A sendonly video transceiver with the simulcast layers when the browser takes them, else
  * one layer (no rids: the server then sees an ordinary single-layer offer). */
 function addVideoTransceiver(pc, video, stream, simulcast) {
-  if (simulcast && video) {
+  if (simulcast && video && canSimulcast()) {
     try {
       const tx = pc.addTransceiver(video, {
         direction: "sendonly", streams: [stream], sendEncodings: SIMULCAST_ENCODINGS.map((e) => ({ ...e })),
