@@ -24,7 +24,11 @@ STREAM = "layer-auto"
 SHAPED_LATENCY_MS = 300  # the narrow path's queue: a full one delays this much, then drops
 WIRE_EXTRA_KBIT = 60
 SAMPLE_S = 0.2
-STALL_S = 2.0  # no new decoded frame for this long is a stall
+# No new decoded frame for this long is a stall. Not 2 s: the host's Chromium may pause its top
+# layer on its own for a moment (its bandwidth estimate still ramping); the other viewer then
+# waits up to layer_fallback.SILENT_S (2 s) plus a key frame of the layer below (CI saw 2.75 s),
+# which is the server's bound for it, not a stall the shaping caused.
+STALL_S = 4.0
 
 
 @pytest.fixture

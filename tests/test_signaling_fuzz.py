@@ -431,6 +431,12 @@ def test_fuzz_raw_framing(stage: Stage, endpoint: tuple[str, str, str], lie: byt
                                          headers={"Authorization": f"Bearer {host_token()}"}))
 
 
+# The other node's keep-alive HTTP connections (the relay's pool: health probes, HEAD checks of
+# its origin) come and go beside the fuzz; a leak per fuzz case would be hundreds of fds (CI once
+# saw the origin at its baseline + 1 after the settle).
+FD_SLACK = 2
+
+
 def test_fuzz_left_nothing_behind_and_the_viewer_plays_on(stage: Stage) -> None:
     """Runs after the fuzz tests above (file order): every count is back to its baseline."""
     assert stage.statuses, "the fuzz tests ran first"
@@ -443,13 +449,13 @@ def test_fuzz_left_nothing_behind_and_the_viewer_plays_on(stage: Stage) -> None:
             now = await snapshot(stage.http, node)
             for _ in range(100):  # orphaned fuzz streams end after the 1 s grace
                 if (now.streams == baseline.streams and now.counts == baseline.counts
-                        and now.fds <= baseline.fds):
+                        and now.fds <= baseline.fds + FD_SLACK):
                     break
                 await asyncio.sleep(0.1)
                 now = await snapshot(stage.http, node)
             assert now.streams == baseline.streams, name
             assert now.counts == baseline.counts, name
-            assert now.fds <= baseline.fds, (name, now.fds, baseline.fds)
+            assert now.fds <= baseline.fds + FD_SLACK, (name, now.fds, baseline.fds)
         seen = len(stage.viewer.counters)
         await stage.viewer.wait_frames(seen + 15, timeout=20)
         assert stage.viewer.pc.connectionState == "connected"
