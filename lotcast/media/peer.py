@@ -237,9 +237,9 @@ class IngestSession(PeerSession):
         self._generation = self.stream.attach_source(receivers, rids=rids)
 
     async def answer(self, offer_sdp: str) -> str:
-        answer = without_receive_estimate(await super().answer(offer_sdp))
+        answer = await super().answer(offer_sdp)
         if self.simulcast is not None and self.stream.layers:
-            answer = answer_simulcast(answer, self.simulcast)
+            answer = answer_simulcast(without_receive_estimate(answer), self.simulcast)
         return answer
 
     def stopped(self) -> None:
