@@ -348,6 +348,11 @@ async def test_killed_parent_relay_its_children_re_parent_and_their_viewers_play
             group = await start_viewers(cluster, "tree", 6)
             await wait_all_frames(group, t0, 15, within=40)
             stats = await relay_stats(cluster)
+            for _ in range(50):  # a child's pull shows in its parent's stats once it is live
+                if any(st["children"] for st in stats.values()):
+                    break
+                await asyncio.sleep(0.2)
+                stats = await relay_stats(cluster)
             root = next(k for k, st in stats.items() if st["children"])
             children = list(stats[root]["children"])  # type: ignore[call-overload]
             fed = [v for v in group if cluster.node_of(v.relay_url) in children]
