@@ -40,12 +40,18 @@ def binding_success(transaction_id: bytes, addr: tuple[str, int], password: byte
     XOR-MAPPED-ADDRESS, MESSAGE-INTEGRITY (keyed with our ICE password), FINGERPRINT."""
     value = _xor_address(addr, transaction_id)
     attrs = struct.pack("!HH", XOR_MAPPED_ADDRESS, len(value)) + value
+    return _signed(BINDING_SUCCESS, transaction_id, attrs, password)
+
+
+def _signed(message_type: int, transaction_id: bytes, attrs: bytes, password: bytes) -> bytes:
+    """The message with ``attrs``, then MESSAGE-INTEGRITY (keyed with ``password``) and
+    FINGERPRINT, as aioice's ``add_message_integrity`` builds them."""
     # the integrity covers the header with a length that counts MESSAGE-INTEGRITY itself
-    head = _HEADER.pack(BINDING_SUCCESS, len(attrs) + 24, COOKIE, transaction_id)
+    head = _HEADER.pack(message_type, len(attrs) + 24, COOKIE, transaction_id)
     digest = hmac.new(password, head + attrs, "sha1").digest()
     integrity = struct.pack("!HH", MESSAGE_INTEGRITY, 20) + digest
     # the fingerprint covers everything before it, with a length that counts it too
-    head = _HEADER.pack(BINDING_SUCCESS, len(attrs) + 24 + 8, COOKIE, transaction_id)
+    head = _HEADER.pack(message_type, len(attrs) + 24 + 8, COOKIE, transaction_id)
     crc = binascii.crc32(head + attrs + integrity) ^ FINGERPRINT_XOR
     return head + attrs + integrity + struct.pack("!HHI", FINGERPRINT, 4, crc)
 
@@ -69,9 +75,4 @@ def binding_request(transaction_id: bytes, username: str, priority: int, control
              + struct.pack("!HHI", PRIORITY, 4, priority)
              + struct.pack("!HHQ", ICE_CONTROLLING if controlling else ICE_CONTROLLED, 8,
                            tie_breaker))
-    head = _HEADER.pack(BINDING_REQUEST, len(attrs) + 24, COOKIE, transaction_id)
-    digest = hmac.new(password, head + attrs, "sha1").digest()
-    integrity = struct.pack("!HH", MESSAGE_INTEGRITY, 20) + digest
-    head = _HEADER.pack(BINDING_REQUEST, len(attrs) + 24 + 8, COOKIE, transaction_id)
-    crc = binascii.crc32(head + attrs + integrity) ^ FINGERPRINT_XOR
-    return head + attrs + integrity + struct.pack("!HHI", FINGERPRINT, 4, crc)
+    return _signed(BINDING_REQUEST, transaction_id, attrs, password)
