@@ -12,6 +12,11 @@ another simulcast layer (another forwarder of the same stream) moves between two
 the new layer's key frame, after the old layer's last frame has ended, numbered on from the
 newest packet it was sent (LayerSwitch); packets a source sends again are dropped, as they
 would otherwise reach viewers twice and make a switch number on from an old packet.
+
+Video to a viewer that negotiated abs-send-time (ForwardSink.abs_send_time_id) carries that
+header extension, stamped when sent: once per source packet per send group (the id is part of
+the group's key), and on every packet sent to one sink alone (key-frame replays, NACK answers);
+the history and the key-frame cache keep the unstamped packets.
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ from lotcast.media.rtp import (
     SEQ_MOD,
     TS_MOD,
     SequenceMapper,
+    abs_send_time_now,
     build_packet,
     keyframe_detector,
     seq_newer,
     shifted,
+    stamped,
     vp8_keyframe_size,
     with_payload_type,
 )
@@ -66,20 +73,23 @@ SendEntry = tuple[Callable[[bytes], bytes], Callable[[bytes, Any], None], Any]
 
 
 class SendGroup:
-    """The sinks of one payload type (and one seq/timestamp shift: viewers that switched
-    simulcast layers), prepared for the per-packet loop: a native SinkSet for those with a
-    native target, Python (protect, sendto, addr) entries for the rest. A shifted group's
-    packets are rewritten once in Python, then sent as they are."""
+    """The sinks of one payload type, one abs-send-time extension id (0: none) and one
+    seq/timestamp shift (viewers that switched simulcast layers), prepared for the per-packet
+    loop: a native SinkSet for those with a native target, Python (protect, sendto, addr)
+    entries for the rest. A shifted or stamped group's packets are rewritten once in Python,
+    then sent as they are."""
 
-    __slots__ = ("entries", "native", "native_sinks", "payload_type", "seq_delta", "sinks",
-                 "ts_delta")
+    __slots__ = ("abs_send_time_id", "entries", "native", "native_sinks", "payload_type",
+                 "seq_delta", "sinks", "ts_delta")
 
     def __init__(self, payload_type: int, rewrite: bool, sinks: list[ForwardSink],
-                 use_native: bool, seq_delta: int = 0, ts_delta: int = 0) -> None:
+                 use_native: bool, seq_delta: int = 0, ts_delta: int = 0,
+                 abs_send_time_id: int = 0) -> None:
         self.payload_type = payload_type
         self.seq_delta = seq_delta
         self.ts_delta = ts_delta
-        if seq_delta or ts_delta:
+        self.abs_send_time_id = abs_send_time_id
+        if seq_delta or ts_delta or abs_send_time_id:
             rewrite = False
         on_native = [s for s in sinks if use_native and s.native_target() is not None]
         on_python = [s for s in sinks if not (use_native and s.native_target() is not None)]
@@ -116,15 +126,19 @@ class LayerSwitch:
 class ForwardSink:
     """One viewer's copy of one track."""
 
-    __slots__ = ("aiortc_reports", "base_octets", "base_packets", "cancel_refresh", "closed",
-                 "first_seq", "fixed_layer", "on_first_packet", "on_switched", "packet_sender", "paused",
-                 "paused_seq", "payload_type", "previous", "report", "rtp_sender", "seq_delta",
-                 "switch", "ts_delta", "waiting_keyframe")
+    __slots__ = ("abs_send_time_id", "aiortc_reports", "base_octets", "base_packets",
+                 "cancel_refresh", "closed", "first_seq", "fixed_layer", "on_first_packet",
+                 "on_switched", "packet_sender", "paused", "paused_seq", "payload_type",
+                 "previous", "report", "rtp_sender", "seq_delta", "switch", "ts_delta",
+                 "waiting_keyframe")
 
     def __init__(self, packet_sender: PacketSender, rtp_sender: RTCRtpSender, payload_type: int,
                  on_first_packet: Callable[[], None] | None = None,
-                 aiortc_reports: bool = True) -> None:
+                 aiortc_reports: bool = True, abs_send_time_id: int = 0) -> None:
         self.packet_sender = packet_sender
+        # the abs-send-time extension id negotiated with this viewer (0: none): its video
+        # packets carry their send time, for a receive-side bandwidth estimate (REMB)
+        self.abs_send_time_id = abs_send_time_id
         self.rtp_sender = rtp_sender
         # this viewer's next Sender Report: (ntp, rtp timestamp, packets, octets), sent by the
         # lean path's clock (viewer_rtcp.py); with aiortc_reports also copied into the aiortc
@@ -198,6 +212,8 @@ class TrackForwarder:
         self._keyframe_wanted = False
         self._deferred_request: asyncio.TimerHandle | None = None
         self._sender_report: tuple[int, int] | None = None
+        # abs-send-time of a packet sent now (tests fix it to compare the two paths' bytes)
+        self.send_clock: Callable[[], int] = abs_send_time_now
         # counters (read by metrics and benchmarks)
         self.packets_in = 0
         self.octets_in = 0
@@ -269,10 +285,8 @@ class TrackForwarder:
         if gop is None or time.monotonic() - self._gop_started > KEYFRAME_REPLAY_WINDOW:
             return False
         for data in gop:
-            if sink.payload_type != self._base_pt:
-                data = with_payload_type(data, sink.payload_type)
             try:
-                sink.packet_sender.send(data)
+                sink.packet_sender.send(self._for_sink(sink, data, sink.seq_delta, sink.ts_delta))
             except Exception as exc:
                 self._send_failed(sink, exc)
         self.packets_sent += len(gop)
@@ -281,6 +295,20 @@ class TrackForwarder:
             sink.on_first_packet()
             sink.on_first_packet = None
         return True
+
+    def _for_sink(self, sink: ForwardSink, data: bytes, seq_delta: int, ts_delta: int) -> bytes:
+        """``data`` (as cached: this forwarder's numbering, base payload type, unstamped) as
+        ``sink`` gets it sent now, on its own (replays, NACK answers): its payload type, the
+        given shift, and its abs-send-time if negotiated (video)."""
+        extension_id = sink.abs_send_time_id if self.kind == "video" else 0
+        if extension_id:
+            return stamped(data, sink.payload_type, extension_id, self.send_clock(), seq_delta,
+                           ts_delta)
+        if seq_delta or ts_delta:
+            return shifted(data, sink.payload_type, seq_delta, ts_delta)
+        if sink.payload_type != self._base_pt:
+            return with_payload_type(data, sink.payload_type)
+        return data
 
     def remove_sink(self, sink: ForwardSink) -> None:
         sink.closed = True
@@ -295,14 +323,16 @@ class TrackForwarder:
         self._rebuild()
 
     def _rebuild(self) -> None:
-        by_pt: dict[tuple[int, int, int], list[ForwardSink]] = {}
+        by_pt: dict[tuple[int, int, int, int], list[ForwardSink]] = {}
+        video = self.kind == "video"  # audio is never stamped (receive-side BWE is video's)
         for sink in self._sinks:
             if not sink.waiting_keyframe and not sink.closed and not sink.paused:
-                key = (sink.payload_type, sink.seq_delta, sink.ts_delta)
+                key = (sink.payload_type, sink.abs_send_time_id if video else 0, sink.seq_delta,
+                       sink.ts_delta)
                 by_pt.setdefault(key, []).append(sink)
         use_native = native.enabled()
-        self._groups = tuple(SendGroup(pt, pt != self._base_pt, sinks, use_native, dseq, dts)
-                             for (pt, dseq, dts), sinks in by_pt.items())
+        self._groups = tuple(SendGroup(pt, pt != self._base_pt, sinks, use_native, dseq, dts, ext)
+                             for (pt, ext, dseq, dts), sinks in by_pt.items())
         if not self._path_logged and self._groups:
             self._path_logged = True
             on_native = sum(len(g.native_sinks) for g in self._groups)
@@ -428,7 +458,10 @@ class TrackForwarder:
             for group in self._groups:
                 sink_set = group.native
                 pt = group.payload_type
-                if group.seq_delta or group.ts_delta:
+                if group.abs_send_time_id:  # stamped at its send time, once for the group
+                    out = stamped(data, pt, group.abs_send_time_id, self.send_clock(),
+                                  group.seq_delta, group.ts_delta)
+                elif group.seq_delta or group.ts_delta:
                     out = shifted(data, pt, group.seq_delta, group.ts_delta)
                 elif pt == self._base_pt or sink_set is not None:
                     out = data
@@ -542,12 +575,8 @@ class TrackForwarder:
         data = self._history[slot]
         if data is None or self._history_seq[slot] != seq:
             return
-        if seq_delta or ts_delta:
-            data = shifted(data, sink.payload_type, seq_delta, ts_delta)
-        elif sink.payload_type != self._base_pt:
-            data = with_payload_type(data, sink.payload_type)
         try:
-            sink.packet_sender.send(data)
+            sink.packet_sender.send(self._for_sink(sink, data, seq_delta, ts_delta))
         except Exception as exc:
             self._send_failed(sink, exc)
             return
@@ -725,8 +754,8 @@ class TrackForwarder:
         if replay:
             for data in gop:
                 try:
-                    sink.packet_sender.send(shifted(data, sink.payload_type, sink.seq_delta,
-                                                    sink.ts_delta))
+                    sink.packet_sender.send(self._for_sink(sink, data, sink.seq_delta,
+                                                           sink.ts_delta))
                 except Exception as exc:
                     self._send_failed(sink, exc)
             self.packets_sent += len(gop)
