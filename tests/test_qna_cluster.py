@@ -1,0 +1,18 @@
+"""tests/test_qna.py against the 3-primary Redis Cluster too (tests/suite_support.py)."""
+
+from __future__ import annotations
+
+import pytest
+import test_qna
+from suite_support import again_on_the_cluster
+from test_qna import nodes  # noqa: F401 (its fixtures, resolved here)
+
+from lotcast.redis_cluster import LocalRedisCluster
+
+
+@pytest.fixture(scope="module")
+def redis_server(redis_cluster: LocalRedisCluster) -> LocalRedisCluster:
+    return redis_cluster
+
+
+again_on_the_cluster(test_qna, globals())
