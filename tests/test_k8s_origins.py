@@ -16,7 +16,7 @@ from test_k8s import (
 )
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", [*OVERLAYS, "prod-cluster"])  # prod-cluster: prod on Redis Cluster
 def test_broadcaster_is_several_draining_origins(overlay: str) -> None:
     objs = objects(overlay)
     origin, container = lotcast_container(objs, "broadcaster")
