@@ -57,7 +57,8 @@ def create_app(settings: Settings) -> Starlette:
         metrics.registry.register(UdpMuxCollector(current_udp_mux))
     endpoints = WebRtcEndpoints(settings, authority, router, sessions, live_stream,
                                 accept_publish=True,
-                                on_first_frame=metrics.first_frame_seconds.observe)
+                                on_first_frame=metrics.first_frame_seconds.observe,
+                                on_estimate=metrics.viewer_estimate_bps.observe)
     interactive = InteractiveService(settings, authority, "broadcaster")
     interactive.bid_ack_observers.append(metrics.bid_ack_latency_seconds.observe)
     interactive.ack_write_observers.append(metrics.ack_write_seconds.observe)

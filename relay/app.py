@@ -158,7 +158,8 @@ def create_app(settings: Settings, worker: WorkerSpec | None = None) -> Starlett
     endpoints = WebRtcEndpoints(settings, authority, router, sessions, upstreams.acquire,
                                 accept_publish=False, accepting_viewers=accepting_viewers,
                                 on_first_frame=metrics.first_frame_seconds.observe,
-                                count_viewers=stream_viewers)
+                                count_viewers=stream_viewers,
+                                on_estimate=metrics.viewer_estimate_bps.observe)
 
     async def next_relay_url(stream_id: str) -> str | None:
         """Where a viewer of this draining relay should POST next (WHEP `reconnect` event)."""

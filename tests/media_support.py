@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urljoin
 
@@ -100,8 +100,10 @@ class Publisher:
 class Viewer:
     """An aiortc WHEP client that decodes video (reading painted counters) and counts audio."""
 
-    def __init__(self, base_url: str, stream: str) -> None:
+    def __init__(self, base_url: str, stream: str,
+                 offer_filter: Callable[[str], str] | None = None) -> None:
         self.url = f"{base_url}/whep/{stream}"
+        self.offer_filter = offer_filter  # what the server gets instead of aiortc's own offer
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.resource: str | None = None
         self.counters: list[int] = []
@@ -124,8 +126,11 @@ class Viewer:
 
         self.started_at = time.monotonic()
         await self.pc.setLocalDescription(await self.pc.createOffer())
+        offer = self.pc.localDescription.sdp
+        if self.offer_filter is not None:
+            offer = self.offer_filter(offer)
         async with http_client() as http:
-            response = await http.post(self.url, content=self.pc.localDescription.sdp,
+            response = await http.post(self.url, content=offer,
                                        headers={"Content-Type": "application/sdp"},
                                        follow_redirects=True)
         self.status = response.status_code

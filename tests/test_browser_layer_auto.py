@@ -1,10 +1,11 @@
 """Real Chromium, real nodes, a real narrow path (issue 11, automatic layer): the host page
 publishes three simulcast layers; two watch pages play them on auto through a relay; `tc` on
 `lo` narrows only one viewer's path (the packets to its UDP port) below the top layer's bitrate.
-Within 5 s that viewer decodes a lower layer; within 15 s of the path widening again it is back
-on the top layer; the other viewer stays on the top layer and keeps decoding throughout. A path
-narrower than even the lowest layer pauses the viewer's video (its audio goes on), and the video
-comes back (up to the top layer) once the path widens."""
+Both viewers' bandwidth estimates (REMB, which needs abs-send-time on our video) come to follow
+what flows. Within 5 s that viewer decodes a lower layer; within 15 s of the path widening again
+it is back on the top layer; the other viewer stays on the top layer and keeps decoding
+throughout. A path narrower than even the lowest layer pauses the viewer's video (its audio goes
+on), and the video comes back (up to the top layer) once the path widens."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from browser_support import PageLog, chromium, cluster, open_page, playing_on, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 from tc_support import LoopbackShaper, shaped_loopback
 
 from lotcast.redis_server import RedisServer
@@ -29,6 +32,7 @@ SAMPLE_S = 0.2
 # waits up to layer_fallback.SILENT_S (2 s) plus a key frame of the layer below (CI saw 2.75 s),
 # which is the server's bound for it, not a stall the shaping caused.
 STALL_S = 4.0
+ESTIMATES_ABOVE = 6  # REMBs of the two viewers above the top layer's bitrate (0.8x)
 
 
 @pytest.fixture
@@ -144,6 +148,27 @@ async def layer_bitrates(host: Any, seconds: float = 3.0) -> dict[str, float]:
             for rid in after if rid in before}
 
 
+async def estimates(node_url: str) -> dict[float, float]:
+    """The node's viewer bandwidth estimates so far (REMB, lotcast_viewer_estimate_bps):
+    cumulative count per bucket bound (bits/s; inf: all)."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(f"{node_url}/metrics")).text
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "lotcast_viewer_estimate_bps":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    out[float(sample.labels["le"])] = sample.value
+    assert out, "no lotcast_viewer_estimate_bps histogram in /metrics"
+    return out
+
+
+def estimates_above(histogram: dict[float, float], bps: float) -> float:
+    """How many estimates were above the largest bucket bound not above ``bps``."""
+    bound = max((b for b in histogram if b <= bps), default=0.0)
+    return histogram[float("inf")] - histogram.get(bound, 0.0)
+
+
 async def host_plis(host: Any) -> dict[str, int]:
     """Key-frame requests (PLI + FIR) the host page's encoder got, per layer."""
     out = await host.evaluate(_OUTBOUND_JS)
@@ -205,6 +230,18 @@ async def test_a_narrow_path_moves_only_that_viewer_down_and_back_up(
                     # (the automatic choice must have left both on the top layer meanwhile)
                     await wait_for(lambda: both_on_top_for(2.0), 30,
                                    "both viewers still on the top layer before the shaping", log)
+                    # the viewers' bandwidth estimates (REMB, from abs-send-time on our video)
+                    # follow what flows, a few a second, above most of the top layer's bitrate
+                    # (without the stamp Chromium sent one or two in all)
+                    async def estimated_top() -> dict[float, float] | None:
+                        histogram = await estimates(relay.url)
+                        above = estimates_above(histogram, 0.8 * rates["h"])
+                        return histogram if above >= ESTIMATES_ABOVE else None
+
+                    before_shaping = await wait_for(
+                        estimated_top, 40, f"{ESTIMATES_ABOVE} viewer REMBs above 0.8x the top"
+                        " layer's bitrate", log)
+                    print(f"viewer estimates before shaping {before_shaping}")
                     plis_before = await host_plis(host)
                     loopback_shaper.install(rate_kbit, SHAPED_LATENCY_MS)
                     port = await pages["shaped"].evaluate(_PORT_JS)
@@ -251,6 +288,7 @@ async def test_a_narrow_path_moves_only_that_viewer_down_and_back_up(
                       f"{sampler.summary('shaped', shaped_at)}; host {await host.evaluate(_OUTBOUND_JS)}")
                 print("\n".join(line for line in log.lines if "shap" in line))
                 print("".join(line for line in relay.output if "automatic layer" in line))
+                print(f"viewer estimates after {await estimates(relay.url)}")
                 other = sampler.since("other", shaped_at)
                 assert other, "no samples of the other viewer"
                 widths = {v["width"] for _, v in other}
@@ -339,5 +377,6 @@ async def test_a_path_too_narrow_for_any_layer_pauses_video_keeps_audio_then_res
                 print(f"paused {paused_after:.1f} s after the shaping, back on the top layer "
                       f"{back_after:.1f} s after it ended; {sampler.summary('viewer', shaped_at)}")
                 print("".join(line for line in relay.output if "automatic layer" in line))
+                print(f"viewer estimates after {await estimates(relay.url)}")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\npage log:\n{log.tail()}") from None

@@ -27,6 +27,7 @@ from lotcast.media.forwarder import ForwardSink, TrackForwarder
 from lotcast.media.layer_rule import (
     HOLD_MAX_S,
     HOLD_S,
+    REMB_LOW_SPAN_S,
     RTT_HIGH_SPAN_S,
     SETTLE_MAX_S,
     UP_STABLE_S,
@@ -130,16 +131,44 @@ def test_the_lowest_layer_congested_pauses_and_resumes_once_clean() -> None:
 
 def test_a_bandwidth_estimate_moves_down_and_gates_the_way_up() -> None:
     rule = LayerRule()
-    assert rule.observe(obs(0.0, 0, remb=900_000)) is Move.DOWN  # below the top's 1.2 Mbit/s
-    rule.settle(0.1)
-    # clean, but an estimate without headroom for the layer above: stays
-    t = 0.5
+    # fell below 0.8x the top's 1.2 Mbit/s (a queue seen): down once it stays so for the span
+    assert rule.observe(obs(0.0, 0, remb=1_800_000)) is Move.STAY
+    assert rule.observe(obs(0.25, 0, remb=900_000)) is Move.STAY
+    assert rule.observe(obs(0.25 + REMB_LOW_SPAN_S, 0, remb=900_000)) is Move.DOWN
+    rule.settle(REMB_LOW_SPAN_S + 0.5)
+    # clean, but an estimate held near what the middle layer's 400 kbit/s needs (no headroom
+    # for the top, not running free above the middle): stays
+    t = 1.0
     while t < 60:
-        move = rule.observe(obs(t, 1, loss=0.0, rtts=((t - 0.01, 0.002),), remb=1_300_000))
+        move = rule.observe(obs(t, 1, loss=0.0, rtts=((t - 0.01, 0.002),), remb=450_000))
         assert move is Move.STAY, t
         t += 0.5
-    move = rule.observe(obs(t, 1, loss=0.0, rtts=((t - 0.01, 0.002),), remb=1_600_000))
+    # the estimate runs free above the middle layer (no queue seen): up
+    move = rule.observe(obs(t, 1, loss=0.0, rtts=((t - 0.01, 0.002),), remb=560_000))
     assert move is Move.UP
+
+
+def test_a_dip_in_the_estimate_on_a_path_that_carries_the_layer_moves_nothing() -> None:
+    rule = LayerRule()
+    # a moment of jitter: the estimator sets 0.85x the throughput, which is what we send
+    for t in (0.0, 0.5, 1.0, 5.0):
+        assert rule.observe(obs(t, 0, loss=0.0, remb=int(0.85 * RATES[0]))) is Move.STAY, t
+    # one low estimate that recovers before the span: no move either
+    assert rule.observe(obs(6.0, 0, loss=0.0, remb=500_000)) is Move.STAY
+    assert rule.observe(obs(6.0 + REMB_LOW_SPAN_S / 2, 0, loss=0.0, remb=1_300_000)) is Move.STAY
+    assert rule.observe(obs(6.0 + REMB_LOW_SPAN_S, 0, loss=0.0, remb=500_000)) is Move.STAY
+
+
+def test_an_estimate_ramping_up_below_the_layer_moves_nothing() -> None:
+    """After a start or a move up the estimate lags what we send while it ramps (~8 %/s)."""
+    rule = LayerRule()
+    remb, t = 300_000.0, 0.0
+    while remb < RATES[0]:
+        move = rule.observe(obs(t, 0, loss=0.0, rtts=((t - 0.01, 0.002),), remb=int(remb)))
+        assert move is Move.STAY, (t, remb)
+        t += 0.25
+        if t % 1.0 == 0:  # a new estimate a second
+            remb *= 1.08
 
 
 def test_one_layer_never_moves() -> None:

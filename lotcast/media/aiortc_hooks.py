@@ -119,6 +119,10 @@ def check_hooks() -> None:
             problems.append(field)
     if "self._run_rtcp()" not in inspect.getsource(RTCRtpSender.send):
         problems.append("RTCRtpSender.send starts _run_rtcp")
+    transceiver_src = inspect.getsource(RTCRtpTransceiver.__init__)
+    for name in ("self._codecs", "self._headerExtensions"):
+        if name not in transceiver_src:
+            problems.append(f"RTCRtpTransceiver.{name[5:]}")
     if "self.__cname = " not in inspect.getsource(RTCPeerConnection.__init__):
         problems.append("RTCPeerConnection.__cname")
     dtls_src = inspect.getsource(RTCDtlsTransport)
@@ -244,6 +248,11 @@ def _refuse_oversize(unprotect: Callable[[bytes], bytes]) -> Callable[[bytes], b
 def negotiated_codecs(transceiver: RTCRtpTransceiver) -> list[RTCRtpCodecParameters]:
     """The media codecs (no RTX) a transceiver settled on, in preference order."""
     return [c for c in transceiver._codecs if not c.mimeType.lower().endswith("/rtx")]
+
+
+def negotiated_extension_id(transceiver: RTCRtpTransceiver, uri: str) -> int:
+    """The id the remote side gave header extension ``uri`` on this transceiver (0: none)."""
+    return next((e.id for e in transceiver._headerExtensions if e.uri == uri), 0)
 
 
 def selected_candidate_types(pc: RTCPeerConnection) -> tuple[str, str] | None:

@@ -9,11 +9,11 @@ the viewer's tracks recorded since the previous one into an `Observation`:
 - loss: the packets we resent on its NACKs over the packets its layer carried (counted only over
   EVAL_MIN_PACKETS or more), or its receiver reports' fraction lost, whichever is larger;
 - RTT samples of its video and audio tracks (same path);
-- every layer's measured bitrate, and the viewer's REMB only with ``use_remb``: Chromium sends
-  REMB (goog-remb, no transport-cc offered), but its receive-side estimator needs abs-send-time
-  on our packets to mean anything, and the forwarder strips header extensions; without it the
-  estimate sat at 210-300 kbit/s on loopback while 1 Mbit/s flowed without loss, which would
-  hold every viewer on the lowest layer.
+- every layer's measured bitrate, and the viewer's REMB with ``use_remb``: Chromium sends REMB
+  (goog-remb, no transport-cc offered) from its receive-side estimator, which needs
+  abs-send-time on our packets to mean anything (without it the estimate sat at 210-300 kbit/s
+  on loopback while 1 Mbit/s flowed without loss): the session asks for it only when the viewer
+  negotiated abs-send-time, which the forwarder then stamps on its video.
 
 A move down is a `switch_in` to the layer below, completed at that layer's next key frame; the
 rule settles from then. A pinned viewer (the WHEP layer POST) is left alone, and its paused video
@@ -58,6 +58,7 @@ class AutoLayer:
         self._reports: dict[int, int] = {}
         self._samples: dict[int, int] = {}
         self.moves: dict[Move, int] = {}
+        self.down_reasons: dict[str, int] = {}  # loss / rtt / estimate: what moved it down
         rtcp.on_feedback = self.on_feedback
 
     @property
@@ -124,12 +125,15 @@ class AutoLayer:
         if move is Move.UP and not flowing(layers[index - 1], self._clock()):
             return  # the publisher stopped sending it (layer_fallback.py): stay
         self.moves[move] = self.moves.get(move, 0) + 1
+        if move in (Move.DOWN, Move.PAUSE):
+            for reason in self.rule.reasons:
+                self.down_reasons[reason] = self.down_reasons.get(reason, 0) + 1
         logger.info("automatic layer %s: %s at layer %d/%d (loss %s, rtt %s, base %s, remb %s,"
-                    " hold %.0f s)", self._label, move.value, index, len(layers),
+                    " hold %.0f s, congested: %s)", self._label, move.value, index, len(layers),
                     "-" if obs.loss is None else f"{obs.loss:.2f}",
                     ",".join(f"{r * 1000:.0f}" for _, r in obs.rtts) or "-",
                     "-" if self.rule.base_rtt is None else f"{self.rule.base_rtt * 1000:.0f}",
-                    obs.remb_bps, self.rule.hold)
+                    obs.remb_bps, self.rule.hold, "+".join(self.rule.reasons) or "-")
         if move is Move.DOWN:
             self._moving = True
             layers[index + 1].switch_in(sink, current)

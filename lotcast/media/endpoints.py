@@ -183,7 +183,8 @@ class WebRtcEndpoints:
                  sessions: SessionTable, provide_stream: StreamProvider, accept_publish: bool,
                  accepting_viewers: Callable[[], str | None] | None = None,
                  on_first_frame: Callable[[float], None] | None = None,
-                 count_viewers: Callable[[str], int] | None = None) -> None:
+                 count_viewers: Callable[[str], int] | None = None,
+                 on_estimate: Callable[[int], None] | None = None) -> None:
         self.settings = settings
         self.authority = authority
         self.router = router
@@ -192,6 +193,7 @@ class WebRtcEndpoints:
         self.accept_publish = accept_publish
         self.accepting_viewers = accepting_viewers or (lambda: None)
         self.on_first_frame = on_first_frame
+        self.on_estimate = on_estimate  # each viewer REMB (bits/s), for the metrics
         # WHEP SSE and layer selection; `count_viewers(stream)` is the `viewercount` event's
         # number (default: this node's WHEP sessions of the stream)
         self.events = WhepEvents(count_viewers or self._stream_sessions)
@@ -317,7 +319,8 @@ class WebRtcEndpoints:
         # ?auto=0: no automatic layer choice (a relay's main pull: its top layer as it is)
         session = EgressSession(stream, summary, self.on_first_frame,
                                 layer=request.query_params.get("layer") or None,
-                                auto_layer=request.query_params.get("auto") != "0")
+                                auto_layer=request.query_params.get("auto") != "0",
+                                on_estimate=self.on_estimate)
         answer = await session.answer(offer)
         response = await self._created(request, "whep", session, answer, identity)
         if stream.layers:  # the simulcast layers, top first: a relay pulls the others too

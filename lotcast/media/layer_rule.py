@@ -8,19 +8,26 @@ viewer's RTCP and applies the `Move` it returns. Signals, all per viewer:
   resends did not repair), whichever is larger;
 - RTT: from our Sender Reports and its receiver reports, against the lowest RTT it had in the
   last BASE_WINDOW_S (the base): a queue building on its path shows as RTT growth;
-- a REMB bandwidth estimate, if the caller passes one (auto_layer.py does not: see there).
+- a REMB bandwidth estimate, if the caller passes one (auto_layer.py does for viewers that
+  negotiated abs-send-time, which the forwarder stamps on their video).
 
-Down fast: one observation with loss >= DOWN_LOSS, RTT samples all RTT_RISE_S above the base
-for RTT_HIGH_SPAN_S (a queue that stays; one late report, as when this process or the viewer's
-was off the CPU for a moment, is not congestion), or a REMB below the layer's bitrate moves it
-one layer down; the lowest layer congested pauses its video (audio goes on). After a move down
+Down fast: one observation with loss >= DOWN_LOSS, RTT samples all RTT_RISE_S above the base for
+RTT_HIGH_SPAN_S (a queue that stays; one late report, as when this process or the viewer's was
+off the CPU for a moment, is not congestion), or a REMB that fell below REMB_DOWN_FRACTION of
+the layer's bitrate and stayed there for REMB_LOW_SPAN_S moves it one layer down (a receive-side
+estimator that sees a queue grow sets its estimate to 0.85x the throughput it measures: below
+0.8x of what we send means the path delivers less than we send, not a moment of jitter on one
+that carries it); the lowest layer congested pauses its video (audio goes on). After a move down
 takes effect (`settle`) the rule judges again only once the RTT of a report sent since then
 shows the queue drained (the old layer's packets, and reports about them, are still arriving
-until then), or after SETTLE_MAX_S without one: a queue that does not drain on the lower
-layer means that layer does not fit either.
+until then), or after SETTLE_MAX_S without one: a queue that does not drain on the lower layer
+means that layer does not fit either.
 
 Up conservatively: after UP_STABLE_S of clean observations (loss < UP_LOSS, RTT near the base,
-a REMB, if any, with UP_HEADROOM for the layer above), and not within the hold-down, one layer
+a REMB, if any, with UP_HEADROOM for the layer above or running free at REMB_FREE_RATIO of the
+layer's bitrate: a receive-side estimate never exceeds ~1.5x what it receives, so it can show no
+room for a layer several times larger; one held near what flows says the path is the limit),
+and not within the hold-down, one layer
 up (or video resumed). The hold-down is HOLD_S after a move down and doubles, up to HOLD_MAX_S,
 each time a move down follows a move up (or resume) within RELAPSE_S: a path that cannot carry
 a layer is offered it ever more rarely, so the choice never oscillates.
@@ -44,6 +51,10 @@ HOLD_S = 4.0
 HOLD_MAX_S = 64.0
 RELAPSE_S = 10.0
 UP_HEADROOM = 1.3
+REMB_DOWN_FRACTION = 0.8
+REMB_LOW_SPAN_S = 0.5
+REMB_FREE_RATIO = 1.3
+REMB_CHANGE = 1.03  # a new estimate this much above (below) the previous one: it rose (fell)
 
 
 class Move(enum.Enum):
@@ -94,6 +105,10 @@ class LayerRule:
     # (elevated); None: the last one was not
     high_since: float | None = None
     elevated_since: float | None = None
+    # since when the REMB has been below the down fraction (after falling there); the last one
+    remb_low_since: float | None = None
+    _last_remb: int | None = None
+    reasons: tuple[str, ...] = ()  # what the last observation found congested: loss, rtt, estimate
     settle_from: float = 0.0  # a move down took effect: an RTT of a later report shows the drain
     drained: bool = False  # the last observation had such a sample near the base
     # (bucket start, lowest RTT in it): the base is the lowest of the last BASE_WINDOW_S
@@ -144,7 +159,7 @@ class LayerRule:
     def _down(self, obs: Observation) -> Move:
         now = obs.now
         self.clean_since = None
-        self.high_since = self.elevated_since = None
+        self.high_since = self.elevated_since = self.remb_low_since = None
         if self.mode is Mode.PAUSED:
             self.hold_until = max(self.hold_until, now + self.hold)
             return Move.STAY
@@ -159,13 +174,20 @@ class LayerRule:
         return Move.PAUSE
 
     def _room_above(self, obs: Observation) -> bool:
+        if obs.remb_bps is None:
+            return True
         above = obs.bitrates[obs.index - 1] if obs.index - 1 < len(obs.bitrates) else None
-        return obs.remb_bps is None or above is None or obs.remb_bps >= above * UP_HEADROOM
+        own = obs.bitrates[obs.index] if obs.index < len(obs.bitrates) else None
+        return (above is None or obs.remb_bps >= above * UP_HEADROOM
+                or (own is not None and obs.remb_bps >= own * REMB_FREE_RATIO))
 
     def _judge(self, obs: Observation) -> Verdict:
         congested = clean = mixed = False
         self.drained = False
+        why: list[str] = []
         if obs.loss is not None:
+            if obs.loss >= DOWN_LOSS:
+                why.append("loss")
             congested |= obs.loss >= DOWN_LOSS
             clean |= obs.loss < UP_LOSS
             mixed |= UP_LOSS <= obs.loss < DOWN_LOSS
@@ -175,7 +197,9 @@ class LayerRule:
             rise = max(RTT_RISE_S, base)
             if rtt > base + rise:
                 self.high_since = now if self.high_since is None else self.high_since
-                congested |= now - self.high_since >= RTT_HIGH_SPAN_S
+                if now - self.high_since >= RTT_HIGH_SPAN_S:
+                    congested = True
+                    why.append("rtt")
             else:
                 self.high_since = None
             if rtt > base + rise / 2:
@@ -186,13 +210,29 @@ class LayerRule:
                 clean = True
                 self.drained |= sent >= self.settle_from
         own = obs.bitrates[obs.index] if obs.index < len(obs.bitrates) else None
-        if obs.remb_bps is not None and own is not None and self.mode is Mode.PLAYING:
-            congested |= obs.remb_bps < own
+        if (obs.remb_bps is not None and own and self.mode is Mode.PLAYING
+                and self._remb_low(now, obs.remb_bps, own)):
+            congested = True
+            why.append("estimate")
+        self.reasons = tuple(dict.fromkeys(why))
         if congested:
             return Verdict.CONGESTED
         if mixed:
             return Verdict.MIXED
         return Verdict.CLEAN if clean else Verdict.NO_NEWS
+
+    def _remb_low(self, now: float, remb: int, own: int) -> bool:
+        """The estimate fell below the layer (and has not risen since) for the span. Only a
+        fall counts: after a move up the estimate lags what we send for several seconds
+        while it ramps (~8 %/s), which is no sign of a queue."""
+        previous, self._last_remb = self._last_remb, remb
+        if remb >= own * REMB_DOWN_FRACTION or (previous is not None
+                                                and remb > previous * REMB_CHANGE):
+            self.remb_low_since = None
+        elif (self.remb_low_since is None and previous is not None
+              and remb * REMB_CHANGE < previous):
+            self.remb_low_since = now
+        return self.remb_low_since is not None and now - self.remb_low_since >= REMB_LOW_SPAN_S
 
     def _add_rtt(self, now: float, rtt: float) -> float:
         buckets = self._rtt_buckets

@@ -30,6 +30,7 @@ from lotcast.media.aiortc_hooks import (
     hook_sender,
     negotiate_rid_extensions,
     negotiated_codecs,
+    negotiated_extension_id,
     new_peer_connection,
     peer_cname,
     quiet_sender_rtcp,
@@ -41,6 +42,7 @@ from lotcast.media.auto_layer import AutoLayer
 from lotcast.media.consent import consent_clock, lean_consent_enabled
 from lotcast.media.forwarder import ForwardSink, TrackForwarder
 from lotcast.media.sdp import (
+    ABS_SEND_TIME_URI,
     IceCredentials,
     OfferSummary,
     SdpError,
@@ -52,7 +54,7 @@ from lotcast.media.sdp import (
     without_receive_estimate,
 )
 from lotcast.media.stream import MediaStream
-from lotcast.media.viewer_rtcp import ViewerRtcp, lean_rtcp_enabled
+from lotcast.media.viewer_rtcp import ViewerRtcp, lean_rtcp_enabled, viewer_estimate_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +264,8 @@ class EgressSession(PeerSession):
 
     def __init__(self, stream: MediaStream, summary: OfferSummary,
                  on_first_frame: Callable[[float], None] | None = None,
-                 layer: str | None = None, auto_layer: bool = True) -> None:
+                 layer: str | None = None, auto_layer: bool = True,
+                 on_estimate: Callable[[int], None] | None = None) -> None:
         tracks = dict(stream.tracks)
         # relay pulls carry a layer as it is: never chosen from their feedback
         self._auto_layer = auto_layer and layer is None
@@ -289,6 +292,12 @@ class EgressSession(PeerSession):
         # lean RTCP (viewer_rtcp.py): reports from one clock, feedback through our parser;
         # None: aiortc's per-sender RTCP tasks and parser (LOTCAST_LEAN_RTCP=0)
         self.rtcp = ViewerRtcp(on_alive=self.touch) if lean_rtcp_enabled() else None
+        if self.rtcp is not None:
+            self.rtcp.on_estimate = on_estimate
+        # the viewer's REMB means something only with abs-send-time on our video (stamped by
+        # the forwarder where negotiated); relay pulls never use it, so theirs is not stamped
+        self._estimate = self._auto_layer and viewer_estimate_enabled()
+        self._uses_estimate = False
         for forwarder in served:
             transceiver = self.pc.addTransceiver(SilentTrack(forwarder.kind), direction="sendonly")
             transceiver.setCodecPreferences([codec_capability(forwarder.codec)])
@@ -372,8 +381,12 @@ class EgressSession(PeerSession):
             first = self._first_packet if forwarder.kind == "video" else None
             pt = negotiated[0].payloadType
             assert pt is not None
+            abs_send_time = 0
+            if forwarder.kind == "video" and self._estimate:
+                abs_send_time = negotiated_extension_id(transceiver, ABS_SEND_TIME_URI)
+                self._uses_estimate = abs_send_time != 0
             sink = ForwardSink(packet_sender, transceiver.sender, pt, first,
-                               aiortc_reports=self.rtcp is None)
+                               aiortc_reports=self.rtcp is None, abs_send_time_id=abs_send_time)
             sink.on_switched = lambda fwd, s=sink: self._switched(s, fwd)
             sink.fixed_layer = not self._auto_layer
             self._sinks.append((forwarder, sink))
@@ -384,7 +397,8 @@ class EgressSession(PeerSession):
             self.choose_layer(self._wanted_rid)
         if self._auto_layer and self.rtcp is not None:
             self.auto = AutoLayer(lambda: list(self.stream.layers.values()), self.rtcp,
-                                  f"{self.stream.id}/{self.id}", self._wanted_rid is not None)
+                                  f"{self.stream.id}/{self.id}", self._wanted_rid is not None,
+                                  use_remb=self._uses_estimate)
         if self.rtcp is not None and self._sinks:
             self.rtcp.start(self._sinks[0][1].packet_sender.send_rtcp, peer_cname(self.pc))
             dtls = self._wiring[0][1].sender.transport

@@ -35,6 +35,7 @@ from lotcast.media.rtcp import RtcpError, SenderInfo, ntp_middle, parse_feedback
 logger = logging.getLogger(__name__)
 
 ENV = "LOTCAST_LEAN_RTCP"
+ESTIMATE_ENV = "LOTCAST_VIEWER_ESTIMATE"
 _OFF = {"0", "false", "no", "off"}
 
 TICK = 0.1  # seconds per wheel slot
@@ -47,6 +48,12 @@ SR_KEPT = 4  # our last Sender Reports a receiver report may answer (RTT)
 RESEND_RTTS = 1.5
 RESEND_MIN_S = 0.03
 RESENT_KEPT = 512  # remembered resends per track before the old ones are dropped
+
+
+def viewer_estimate_enabled() -> bool:
+    """Viewers' REMB estimates steer their automatic layer, with abs-send-time stamped on
+    their video (unless LOTCAST_VIEWER_ESTIMATE=0)."""
+    return os.environ.get(ESTIMATE_ENV, "1").strip().lower() not in _OFF
 
 
 def lean_rtcp_enabled() -> bool:
@@ -110,6 +117,7 @@ class ViewerRtcp:
         self._on_alive = on_alive
         # called after a packet with reports, NACKs or REMB (the automatic layer choice)
         self.on_feedback: Callable[[], None] | None = None
+        self.on_estimate: Callable[[int], None] | None = None  # each REMB about our tracks
         self.tracks: dict[int, TrackFeedback] = {}  # by our output SSRC
         self._send: Callable[[bytes], None] | None = None
         self._cname: bytes | None = None
@@ -213,10 +221,14 @@ class ViewerRtcp:
                 track.forwarder.request_keyframe()
         if feedback.remb is not None:
             bitrate, ssrcs = feedback.remb
+            ours = False
             for ssrc in ssrcs:
                 track = tracks.get(ssrc)
                 if track is not None:
                     track.remb_bps = bitrate
+                    ours = True
+            if ours and self.on_estimate is not None:
+                self.on_estimate(bitrate)
         if self.on_feedback is not None and (feedback.reports or feedback.nacks
                                              or feedback.remb is not None):
             self.on_feedback()

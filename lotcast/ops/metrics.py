@@ -32,6 +32,9 @@ LOAD_RATIO_METRIC = "lotcast_relay_load_ratio"
 
 FIRST_FRAME_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 BID_ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# bits/s: a viewer on a phone's weak link (~150 kbit/s) up to a wide path for a 1080p layer
+ESTIMATE_BUCKETS = (1e5, 1.5e5, 2e5, 3e5, 4e5, 5e5, 6e5, 8e5, 1e6, 1.2e6, 1.5e6, 2e6, 2.5e6,
+                    3e6, 4e6, 5e6, 8e6)
 ACK_WRITE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
 
 
@@ -40,7 +43,8 @@ class NodeMetrics:
 
     - relay media path: `forwarded_packets.inc(n)`, `nacks_served.inc(n)`,
       `plis_sent_upstream.inc()`, `egress_bytes.inc(n)`, `first_frame_seconds.observe(s)` (time
-      from WHEP POST to the first keyframe sent to that viewer);
+      from WHEP POST to the first keyframe sent to that viewer), `viewer_estimate_bps.observe(b)`
+      (each REMB a viewer sends, about one a second);
     - interactive layer: `sockets.set(n)` or inc/dec, `room_http_sessions.set(n)` (append it to
       `InteractiveService.http.count_observers`), `outbox_drops.inc()` when a message is
       dropped or a slow socket is cut for a full outbox, `bid_ack_latency_seconds.observe(s)`
@@ -93,6 +97,12 @@ class NodeMetrics:
             "lotcast_first_frame_seconds",
             "Time from a viewer's WHEP request to its first keyframe sent.",
             buckets=FIRST_FRAME_BUCKETS,
+            registry=r,
+        )
+        self.viewer_estimate_bps = Histogram(
+            "lotcast_viewer_estimate_bps",
+            "Bandwidth estimates (REMB, bits/s) viewers report for the video we send them.",
+            buckets=ESTIMATE_BUCKETS,
             registry=r,
         )
         self.turn_viewers = Gauge(
