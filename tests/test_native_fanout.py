@@ -50,12 +50,13 @@ from lotcast.media.aiortc_hooks import (
     tap_receiver,
 )
 from lotcast.media.forwarder import ForwardSink, TrackForwarder
-from lotcast.media.rtp import with_payload_type
+from lotcast.media.rtp import shifted, stamped, with_payload_type
 from lotcast.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(120)
 
 OPUS = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
+VP8 = RTCRtpCodecParameters(mimeType="video/VP8", clockRate=90000, payloadType=96)
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -185,6 +186,100 @@ def test_ipv6_destinations_get_the_same_srtp_as_on_the_python_path(native_on: No
         assert from_native[1][1] == tx_native.getsockname()[1]  # sent on the sink's own socket
     for sock in (rx, tx_python, tx_native):
         sock.close()
+
+
+SHIFTS = [(0, 0), (1, 0), (0, 1), (7, 9000), (65535, (1 << 32) - 1), (40000, 123456789)]
+
+
+def test_each_native_copy_is_shifted_by_its_own_sink_as_the_python_path_shifts_it(
+    native_on: None,
+) -> None:
+    keys = [os.urandom(30) for _ in SHIFTS]
+    receivers = [_receiver() for _ in keys]
+    shared = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # one sendmmsg for them all
+    targets = [native_target(_session(k), shared.fileno(), rx.getsockname())
+               for k, rx in zip(keys, receivers, strict=True)]
+    protects = [fast_protect(_session(k)) for k in keys]
+    sets = [(native.SinkSet(targets, None, SHIFTS), 96), (native.SinkSet(targets, 97, SHIFTS), 97)]
+    seq = 65530  # the copies' numbers wrap at different packets
+    for size in (12, 100, 1200, 1400):
+        for sink_set, pt in sets:
+            seq += 1
+            packet = _packet(seq & 0xFFFF, size, marker=seq % 2)
+            # stamped (an abs-send-time block after the fixed header) or not: shifted alike
+            for source in (packet, stamped(packet, 96, 3, 0x123456)):
+                if source is not packet:
+                    seq += 1
+                    source = source[:2] + (seq & 0xFFFF).to_bytes(2, "big") + source[4:]
+                assert sink_set.send(source) is None
+                for (dseq, dts), protect, rx in zip(SHIFTS, protects, receivers, strict=True):
+                    got = rx.recv(65536)
+                    assert got == protect(shifted(source, pt, dseq, dts)), (size, pt, dseq, dts)
+                    assert int.from_bytes(got[2:4], "big") == (seq + dseq) & 0xFFFF
+    with pytest.raises(ValueError, match="seq_delta"):
+        t = targets[0]
+        native._fanout.SinkSet(t.protect, [(t.srtp, t.fd, t.host, t.port, 0, t.limit, 1 << 16, 0)])
+    with pytest.raises(ValueError, match="not an RTP packet"):
+        sets[0][0].send(bytes(11))
+    for sock in (*receivers, shared):
+        sock.close()
+
+
+def _shifted_run(use_native: bool, keys: list[bytes],
+                 monkeypatch: pytest.MonkeyPatch) -> tuple[TrackForwarder, list[list[bytes]]]:
+    """Video sinks of three (payload type, abs-send-time id) pairs, each pair with sinks at
+    several seq/timestamp shifts (viewers that switched layers at different moments); the same
+    packets on the path asked for; what each sink got."""
+    monkeypatch.setenv(native.ENV, "1" if use_native else "0")
+    forwarder = TrackForwarder("video", VP8, output_ssrc=4321)
+    # one value: the Python path reads the clock once per group, and has more groups
+    forwarder.send_clock = lambda: 0xABCDEF
+    receivers = [_receiver() for _ in keys]
+    for index, (key, rx) in enumerate(zip(keys, receivers, strict=True)):
+        pt, extension_id = ((96, 0), (97, 0), (96, 4))[index % 3]
+        sink = ForwardSink(SocketSender(key, rx.getsockname()), SimpleNamespace(),  # type: ignore[arg-type]
+                           pt, abs_send_time_id=extension_id)
+        sink.seq_delta, sink.ts_delta = SHIFTS[index // 3]
+        forwarder.add_sink(sink)
+    for seq in range(65530, 65530 + 12):  # across the source's wrap too
+        payload = bytes((0x10, 0 if seq == 65530 else 1)) + bytes((seq + i) & 0xFF
+                                                                 for i in range(900))
+        forwarder.on_source_packet(RtpPacket(payload_type=96, sequence_number=seq & 0xFFFF,
+                                             timestamp=3000 * seq, ssrc=77, marker=seq % 2,
+                                             payload=payload))
+        forwarder._drain()
+    got = [_drain(rx) for rx in receivers]
+    for rx in receivers:
+        rx.close()
+    for sink in forwarder.sinks():
+        sink.packet_sender.sock.close()  # type: ignore[attr-defined]
+    return forwarder, got
+
+
+async def test_sinks_with_different_shifts_share_one_native_call_and_send_the_python_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keys = [os.urandom(30) for _ in range(18)]  # every shift in every (pt, id) group
+    python_fwd, python_got = _shifted_run(False, keys, monkeypatch)
+    native_fwd, native_got = _shifted_run(True, keys, monkeypatch)
+    # the Python path: one group (one rewrite) per distinct shift; native: one per (pt, id)
+    assert len(python_fwd._groups) == 18
+    assert len(native_fwd._groups) == 3
+    assert all(g.native is not None and g.native.size == 6 and not g.entries
+               for g in native_fwd._groups)
+    assert native_fwd.native_packets_sent == native_fwd.packets_sent == 18 * 12
+    assert python_fwd.packets_sent == native_fwd.packets_sent
+    for index, (python_sink, native_sink) in enumerate(zip(python_got, native_got, strict=True)):
+        assert len(native_sink) == 12
+        assert native_sink == python_sink, index
+        dseq, dts = SHIFTS[index // 3]
+        assert [int.from_bytes(p[2:4], "big") for p in native_sink] == [
+            (seq + dseq) & 0xFFFF for seq in range(65530, 65530 + 12)]
+        assert [int.from_bytes(p[4:8], "big") for p in native_sink] == [
+            (3000 * seq + dts) & 0xFFFFFFFF for seq in range(65530, 65530 + 12)]
+        assert {p[0] for p in native_sink} == {0x90 if index % 3 == 2 else 0x80}
+    python_fwd.close()
+    native_fwd.close()
 
 
 def _forwarder_run(use_native: bool, keys: list[bytes], sizes: list[int],

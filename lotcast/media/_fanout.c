@@ -1,5 +1,9 @@
 /* Native fan-out: one call per source packet protects it for every sink and sends it.
  *
+ * Each sink's copy may carry its own sequence-number and timestamp shift (a viewer that moved
+ * between simulcast layers numbers on from what it was sent before), added to the copy before
+ * protect, so sinks with different shifts still share one set and one call.
+ *
  * Sinks that share a UDP socket (consecutive in the set) go out in one sendmmsg per up to
  * BATCH of them; a sink on a socket of its own (aiortc binds one per peer connection) is one
  * sendto. Either way each sink's result (sent, EAGAIN, error) is reported on its own.
@@ -41,6 +45,9 @@ typedef int (*srtp_protect_fn)(void *ctx, void *rtp_hdr, int *len_ptr);
 typedef struct {
     void *srtp;
     int fd;
+    int shifted;        /* seq_delta or ts_delta nonzero */
+    uint16_t seq_delta; /* added to the copy's sequence number (mod 2^16) */
+    uint32_t ts_delta;  /* added to its timestamp (mod 2^32) */
     dev_t dev; /* identity of the socket when the set was built: a closed fd whose number */
     ino_t ino; /* was reused by another socket must not be written to */
     Py_ssize_t limit;
@@ -142,8 +149,9 @@ SinkSet_dealloc(SinkSet *self)
 
 /* SinkSet(protect, sinks, payload_type=-1, keep=None)
  * protect: address of srtp_protect; sinks: sequence of
- * (srtp_t address, fd, host, port, scope_id, limit) with limit the largest RTP packet the
- * sink's SRTP buffer takes (as the Python path computes it). */
+ * (srtp_t address, fd, host, port, scope_id, limit[, seq_delta, ts_delta]) with limit the
+ * largest RTP packet the sink's SRTP buffer takes (as the Python path computes it) and the
+ * deltas added to each copy's sequence number and timestamp (default 0: sent as given). */
 static int
 SinkSet_init(SinkSet *self, PyObject *args, PyObject *kwds)
 {
@@ -178,9 +186,14 @@ SinkSet_init(SinkSet *self, PyObject *args, PyObject *kwds)
         unsigned int scope_id;
         Py_ssize_t limit;
         PyObject *host;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KiUiIn;sink", &srtp, &fd,
-                              &host, &port, &scope_id, &limit))
+        unsigned long long seq_delta = 0, ts_delta = 0;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KiUiIn|KK;sink", &srtp, &fd,
+                              &host, &port, &scope_id, &limit, &seq_delta, &ts_delta))
             goto fail;
+        if (seq_delta > 0xFFFF || ts_delta > 0xFFFFFFFFULL) {
+            PyErr_SetString(PyExc_ValueError, "seq_delta must be 0..65535, ts_delta 0..2**32-1");
+            goto fail;
+        }
         if (srtp == 0 || limit < 12) {
             PyErr_SetString(PyExc_ValueError, "sink with a NULL srtp_t or no buffer");
             goto fail;
@@ -188,6 +201,9 @@ SinkSet_init(SinkSet *self, PyObject *args, PyObject *kwds)
         sink_t *sink = &table[i];
         sink->srtp = (void *)(uintptr_t)srtp;
         sink->fd = fd;
+        sink->seq_delta = (uint16_t)seq_delta;
+        sink->ts_delta = (uint32_t)ts_delta;
+        sink->shifted = seq_delta != 0 || ts_delta != 0;
         sink->limit = limit;
         struct stat st;
         if (fstat(fd, &st) == 0) {
@@ -288,7 +304,7 @@ SinkSet_send(SinkSet *self, PyObject *arg)
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (view.len < 2) {
+    if (view.len < 12) {
         PyBuffer_Release(&view);
         PyErr_SetString(PyExc_ValueError, "not an RTP packet");
         return NULL;
@@ -344,6 +360,17 @@ SinkSet_send(SinkSet *self, PyObject *arg)
         memcpy(buf, data, (size_t)size);
         if (pt >= 0)
             buf[1] = (unsigned char)((buf[1] & 0x80) | pt);
+        if (sink->shifted) {
+            uint16_t seq = (uint16_t)(((buf[2] << 8) | buf[3]) + sink->seq_delta);
+            uint32_t ts = (((uint32_t)buf[4] << 24) | ((uint32_t)buf[5] << 16) |
+                           ((uint32_t)buf[6] << 8) | buf[7]) + sink->ts_delta;
+            buf[2] = (unsigned char)(seq >> 8);
+            buf[3] = (unsigned char)seq;
+            buf[4] = (unsigned char)(ts >> 24);
+            buf[5] = (unsigned char)(ts >> 16);
+            buf[6] = (unsigned char)(ts >> 8);
+            buf[7] = (unsigned char)ts;
+        }
         int len = (int)size;
         int status = protect(sink->srtp, buf, &len);
         if (status != 0) {

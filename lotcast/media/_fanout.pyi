@@ -7,7 +7,9 @@ FAIL_SIZE: int
 MAX_TRAILER: int
 
 class SinkSet:
-    def __init__(self, protect: int, sinks: Sequence[tuple[int, int, str, int, int, int]],
+    def __init__(self, protect: int,
+                 sinks: Sequence[tuple[int, int, str, int, int, int]
+                                 | tuple[int, int, str, int, int, int, int, int]],
                  payload_type: int = -1, keep: Any = None) -> None: ...
     def send(self, packet: bytes) -> tuple[int, tuple[tuple[int, int, int], ...]] | None: ...
     def size(self) -> int: ...

@@ -3,9 +3,10 @@
 One source (a publisher's or an upstream's receiver) feeds a TrackForwarder; every viewer is a
 ForwardSink on it. Each source packet is rewritten once (output SSRC, continuous seq/timestamp,
 payload type, no header extensions) and then only SRTP-protected and sent per viewer: by the
-native fan-out (lotcast/media/native.py: one C call per packet per payload-type group) for every
-sink whose sender has a native target, else by the Python loop here (the fallback when the
-extension is missing or LOTCAST_NATIVE_FANOUT=0; both produce the same SRTP bytes). Joining
+native fan-out (lotcast/media/native.py: one C call per packet per payload type and
+abs-send-time id, each copy's seq/timestamp shift added in C) for every sink whose sender has a
+native target, else by the Python loop here (the fallback when the extension is missing or
+LOTCAST_NATIVE_FANOUT=0, one rewrite per distinct shift; both produce the same SRTP bytes). Joining
 video viewers wait for the next key frame; NACKs are answered from a shared history; PLI/FIR
 from any number of viewers collapse into one throttled upstream request. A viewer moving to
 another simulcast layer (another forwarder of the same stream) moves between two whole frames:
@@ -73,11 +74,13 @@ SendEntry = tuple[Callable[[bytes], bytes], Callable[[bytes, Any], None], Any]
 
 
 class SendGroup:
-    """The sinks of one payload type, one abs-send-time extension id (0: none) and one
-    seq/timestamp shift (viewers that switched simulcast layers), prepared for the per-packet
-    loop: a native SinkSet for those with a native target, Python (protect, sendto, addr)
-    entries for the rest. A shifted or stamped group's packets are rewritten once in Python,
-    then sent as they are."""
+    """The sinks of one payload type and one abs-send-time extension id (0: none), prepared for
+    the per-packet loop: a native SinkSet for those with a native target, each copy shifted in
+    C by its sink's seq/timestamp shift (viewers that switched simulcast layers), and Python
+    (protect, sendto, addr) entries for the rest, which share the group's one shift
+    (``seq_delta``/``ts_delta``: Python sinks with another shift are a group of their own).
+    A shifted or stamped group's packets are rewritten once in Python, then sent as they
+    are (the native copies then only shifted)."""
 
     __slots__ = ("abs_send_time_id", "entries", "native", "native_sinks", "payload_type",
                  "seq_delta", "sinks", "ts_delta")
@@ -95,8 +98,10 @@ class SendGroup:
         on_python = [s for s in sinks if not (use_native and s.native_target() is not None)]
         self.native: native.SinkSet | None = None
         if on_native:
+            assert not (seq_delta or ts_delta)  # the native sets shift per copy
             targets = [t for t in (s.native_target() for s in on_native) if t is not None]
-            self.native = native.SinkSet(targets, payload_type if rewrite else None)
+            shifts = [(s.seq_delta, s.ts_delta) for s in on_native]
+            self.native = native.SinkSet(targets, payload_type if rewrite else None, shifts)
         self.native_sinks = tuple(on_native)
         self.entries = tuple(s.entry() for s in on_python)
         self.sinks = tuple(on_python)
@@ -325,12 +330,15 @@ class TrackForwarder:
     def _rebuild(self) -> None:
         by_pt: dict[tuple[int, int, int, int], list[ForwardSink]] = {}
         video = self.kind == "video"  # audio is never stamped (receive-side BWE is video's)
+        use_native = native.enabled()
         for sink in self._sinks:
             if not sink.waiting_keyframe and not sink.closed and not sink.paused:
-                key = (sink.payload_type, sink.abs_send_time_id if video else 0, sink.seq_delta,
-                       sink.ts_delta)
+                extension_id = sink.abs_send_time_id if video else 0
+                if use_native and sink.native_target() is not None:  # shifted in C, per copy
+                    key = (sink.payload_type, extension_id, 0, 0)
+                else:
+                    key = (sink.payload_type, extension_id, sink.seq_delta, sink.ts_delta)
                 by_pt.setdefault(key, []).append(sink)
-        use_native = native.enabled()
         self._groups = tuple(SendGroup(pt, pt != self._base_pt, sinks, use_native, dseq, dts, ext)
                              for (pt, ext, dseq, dts), sinks in by_pt.items())
         if not self._path_logged and self._groups:

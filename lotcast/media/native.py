@@ -1,8 +1,9 @@
 """The native fan-out path: protect + send of one packet for a whole group of sinks in one call.
 
 `lotcast/media/_fanout.c` (built by `pip install` when a C compiler and the Python headers are
-there; optional) walks a prepared `SinkSet`: per sink it copies the packet into a scratch buffer
-and calls libsrtp's `srtp_protect` on that sink's context; sinks that share a UDP socket go out
+there; optional) walks a prepared `SinkSet`: per sink it copies the packet into a scratch buffer,
+adds that sink's sequence-number/timestamp shift (a viewer that switched simulcast layers) and
+calls libsrtp's `srtp_protect` on that sink's context; sinks that share a UDP socket go out
 in one `sendmmsg` per 64, a sink on a socket of its own (today: aiortc binds one per peer
 connection) with one `sendto`.
 libsrtp is the one pylibsrtp ships, reached through the function address its cffi binding
@@ -71,11 +72,13 @@ def disabled_reason() -> str:
 
 
 class SinkSet:
-    """Prepared sinks of one payload-type group; `send(packet)` is the per-packet call."""
+    """Prepared sinks of one payload-type group; `send(packet)` is the per-packet call.
+    ``shifts``: per target, the (seq_delta, ts_delta) added to its copy (None: none)."""
 
     __slots__ = ("_set", "send", "size", "syscalls")
 
-    def __init__(self, targets: Sequence[NativeTarget], payload_type: int | None) -> None:
+    def __init__(self, targets: Sequence[NativeTarget], payload_type: int | None,
+                 shifts: Sequence[tuple[int, int]] | None = None) -> None:
         if _fanout is None:
             raise RuntimeError(f"native fan-out is not built: {IMPORT_ERROR}")
         if _fanout.MAX_TRAILER < pylibsrtp.SRTP_MAX_TRAILER_LEN:
@@ -83,7 +86,12 @@ class SinkSet:
         protects = {t.protect for t in targets}
         if len(protects) > 1:
             raise ValueError("every sink of a set must use the same srtp_protect")
-        rows = [(t.srtp, t.fd, t.host, t.port, t.scope_id, t.limit) for t in targets]
+        if shifts is None:
+            shifts = [(0, 0)] * len(targets)
+        if len(shifts) != len(targets):
+            raise ValueError("one (seq_delta, ts_delta) per target")
+        rows = [(t.srtp, t.fd, t.host, t.port, t.scope_id, t.limit, seq % (1 << 16),
+                 ts % (1 << 32)) for t, (seq, ts) in zip(targets, shifts, strict=True)]
         keep = tuple(t.keep for t in targets)
         self._set = _fanout.SinkSet(protects.pop() if protects else 1, rows,
                                     -1 if payload_type is None else payload_type, keep)
