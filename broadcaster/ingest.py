@@ -9,6 +9,12 @@ A WHIP POST to any origin is answered here first:
   the POST goes on to the WHIP endpoint;
 - this origin is draining and no other can take it: `503` + Retry-After.
 
+A holder that still looks alive in the registry (its entry lasts 3 heartbeats after a crash) is
+probed with a TCP connect to its URL before a POST is sent to it: one that refuses or does not
+answer within `HOLDER_PROBE_TIMEOUT_S` is treated as dead at once, so a crashed origin's
+publisher that republishes here is served here instead of being sent back to the dead origin
+until its entry expires.
+
 `GET /api/streams/{stream}/ingest` answers the same decision as JSON without claiming anything
 (the host page asks it before POSTing: browsers drop Authorization on a cross-origin redirect).
 
@@ -20,11 +26,12 @@ knows where else to publish when its origin dies. With Redis unreachable the POS
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -44,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 ORIGINS_HEADER = "Lotcast-Origins"
 RETRY_AFTER = 2
+HOLDER_PROBE_TIMEOUT_S = 1.0
 _EXPOSE = CORS["Access-Control-Expose-Headers"] + f", {ORIGINS_HEADER}"
 
 
@@ -85,6 +93,24 @@ def decide(nodes: list[NodeInfo], me: str, holder: str | None, draining: bool, p
     return Decision(target=best)
 
 
+async def reachable(url: str) -> bool:
+    """Whether a node's URL accepts a TCP connection (liveness only, so no TLS: a crashed origin
+    refuses it, a lost machine does not answer)."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return False
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        async with asyncio.timeout(HOLDER_PROBE_TIMEOUT_S):
+            _, writer = await asyncio.open_connection(parts.hostname, port)
+    except (OSError, TimeoutError, ValueError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
 class IngestPlacer:
     def __init__(self, redis: aioredis.Redis, bindings: StreamBindings, router: StreamRouter,
                  publish: Callable[[Request], Awaitable[Response]], authority: TokenAuthority,
@@ -113,10 +139,23 @@ class IngestPlacer:
     async def _decide(self, stream: str, placed: bool) -> tuple[Decision, list[NodeInfo]]:
         nodes = await read_live_nodes(self.redis)
         holder = await self.bindings.holder(stream)
+        if holder is not None and holder != self.node_id:
+            nodes = await self._without_dead(nodes, holder)
         decision = decide(nodes, self.node_id, holder, self.draining(), placed,
                           len(self.bindings.held) < self.capacity, int(time.time() * 1000),
                           self.stale_after)
         return decision, nodes
+
+    async def _without_dead(self, nodes: list[NodeInfo], holder: str) -> list[NodeInfo]:
+        """`nodes` without the holder when its registry entry outlived it (it does not answer).
+        Only a holder `decide` would send the POST to is probed (fresh and serving)."""
+        live = origins(nodes, int(time.time() * 1000), self.stale_after)
+        bound = live.get(holder)
+        if bound is None or bound.state is not NodeState.SERVING or await reachable(bound.url):
+            return nodes
+        logger.warning("origin %s holds a stream but does not answer at %s: treated as dead",
+                       holder, bound.url)
+        return [n for n in nodes if n is not bound]
 
     def serving_urls(self, nodes: list[NodeInfo]) -> list[str]:
         now_ms = int(time.time() * 1000)

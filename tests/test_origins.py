@@ -141,6 +141,41 @@ async def test_killed_origin_stream_is_live_again_on_the_other(
             await again.stop()
 
 
+@pytest.mark.timeout(90)
+async def test_a_crashed_holder_is_taken_over_before_its_registry_entry_expires(
+        redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
+    """kill -9 of the stream's origin: its registry entry and binding outlive it (3 heartbeats,
+    here 30 s), but the survivor probes the holder before sending a republish there, finds it
+    dead and serves the POST itself (before the probe: 307 back to the dead origin until the
+    entry expired)."""
+    token = host_token()
+    with two_origins(redis_server, relays=0, heartbeat=10.0) as cluster:
+        first = PlacedPublisher(cluster.urls[0], "probe-show", token)
+        await first.start()
+        victim = cluster.by_url(first.origin_url)
+        survivor = cluster.other(victim)
+        assert await binding(redis_client, "probe-show") == victim.name
+        victim.signal(signal.SIGKILL)
+        assert victim.wait(10) is not None
+        await first.stop(delete=False)
+        assert await redis_client.exists(keys.node(victim.name)) == 1  # still registered
+        async with http_client() as http:
+            r = await http.get(f"{survivor.url}/api/streams/probe-show/ingest")
+        assert r.status_code == 200, r.text
+        assert r.json()["origin"] == survivor.name, r.json()
+        assert r.json()["origins"] == [survivor.url], r.json()
+        again = PlacedPublisher(survivor.url, "probe-show", token)
+        try:
+            await again.start()
+            assert again.hops == [f"{survivor.url}/whip/probe-show"], again.hops
+            assert again.origin_url == survivor.url
+            assert await binding(redis_client, "probe-show") == survivor.name
+            # the dead origin's entry had not expired: the probe decided, not the TTL
+            assert await redis_client.exists(keys.node(victim.name)) == 1
+        finally:
+            await again.stop()
+
+
 @pytest.mark.timeout(60)
 async def test_whip_post_with_a_bad_stream_id_or_no_token_is_refused_before_placement(
         redis_server: RedisServer, redis_client: aioredis.Redis) -> None:
