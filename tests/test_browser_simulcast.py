@@ -303,7 +303,8 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
     # origin fan-out 1: relay-0 pulls from the origin, relay-1 cascades from relay-0
     with cluster(redis_server.url, relays=2, relay_args=["--origin-fanout", "1"]) as c:
         async with chromium() as browser:
-            host_url = f"{c.origin.url}/host?stream={stream}&simulcast=1#token={c.host_token()}"
+            # simulcast is the host page's default (?simulcast=0 for one layer)
+            host_url = f"{c.origin.url}/host?stream={stream}#token={c.host_token()}"
             host = await open_page(browser, host_url, log, "host")
             await host.click("#go-live")
 
@@ -317,6 +318,14 @@ async def test_simulcast_layers_pinned_per_viewer_decode_three_sizes(
             sizes = {rid: tuple(v["size"]) for rid, v in layers.items()}
             assert len(set(sizes.values())) == 3, sizes
             assert sizes["h"][0] > sizes["m"][0] > sizes["l"][0], sizes
+            # its send estimate starts at what the three layers take (whip.js), not at
+            # Chromium's 300 kb/s, from which the top layer took ~11 s to start on a clean path
+            start = await host.evaluate("""() => {
+                const m = /x-google-start-bitrate=(\\d+)/.exec(
+                    window.lotcast.publisher?.pc?.remoteDescription?.sdp || '');
+                return m ? Number(m[1]) : null;
+            }""")
+            assert start == 2250, start
 
             viewers = {rid: SizedViewer(c.origin.url, stream) for rid in ("h", "m", "l")}
             try:

@@ -198,9 +198,9 @@ function originOf(url) {
 
 /** A new WhipPublisher whose state changes drive the page while it is the current one. */
 function newPublisher(endpoint, negotiation) {
-  // three simulcast layers with ?simulcast=1 (one layer by default: docs/operations.md
-  // "Simulcast"); the publisher falls back to one layer where the browser has no VP8 encoder
-  const simulcast = new URLSearchParams(location.search).get("simulcast") === "1";
+  // three simulcast layers unless ?simulcast=0 (docs/operations.md "Simulcast"); the
+  // publisher falls back to one layer where the browser has no VP8 encoder
+  const simulcast = new URLSearchParams(location.search).get("simulcast") !== "0";
   const pub = new WhipPublisher(endpoint, { token, simulcast });
   pub.addEventListener("statechange", (ev) => {
     if (publisher !== pub) return;

@@ -22,6 +22,36 @@ export const SIMULCAST_ENCODINGS = [
   { rid: "l", scaleResolutionDownBy: 4, maxBitrate: 150_000 },
 ];
 
+// Chromium's send-side estimate starts at 300 kb/s, and without REMB or transport-cc feedback
+// (the broadcaster answers a simulcast offer without them, sdp.without_receive_estimate) it only
+// grows ~8 % a second on loss-free receiver reports: a new session sent no top layer for ~11 s
+// and paused its middle one for 1-2 s while the estimate settled, on every (re)publish, an origin
+// move included. Starting at what the layers take (plus audio and headers) sends all three at
+// once; a path that carries less loses packets and the loss-based estimate comes down from there.
+export const SIMULCAST_START_KBPS = Math.round(
+  SIMULCAST_ENCODINGS.reduce((sum, e) => sum + e.maxBitrate, 0) / 1000) + 100;
+
+/** `sdp` (an answer) with x-google-start-bitrate on each VP8 payload type of its video section:
+ * Chromium takes a sender's start estimate from the remote description's codec parameters. */
+export function withStartBitrate(sdp, kbps) {
+  const sections = sdp.split(/(?=\r?\nm=)/);
+  return sections.map((section) => {
+    if (!/^\r?\n?m=video /.test(section)) return section;
+    const vp8 = [...section.matchAll(/a=rtpmap:(\d+) VP8\/90000/gi)].map((m) => m[1]);
+    for (const pt of vp8) {
+      const fmtp = new RegExp(`(a=fmtp:${pt} )([^\\r\\n]*)`);
+      if (fmtp.test(section)) {
+        section = section.replace(fmtp, (_m, head, params) => (/x-google-start-bitrate=/.test(params)
+          ? `${head}${params}` : `${head}${params ? `${params};` : ""}x-google-start-bitrate=${kbps}`));
+      } else {
+        section = section.replace(new RegExp(`(a=rtpmap:${pt} VP8/90000)(\\r?\\n)`, "i"),
+          `$1$2a=fmtp:${pt} x-google-start-bitrate=${kbps}$2`);
+      }
+    }
+    return section;
+  }).join("");
+}
+
 /** Simulcast layers are switched per viewer at VP8 key frames: only with a VP8 encoder. */
 function canSimulcast() {
   const codecs = globalThis.RTCRtpSender?.getCapabilities?.("video")?.codecs || [];
@@ -128,7 +158,8 @@ export class WhipPublisher extends EventTarget {
       this.location = result.location;
       this.etag = result.etag;
       if (pc !== this.pc) return; // stopped meanwhile
-      await pc.setRemoteDescription({ type: "answer", sdp: result.answer });
+      const answer = simulcast ? withStartBitrate(result.answer, SIMULCAST_START_KBPS) : result.answer;
+      await pc.setRemoteDescription({ type: "answer", sdp: answer });
       if (!complete) this._trickleRest(pc, late);
       this._startWatchdog(pc);
     } catch (err) {
