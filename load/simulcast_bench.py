@@ -137,6 +137,17 @@ def _counter(stats: dict[str, Any], stream: str, suffix: str) -> int:
                if k.endswith(suffix))
 
 
+async def _estimates(http: httpx.AsyncClient, url: str) -> float | None:
+    """REMB estimates the relay took from its viewers so far (the lotcast_viewer_estimate_bps
+    histogram's count in /metrics; None: not exposed)."""
+    answer = await http.get(f"{url}/metrics")
+    if answer.status_code != 200:
+        return None
+    counts = [float(line.rsplit(" ", 1)[1]) for line in answer.text.splitlines()
+              if line.startswith("lotcast_viewer_estimate_bps_count")]
+    return sum(counts) if counts else None
+
+
 def _layers(stats: dict[str, Any], stream: str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for s in _stream_stats(stats, stream):
@@ -159,6 +170,7 @@ async def window(servers: Servers, farm: Farm, stream: str, publisher: Simulcast
         relay_before = (await http.get(f"{servers.relay_url}/api/stats")).json()
         origin_before = (await http.get(f"{servers.origin_url}/api/stats")).json()
         marks_before = await farm.command("MARK")
+        estimates_before = await _estimates(http, servers.relay_url)
         cpu_before, whole_before = _cpu_of(servers.relay), _cpu_of(servers.whole)
         origin_cpu_before = _cpu_of(servers.whole[1:2])
         t0 = time.monotonic()
@@ -172,6 +184,7 @@ async def window(servers: Servers, farm: Farm, stream: str, publisher: Simulcast
         t1 = time.monotonic()
         relay_after = (await http.get(f"{servers.relay_url}/api/stats")).json()
         origin_after = (await http.get(f"{servers.origin_url}/api/stats")).json()
+        estimates_after = await _estimates(http, servers.relay_url)
         for profiler in profilers:
             if profiler is not None:
                 await asyncio.wait_for(profiler.wait(), 120)
@@ -210,6 +223,10 @@ async def window(servers: Servers, farm: Farm, stream: str, publisher: Simulcast
         "relay_viewers": sum(w.get("viewers", 0) for w in relay_after.get("workers",
                                                                          [relay_after])),
         "load_avg": psutil.getloadavg()[0],
+        # REMBs from the viewers (aiortc's viewers send one per packet while their estimator
+        # sees overuse, e.g. a farm process that falls behind)
+        "rembs_per_s": (None if estimates_before is None or estimates_after is None
+                        else (estimates_after - estimates_before) / wall),
     }
     reasons = []
     if result["relay_cpu"] > SATURATED_CPU:
@@ -466,6 +483,11 @@ def report(n: int, one: dict[str, Any], sim: dict[str, Any], profiles: dict[str,
     print(_row("simulcast, all on h", sim["all top"]))
     if set(sim["pin_codes"]) != {"204"}:
         print(f"  the layer POSTs to h answered {sim['pin_codes']} (status: viewers)")
+    rembs = [(label, w.get("rembs_per_s")) for label, w in
+             (("single layer", one["clean"]), ("simulcast", sim["clean"]),
+              ("all on h", sim["all top"]))]
+    print("REMB estimates reaching the relay per second: " + ", ".join(
+        f"{label} {'n/a' if value is None else f'{value:.0f}'}" for label, value in rembs))
     print(f"simulcast viewers per layer on the relay at the end of each window: "
           f"{sim['clean']['relay_layer_viewers']}, "
           + ", ".join(f"{k}: {w['relay_layer_viewers']}" for k, w in lossy.items()))
@@ -526,8 +548,9 @@ async def main() -> None:
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--viewers", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=20.0, help="each window")
-    parser.add_argument("--loss", type=float, nargs="+", default=[0.05, 0.4],
-                        help="fraction of RTP datagrams a lossy viewer drops: a window each")
+    parser.add_argument("--loss", type=float, nargs="*", default=[0.05, 0.4],
+                        help="fraction of RTP datagrams a lossy viewer drops: a window each "
+                             "(none: --loss alone, for a CPU-only run)")
     parser.add_argument("--switchers", type=int, default=3)
     parser.add_argument("--switches", type=int, default=10, help="per switching viewer")
     parser.add_argument("--json", type=Path, help="also write every figure to this file")
