@@ -53,6 +53,7 @@ _VIDEO_JS = """async () => {
             width: s.frameWidth || 0, height: s.frameHeight || 0,
             frames: s.framesDecoded || 0, freezes: s.freezeCount || 0,
             keyFrames: s.keyFramesDecoded || 0, nacks: s.nackCount || 0,
+            plis: (s.pliCount || 0) + (s.firCount || 0),
             lost: s.packetsLost || 0};
     });
     if (out) out.audio = audio;
@@ -167,6 +168,12 @@ def estimates_above(histogram: dict[float, float], bps: float) -> float:
     """How many estimates were above the largest bucket bound not above ``bps``."""
     bound = max((b for b in histogram if b <= bps), default=0.0)
     return histogram[float("inf")] - histogram.get(bound, 0.0)
+
+
+async def stats(node_url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
+        answer: dict[str, Any] = (await http.get(f"{node_url}/api/stats")).json()
+    return answer
 
 
 async def host_plis(host: Any) -> dict[str, int]:
@@ -289,6 +296,23 @@ async def test_a_narrow_path_moves_only_that_viewer_down_and_back_up(
                 print("\n".join(line for line in log.lines if "shap" in line))
                 print("".join(line for line in relay.output if "automatic layer" in line))
                 print(f"viewer estimates after {await estimates(relay.url)}")
+                # the host's encoder: one key-frame request per switch, to the layer switched
+                # to, and at most one repeat (a forwarder asks again when the key frame has not
+                # come within KEYFRAME_REQUEST_INTERVAL): the shaped viewer's losses do not
+                # make it send key frames to everyone
+                rid_of = {v["width"]: rid for rid, v in (await host.evaluate(_OUTBOUND_JS)).items()}
+                entered: dict[str, int] = {}
+                for _, width in sampler.summary_widths("shaped", shaped_at)[1:]:
+                    rid = rid_of.get(width, f"{width}px")
+                    entered[rid] = entered.get(rid, 0) + 1
+                shaped = sampler.since("shaped", shaped_at)
+                viewer_plis = shaped[-1][1]["plis"] - shaped[0][1]["plis"] if shaped else None
+                relay_layers = next(s["layers"] for s in (await stats(relay.url))["streams"]
+                                    if s["id"] == STREAM)
+                assert all(n <= 2 * entered.get(rid, 0) for rid, n in plis.items()), (
+                    f"key-frame requests {plis}, switches into {entered}, the shaped viewer's "
+                    f"PLIs {viewer_plis}, the relay's upstream requests per layer "
+                    f"{ {rid: v['keyframe_requests'] for rid, v in relay_layers.items()} }")
                 other = sampler.since("other", shaped_at)
                 assert other, "no samples of the other viewer"
                 widths = {v["width"] for _, v in other}

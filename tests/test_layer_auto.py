@@ -136,15 +136,15 @@ def test_a_bandwidth_estimate_moves_down_and_gates_the_way_up() -> None:
     assert rule.observe(obs(0.25, 0, remb=900_000)) is Move.STAY
     assert rule.observe(obs(0.25 + REMB_LOW_SPAN_S, 0, remb=900_000)) is Move.DOWN
     rule.settle(REMB_LOW_SPAN_S + 0.5)
-    # clean, but an estimate held near what the middle layer's 400 kbit/s needs (no headroom
-    # for the top, not running free above the middle): stays
+    # clean, but an estimate still below the middle layer's 400 kbit/s (not low enough to move
+    # down again, no headroom for the top): stays
     t = 1.0
     while t < 60:
-        move = rule.observe(obs(t, 1, loss=0.0, rtts=((t - 0.01, 0.002),), remb=450_000))
+        move = rule.observe(obs(t, 1, loss=0.0, rtts=((t - 0.01, 0.002),), remb=380_000))
         assert move is Move.STAY, t
         t += 0.5
-    # the estimate runs free above the middle layer (no queue seen): up
-    move = rule.observe(obs(t, 1, loss=0.0, rtts=((t - 0.01, 0.002),), remb=560_000))
+    # the estimate above the middle layer (it cannot show room for the top): up
+    move = rule.observe(obs(t, 1, loss=0.0, rtts=((t - 0.01, 0.002),), remb=420_000))
     assert move is Move.UP
 
 

@@ -232,7 +232,7 @@ class _Forwarder:
     def retransmit(self, sink: Any, seqs: list[int]) -> None:
         self.nacked.append(seqs)
 
-    def request_keyframe(self) -> None:
+    def request_keyframe_for(self, sink: Any) -> None:
         self.keyframe_requests += 1
 
 

@@ -64,6 +64,14 @@ ERROR_LOG_INTERVAL = 5.0  # seconds between log lines about failed sends of one 
 # finishes none). Counted in frames, not seconds: after a stall of this process both layers'
 # packets come in one burst, and the old one's may be handled last.
 SWITCH_WAIT_FRAMES = 5
+# A viewer's PLI this soon after it started on a layer (joined, switched, resumed) is most likely
+# about that first key frame, lost on its path (a switch down moves off a congested one): the
+# cached key frame is sent to it again, under the numbers it was sent, at most KEYFRAME_RESENDS
+# times RESEND_SPACING_S apart (PLIs in between are dropped), rather than asking the source for a
+# key frame every viewer of the layer would get.
+KEYFRAME_RESEND_WINDOW_S = 2.0
+KEYFRAME_RESENDS = 2
+RESEND_SPACING_S = 0.3
 
 # A source packet numbered this far ahead of the newest one (more than a receiver's NACKs
 # reach: aiortc tracks 128 missing packets) or behind what the history keeps starts a new
@@ -132,10 +140,10 @@ class ForwardSink:
     """One viewer's copy of one track."""
 
     __slots__ = ("abs_send_time_id", "aiortc_reports", "base_octets", "base_packets",
-                 "cancel_refresh", "closed", "first_seq", "fixed_layer", "on_first_packet",
-                 "on_switched", "packet_sender", "paused", "paused_seq", "payload_type",
-                 "previous", "report", "rtp_sender", "seq_delta", "switch", "ts_delta",
-                 "waiting_keyframe")
+                 "cancel_refresh", "closed", "first_seq", "fixed_layer", "keyframe_resends",
+                 "last_resend", "on_first_packet", "on_switched", "packet_sender", "paused",
+                 "paused_seq", "payload_type", "previous", "report", "rtp_sender", "seq_delta",
+                 "start_keyframe", "switch", "ts_delta", "waiting_keyframe")
 
     def __init__(self, packet_sender: PacketSender, rtp_sender: RTCRtpSender, payload_type: int,
                  on_first_packet: Callable[[], None] | None = None,
@@ -177,6 +185,11 @@ class ForwardSink:
         # a relay's pull (or a viewer that turned the automatic choice off): it carries its
         # layer as the publisher sends it, never moved off a paused one (layer_fallback.py)
         self.fixed_layer = False
+        # the key frame it started on here (joined, switched, resumed): this forwarder's seq of
+        # its first packet and when; its resends of it on the viewer's PLIs (request_keyframe_for)
+        self.start_keyframe: tuple[int, float] | None = None
+        self.keyframe_resends = 0
+        self.last_resend = 0.0
 
     def entry(self) -> SendEntry:
         ps = self.packet_sender
@@ -232,6 +245,7 @@ class TrackForwarder:
         self._path_logged = False
         self.keyframe_requests_sent = 0
         self.keyframe_replays = 0
+        self.keyframe_resends = 0  # viewers' PLIs answered with the key frame they started on
         self.last_packet_time = 0.0
         self.last_sender_report_time = 0.0
         # simulcast layer switches (LayerSwitch): the sinks switching into this forwarder, and
@@ -296,6 +310,7 @@ class TrackForwarder:
                 self._send_failed(sink, exc)
         self.packets_sent += len(gop)
         self.keyframe_replays += 1
+        self._started_at_keyframe(sink)
         if sink.on_first_packet is not None:
             sink.on_first_packet()
             sink.on_first_packet = None
@@ -354,6 +369,7 @@ class TrackForwarder:
             self._resume_at(self._gop[0])
         for sink in self._waiting:
             sink.waiting_keyframe = False
+            self._started_at_keyframe(sink)
             if sink.on_first_packet is not None:
                 sink.on_first_packet()
                 sink.on_first_packet = None
@@ -590,6 +606,34 @@ class TrackForwarder:
             return
         self.nack_packets_served += 1
 
+    def request_keyframe_for(self, sink: ForwardSink) -> None:
+        """A viewer's PLI or FIR. Within KEYFRAME_RESEND_WINDOW_S of the key frame it started
+        on here, while that one is still the cached one and whole, it is sent to the viewer
+        again (KEYFRAME_RESENDS times at most) instead of asking the source."""
+        start = sink.start_keyframe
+        now = time.monotonic()
+        if (self.kind != "video" or start is None or self._gop is None or not self._kf_complete
+                or start[0] != self._kf_seq or now - start[1] > KEYFRAME_RESEND_WINDOW_S
+                or sink.keyframe_resends >= KEYFRAME_RESENDS or sink not in self._sinks
+                or sink.paused or sink.waiting_keyframe or sink.switch is not None
+                or sink.fixed_layer):  # (a relay's pull asks for its own new viewers)
+            self.request_keyframe()
+            return
+        if now - sink.last_resend < RESEND_SPACING_S:
+            return  # it asks again before the resend could reach it
+        sink.keyframe_resends += 1
+        sink.last_resend = now
+        self.keyframe_resends += 1
+        end = self._kf_end
+        for data in self._gop:
+            try:
+                sink.packet_sender.send(self._for_sink(sink, data, sink.seq_delta, sink.ts_delta))
+            except Exception as exc:
+                self._send_failed(sink, exc)
+            self.packets_sent += 1
+            if ((data[2] << 8) | data[3]) == end:
+                break
+
     def request_keyframe(self) -> None:
         """Ask the source for a key frame, at most once per KEYFRAME_REQUEST_INTERVAL; a request
         inside the interval is remembered and sent when it ends (or met by a key frame first)."""
@@ -759,6 +803,8 @@ class TrackForwarder:
         if on_resolve is not None:
             sink.cancel_refresh = on_resolve(self._rebuild)
         self.layer_switches += 1
+        if not sink.paused:
+            self._started_at_keyframe(sink)
         if replay:
             for data in gop:
                 try:
@@ -825,6 +871,11 @@ class TrackForwarder:
                 sink.first_seq = (sink.paused_seq + 1) % SEQ_MOD
                 sink.paused_seq = None
         self._resuming.clear()
+
+    def _started_at_keyframe(self, sink: ForwardSink) -> None:
+        """``sink`` starts here at the cached key frame (joined, switched or resumed)."""
+        sink.start_keyframe = (self._kf_seq, time.monotonic())
+        sink.keyframe_resends = 0
 
     def measure_bitrate(self) -> int | None:
         """The payload bitrate since the previous measurement (at least 1 s apart)."""

@@ -24,10 +24,10 @@ until then), or after SETTLE_MAX_S without one: a queue that does not drain on t
 means that layer does not fit either.
 
 Up conservatively: after UP_STABLE_S of clean observations (loss < UP_LOSS, RTT near the base,
-a REMB, if any, with UP_HEADROOM for the layer above or running free at REMB_FREE_RATIO of the
-layer's bitrate: a receive-side estimate never exceeds ~1.5x what it receives, so it can show no
-room for a layer several times larger; one held near what flows says the path is the limit),
-and not within the hold-down, one layer
+a REMB, if any, with UP_HEADROOM for the layer above or at least REMB_FREE_RATIO of the
+current layer's bitrate: a receive-side estimate never exceeds ~1.5x what it receives, so it can
+show no room for a layer several times larger, and after a fall it climbs back slowly; one still
+below the current layer says the path is the limit), and not within the hold-down, one layer
 up (or video resumed). The hold-down is HOLD_S after a move down and doubles, up to HOLD_MAX_S,
 each time a move down follows a move up (or resume) within RELAPSE_S: a path that cannot carry
 a layer is offered it ever more rarely, so the choice never oscillates.
@@ -53,7 +53,7 @@ RELAPSE_S = 10.0
 UP_HEADROOM = 1.3
 REMB_DOWN_FRACTION = 0.8
 REMB_LOW_SPAN_S = 0.5
-REMB_FREE_RATIO = 1.3
+REMB_FREE_RATIO = 1.0
 REMB_CHANGE = 1.03  # a new estimate this much above (below) the previous one: it rose (fell)
 
 

@@ -333,7 +333,10 @@ class EgressSession(PeerSession):
 
         def on_keyframe_request() -> None:
             found = current()
-            (forwarder if found is None else found[0]).request_keyframe()
+            if found is None:
+                forwarder.request_keyframe()
+            else:
+                found[0].request_keyframe_for(found[1])
 
         hook_sender(sender, forwarder.output_ssrc,
                     SenderFeedback(on_nack=on_nack, on_keyframe_request=on_keyframe_request,

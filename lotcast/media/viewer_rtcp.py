@@ -218,7 +218,7 @@ class ViewerRtcp:
         for media_ssrc in feedback.keyframe_requests:
             track = tracks.get(media_ssrc)
             if track is not None:
-                track.forwarder.request_keyframe()
+                track.forwarder.request_keyframe_for(track.sink)
         if feedback.remb is not None:
             bitrate, ssrcs = feedback.remb
             ours = False
