@@ -312,7 +312,8 @@ async def test_a_narrow_path_moves_only_that_viewer_down_and_back_up(
                 assert all(n <= 2 * entered.get(rid, 0) for rid, n in plis.items()), (
                     f"key-frame requests {plis}, switches into {entered}, the shaped viewer's "
                     f"PLIs {viewer_plis}, the relay's upstream requests per layer "
-                    f"{ {rid: v['keyframe_requests'] for rid, v in relay_layers.items()} }")
+                    f"{ {rid: v['keyframe_requests'] for rid, v in relay_layers.items()} }, "
+                    f"resends {dict((rid, v['keyframe_resends']) for rid, v in relay_layers.items())}")
                 other = sampler.since("other", shaped_at)
                 assert other, "no samples of the other viewer"
                 widths = {v["width"] for _, v in other}

@@ -478,6 +478,7 @@ class MediaStream:
             out[f"{kind}_nacks_served"] = t.nack_packets_served
             out[f"{kind}_keyframe_requests"] = t.keyframe_requests_sent
             out[f"{kind}_keyframe_replays"] = t.keyframe_replays
+            out[f"{kind}_keyframe_resends"] = t.keyframe_resends
             out[f"{kind}_send_drops"] = t.send_drops
             out[f"{kind}_send_errors"] = t.send_errors
             out[f"{kind}_largest_packet"] = t.largest_packet
@@ -485,7 +486,8 @@ class MediaStream:
         if self._layers:
             out["layers"] = {rid: {"packets_in": f.packets_in, "packets_sent": f.packets_sent,
                                    "viewers": f.sink_count, "keyframe_requests":
-                                   f.keyframe_requests_sent, "switches_in": f.layer_switches,
+                                   f.keyframe_requests_sent, "keyframe_resends":
+                                   f.keyframe_resends, "switches_in": f.layer_switches,
                                    "size": list(f.frame_size) if f.frame_size else None}
                              for rid, f in self._layers.items()}
         out["switch_state"] = self.switch_state.value

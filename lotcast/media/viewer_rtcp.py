@@ -47,6 +47,7 @@ SR_KEPT = 4  # our last Sender Reports a receiver report may answer (RTT)
 # otherwise fill that queue with copies of the same packets, and it never drains.
 RESEND_RTTS = 1.5
 RESEND_MIN_S = 0.03
+ESTIMATE_SAMPLE_S = 0.5  # a viewer's REMBs counted in the metric at most this often
 RESENT_KEPT = 512  # remembered resends per track before the old ones are dropped
 
 
@@ -117,7 +118,8 @@ class ViewerRtcp:
         self._on_alive = on_alive
         # called after a packet with reports, NACKs or REMB (the automatic layer choice)
         self.on_feedback: Callable[[], None] | None = None
-        self.on_estimate: Callable[[int], None] | None = None  # each REMB about our tracks
+        self.on_estimate: Callable[[int], None] | None = None  # REMBs about our tracks
+        self._estimate_sampled = -1e9
         self.tracks: dict[int, TrackFeedback] = {}  # by our output SSRC
         self._send: Callable[[bytes], None] | None = None
         self._cname: bytes | None = None
@@ -228,7 +230,12 @@ class ViewerRtcp:
                     track.remb_bps = bitrate
                     ours = True
             if ours and self.on_estimate is not None:
-                self.on_estimate(bitrate)
+                now = time.monotonic()
+                # a client may send REMB with every packet (aiortc's, once behind): the metric
+                # takes at most one per ESTIMATE_SAMPLE_S from each viewer
+                if now - self._estimate_sampled >= ESTIMATE_SAMPLE_S:
+                    self._estimate_sampled = now
+                    self.on_estimate(bitrate)
         if self.on_feedback is not None and (feedback.reports or feedback.nacks
                                              or feedback.remb is not None):
             self.on_feedback()
