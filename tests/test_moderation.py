@@ -9,9 +9,9 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import redis.asyncio as aioredis
 from chat_support import caught_up, client, state, two_nodes
 
+from lotcast import redisconn
 from lotcast.auth import Identity, Role
 from lotcast.interactive.client import RoomClient
 from lotcast.interactive.devserver import DevServerProcess
@@ -145,7 +145,7 @@ async def test_ban_closes_the_users_sockets_on_every_node_and_refuses_new_ones(
 async def test_banned_and_muted_bids_and_votes_are_refused_inside_the_functions(
         room: Room, redis_server: RedisServer) -> None:
     """The refusal is in the bid/vote Functions themselves, whatever called them."""
-    r = aioredis.Redis.from_url(redis_server.url)
+    r = redisconn.connect(redis_server.url)
     functions = RoomFunctions(r, 10_000)
     auctions = AuctionStore(functions, RateLimit(0, 1))
     polls = PollStore(functions, RateLimit(0, 1))

@@ -15,7 +15,4 @@ def redis_server(redis_cluster: LocalRedisCluster) -> LocalRedisCluster:
     return redis_cluster
 
 
-# It builds its own client with aioredis.Redis.from_url, which takes no redis+cluster:// URL.
-SKIP = {"test_banned_and_muted_bids_and_votes_are_refused_inside_the_functions"}
-
-again_on_the_cluster(test_moderation, globals(), skip=SKIP)
+again_on_the_cluster(test_moderation, globals())
