@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from sse_support import LAYER_REL, parse_links
-from viewer_farm import CountingViewer
+from viewer_farm import CountingViewer, PacedRemb
 
 from lotcast.media.aiortc_hooks import (
     drop_incoming_rtp,
@@ -55,25 +55,6 @@ from lotcast.media.aiortc_hooks import (
 
 GAP_PLI_AFTER_S = 0.25
 PLI_EVERY_S = 0.5
-FARM_ESTIMATE_BPS = 10_000_000  # above every layer: REMB never moves a farm viewer down
-REMB_EVERY_MS = 1000
-
-
-class PacedRemb:
-    """Stands in for aiortc's RemoteBitrateEstimator in a farm viewer's video receiver: the
-    same call per stamped packet, a fixed estimate once per REMB_EVERY_MS."""
-
-    def __init__(self) -> None:
-        self._last_ms: int | None = None
-
-    def add(self, arrival_time_ms: int, abs_send_time: int, payload_size: int,
-            ssrc: int) -> tuple[int, list[int]] | None:
-        if self._last_ms is not None and arrival_time_ms - self._last_ms < REMB_EVERY_MS:
-            return None
-        self._last_ms = arrival_time_ms
-        return FARM_ESTIMATE_BPS, [ssrc]
-
-
 def is_lossy(number: int) -> bool:
     return number % 10 == 9
 
@@ -98,9 +79,7 @@ class FarmViewer(CountingViewer):
         video = self.pc.addTransceiver("video", direction="recvonly")
         tap_receiver(audio.receiver, self._on_audio, lambda *_: None)
         tap_receiver(video.receiver, self._on_video_packet, lambda *_: None)
-        if not hasattr(video.receiver, "_RTCRtpReceiver__remote_bitrate_estimator"):
-            raise RuntimeError("aiortc's receiver has no remote bitrate estimator to replace")
-        video.receiver._RTCRtpReceiver__remote_bitrate_estimator = PacedRemb()  # type: ignore[attr-defined]
+        PacedRemb.install(video.receiver)
         self._video_receiver = video.receiver
         self.started = time.monotonic()
         await self.pc.setLocalDescription(await self.pc.createOffer())

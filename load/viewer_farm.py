@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin
 
 import httpx
@@ -30,6 +31,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from janus_peer import JanusViewer
 
 from lotcast.media.aiortc_hooks import restrict_host_addresses, tap_receiver
+
+FARM_ESTIMATE_BPS = 10_000_000  # above every layer: REMB never moves a farm viewer down
+REMB_EVERY_MS = 1000
+
+
+class PacedRemb:
+    """Stands in for aiortc's RemoteBitrateEstimator in a farm viewer's video receiver: the
+    same call per stamped packet, a fixed estimate once per REMB_EVERY_MS."""
+
+    def __init__(self) -> None:
+        self._last_ms: int | None = None
+
+    @staticmethod
+    def install(receiver: Any) -> None:
+        if not hasattr(receiver, "_RTCRtpReceiver__remote_bitrate_estimator"):
+            raise RuntimeError("aiortc's receiver has no remote bitrate estimator to replace")
+        receiver._RTCRtpReceiver__remote_bitrate_estimator = PacedRemb()
+
+    def add(self, arrival_time_ms: int, abs_send_time: int, payload_size: int,
+            ssrc: int) -> tuple[int, list[int]] | None:
+        if self._last_ms is not None and arrival_time_ms - self._last_ms < REMB_EVERY_MS:
+            return None
+        self._last_ms = arrival_time_ms
+        return FARM_ESTIMATE_BPS, [ssrc]
 
 
 class CountingViewer:
@@ -54,6 +79,7 @@ class CountingViewer:
         video = self.pc.addTransceiver("video", direction="recvonly")
         tap_receiver(audio.receiver, self._on_audio, lambda *_: None)
         tap_receiver(video.receiver, self._on_video, lambda *_: None)
+        PacedRemb.install(video.receiver)  # (the relay stamps abs-send-time on its video)
         self.started = time.monotonic()
         await self.pc.setLocalDescription(await self.pc.createOffer())
         response = await http.post(self.url, content=self.pc.localDescription.sdp,
