@@ -124,7 +124,7 @@ let wantLive = false;
 let wasLive = false;
 let retryTimer = null;
 let retryAttempt = 0;
-const RETRY_S = [1, 2, 4, 8, 10];
+const RETRY_S = [0, 1, 2, 4, 8, 10]; // the first at once: a dead origin is replaced by placement
 
 async function goLive() {
   showError("");
