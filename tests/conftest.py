@@ -5,8 +5,11 @@ parameter over both, which a test module makes its `redis_server` to run against
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import aiortc.rtcrtpreceiver
 import pytest
 import redis.asyncio as aioredis
 
@@ -18,6 +21,16 @@ from lotcast.redis_server import RedisServer
 # each (what every existing test assumes) unless a test passes --workers (test_relay_workers.py).
 # Inherited by every node a test starts (ServiceProcess copies os.environ).
 os.environ.setdefault("LOTCAST_WORKERS", "1")
+
+# The suite's aiortc viewers get abs-send-time on their video from our nodes, and aiortc's own
+# receive-side estimator would run in Python per packet in this process and, once behind under CPU
+# load, report overuse and send a REMB with every packet (moving automatic viewers down on an
+# estimate of this process's lateness). They send one fixed REMB a second instead, as the load
+# farms' viewers do (load/viewer_farm.py PacedRemb); Chromium viewers keep their real estimator.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "load"))
+from viewer_farm import PacedRemb
+
+aiortc.rtcrtpreceiver.RemoteBitrateEstimator = PacedRemb  # type: ignore[attr-defined,misc]
 
 
 @pytest.fixture(scope="session")

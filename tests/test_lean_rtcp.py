@@ -366,8 +366,12 @@ async def test_viewers_get_reports_and_feedback_is_served(
             # NACKs answered from the relay's history
             assert len(loss.dropped) >= 3
             assert len(loss.recovered) >= len(loss.dropped) - 2
-            assert await _stream_counter(cluster.relay.url, "rtcp", "video_nacks_served") >= len(
-                loss.recovered)
+            # each recovered packet was resent: on its NACK, or in the key frame the viewer
+            # started on, sent again on its PLI (forwarder.request_keyframe_for)
+            served = await _stream_counter(cluster.relay.url, "rtcp", "video_nacks_served")
+            resent = await _stream_counter(cluster.relay.url, "rtcp",
+                                           "video_keyframe_resent_packets")
+            assert served + resent >= len(loss.recovered), (served, resent, loss)
             # a PLI from the viewer becomes a key-frame request upstream
             video = next(t for t in viewer.pc.getTransceivers() if t.kind == "video")
             video_ssrc = kinds["video"].ssrc

@@ -246,6 +246,7 @@ class TrackForwarder:
         self.keyframe_requests_sent = 0
         self.keyframe_replays = 0
         self.keyframe_resends = 0  # viewers' PLIs answered with the key frame they started on
+        self.keyframe_resent_packets = 0  # the packets of those answers
         self.last_packet_time = 0.0
         self.last_sender_report_time = 0.0
         # simulcast layer switches (LayerSwitch): the sinks switching into this forwarder, and
@@ -631,6 +632,7 @@ class TrackForwarder:
             except Exception as exc:
                 self._send_failed(sink, exc)
             self.packets_sent += 1
+            self.keyframe_resent_packets += 1
             if ((data[2] << 8) | data[3]) == end:
                 break
 

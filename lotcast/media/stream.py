@@ -479,6 +479,7 @@ class MediaStream:
             out[f"{kind}_keyframe_requests"] = t.keyframe_requests_sent
             out[f"{kind}_keyframe_replays"] = t.keyframe_replays
             out[f"{kind}_keyframe_resends"] = t.keyframe_resends
+            out[f"{kind}_keyframe_resent_packets"] = t.keyframe_resent_packets
             out[f"{kind}_send_drops"] = t.send_drops
             out[f"{kind}_send_errors"] = t.send_errors
             out[f"{kind}_largest_packet"] = t.largest_packet
