@@ -304,18 +304,22 @@ class TrackForwarder:
         gop = self._gop
         if gop is None or time.monotonic() - self._gop_started > KEYFRAME_REPLAY_WINDOW:
             return False
-        for data in gop:
-            try:
-                sink.packet_sender.send(self._for_sink(sink, data, sink.seq_delta, sink.ts_delta))
-            except Exception as exc:
-                self._send_failed(sink, exc)
-        self.packets_sent += len(gop)
+        self._send_alone(sink, gop)
         self.keyframe_replays += 1
         self._started_at_keyframe(sink)
         if sink.on_first_packet is not None:
             sink.on_first_packet()
             sink.on_first_packet = None
         return True
+
+    def _send_alone(self, sink: ForwardSink, packets: list[bytes]) -> None:
+        """Send cached ``packets`` to ``sink`` alone, at its current shift."""
+        for data in packets:
+            try:
+                sink.packet_sender.send(self._for_sink(sink, data, sink.seq_delta, sink.ts_delta))
+            except Exception as exc:
+                self._send_failed(sink, exc)
+        self.packets_sent += len(packets)
 
     def _for_sink(self, sink: ForwardSink, data: bytes, seq_delta: int, ts_delta: int) -> bytes:
         """``data`` (as cached: this forwarder's numbering, base payload type, unstamped) as
@@ -625,16 +629,11 @@ class TrackForwarder:
         sink.keyframe_resends += 1
         sink.last_resend = now
         self.keyframe_resends += 1
-        end = self._kf_end
-        for data in self._gop:
-            try:
-                sink.packet_sender.send(self._for_sink(sink, data, sink.seq_delta, sink.ts_delta))
-            except Exception as exc:
-                self._send_failed(sink, exc)
-            self.packets_sent += 1
-            self.keyframe_resent_packets += 1
-            if ((data[2] << 8) | data[3]) == end:
-                break
+        gop = self._gop
+        end = next((i for i, data in enumerate(gop) if ((data[2] << 8) | data[3]) == self._kf_end),
+                   len(gop) - 1)
+        self._send_alone(sink, gop[:end + 1])
+        self.keyframe_resent_packets += end + 1
 
     def request_keyframe(self) -> None:
         """Ask the source for a key frame, at most once per KEYFRAME_REQUEST_INTERVAL; a request
@@ -808,13 +807,7 @@ class TrackForwarder:
         if not sink.paused:
             self._started_at_keyframe(sink)
         if replay:
-            for data in gop:
-                try:
-                    sink.packet_sender.send(self._for_sink(sink, data, sink.seq_delta,
-                                                           sink.ts_delta))
-                except Exception as exc:
-                    self._send_failed(sink, exc)
-            self.packets_sent += len(gop)
+            self._send_alone(sink, gop)
         if self._sender_report is not None:
             self._apply_sender_report(sink)
         if sink.on_first_packet is not None:
